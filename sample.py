@@ -1,0 +1,109 @@
+"""
+Generate images from a base Stable Diffusion model plus GLIGEN adapters, for a prompt, phrases and boxes.
+
+    python sample.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --adapters=out/coco \
+        --prompt="a dog and a cat sitting on a sofa" --phrases='["a dog", "a cat"]' \
+        --boxes='[[0.05, 0.35, 0.45, 0.9], [0.55, 0.3, 0.95, 0.9]]' --n=4 --out_dir=samples
+    python sample.py --model=CompVis/stable-diffusion-v1-4 --adapters=masterful/gligen-1-4-generation-text-box ...
+    python sample.py --model=... --adapters=out/coco --export=gligen-pipeline   # a diffusers pipeline directory
+
+Boxes are x0, y0, x1, y1 relative to the image. --adapters takes this project's out_dir, one of its step_*
+checkpoints or an adapters.safetensors, or a diffusers GLIGEN model (directory or Hub id). Each image is written
+as <layout>_<i>.png, with a copy <layout>_<i>_boxes.png that has the boxes and phrases drawn on.
+--export writes a directory that diffusers' StableDiffusionGLIGENPipeline.from_pretrained loads; with the same seed,
+scheduler and steps it gives the same images as this script (in fp32; half precision differs in the last bits).
+"""
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from train_gligen import (check_layout, configure, draw_layout, fail, generate, inject_gligen, load_adapters,
+                          load_base, read_jsonl, set_adapters)
+
+config = dict(
+    model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
+    adapters="",  # see above; "" = the base model alone (boxes are then ignored)
+    prompt="a dog and a cat sitting on a sofa",
+    phrases=["a dog", "a cat"],
+    boxes=[[0.05, 0.35, 0.45, 0.9], [0.55, 0.3, 0.95, 0.9]],
+    layouts="",  # or a JSONL file of {prompt, phrases, boxes}, one layout a line (replaces the three above)
+    n=4,  # images per layout
+    seed=0,  # layout k uses seed + k
+    steps=50,
+    guidance=7.5,
+    beta=0.3,  # scheduled sampling: grounding for the first beta * steps steps (1.0 = all of them)
+    scheduler="ddim",  # ddim, dpm (DPM-Solver++ multistep), euler, euler_a, pndm, ddpm
+    height=0,  # 0 = the model's native size
+    width=0,
+    dtype="auto",  # auto: fp16 on CUDA, fp32 on CPU; or fp32, fp16, bf16
+    out_dir="samples",
+    export="",  # also write a full diffusers StableDiffusionGLIGENPipeline directory here
+)
+SCHEDULERS = dict(ddim="DDIMScheduler", dpm="DPMSolverMultistepScheduler", euler="EulerDiscreteScheduler",
+                  euler_a="EulerAncestralDiscreteScheduler", pndm="PNDMScheduler", ddpm="DDPMScheduler")
+
+
+def export(path, unet, vae, text_encoder, tokenizer, scheduler):
+    """Save a StableDiffusionGLIGENPipeline: the base model with diffusers' own gated UNet holding these adapters."""
+    from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
+
+    gated = UNet2DConditionModel.from_config(unet.config, attention_type="gated")
+    gated.load_state_dict(unet.state_dict())  # strict: every name of ours is diffusers' name
+    pipe = StableDiffusionGLIGENPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                         unet=gated.to(unet.dtype), scheduler=scheduler, safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+
+
+def main(cfg):
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16, auto=torch.float16 if cuda else torch.float32)
+    if cfg["dtype"] not in dtypes or cfg["scheduler"] not in SCHEDULERS:
+        fail(f"dtype must be one of {list(dtypes)} and scheduler one of {list(SCHEDULERS)}")
+    dtype = dtypes[cfg["dtype"]]
+    if cfg["layouts"]:
+        layouts = [(f"{cfg['layouts']}:{i}", r) for i, r in read_jsonl(cfg["layouts"])]
+    else:
+        layouts = [("--prompt/--phrases/--boxes", dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"]))]
+    for where, l in layouts:
+        if not isinstance(l.get("prompt"), str):
+            fail(f"{where}: a layout needs a prompt string")
+        check_layout(l.get("phrases"), l.get("boxes"), where)
+
+    unet, text_encoder, tokenizer, _ = load_base(cfg["model"], device, dtype)
+    vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
+    scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
+    if cfg["adapters"]:
+        inject_gligen(unet)
+        set_adapters(unet, load_adapters(cfg["adapters"]), cfg["adapters"])
+        unet.to(dtype)
+    else:
+        print("no --adapters: sampling the base model, boxes ignored")
+    if cfg["export"]:
+        if not cfg["adapters"]:
+            fail("--export needs --adapters")
+        export(cfg["export"], unet, vae, text_encoder, tokenizer, scheduler)
+        print(f"wrote a StableDiffusionGLIGENPipeline to {cfg['export']}")
+
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (_, l) in enumerate(layouts):
+        images = generate(unet, vae, text_encoder, tokenizer, scheduler, l["prompt"],
+                          l["phrases"] if cfg["adapters"] else [], l["boxes"], seed=cfg["seed"] + k, n=cfg["n"],
+                          steps=cfg["steps"], guidance=cfg["guidance"], beta=cfg["beta"],
+                          height=cfg["height"] or None, width=cfg["width"] or None)
+        for i, im in enumerate(images):
+            im = Image.fromarray(im)
+            im.save(out / f"{k:03d}_{i:02d}.png")
+            draw_layout(im, l["phrases"], l["boxes"]).save(out / f"{k:03d}_{i:02d}_boxes.png")
+    print(f"wrote {len(layouts) * cfg['n']} images (and copies with boxes) to {out}")
+
+
+if __name__ == "__main__":
+    main(configure(config, sys.argv[1:], __doc__))

@@ -1,0 +1,420 @@
+"""
+Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
+
+    pytest -q test_smoke.py        # about 2 minutes on 2 CPU cores
+
+Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
+vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_gligen as tg
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny models and data
+def write_tokenizer(path):
+    """A tiny CLIP BPE vocabulary: CLIP's byte alphabet, with and without the end-of-word mark, a few merges."""
+    path.mkdir(parents=True, exist_ok=True)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    merges = ["a n", "t h", "th e</w>", "o n</w>", "e d</w>", "i n", "r e"]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def make_tiny_sd(path, prediction_type="epsilon", sd2=False):
+    """A tiny SD1.x-shaped (or SD2.x-shaped: linear projections, per-block heads, v-prediction) model directory."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    n_vocab = write_tokenizer(path / "_tok")
+    tokenizer = CLIPTokenizer(str(path / "_tok" / "vocab.json"), str(path / "_tok" / "merges.txt"), model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1))
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4) if sd2 else 8, use_linear_projection=sd2)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd2"), prediction_type="v_prediction", sd2=True)
+
+
+def grounding_inputs(B=2, D=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.5], dim=-1)
+    masks = torch.zeros(B, tg.N_SLOTS)
+    masks[0, :3] = 1
+    masks[1, :1] = 1
+    return dict(boxes=boxes, masks=masks, positive_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) the hand-written layers equal diffusers' gated UNet with the same weights; alpha = 0 equals the base
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2):
+    from diffusers import UNet2DConditionModel
+
+    model = tiny_sd if variant == "sd1" else tiny_sd2
+    torch.manual_seed(0)
+    base = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    # diffusers' own gated UNet on the same base. (from_pretrained(..., attention_type="gated") would leave the new
+    # tensors uninitialised in diffusers 0.42.1, non-finite values included; from_config initialises them.)
+    gated = UNet2DConditionModel.from_config(base.config, attention_type="gated").eval()
+    assert gated.load_state_dict(base.state_dict(), strict=False).unexpected_keys == []
+    with torch.no_grad():  # random adapters, gates open: every term of the fuser counts
+        for name, p in gated.named_parameters():
+            if tg.is_adapter(name):
+                p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
+    ours = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet")).eval()
+    assert list(ours.state_dict()) == list(gated.state_dict())  # the same names, in the same order
+    tg.set_adapters(ours, tg.adapter_state(gated), "diffusers")
+    assert len([n for n in tg.adapter_state(ours) if n.endswith("fuser.alpha_attn")]) == 7  # one per block
+
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 700])
+    kw = {"gligen": grounding_inputs()}
+    with torch.no_grad():
+        want = gated(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
+        got = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
+        base_out = base(x, t, encoder_hidden_states=text).sample
+    assert (got - want).abs().max() <= 1e-5
+    assert (got - base_out).abs().max() > 1e-2  # the adapters do act
+
+    fresh = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
+    with torch.no_grad():
+        zero = fresh(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
+    assert torch.equal(zero, base_out)  # alphas at zero: exactly the base UNet
+
+
+SHAPES = {1: ("red square", (220, 40, 40)), 2: ("blue circle", (40, 60, 220)), 3: ("green triangle", (40, 180, 60))}
+
+
+def make_coco(root, n=12, seed=0):
+    """n images of coloured shapes (sizes vary, so crops differ) with COCO instances and captions JSON, plus the
+    quirks of the real files: a crowd box, a box reaching outside its image, a zero-area box, an image with no
+    annotations; and a corrupt JPEG and an image without a caption for prep_latents to skip."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    images, anns, caps = [], [], []
+    for i in range(n):
+        W, H = [(48, 32), (32, 48), (40, 40)][i % 3]
+        name = f"img_{i:03d}.{'jpg' if i % 2 else 'png'}"
+        arr = np.full((H, W, 3), 235, np.uint8)
+        k = 0 if i == 5 else 1 + i % 3  # image 5 has no annotations
+        for j in range(k):
+            cat = 1 + (i + j) % 3
+            w, h = int(rng.integers(8, W // 2)), int(rng.integers(8, H // 2))
+            x, y = int(rng.integers(0, W - w)), int(rng.integers(0, H - h))
+            arr[y:y + h, x:x + w] = SHAPES[cat][1]
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=cat, bbox=[x, y, w, h], iscrowd=0, area=w * h))
+        Image.fromarray(arr).save(root / "images" / name)
+        images.append(dict(id=i + 1, file_name=name, width=W, height=H))
+        caps += [dict(id=1000 + 2 * i + 1, image_id=i + 1, caption=f" second caption {i}"),
+                 dict(id=1000 + 2 * i, image_id=i + 1, caption=f"a picture of shapes number {i} ")]
+    anns += [dict(id=900, image_id=1, category_id=1, bbox=[0, 0, 20, 20], iscrowd=1, area=400),  # crowd
+             dict(id=901, image_id=2, category_id=2, bbox=[-4, 20, 16, 40], iscrowd=0, area=640),  # outside: clipped
+             dict(id=902, image_id=3, category_id=3, bbox=[5, 5, 0, 10], iscrowd=0, area=0)]  # zero area
+    images.append(dict(id=n + 1, file_name="broken.jpg", width=40, height=40))
+    caps.append(dict(id=5000, image_id=n + 1, caption="a broken file"))
+    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "images" / "uncaptioned.png")
+    cats = [dict(id=c, name=name) for c, (name, _) in SHAPES.items()]
+    (root / "instances.json").write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
+    (root / "captions.json").write_text(json.dumps(dict(images=images, annotations=caps)))
+    return root
+
+
+def run(script, *args, torchrun=0):
+    """Run a project script as a user would; return its completed process (stdout and stderr as text)."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd + [str(HERE / script), *args], capture_output=True, text=True, env=env, cwd=HERE)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_sd, tmp_path_factory):
+    root = make_coco(tmp_path_factory.mktemp("coco"))
+    boxes = run("prep_boxes.py", f"--instances={root / 'instances.json'}", f"--captions={root / 'captions.json'}",
+                f"--out={root / 'boxes.jsonl'}")
+    assert boxes.returncode == 0, boxes.stderr
+    latents = run("prep_latents.py", f"--model={tiny_sd}", f"--images={root / 'images'}",
+                  f"--captions={root / 'boxes.jsonl'}", f"--out={root / 'latents'}", "--resolution=16",
+                  "--batch_size=5", "--shard_size=4", "--num_workers=2")
+    assert latents.returncode == 0, latents.stderr
+    return dict(root=root, boxes=root / "boxes.jsonl", latents=root / "latents", boxes_log=boxes.stdout,
+                latents_log=latents.stdout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) prep_boxes and prep_latents on generated images and a generated COCO JSON
+def test_prep_boxes_handles_coco_quirks(tiny_data):
+    recs = {r["image"]: r for r in map(json.loads, tiny_data["boxes"].read_text().splitlines())}
+    assert len(recs) == 13  # every listed image, the unannotated and the broken one included
+    assert recs["img_000.png"]["caption"] == "a picture of shapes number 0"  # first caption by id, stripped
+    assert "red square" not in recs["img_000.png"]["phrases"][1:]  # the crowd box (id 900) is left out
+    assert recs["img_005.jpg"]["phrases"] == [] and recs["img_005.jpg"]["boxes"] == []
+    w, h = recs["img_001.jpg"]["width"], recs["img_001.jpg"]["height"]
+    assert recs["img_001.jpg"]["boxes"][-1] == [0.0, round(20 / h, 6), round(12 / w, 6), 1.0]  # clipped left and bottom
+    assert len(recs["img_002.png"]["boxes"]) == 3  # its zero-area box is dropped
+    log = tiny_data["boxes_log"]
+    for quirk in ("1 crowd annotations left out", "1 boxes clipped", "1 boxes of zero area dropped", "2 images without boxes"):
+        assert quirk in log, log
+
+
+def test_prep_latents_encodes_crops_and_names_skipped(tiny_sd, tiny_data):
+    from diffusers import AutoencoderKL
+
+    out = tiny_data["latents"]
+    meta = json.loads((out / "meta.json").read_text())
+    index = [json.loads(l) for l in (out / "index.jsonl").read_text().splitlines()]
+    assert meta["latent_shape"] == [4, 8, 8] and meta["images"] == len(index) == 12
+    assert sorted(p.name for p in out.glob("latents_*.npy")) == [f"latents_0000{i}.npy" for i in range(3)]
+    assert not list(out.glob("*.tmp"))
+    skipped = {s["image"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    assert skipped == {"broken.jpg": "unreadable", "uncaptioned.png": "no caption"}
+    assert "broken.jpg" in tiny_data["latents_log"] and "uncaptioned.png" in tiny_data["latents_log"]
+    # the stored latent is the VAE mean of the center crop, times the scaling factor
+    rec = next(r for r in index if r["key"] == "img_000.png")  # 48 x 32: the crop is x 8..40
+    assert (rec["width"], rec["height"], rec["crop"], rec["caption"]) == (48, 32, [8, 0, 40, 32], "a picture of shapes number 0")
+    im = Image.open(tiny_data["root"] / "images" / "img_000.png").convert("RGB").crop((8, 0, 40, 32))
+    x = torch.from_numpy(np.asarray(im.resize((16, 16), Image.Resampling.BICUBIC), np.float32)).permute(2, 0, 1) / 127.5 - 1
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    with torch.no_grad():
+        want = vae.encode(x[None]).latent_dist.mean[0] * vae.config.scaling_factor
+    got = np.load(out / rec["shard"], mmap_mode="r")[rec["row"]]
+    assert got.dtype == np.float16
+    torch.testing.assert_close(torch.from_numpy(got.astype(np.float32)), want, atol=2e-3, rtol=2e-3)
+
+
+def test_loader_maps_boxes_through_the_crop(tiny_data):
+    data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"], max_boxes=2, min_box_area=0.01)
+    assert len(data) == 12
+    # a 48 x 32 image cropped to x 8..40: a box over x 0..16 of the image keeps x 8..16, a quarter of the crop
+    phrases, boxes = tg.GroundedLatents.crop_layout(
+        dict(width=48, height=32, phrases=["a", "b", "c"], boxes=[[0, 0, 16 / 48, 0.5], [0, 0, 4 / 48, 1], [0.5, 0.5, 1, 1]]),
+        [8, 0, 40, 32], max_boxes=2, min_box_area=0.01)
+    assert phrases == ["c", "a"]  # largest first; "b" lies outside the crop and is dropped
+    np.testing.assert_allclose(boxes, [[0.5, 0.5, 1, 1], [0, 0, 0.25, 0.5]], atol=1e-6)
+    latent, caption, phrases, boxes = data[0]
+    assert latent.shape == (4, 8, 8) and isinstance(caption, str) and len(phrases) == len(boxes) <= 2
+
+
+def train_cfg(tiny_sd, tiny_data, out_dir, **over):
+    return {**tg.config, "model": str(tiny_sd), "latents": str(tiny_data["latents"]), "boxes": str(tiny_data["boxes"]),
+            "out_dir": str(out_dir), "global_batch": 4, "micro_batch": 2, "num_workers": 0, "log_every": 1,
+            "val_every": 0, "warmup_steps": 2, "lr": 1e-3, **over}
+
+
+def adapters_of(run_dir):
+    return tg.load_adapters(str(run_dir))
+
+
+def losses(run_dir):
+    return [json.loads(l)["loss"] for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) training: the loss is finite and falls when overfitting one batch; only adapter tensors change
+def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_data, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    # the 12 images are one global batch, so every step sees the same batch (with new noise and timesteps)
+    cfg = train_cfg(tiny_sd, tiny_data, tmp_path / "run", global_batch=12, micro_batch=6, max_steps=60, lr=3e-3,
+                    warmup_steps=0, caption_keep=1.0, grounding_drop=0.0, val_every=30, val_steps=3)
+    unet, text_encoder = tg.main(cfg)
+    log = losses(tmp_path / "run")
+    assert len(log) == 60 and all(np.isfinite(log))
+    assert np.mean(log[-10:]) < 0.8 * np.mean(log[:10]), log
+
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
+    torch.manual_seed(cfg["seed"])
+    fresh = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
+    for name, v in unet.state_dict().items():
+        if tg.is_adapter(name):
+            assert not torch.equal(v, fresh[name]), f"{name} did not train"
+        else:
+            assert torch.equal(v, base[name]), f"frozen {name} changed"
+    for name, v in CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").state_dict().items():
+        assert torch.equal(v, text_encoder.state_dict()[name]), f"text encoder {name} changed"
+    saved = adapters_of(tmp_path / "run")
+    assert saved.keys() == fresh.keys() and all(torch.equal(saved[k], unet.state_dict()[k]) for k in saved)
+    assert sorted(p.name for p in (tmp_path / "run").glob("val_*.png")) == ["val_0000000.png", "val_0000030.png", "val_0000060.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (d) two processes under torchrun (gloo) give the same adapters as one process with the same global batch
+def test_two_processes_equal_one(tiny_sd, tiny_data, tmp_path):
+    args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
+            "--global_batch=4", "--micro_batch=2", "--max_steps=4", "--lr=1e-3", "--warmup_steps=2",
+            "--num_workers=1", "--val_every=0", "--log_every=2"]
+    one = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'one'}")  # 1 process x 2 micro-steps x 2
+    two = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'two'}", torchrun=2)  # 2 processes x 1 x 2
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes x 1 micro-steps x 2 = 4 per step" in two.stdout
+    a, b = adapters_of(tmp_path / "one"), adapters_of(tmp_path / "two")
+    assert not torch.equal(a["position_net.null_positive_feature"], torch.zeros(32))  # they trained
+    # exact: the same samples, noise and timesteps per sample, and (g0 + g1) / 2 == g0 / 2 + g1 / 2 in floating point
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "one") == losses(tmp_path / "two")  # the logged loss is averaged over ranks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (e) 2N steps straight equal N steps + resume + N steps, across an epoch boundary (12 images, 4 per step)
+def test_resume_equals_uninterrupted(tiny_sd, tiny_data, tmp_path):
+    import shutil
+
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "straight", max_steps=8, save_every=4))
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=6, save_every=4))
+    state = torch.load(tmp_path / "resumed" / "step_0000004" / "state.pt", weights_only=True)
+    assert state["step"] == 4 and state["data"] == dict(epoch=1, batch_in_epoch=1, images=12, global_batch=4)
+    # killed while saving step 6: its log lines are written, its checkpoint is a half-written temp directory
+    shutil.rmtree(tmp_path / "resumed" / "step_0000006")
+    (tmp_path / "resumed" / "step_0000006.tmp").mkdir()
+    (tmp_path / "resumed" / "step_0000006.tmp" / "adapters.safetensors").write_bytes(b"\x00" * 10)
+    assert len(losses(tmp_path / "resumed")) == 6
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=8, save_every=4))  # the same command again
+    a, b = adapters_of(tmp_path / "straight"), adapters_of(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    oa = torch.load(tmp_path / "straight" / "step_0000008" / "state.pt", weights_only=True)["optimizer"]["state"]
+    ob = torch.load(tmp_path / "resumed" / "step_0000008" / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # steps 5 and 6 logged once
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("step_*")) == ["step_0000004", "step_0000008"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (f) sample.py and the exported diffusers pipeline give the same image for the same seed
+@pytest.fixture(scope="session")
+def random_adapters(tiny_sd, tmp_path_factory):
+    """Adapters with open gates and random weights, as after training, saved like a checkpoint's."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    sd = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
+    sd = {k: v + torch.randn_like(v) * (0.5 if v.ndim < 2 else 0.05) for k, v in sd.items()}
+    path = tmp_path_factory.mktemp("adapters") / "adapters.safetensors"
+    save_file(sd, path)
+    return path
+
+
+LAYOUT = dict(prompt="a red square and a blue circle", phrases=["a red square", "a blue circle"],
+              boxes=[[0.1, 0.1, 0.5, 0.6], [0.55, 0.4, 0.95, 0.95]])
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])  # euler_a also draws noise from the generator per step
+def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tmp_path):
+    from diffusers import StableDiffusionGLIGENPipeline
+
+    args = [f"--model={tiny_sd}", f"--adapters={random_adapters}", f"--prompt={LAYOUT['prompt']}",
+            f"--phrases={LAYOUT['phrases']}", f"--boxes={LAYOUT['boxes']}", "--n=2", "--seed=7", "--steps=8",
+            "--beta=0.5", f"--scheduler={scheduler}", "--height=32", "--width=32", f"--out_dir={tmp_path / 'samples'}",
+            f"--export={tmp_path / 'pipe'}"]
+    if scheduler == "ddim":  # through the command line once
+        r = run("sample.py", *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+    else:
+        import sample
+        sample.main(sample.configure(sample.config, args))
+    ours = np.stack([np.asarray(Image.open(tmp_path / "samples" / f"000_0{i}.png")) for i in range(2)])
+    assert ours.shape == (2, 32, 32, 3)
+    for i in range(2):  # the copy with boxes drawn on differs from the image
+        assert not np.array_equal(np.asarray(Image.open(tmp_path / "samples" / f"000_0{i}_boxes.png")), ours[i])
+
+    pipe = StableDiffusionGLIGENPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipe.scheduler).__name__ == {"ddim": "DDIMScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}[scheduler]
+    theirs = pipe(LAYOUT["prompt"], gligen_phrases=LAYOUT["phrases"], gligen_boxes=LAYOUT["boxes"],
+                  gligen_scheduled_sampling_beta=0.5, num_inference_steps=8, guidance_scale=7.5, height=32, width=32,
+                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), output_type="np").images
+    theirs = (theirs * 255).round().astype(np.uint8)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1  # the same image, to a rounding of the last level
+
+    # the adapters act: without grounding (beta = 0) the final latents differ
+    kw = dict(gligen_phrases=LAYOUT["phrases"], gligen_boxes=LAYOUT["boxes"], num_inference_steps=8, height=32,
+              width=32, output_type="latent")
+    grounded = pipe(LAYOUT["prompt"], gligen_scheduled_sampling_beta=0.5, generator=torch.Generator().manual_seed(7), **kw)
+    plain = pipe(LAYOUT["prompt"], gligen_scheduled_sampling_beta=0.0, generator=torch.Generator().manual_seed(7), **kw)
+    assert (grounded.images - plain.images).abs().max() > 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (g) bad inputs fail with a clear message that names the file and the record
+def write_boxes(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(boxes=[[0.1, 0.1, 1.2, 0.5]]), "outside [0, 1]"),
+    (dict(boxes=[[0.6, 0.1, 0.2, 0.5]]), "x1 < x0"),
+    (dict(boxes=[[0.1, float("nan"), 0.2, 0.5]]), "NaN"),
+    (dict(phrases=["a", "b"], boxes=[[0.1, 0.1, 0.2, 0.5]]), "same length"),
+    (dict(width=999), "latents and boxes are of different images"),
+])
+def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
+    recs = [json.loads(l) for l in tiny_data["boxes"].read_text().splitlines()]
+    bad = next(i for i, r in enumerate(recs) if r["image"] == "img_004.png")
+    recs[bad] = {**recs[bad], "phrases": ["a"], "boxes": [[0.1, 0.1, 0.2, 0.5]], **change}
+    path = write_boxes(tmp_path / "boxes.jsonl", recs)
+    with pytest.raises(SystemExit) as e:
+        tg.GroundedLatents(tiny_data["latents"], path)
+    assert message in str(e.value) and f"{path}:{bad + 1}" in str(e.value) and "img_004.png" in str(e.value)
+
+
+def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path):
+    recs = [json.loads(l) for l in tiny_data["boxes"].read_text().splitlines()]
+    path = write_boxes(tmp_path / "boxes.jsonl", [r for r in recs if r["image"] != "img_007.jpg"])
+    with pytest.raises(SystemExit, match=r"has no record for 1 of the images .*img_007\.jpg"):
+        tg.GroundedLatents(tiny_data["latents"], path)
+    with pytest.raises(SystemExit, match="model directory not found: /no/such/model"):
+        tg.load_base("/no/such/model", "cpu", torch.float32)
+    r = run("train_gligen.py", "--model=/no/such/model", "--max_steps=1")  # as a user meets it: one line, no traceback
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: model directory not found: /no/such/model"
+    r = run("sample.py", f"--model={tiny_sd}", "--phrases=['a dog']", "--boxes=[[0.5, 0.5, 0.4, 0.9]]")
+    assert r.returncode == 1 and "--prompt/--phrases/--boxes: box [0.5, 0.5, 0.4, 0.9] for 'a dog' has x1 < x0" in r.stderr
+    with pytest.raises(SystemExit, match="unknown argument '--lr_max=1'"):
+        tg.configure(tg.config, ["--lr_max=1"])
+    with pytest.raises(SystemExit, match="--lr=fast: not a Python literal"):
+        tg.configure(tg.config, ["--lr=fast"])

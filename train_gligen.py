@@ -1,0 +1,667 @@
+"""
+Train GLIGEN grounding adapters on a frozen Stable Diffusion 1.x/2.x UNet.
+
+GLIGEN (Li et al., CVPR 2023) adds one gated self-attention layer ("fuser") to every transformer block of a
+frozen text-to-image UNet, fed by 30 grounding tokens made from each box (Fourier code) and its phrase (text
+encoder feature). Only the fusers and the position net train; the UNet and text encoder stay frozen.
+
+One process (CPU or one GPU):
+    python train_gligen.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --latents=data/coco/latents \
+        --boxes=data/coco/boxes.jsonl --out_dir=out/coco
+One node, 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 train_gligen.py --model=... --latents=... --boxes=...
+Several nodes (the same command on each, node_rank = 0, 1, ...):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+        train_gligen.py --model=... --latents=... --boxes=...
+
+Settings are the `config` values below; override any with --key=value (Python literals). Run the same command
+again and it resumes from the latest checkpoint in out_dir.
+"""
+import ast
+import inspect
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked loader workers
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------------------------------------------
+# Config: the GLIGEN recipe. Every value can be overridden with --key=value.
+VAL_LAYOUTS = [  # fixed validation layouts: boxes are x0, y0, x1, y1 relative to the image
+    dict(prompt="a dog and a cat sitting on a sofa", phrases=["a dog", "a cat"],
+         boxes=[[0.05, 0.35, 0.45, 0.9], [0.55, 0.3, 0.95, 0.9]]),
+    dict(prompt="a red car parked beside a tree", phrases=["a red car", "a tree"],
+         boxes=[[0.05, 0.5, 0.6, 0.9], [0.65, 0.05, 0.95, 0.9]]),
+    dict(prompt="a hot air balloon over a lake", phrases=["a hot air balloon", "a lake"],
+         boxes=[[0.55, 0.05, 0.9, 0.45], [0.0, 0.6, 1.0, 1.0]]),
+]
+config = dict(
+    model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
+    latents="data/latents",  # directory written by prep_latents.py
+    boxes="data/boxes.jsonl",  # file written by prep_boxes.py: phrases and boxes per image
+    out_dir="out",  # checkpoints, log.jsonl and validation grids; a run started again resumes from here
+    init_from="",  # "" fresh adapters, else adapters to fine-tune: a checkpoint, or a diffusers GLIGEN model
+    global_batch=32,  # images per optimizer step = micro_batch * grad_accum * world_size
+    micro_batch=8,  # images per forward pass on one GPU
+    max_steps=500_000,
+    lr=5e-5,  # AdamW
+    weight_decay=0.0,
+    warmup_steps=1000,  # linear warmup, then constant
+    grad_clip=1.0,
+    caption_keep=0.5,  # probability that a sample keeps its caption (else the empty caption)
+    grounding_drop=0.1,  # probability that a sample gets null grounding (all slots empty)
+    max_boxes=30,  # boxes per image, largest first (at most 30, the number of grounding slots)
+    min_box_area=0.01,  # boxes under this fraction of the training crop are dropped
+    seed=0,
+    dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
+    num_workers=4,  # data loader processes per GPU
+    log_every=20,
+    save_every=2000,
+    keep_last=2,  # checkpoints kept in out_dir
+    val_every=2000,  # validation grid every N steps (and at the start of a fresh run); 0 = never
+    val_steps=25,  # DDIM steps for the validation grid
+    val_layouts="",  # JSONL file of {prompt, phrases, boxes} for the validation grid; "" = VAL_LAYOUTS above
+)
+
+
+def fail(msg):
+    """Stop with a message that says what is wrong and where (file, record)."""
+    raise SystemExit(f"error: {msg}")
+
+
+def configure(defaults, argv, doc=""):
+    """Override a script's defaults with --key=value arguments; values are Python literals, strings may be bare."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(doc + "\nSettings (defaults):\n" + "\n".join(f"  --{k}={v!r}" for k, v in cfg.items()))
+            raise SystemExit(0)
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in cfg:
+            fail(f"unknown argument {arg!r}; settings are: {', '.join(cfg)}")
+        if isinstance(cfg[key], str):
+            cfg[key] = value
+            continue
+        try:
+            v = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            fail(f"--{key}={value}: not a Python literal")
+        want = type(cfg[key])
+        if not (isinstance(v, want) or (want is float and isinstance(v, int))):
+            fail(f"--{key}={value}: expected {want.__name__}")
+        cfg[key] = float(v) if want is float else v
+    return cfg
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The method: gated self-attention ("fuser") and the position net, injected into a stock diffusers UNet.
+# Parameter names equal diffusers' attention_type="gated" UNet, so weights move both ways without renaming.
+N_SLOTS = 30  # grounding tokens per image
+
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from x, keys and values from ctx; no bias on q/k/v, bias on the output."""
+
+    def __init__(self, dim, heads, head_dim):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_k = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_v = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
+
+    def forward(self, x, ctx):
+        B, N, M = x.shape[0], x.shape[1], ctx.shape[1]
+        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, head_dim)
+        k = self.to_k(ctx).view(B, M, self.heads, -1).transpose(1, 2)  # (B, heads, M, head_dim)
+        v = self.to_v(ctx).view(B, M, self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)  # exact-erf GELU
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))  # net.1: dropout slot
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Fuser(nn.Module):
+    """Gated self-attention: visual tokens attend to [visual; grounding] tokens; added back through tanh gates."""
+
+    def __init__(self, dim, ctx_dim, heads, head_dim):
+        super().__init__()
+        self.linear = nn.Linear(ctx_dim, dim)  # grounding tokens to the block's width
+        self.attn = Attention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.alpha_attn = nn.Parameter(torch.tensor(0.0))  # tanh(0) = 0: the UNet starts equal to its base
+        self.alpha_dense = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x, objs):  # x (B, N, C) visual tokens, objs (B, 30, D) grounding tokens
+        n = x.shape[1]
+        h = self.norm1(torch.cat([x, self.linear(objs)], dim=1))  # (B, N + 30, C)
+        # only the visual tokens' outputs are kept, so only they need to query
+        x = x + self.alpha_attn.tanh() * self.attn(h[:, :n], h)
+        x = x + self.alpha_dense.tanh() * self.ff(self.norm2(x))
+        return x
+
+
+def fourier_boxes(boxes, n_freqs=8):
+    """(B, S, 4) xyxy in [0, 1] -> (B, S, 64): for each frequency 100^(k/8), sin of x0,y0,x1,y1 then cos; fp32."""
+    freqs = 100 ** (torch.arange(n_freqs, device=boxes.device) / n_freqs)
+    x = boxes.float()[..., None, :] * freqs[:, None]  # (B, S, 8, 4)
+    return torch.cat([x.sin(), x.cos()], dim=-1).flatten(2)
+
+
+class PositionNet(nn.Module):
+    """Grounding tokens from (phrase feature, Fourier box code); empty slots take learned null features."""
+
+    def __init__(self, dim, n_freqs=8):
+        super().__init__()
+        self.linears = nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
+                                     nn.Linear(512, dim))
+        self.null_positive_feature = nn.Parameter(torch.zeros(dim))
+        self.null_position_feature = nn.Parameter(torch.zeros(8 * n_freqs))
+
+    def forward(self, boxes, masks, positive_embeddings):  # (B, 30, 4), (B, 30), (B, 30, D): diffusers' names
+        filled = masks[..., None] > 0
+        pos = torch.where(filled, fourier_boxes(boxes).to(self.null_position_feature.dtype), self.null_position_feature)
+        phr = torch.where(filled, positive_embeddings.to(pos.dtype), self.null_positive_feature)
+        return self.linears(torch.cat([phr, pos], dim=-1))  # (B, 30, D)
+
+
+def inject_gligen(unet):
+    """Give every transformer block of a stock diffusers UNet a fresh fuser and the UNet a fresh position net.
+    diffusers' BasicTransformerBlock already calls `self.fuser` between self- and cross-attention when
+    cross_attention_kwargs holds "gligen", and the UNet turns {boxes, masks, positive_embeddings} into tokens with
+    `self.position_net`; so injecting is attaching the modules. Pass grounding as
+    unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes": ..., "masks": ..., "positive_embeddings": ...}})."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    D = unet.config.cross_attention_dim
+    for block in unet.modules():
+        if isinstance(block, BasicTransformerBlock):
+            a = block.attn1
+            block.fuser = Fuser(a.query_dim, D, a.heads, a.inner_dim // a.heads).to(unet.device)
+    unet.position_net = PositionNet(D).to(unet.device)
+    return unet
+
+
+def grounding(text_encoder, phrase_ids, phrase_mask, slot_phrase, boxes, masks):
+    """The UNet's "gligen" kwargs: each distinct phrase encoded alone (pooler_output), placed in its slots."""
+    feats = text_encoder(phrase_ids, attention_mask=phrase_mask).pooler_output  # (U, D)
+    return {"boxes": boxes, "masks": masks, "positive_embeddings": feats[slot_phrase]}  # (B, 30, D)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Loading: the frozen base model, and adapters from this project's checkpoints or diffusers GLIGEN models.
+def is_adapter(name):
+    return ".fuser." in name or name.startswith("position_net.")
+
+
+def adapter_state(unet):
+    return {k: v for k, v in unet.state_dict().items() if is_adapter(k)}
+
+
+def set_adapters(unet, sd, source):
+    """Load adapter tensors into an injected UNet; every name and shape must match."""
+    own = adapter_state(unet)
+    missing, extra = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or extra:
+        fail(f"{source}: adapters do not fit this UNet: {len(missing)} missing (e.g. {missing[:2]}), "
+             f"{len(extra)} unexpected (e.g. {extra[:2]})")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            fail(f"{source}: {k} has shape {tuple(v.shape)}, this UNet needs {tuple(own[k].shape)}")
+    unet.load_state_dict(sd, strict=False)
+
+
+def latest_checkpoint(out_dir):
+    done = sorted(p for p in Path(out_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def load_adapters(src):
+    """Adapter tensors from this project's adapters.safetensors, checkpoint or out_dir (its latest checkpoint),
+    or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model)."""
+    path = Path(src)
+    if path.is_dir() and latest_checkpoint(path):
+        path = latest_checkpoint(path)
+    if path.is_dir() and (path / "adapters.safetensors").exists():
+        path = path / "adapters.safetensors"
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            fail(f"adapter file not found: {path}")
+        return load_file(path)
+    from diffusers import UNet2DConditionModel
+
+    try:
+        sd = UNet2DConditionModel.from_pretrained(src, subfolder="unet").state_dict()
+    except (OSError, ValueError) as e:
+        fail(f"cannot read adapters from {src!r} (no checkpoint, .safetensors or diffusers GLIGEN model there): {e}")
+    sd = {k: v for k, v in sd.items() if is_adapter(k)}
+    if not sd:
+        fail(f"{src}: its UNet has no GLIGEN adapters (it was not built with attention_type='gated')")
+    return sd
+
+
+def load_base(model, device, dtype):
+    """The frozen parts of a diffusers SD model (local directory or Hub id): UNet, text encoder, tokenizer, scheduler."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not os.path.isdir(model) and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        fail(f"model directory not found: {model}")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        fail(f"cannot load the model {model!r} (not a local diffusers directory, and not loadable from the Hub): {e}")
+    if getattr(unet.config, "attention_type", "default") != "default":
+        fail(f"{model} is already a GLIGEN model: pass its base as --model and it as --init_from")
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    return unet, text_encoder, tokenizer, scheduler
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Text and layouts: tokenization, checks on phrases and boxes, and batching them into the 30 grounding slots.
+def tokenize(tokenizer, texts, longest=False):
+    """Token ids and attention mask: captions padded to 77 as SD expects; phrases (longest=True) to the longest."""
+    t = tokenizer(texts, padding="longest" if longest else "max_length", max_length=tokenizer.model_max_length,
+                  truncation=True, return_tensors="pt")
+    return t.input_ids, t.attention_mask
+
+
+def check_layout(phrases, boxes, where):
+    """Fail, naming `where`, unless phrases and boxes are equal-length lists of non-empty strings and xyxy in [0,1]."""
+    if not isinstance(phrases, list) or not isinstance(boxes, list) or len(phrases) != len(boxes):
+        fail(f"{where}: phrases and boxes must be lists of the same length, got {phrases!r} and {boxes!r}")
+    for p, b in zip(phrases, boxes):
+        if not isinstance(p, str) or not p.strip():
+            fail(f"{where}: phrase {p!r} is not a non-empty string")
+        if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(isinstance(v, (int, float)) for v in b):
+            fail(f"{where}: box {b!r} for {p!r} is not four numbers x0, y0, x1, y1")
+        if not all(math.isfinite(v) for v in b):
+            fail(f"{where}: box {b!r} for {p!r} has NaN or inf")
+        if not all(0 <= v <= 1 for v in b):
+            fail(f"{where}: box {b!r} for {p!r} is outside [0, 1] (boxes are relative to the image size)")
+        if b[2] < b[0] or b[3] < b[1]:
+            fail(f"{where}: box {b!r} for {p!r} has x1 < x0 or y1 < y0 (boxes are x0, y0, x1, y1)")
+
+
+def layout_tensors(tokenizer, layouts):
+    """Batch of layouts -> phrase ids of the distinct phrases, slot->phrase index, boxes (B, 30, 4), masks (B, 30)."""
+    phrases = sorted({p for phr, _ in layouts for p in phr}) or [""]
+    ids, mask = tokenize(tokenizer, phrases, longest=True)
+    row = {p: i for i, p in enumerate(phrases)}
+    slot_phrase = torch.zeros(len(layouts), N_SLOTS, dtype=torch.long)
+    boxes, masks = torch.zeros(len(layouts), N_SLOTS, 4), torch.zeros(len(layouts), N_SLOTS)
+    for i, (phr, bxs) in enumerate(layouts):
+        slot_phrase[i, :len(phr)] = torch.tensor([row[p] for p in phr], dtype=torch.long)
+        boxes[i, :len(bxs)] = torch.as_tensor(np.asarray(bxs, dtype=np.float32).reshape(-1, 4))
+        masks[i, :len(phr)] = 1
+    return ids, mask, slot_phrase, boxes, masks
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Sampling: used for the validation grid here and by sample.py.
+@torch.no_grad()
+def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, boxes, seed, n=1, steps=25,
+             guidance=7.5, beta=1.0, height=None, width=None):
+    """n images (uint8, (n, H, W, 3)) for one layout, as StableDiffusionGLIGENPipeline makes them: classifier-free
+    guidance where the unconditional half gets null grounding, and fusers on for the first beta * steps steps."""
+    device, scale = unet.device, 2 ** (len(vae.config.block_out_channels) - 1)
+    height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
+    ids = torch.cat([tokenize(tokenizer, [""])[0], tokenize(tokenizer, [prompt])[0]]).to(device)
+    text = text_encoder(ids).last_hidden_state.repeat_interleave(n, dim=0)  # (2n, 77, D): [uncond; cond]
+    kwargs = None
+    if phrases:
+        phrase_ids, phrase_mask, slot_phrase, bxs, masks = layout_tensors(tokenizer, [(phrases, boxes)] * 2 * n)
+        masks[:n] = 0  # the unconditional half: null grounding
+        kwargs = {"gligen": grounding(text_encoder, phrase_ids.to(device), phrase_mask.to(device),
+                                      slot_phrase.to(device), bxs.to(device), masks.to(device, text.dtype))}
+    g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same image on any device
+    latents = torch.randn((n, unet.config.in_channels, height // scale, width // scale), generator=g).to(device)
+    scheduler.set_timesteps(steps, device=device)
+    latents = latents * scheduler.init_noise_sigma
+    extra = {k: v for k, v in dict(eta=0.0, generator=g).items() if k in inspect.signature(scheduler.step).parameters}
+    n_grounded = int(beta * len(scheduler.timesteps))  # GLIGEN's scheduled sampling
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.scale_model_input(torch.cat([latents] * 2), t).to(unet.dtype)
+        out = unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs if i < n_grounded else None)
+        uncond, cond = out.sample.float().chunk(2)
+        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, **extra).prev_sample
+    image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (image * 255).round().astype(np.uint8)
+
+
+COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#ffe119"]
+
+
+def draw_layout(image, phrases, boxes):
+    """A copy of a PIL image with each box and its phrase drawn on."""
+    image = image.convert("RGB").copy()
+    d, (W, H) = ImageDraw.Draw(image), image.size
+    for i, (p, (x0, y0, x1, y1)) in enumerate(zip(phrases, boxes)):
+        c = COLORS[i % len(COLORS)]
+        d.rectangle([x0 * W, y0 * H, x1 * W, y1 * H], outline=c, width=max(1, W // 128))
+        d.text((x0 * W + 3, y0 * H + 2), p, fill=c)
+    return image
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Data: latents from prep_latents.py joined with phrases and boxes from prep_boxes.py.
+def read_jsonl(path):
+    """(line number, record) for each line of a JSONL file; a bad line stops with the file and line named."""
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"{path}:{i}: not valid JSON ({e})")
+
+
+class GroundedLatents(torch.utils.data.Dataset):
+    """One item per image: its latent (4, h, w), caption, and up to max_boxes (phrase, box) in its training crop.
+    Boxes are stored relative to the original image; they go through the crop that prep_latents.py took, are
+    clipped to it, dropped under min_box_area of it, and kept largest first."""
+
+    def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01):
+        self.dir = Path(latents_dir)
+        for f in (self.dir / "meta.json", self.dir / "index.jsonl", Path(boxes_path)):
+            if not f.is_file():
+                fail(f"data file not found: {f} (write it with {'prep_boxes' if f == Path(boxes_path) else 'prep_latents'}.py)")
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        layouts = {}
+        for line, rec in read_jsonl(boxes_path):
+            where = f"{boxes_path}:{line} (image {rec.get('image')!r})"
+            if not all(k in rec for k in ("image", "width", "height", "phrases", "boxes")):
+                fail(f"{where}: a record needs image, width, height, phrases and boxes")
+            check_layout(rec["phrases"], rec["boxes"], where)
+            layouts[rec["image"]] = (where, rec)
+        self.items, missing = [], []
+        for line, rec in read_jsonl(self.dir / "index.jsonl"):
+            if rec["key"] not in layouts:
+                missing.append(rec["key"])
+                continue
+            where, lay = layouts[rec["key"]]
+            if (lay["width"], lay["height"]) != (rec["width"], rec["height"]):
+                fail(f"{where}: image size {lay['width']}x{lay['height']} does not match "
+                     f"{rec['width']}x{rec['height']} in {self.dir / 'index.jsonl'}:{line}: latents and boxes are "
+                     f"of different images")
+            phrases, boxes = self.crop_layout(lay, rec["crop"], max_boxes, min_box_area)
+            self.items.append((rec["shard"], rec["row"], rec["caption"], phrases, boxes))
+        if missing:
+            fail(f"{boxes_path} has no record for {len(missing)} of the images in {self.dir / 'index.jsonl'} "
+                 f"(e.g. {missing[:3]}): were both made from the same images?")
+        self.shards = {}
+
+    @staticmethod
+    def crop_layout(lay, crop, max_boxes, min_box_area):
+        cx0, cy0, cx1, cy1 = crop  # in original pixels
+        W, H, side = lay["width"], lay["height"], cx1 - cx0  # the crop is square
+        b = np.asarray(lay["boxes"], dtype=np.float64).reshape(-1, 4) * [W, H, W, H]  # to pixels
+        b = ((b - [cx0, cy0, cx0, cy0]) / side).clip(0, 1)  # to the crop, clipped to it
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        keep = [i for i in np.argsort(-area, kind="stable") if area[i] >= min_box_area][:max_boxes]
+        return [lay["phrases"][i] for i in keep], b[keep].astype(np.float32)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        shard, row, caption, phrases, boxes = self.items[i]
+        if shard not in self.shards:  # memmapped, opened once per worker process
+            self.shards[shard] = np.load(self.dir / shard, mmap_mode="r")
+        return torch.from_numpy(np.array(self.shards[shard][row])), caption, phrases, boxes
+
+
+def collate(tokenizer, items):
+    """Items -> a micro-batch of tensors. Strings are tokenized here, in the loader workers, not in the loop."""
+    latents, captions, phrases, boxes = zip(*items)
+    ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, list(zip(phrases, boxes)))
+    return dict(latents=torch.stack(latents), caption_ids=tokenize(tokenizer, list(captions))[0], phrase_ids=ids,
+                phrase_mask=mask, slot_phrase=slot_phrase, boxes=boxes, masks=masks)
+
+
+def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step):
+    """This rank's micro-batches (dataset indices), step after step from start_step. Each epoch is a new permutation
+    seeded by (seed, epoch), the same on all ranks; the global batch of a step is split into micro-batches ordered
+    by (micro-step, rank), and this rank takes its own, so every rank sees different samples."""
+    accum, per_epoch = global_batch // (micro_batch * world), n // global_batch
+    step, perm_epoch = start_step, -1
+    while True:
+        epoch, b = divmod(step, per_epoch)
+        if epoch != perm_epoch:
+            perm, perm_epoch = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)), epoch
+        for micro in range(accum):
+            s = b * global_batch + (micro * world + rank) * micro_batch
+            yield perm[s:s + micro_batch].tolist()
+        step += 1
+
+
+def sample_generator(seed, step, slot, device):
+    """The random stream of one micro-batch, keyed by (seed, step, its first slot in the global batch): a resumed run
+    and a run on any number of GPUs draw the same noise, timesteps and drops for the same sample."""
+    g = torch.Generator(device)
+    return g.manual_seed(int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0]))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Checkpoints: adapters (safetensors) + optimizer, step, config and data position; written to a temp directory,
+# then renamed, so a run killed while saving never leaves a half-written latest checkpoint.
+def save_checkpoint(out_dir, step, unet, opt, cfg, data):
+    final = Path(out_dir) / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet).items()}
+    save_file(adapters, tmp / "adapters.safetensors", metadata={"format": "gligen-adapters", "config": json.dumps(cfg)})
+    torch.save({"step": step, "optimizer": opt.state_dict(), "config": cfg, "data": data}, tmp / "state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    done = sorted(p for p in Path(out_dir).glob("step_*") if not p.name.endswith(".tmp"))
+    for old in done[:-cfg["keep_last"]] + list(Path(out_dir).glob("step_*.tmp")):  # and saves cut off by a kill
+        shutil.rmtree(old)
+    return final
+
+
+# -----------------------------------------------------------------------------------------------------------------
+def main(cfg):
+    # Setup: DDP when torchrun sets RANK, else one process; precision.
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        device = f"cuda:{local_rank}" if cuda else "cpu"
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, "cuda" if cuda else "cpu"
+    master, G, B = rank == 0, cfg["global_batch"], cfg["micro_batch"]
+    if G % (B * world):
+        fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
+    if cfg["dtype"] not in ("auto", "bf16", "fp32") or not 1 <= cfg["max_boxes"] <= N_SLOTS:
+        fail(f"dtype must be auto, bf16 or fp32 (not {cfg['dtype']!r}); max_boxes 1..{N_SLOTS} (not {cfg['max_boxes']})")
+    accum = G // (B * world)
+    bf16 = cfg["dtype"] == "bf16" or (cfg["dtype"] == "auto" and cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
+    unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, torch.bfloat16 if bf16 else torch.float32)
+    torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
+    inject_gligen(unet)
+    cfg = {**cfg, "world_size": world, "grad_accum": accum, "prediction_type": noise_scheduler.config.prediction_type}
+    resume, step = latest_checkpoint(cfg["out_dir"]), 0
+    if resume:
+        state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
+        if state["config"]["model"] != cfg["model"]:
+            fail(f"{resume} was trained on model {state['config']['model']!r}, not {cfg['model']!r}")
+        set_adapters(unet, load_file(resume / "adapters.safetensors"), resume)
+        step = state["step"]
+    elif cfg["init_from"]:
+        set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
+    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if is_adapter(n)]
+    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[local_rank] if cuda else None) if ddp else unet
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=cuda)
+    if resume:
+        opt.load_state_dict(state["optimizer"])
+    alphas_cumprod, T = noise_scheduler.alphas_cumprod.to(device), noise_scheduler.config.num_train_timesteps
+    empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
+
+    # Data: each rank loads its own micro-batches from the data position that the step implies.
+    data = GroundedLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
+    n = len(data)
+    if n < G:
+        fail(f"{cfg['latents']} has {n} usable images, fewer than one global batch ({G})")
+    if resume and (state["data"]["images"], state["data"]["global_batch"]) != (n, G):
+        fail(f"{resume} was trained with {state['data']['images']} images and global_batch "
+             f"{state['data']['global_batch']}; now {n} and {G}: start a new out_dir with --init_from={resume}")
+    loader = iter(torch.utils.data.DataLoader(
+        data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step),
+        collate_fn=partial(collate, tokenizer), num_workers=cfg["num_workers"], pin_memory=cuda))
+
+    # Logging and validation, on rank 0.
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    layouts = [r for _, r in read_jsonl(cfg["val_layouts"])] if cfg["val_layouts"] else VAL_LAYOUTS
+    for i, l in enumerate(layouts):
+        check_layout(l["phrases"], l["boxes"], f"{cfg['val_layouts'] or 'VAL_LAYOUTS'}[{i}]")
+    if master:
+        import diffusers
+        import transformers
+
+        gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if cuda else "CPU"
+        print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, {gpu}")
+        print(json.dumps(cfg))
+        print(f"{n} images; {world} processes x {accum} micro-steps x {B} = {G} per step; "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; "
+              + (f"resuming from {resume}" if resume else "fresh adapters" + (f" from {cfg['init_from']}" if cfg["init_from"] else "")))
+        if (out / "log.jsonl").exists():  # steps logged after the checkpoint we resume from run again: drop them
+            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for _, r in read_jsonl(out / "log.jsonl") if r["step"] <= step))
+        if cfg["val_every"]:
+            from diffusers import AutoencoderKL, DDIMScheduler
+
+            vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=unet.dtype).to(device)
+            val_scheduler = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
+
+    def validate():  # a row of images from fixed layouts and seed, with the boxes drawn on
+        with autocast:
+            images = [draw_layout(Image.fromarray(generate(unet, vae, text_encoder, tokenizer, val_scheduler, l["prompt"],
+                      l["phrases"], l["boxes"], seed=cfg["seed"], steps=cfg["val_steps"])[0]), l["phrases"], l["boxes"])
+                      for l in layouts]
+        grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
+        for k, im in enumerate(images):
+            grid.paste(im, (k * im.width, 0))
+        grid.save(out / f"val_{step:07d}.png")
+
+    if master and cfg["val_every"] and step == 0:
+        validate()  # the base model, before training: what the adapters start from
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
+    loss_sum, n_logged, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    while step < cfg["max_steps"]:
+        lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for micro in range(accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+            g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
+            x0 = batch["latents"].float()
+            b = x0.shape[0]
+            keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
+            keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
+            noise = torch.randn(x0.shape, generator=g, device=device)
+            t = torch.randint(0, T, (b,), generator=g, device=device)
+            # The forward process, and the target (epsilon or v) that the scheduler config asks for.
+            ac = alphas_cumprod[t].view(b, 1, 1, 1)
+            xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+            target = noise if cfg["prediction_type"] == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
+            with torch.no_grad(), autocast:
+                text = text_encoder(torch.where(keep_caption[:, None], batch["caption_ids"], empty_ids)).last_hidden_state
+                masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
+                gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
+                                   batch["boxes"], masks)
+            if ddp:
+                model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
+            with autocast:
+                pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+            loss = F.mse_loss(pred.float(), target) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step, n_logged = step + 1, n_logged + 1
+        bar.update()
+
+        last = step == cfg["max_steps"]
+        if step % cfg["log_every"] == 0 or last:
+            if ddp:
+                dist.all_reduce(loss_sum)
+            loss = loss_sum.item() / world / n_logged  # .item() waits for the GPU, so the clock below is right
+            mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(n_logged * G / (time.perf_counter() - t0), 2),
+                       mem_gb=round(mem / 2**30, 2))
+            if master:
+                bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s | "
+                          f"peak mem {rec['mem_gb']:.2f} GB")
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            loss_sum.zero_()
+            n_logged, t0 = 0, time.perf_counter()
+        t_io = time.perf_counter()
+        if master and (step % cfg["save_every"] == 0 or last):
+            save_checkpoint(out, step, unet, opt, cfg, dict(epoch=step // (n // G), batch_in_epoch=step % (n // G),
+                                                             images=n, global_batch=G))
+        if master and cfg["val_every"] and step % cfg["val_every"] == 0:
+            validate()
+        if ddp and (step % cfg["save_every"] == 0 or last):
+            dist.barrier()  # no rank runs ahead of a checkpoint that may be resumed from
+        t0 += time.perf_counter() - t_io  # checkpoints and validation do not count against images/s
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+    return unet, text_encoder
+
+
+if __name__ == "__main__":
+    main(configure(config, sys.argv[1:], __doc__))
