@@ -50,14 +50,14 @@ def main(cfg):
             fail(f"{where}: no {key!r} list: not a COCO instances file")
     images = {}
     for im in coco["images"]:
-        if not (isinstance(im.get("width"), int) and isinstance(im.get("height"), int) and im["width"] > 0 and im["height"] > 0):
+        if not all(isinstance(im.get(k), int) and im[k] > 0 for k in ("width", "height")):
             fail(f"{where}: image id {im.get('id')} ({im.get('file_name')}) has no positive integer width and height")
         images[im["id"]] = im
     names = {c["id"]: c["name"] for c in coco["categories"]}
     counts, objects = Counter(), defaultdict(list)
     for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
         if ann.get("image_id") not in images:
-            fail(f"{where}: annotation id {ann.get('id')} refers to image id {ann.get('image_id')}, which is not listed")
+            fail(f"{where}: annotation id {ann.get('id')} refers to image id {ann.get('image_id')}, not listed")
         if ann.get("category_id") not in names:
             fail(f"{where}: annotation id {ann['id']} has category id {ann.get('category_id')}, which is not listed")
         im = images[ann["image_id"]]

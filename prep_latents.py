@@ -97,10 +97,10 @@ def main(cfg):
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cfg["dtype"] == "auto" and cuda else torch.float32
     try:
-        vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=dtype).to("cuda" if cuda else "cpu")
+        vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=dtype)
     except (OSError, ValueError) as e:
         fail(f"cannot load the VAE of {cfg['model']!r}: {e}")
-    scaling = vae.config.scaling_factor
+    vae, scaling = vae.to("cuda" if cuda else "cpu"), vae.config.scaling_factor
     loader = torch.utils.data.DataLoader(Images(root, keys, cfg["resolution"]), batch_size=cfg["batch_size"],
                                          num_workers=cfg["num_workers"], collate_fn=list)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,14 +63,16 @@ def main(cfg):
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16, auto=torch.float16 if cuda else torch.float32)
+    dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
+    dtypes["auto"] = dtypes["fp16" if cuda else "fp32"]
     if cfg["dtype"] not in dtypes or cfg["scheduler"] not in SCHEDULERS:
         fail(f"dtype must be one of {list(dtypes)} and scheduler one of {list(SCHEDULERS)}")
     dtype = dtypes[cfg["dtype"]]
     if cfg["layouts"]:
         layouts = [(f"{cfg['layouts']}:{i}", r) for i, r in read_jsonl(cfg["layouts"])]
     else:
-        layouts = [("--prompt/--phrases/--boxes", dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"]))]
+        layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"])
+        layouts = [("--prompt/--phrases/--boxes", layout)]
     for where, l in layouts:
         if not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string")

@@ -276,7 +276,7 @@ def load_adapters(src):
 
 
 def load_base(model, device, dtype):
-    """The frozen parts of a diffusers SD model (local directory or Hub id): UNet, text encoder, tokenizer, scheduler."""
+    """The frozen parts of a diffusers SD model (directory or Hub id): UNet, text encoder, tokenizer, scheduler."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -324,7 +324,7 @@ def check_layout(phrases, boxes, where):
 
 def layout_tensors(tokenizer, layouts):
     """Batch of layouts -> phrase ids of the distinct phrases, slot->phrase index, boxes (B, 30, 4), masks (B, 30)."""
-    phrases = sorted({p for phr, _ in layouts for p in phr}) or [""]
+    phrases = list(dict.fromkeys(p for phr, _ in layouts for p in phr)) or [""]  # distinct, in order of appearance
     ids, mask = tokenize(tokenizer, phrases, longest=True)
     row = {p: i for i, p in enumerate(phrases)}
     slot_phrase = torch.zeros(len(layouts), N_SLOTS, dtype=torch.long)
@@ -403,10 +403,9 @@ class GroundedLatents(torch.utils.data.Dataset):
 
     def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01):
         self.dir = Path(latents_dir)
-        for f in (self.dir / "meta.json", self.dir / "index.jsonl", Path(boxes_path)):
+        for f, script in ((self.dir / "index.jsonl", "prep_latents"), (Path(boxes_path), "prep_boxes")):
             if not f.is_file():
-                fail(f"data file not found: {f} (write it with {'prep_boxes' if f == Path(boxes_path) else 'prep_latents'}.py)")
-        self.meta = json.loads((self.dir / "meta.json").read_text())
+                fail(f"data file not found: {f} (write it with {script}.py)")
         layouts = {}
         for line, rec in read_jsonl(boxes_path):
             where = f"{boxes_path}:{line} (image {rec.get('image')!r})"
@@ -498,6 +497,9 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, data):
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    dir_fd = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
+    os.fsync(dir_fd)
+    os.close(dir_fd)
     done = sorted(p for p in Path(out_dir).glob("step_*") if not p.name.endswith(".tmp"))
     for old in done[:-cfg["keep_last"]] + list(Path(out_dir).glob("step_*.tmp")):  # and saves cut off by a kill
         shutil.rmtree(old)
@@ -519,15 +521,18 @@ def main(cfg):
     master, G, B = rank == 0, cfg["global_batch"], cfg["micro_batch"]
     if G % (B * world):
         fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
-    if cfg["dtype"] not in ("auto", "bf16", "fp32") or not 1 <= cfg["max_boxes"] <= N_SLOTS:
-        fail(f"dtype must be auto, bf16 or fp32 (not {cfg['dtype']!r}); max_boxes 1..{N_SLOTS} (not {cfg['max_boxes']})")
+    if cfg["dtype"] not in ("auto", "bf16", "fp32"):
+        fail(f"dtype must be auto, bf16 or fp32, not {cfg['dtype']!r}")
+    if not 1 <= cfg["max_boxes"] <= N_SLOTS:
+        fail(f"max_boxes must be 1..{N_SLOTS}, not {cfg['max_boxes']}")
     accum = G // (B * world)
     bf16 = cfg["dtype"] == "bf16" or (cfg["dtype"] == "auto" and cuda)
+    base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base; adapters stay fp32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
-    unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, torch.bfloat16 if bf16 else torch.float32)
+    unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, base_dtype)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
     inject_gligen(unet)
     cfg = {**cfg, "world_size": world, "grad_accum": accum, "prediction_type": noise_scheduler.config.prediction_type}
@@ -571,24 +576,28 @@ def main(cfg):
         import transformers
 
         gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if cuda else "CPU"
-        print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, {gpu}")
+        print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
+              f"transformers {transformers.__version__}, {gpu}")
         print(json.dumps(cfg))
         print(f"{n} images; {world} processes x {accum} micro-steps x {B} = {G} per step; "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; "
-              + (f"resuming from {resume}" if resume else "fresh adapters" + (f" from {cfg['init_from']}" if cfg["init_from"] else "")))
+              + (f"resuming from {resume}" if resume else f"adapters from {cfg['init_from'] or 'a fresh init'}"))
         if (out / "log.jsonl").exists():  # steps logged after the checkpoint we resume from run again: drop them
-            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for _, r in read_jsonl(out / "log.jsonl") if r["step"] <= step))
+            kept = [json.dumps(r) + "\n" for _, r in read_jsonl(out / "log.jsonl") if r["step"] <= step]
+            (out / "log.jsonl").write_text("".join(kept))
         if cfg["val_every"]:
             from diffusers import AutoencoderKL, DDIMScheduler
 
-            vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=unet.dtype).to(device)
+            vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=base_dtype).to(device)
             val_scheduler = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
 
     def validate():  # a row of images from fixed layouts and seed, with the boxes drawn on
-        with autocast:
-            images = [draw_layout(Image.fromarray(generate(unet, vae, text_encoder, tokenizer, val_scheduler, l["prompt"],
-                      l["phrases"], l["boxes"], seed=cfg["seed"], steps=cfg["val_steps"])[0]), l["phrases"], l["boxes"])
-                      for l in layouts]
+        images = []
+        for l in layouts:
+            with autocast:
+                im = generate(unet, vae, text_encoder, tokenizer, val_scheduler, l["prompt"], l["phrases"], l["boxes"],
+                              seed=cfg["seed"], steps=cfg["val_steps"])[0]
+            images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
         grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
         for k, im in enumerate(images):
             grid.paste(im, (k * im.width, 0))
@@ -616,7 +625,8 @@ def main(cfg):
             xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
             target = noise if cfg["prediction_type"] == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
             with torch.no_grad(), autocast:
-                text = text_encoder(torch.where(keep_caption[:, None], batch["caption_ids"], empty_ids)).last_hidden_state
+                ids = torch.where(keep_caption[:, None], batch["caption_ids"], empty_ids)
+                text = text_encoder(ids).last_hidden_state  # (b, 77, D)
                 masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
                 gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
                                    batch["boxes"], masks)
@@ -638,9 +648,9 @@ def main(cfg):
             if ddp:
                 dist.all_reduce(loss_sum)
             loss = loss_sum.item() / world / n_logged  # .item() waits for the GPU, so the clock below is right
-            mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(n_logged * G / (time.perf_counter() - t0), 2),
-                       mem_gb=round(mem / 2**30, 2))
+            mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2**10
+            speed = n_logged * G / (time.perf_counter() - t0)
+            rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2))
             if master:
                 bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s | "
                           f"peak mem {rec['mem_gb']:.2f} GB")
