@@ -185,6 +185,37 @@ def tiny_data(tiny_sd, tmp_path_factory):
                 latents_log=latents.stdout)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_forward_process_matches_diffusers(prediction_type):
+    from diffusers import DDPMScheduler
+
+    s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0, 500, 999])
+    xt, target = tg.forward_process(s.alphas_cumprod, x0, noise, t, prediction_type)
+    torch.testing.assert_close(xt, s.add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(target, noise if prediction_type == "epsilon" else s.get_velocity(x0, noise, t),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_phrases_padded_to_longest_equal_each_alone(tiny_sd):
+    """Each distinct phrase is encoded once, padded to the longest: its feature equals the phrase alone at 77."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    te = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    layouts = [(["a dog", "a red car parked in the rain"], [[0, 0, 1, 1]] * 2), (["a dog"], [[0, 0, 0.5, 0.5]])]
+    ids, mask, slot_phrase, boxes, masks = tg.layout_tensors(tok, layouts)
+    assert ids.shape[0] == 2 and ids.shape[1] < 77  # "a dog" once; padded to the longest phrase, not to 77
+    with torch.no_grad():
+        feats = tg.grounding(te, ids, mask, slot_phrase, boxes, masks)["positive_embeddings"]  # (2, 30, D)
+        for i, (phrases, _) in enumerate(layouts):
+            for k, p in enumerate(phrases):
+                alone = te(tg.tokenize(tok, [p])[0]).pooler_output[0]  # padded to 77
+                torch.testing.assert_close(feats[i, k], alone, atol=1e-5, rtol=1e-5)
+    assert masks.sum(1).tolist() == [2, 1] and boxes[1, 0].tolist() == [0, 0, 0.5, 0.5]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (b) prep_boxes and prep_latents on generated images and a generated COCO JSON
 def test_prep_boxes_handles_coco_quirks(tiny_data):
@@ -280,6 +311,13 @@ def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_dat
     saved = adapters_of(tmp_path / "run")
     assert saved.keys() == fresh.keys() and all(torch.equal(saved[k], unet.state_dict()[k]) for k in saved)
     assert sorted(p.name for p in (tmp_path / "run").glob("val_*.png")) == ["val_0000000.png", "val_0000030.png", "val_0000060.png"]
+
+
+def test_training_runs_on_v_prediction_model(tiny_sd2, tiny_data, tmp_path):
+    """An SD2-shaped model (linear projections, per-block heads, v-prediction): the target follows its scheduler."""
+    tg.main(train_cfg(tiny_sd2, tiny_data, tmp_path / "run", max_steps=2))
+    state = torch.load(tmp_path / "run" / "step_0000002" / "state.pt", weights_only=True)
+    assert state["config"]["prediction_type"] == "v_prediction" and all(np.isfinite(losses(tmp_path / "run")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,6 +417,25 @@ def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tm
     assert np.array_equal(ours, pipeline(0.5))  # the same pixels
     assert np.abs(ours - pipeline(0.0)).max() > 10  # and the comparison can tell: no grounding,
     assert np.abs(ours - pipeline(1.0)).max() > 10  # or grounding in all 8 steps, gives another image
+
+
+def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters, tmp_path):
+    """Fine-tuning starts from a diffusers GLIGEN directory's adapters (here one written by export, lr 0)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    import sample
+
+    unet = tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    want = tg.load_adapters(str(random_adapters))
+    tg.set_adapters(unet, want, "test")
+    sample.export(tmp_path / "gligen", unet, AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae"),
+                  CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder"),
+                  CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
+                  DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler"))
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "run", init_from=str(tmp_path / "gligen"), max_steps=1, lr=0.0))
+    got = adapters_of(tmp_path / "run")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 # ---------------------------------------------------------------------------------------------------------------

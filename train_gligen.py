@@ -217,6 +217,13 @@ def inject_gligen(unet):
     return unet
 
 
+def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
+    """The noised latent x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, and the UNet's target: the noise, or v."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return xt, noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def grounding(text_encoder, phrase_ids, phrase_mask, slot_phrase, boxes, masks):
     """The UNet's "gligen" kwargs: each distinct phrase encoded alone (pooler_output), placed in its slots."""
     feats = text_encoder(phrase_ids, attention_mask=phrase_mask).pooler_output  # (U, D)
@@ -536,6 +543,8 @@ def main(cfg):
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
     inject_gligen(unet)
     cfg = {**cfg, "world_size": world, "grad_accum": accum, "prediction_type": noise_scheduler.config.prediction_type}
+    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
+        fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
     resume, step = latest_checkpoint(cfg["out_dir"]), 0
     if resume:
         state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
@@ -620,10 +629,7 @@ def main(cfg):
             keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
             noise = torch.randn(x0.shape, generator=g, device=device)
             t = torch.randint(0, T, (b,), generator=g, device=device)
-            # The forward process, and the target (epsilon or v) that the scheduler config asks for.
-            ac = alphas_cumprod[t].view(b, 1, 1, 1)
-            xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
-            target = noise if cfg["prediction_type"] == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
+            xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
             with torch.no_grad(), autocast:
                 ids = torch.where(keep_caption[:, None], batch["caption_ids"], empty_ids)
                 text = text_encoder(ids).last_hidden_state  # (b, 77, D)
