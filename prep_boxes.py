@@ -27,7 +27,7 @@ from train_gligen import configure, fail
 config = dict(
     instances="coco/annotations/instances_train2017.json",  # COCO-format instances JSON
     captions="",  # COCO captions JSON; each image gets its first caption (lowest annotation id)
-    out="data/boxes.jsonl",
+    out="data/boxes.jsonl",  # output file, one JSON line per image
     crowd=False,  # keep iscrowd annotations
 )
 

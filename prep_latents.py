@@ -31,9 +31,9 @@ config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images
     images="data/images",  # folder of images, searched recursively
     captions="",  # JSONL of {"image", "caption"}; "" = a .txt file beside each image
-    out="data/latents",
+    out="data/latents",  # output directory (must not hold a finished run)
     resolution=512,  # training resolution in pixels; the latents are resolution/8 on a side
-    batch_size=16,
+    batch_size=16,  # images per VAE batch
     shard_size=4096,  # images per .npy shard
     num_workers=4,  # image decoding processes
     dtype="auto",  # VAE precision: auto = bf16 on CUDA, fp32 on CPU; or fp32

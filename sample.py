@@ -25,20 +25,20 @@ from train_gligen import (check_layout, configure, draw_layout, fail, generate, 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
     adapters="",  # see above; "" = the base model alone (boxes are then ignored)
-    prompt="a dog and a cat sitting on a sofa",
-    phrases=["a dog", "a cat"],
-    boxes=[[0.05, 0.35, 0.45, 0.9], [0.55, 0.3, 0.95, 0.9]],
+    prompt="a dog and a cat sitting on a sofa",  # the caption
+    phrases=["a dog", "a cat"],  # one phrase per box, at most 30
+    boxes=[[0.05, 0.35, 0.45, 0.9], [0.55, 0.3, 0.95, 0.9]],  # x0, y0, x1, y1 relative to the image
     layouts="",  # or a JSONL file of {prompt, phrases, boxes}, one layout a line (replaces the three above)
     n=4,  # images per layout
     seed=0,  # layout k uses seed + k
-    steps=50,
-    guidance=7.5,
+    steps=50,  # denoising steps
+    guidance=7.5,  # classifier-free guidance scale
     beta=0.3,  # scheduled sampling: grounding for the first beta * steps steps (1.0 = all of them)
     scheduler="ddim",  # ddim, dpm (DPM-Solver++ multistep), euler, euler_a, pndm, ddpm
     height=0,  # 0 = the model's native size
-    width=0,
+    width=0,  # 0 = the model's native size
     dtype="auto",  # auto: fp16 on CUDA, fp32 on CPU; or fp32, fp16, bf16
-    out_dir="samples",
+    out_dir="samples",  # where the images go
     export="",  # also write a full diffusers StableDiffusionGLIGENPipeline directory here
 )
 SCHEDULERS = dict(ddim="DDIMScheduler", dpm="DPMSolverMultistepScheduler", euler="EulerDiscreteScheduler",

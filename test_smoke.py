@@ -473,6 +473,8 @@ def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: model directory not found: /no/such/model"
     r = run("sample.py", f"--model={tiny_sd}", "--phrases=['a dog']", "--boxes=[[0.5, 0.5, 0.4, 0.9]]")
     assert r.returncode == 1 and "--prompt/--phrases/--boxes: box [0.5, 0.5, 0.4, 0.9] for 'a dog' has x1 < x0" in r.stderr
+    r = run("prep_boxes.py", "--help")  # every setting with its default and meaning
+    assert r.returncode == 0 and "  --crowd=False  keep iscrowd annotations" in r.stdout
     with pytest.raises(SystemExit, match="unknown argument '--lr_max=1'"):
         tg.configure(tg.config, ["--lr_max=1"])
     with pytest.raises(SystemExit, match="--lr=fast: not a Python literal"):

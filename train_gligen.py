@@ -22,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -59,20 +60,20 @@ config = dict(
     init_from="",  # "" fresh adapters, else adapters to fine-tune: a checkpoint, or a diffusers GLIGEN model
     global_batch=32,  # images per optimizer step = micro_batch * grad_accum * world_size
     micro_batch=8,  # images per forward pass on one GPU
-    max_steps=500_000,
+    max_steps=500_000,  # optimizer steps
     lr=5e-5,  # AdamW
-    weight_decay=0.0,
+    weight_decay=0.0,  # AdamW's decoupled weight decay
     warmup_steps=1000,  # linear warmup, then constant
-    grad_clip=1.0,
+    grad_clip=1.0,  # clip the adapters' gradient norm to this
     caption_keep=0.5,  # probability that a sample keeps its caption (else the empty caption)
     grounding_drop=0.1,  # probability that a sample gets null grounding (all slots empty)
     max_boxes=30,  # boxes per image, largest first (at most 30, the number of grounding slots)
     min_box_area=0.01,  # boxes under this fraction of the training crop are dropped
-    seed=0,
+    seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
     dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
     num_workers=4,  # data loader processes per GPU
-    log_every=20,
-    save_every=2000,
+    log_every=20,  # log line (step, loss, lr, images/s, peak memory), also appended to out_dir/log.jsonl
+    save_every=2000,  # checkpoint every N steps, and at the end
     keep_last=2,  # checkpoints kept in out_dir
     val_every=2000,  # validation grid every N steps (and at the start of a fresh run); 0 = never
     val_steps=25,  # DDIM steps for the validation grid
@@ -89,8 +90,9 @@ def configure(defaults, argv, doc=""):
     """Override a script's defaults with --key=value arguments; values are Python literals, strings may be bare."""
     cfg = dict(defaults)
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print(doc + "\nSettings (defaults):\n" + "\n".join(f"  --{k}={v!r}" for k, v in cfg.items()))
+        if arg in ("-h", "--help"):  # the docstring, then each setting with its default and its comment
+            notes = dict(re.findall(r"^ {4}(\w+)=.*?# (.*)$", Path(sys.argv[0]).read_text(), re.M))
+            print(doc + "\nSettings:\n" + "\n".join(f"  --{k}={v!r}  {notes.get(k, '')}" for k, v in cfg.items()))
             raise SystemExit(0)
         key, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq or key not in cfg:
@@ -383,10 +385,13 @@ def draw_layout(image, phrases, boxes):
     """A copy of a PIL image with each box and its phrase drawn on."""
     image = image.convert("RGB").copy()
     d, (W, H) = ImageDraw.Draw(image), image.size
+    font = ImageFont.load_default(size=max(8, W // 28))
     for i, (p, (x0, y0, x1, y1)) in enumerate(zip(phrases, boxes)):
         c = COLORS[i % len(COLORS)]
         d.rectangle([x0 * W, y0 * H, x1 * W, y1 * H], outline=c, width=max(1, W // 128))
-        d.text((x0 * W + 3, y0 * H + 2), p, fill=c)
+        tag = d.textbbox((x0 * W, y0 * H), p, font=font)  # the phrase on a tag in the box's colour
+        d.rectangle([tag[0], tag[1], tag[2] + 4, tag[3] + 2], fill=c)
+        d.text((x0 * W + 2, y0 * H), p, fill="white", font=font)
     return image
 
 
@@ -654,7 +659,8 @@ def main(cfg):
             if ddp:
                 dist.all_reduce(loss_sum)
             loss = loss_sum.item() / world / n_logged  # .item() waits for the GPU, so the clock below is right
-            mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2**10
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, in KiB on Linux
+            mem = torch.cuda.max_memory_allocated() if cuda else rss
             speed = n_logged * G / (time.perf_counter() - t0)
             rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2))
             if master:
