@@ -6,10 +6,14 @@ Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that ca
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
 """
+import errno
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,15 @@ from PIL import Image
 import train_gligen as tg
 
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """tg.main installs SIGTERM/SIGUSR1 handlers; a test that stops inside it must not leave them behind."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +361,8 @@ def test_resume_equals_uninterrupted(tiny_sd, tiny_data, tmp_path):
     tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "straight", max_steps=8, save_every=4))
     tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=6, save_every=4))
     state = torch.load(tmp_path / "resumed" / "step_0000004" / "state.pt", weights_only=True)
-    assert state["step"] == 4 and state["data"] == dict(epoch=1, batch_in_epoch=1, images=12, global_batch=4)
+    assert state["step"] == 4 and state["data"] == dict(epoch=1, batch_in_epoch=1)
+    assert (state["config"]["images"], state["config"]["global_batch"], state["config"]["resolution"]) == (12, 4, 16)
     # killed while saving step 6: its log lines are written, its checkpoint is a half-written temp directory
     shutil.rmtree(tmp_path / "resumed" / "step_0000006")
     (tmp_path / "resumed" / "step_0000006.tmp").mkdir()
@@ -479,3 +493,210 @@ def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path):
         tg.configure(tg.config, ["--lr_max=1"])
     with pytest.raises(SystemExit, match="--lr=fast: not a Python literal"):
         tg.configure(tg.config, ["--lr=fast"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults: preemption, kills, elastic restarts, corrupt checkpoints, NaN batches, a full disk, mismatched resumes.
+# Every recovery must end where an uninterrupted run ends, bit for bit.
+def fault_args(tiny_sd, tiny_data, out_dir, *extra):
+    return [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
+            "--global_batch=4", "--micro_batch=2", "--max_steps=40", "--lr=1e-3", "--warmup_steps=2",
+            "--num_workers=0", "--val_every=0", "--log_every=1", "--save_every=10", f"--out_dir={out_dir}", *extra]
+
+
+ONE_THREAD = dict(OMP_NUM_THREADS="1")  # as torchrun sets for its workers: the same float reductions everywhere
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_sd, tiny_data, tmp_path_factory):
+    """The adapters after 40 steps without a fault."""
+    out = tmp_path_factory.mktemp("reference")
+    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return adapters_of(out)
+
+
+def assert_equal_adapters(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def torchrun():
+    """Start `torchrun --standalone` on train_gligen.py in the background; whatever happens, it is killed at the end."""
+    started = []
+
+    def start(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
+        started.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True))
+        return started[-1]
+
+    yield start
+    for p in started:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # torchrun and any worker left, even if torchrun itself has exited
+        except ProcessLookupError:
+            pass
+        p.communicate(timeout=30)
+
+
+def wait_for(condition, timeout=120):
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, "timed out"
+        time.sleep(0.05)
+
+
+def test_kill_9_in_the_middle_of_a_save(tiny_sd, tiny_data, reference, tmp_path):
+    out = tmp_path / "run"
+    # the real trainer, with torch.save writing half of the second checkpoint's state.pt and then SIGKILLing itself
+    (tmp_path / "dies_while_saving.py").write_text(
+        "import os, signal, sys, torch\n"
+        "import train_gligen as tg\n"
+        "real_save = torch.save\n"
+        "def save(obj, path, *args, **kwargs):\n"
+        "    if 'step_0000020' in str(path):\n"
+        "        open(path, 'wb').write(b'half a file')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real_save(obj, path, *args, **kwargs)\n"
+        "torch.save = save\n"
+        "tg.main(tg.configure(tg.config, sys.argv[1:]))\n")
+    r = run(tmp_path / "dies_while_saving.py", *fault_args(tiny_sd, tiny_data, out), PYTHONPATH=str(HERE), **ONE_THREAD)
+    assert r.returncode == -signal.SIGKILL
+    assert [p.name for p in tg.checkpoints(out)] == ["step_0000010"] and (out / "step_0000020.tmp").is_dir()
+    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {out / 'step_0000010'}" in r.stdout
+    assert_equal_adapters(adapters_of(out), reference)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal(tiny_sd, tiny_data, reference, tmp_path, torchrun):
+    out = tmp_path / "run"
+    p = torchrun("--nproc_per_node=2", str(HERE / "train_gligen.py"), *fault_args(tiny_sd, tiny_data, out))
+    wait_for(lambda: (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3)
+    workers = sorted(int(pid) for pid in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split())
+    os.kill(workers[1], signal.SIGTERM)  # to one worker only: the ranks must still agree on the step to stop at
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-3000:]
+    saved = tg.checkpoints(out)[-1]
+    step = int(saved.name.split("_")[1])
+    assert 3 <= step < 40 and tg.verify_checkpoint(saved) is None
+    said = sorted(line.split(": ", 2)[1] for line in stdout.splitlines() if line.startswith("rank "))
+    assert said == ["SIGTERM", "another rank got a signal"], stdout[-3000:]  # both ranks stopped, with a message,
+    assert stdout.count(f"stopped at step {step}, saved {saved}") == 2  # at the same step
+    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)  # now one process, same batch
+    assert r.returncode == 0 and f"resuming from {saved}" in r.stdout, r.stderr[-3000:]
+    assert_equal_adapters(adapters_of(out), reference)
+
+
+def test_elastic_restart_after_a_worker_dies(tiny_sd, tiny_data, reference, tmp_path, torchrun):
+    out = tmp_path / "run"
+    p = torchrun("--nproc_per_node=2", "--max-restarts=1", str(HERE / "train_gligen.py"),
+                 *fault_args(tiny_sd, tiny_data, out))
+    wait_for(lambda: tg.checkpoints(out))
+    workers = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)  # a worker dies; torchrun restarts both, which resume
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 0, stderr[-3000:]
+    assert stdout.count("resuming from") == 1, stdout[-3000:]
+    assert_equal_adapters(adapters_of(out), reference)
+
+
+def test_corrupt_and_truncated_checkpoints_fall_back(tiny_sd, tiny_data, reference, tmp_path):
+    out = tmp_path / "run"
+    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out, "--max_steps=30", "--keep_last=3"), **ONE_THREAD)
+    assert r.returncode == 0 and [p.name for p in tg.checkpoints(out)] == ["step_0000010", "step_0000020", "step_0000030"]
+    with open(out / "step_0000030" / "adapters.safetensors", "r+b") as f:  # flip bytes inside the newest
+        f.seek(5000)
+        f.write(b"\xff" * 16)
+    with open(out / "step_0000020" / "state.pt", "r+b") as f:  # cut the one before short
+        f.truncate(100)
+    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step_0000030 is unusable: adapters.safetensors does not match its sha256 (corrupted)" in r.stderr
+    assert "step_0000020 is unusable: state.pt has 100 bytes" in r.stderr
+    assert f"resuming from {out / 'step_0000010'}" in r.stdout
+    assert (out / "step_0000030.corrupt").is_dir() and (out / "step_0000020.corrupt").is_dir()
+    assert_equal_adapters(adapters_of(out), reference)
+
+
+def nan_latents(tiny_data, tmp_path, keys):
+    """A copy of the latents where the images `keys` are NaN."""
+    out = tmp_path / "latents"
+    shutil.copytree(tiny_data["latents"], out)
+    for rec in map(json.loads, (out / "index.jsonl").read_text().splitlines()):
+        if rec["key"] in keys:
+            shard = np.load(out / rec["shard"])
+            shard[rec["row"]] = np.nan
+            np.save(out / rec["shard"], shard)
+    return out
+
+
+def test_nan_batch_is_skipped_and_counted(tiny_sd, tiny_data, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    keys = [json.loads(l)["key"] for l in (tiny_data["latents"] / "index.jsonl").read_text().splitlines()]
+    latents = nan_latents(tiny_data, tmp_path, {"img_004.png"})
+    unet, _ = tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "run", max_steps=8), "latents": str(latents)})
+    # the steps whose batch holds the bad image, from the same data order the trainer uses
+    batches = tg.rank_batches(12, 4, 2, 1, 0, 0, 0)
+    bad = {step + 1 for step in range(8) for _ in range(2) if keys.index("img_004.png") in next(batches)}
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert bad and {r["step"] for r in log if r["skipped"]} == bad and all(r["skipped"] <= 1 for r in log)
+    assert all(np.isfinite(r["loss"]) for r in log)
+    torch.manual_seed(0)
+    fresh = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
+    trained = adapters_of(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in trained.values()) and not torch.equal(trained[k := next(iter(fresh))], fresh[k])
+
+    # every batch bad: a few in a row stop the run, and nothing is saved
+    latents = nan_latents(tiny_data, tmp_path / "all", set(keys))
+    with pytest.raises(SystemExit, match="3 steps in a row had a NaN or Inf loss or gradient"):
+        tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "all" / "run", max_steps=8, save_every=100, max_bad_steps=3),
+                 "latents": str(latents)})
+    assert not tg.checkpoints(tmp_path / "all" / "run")
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_sd, tiny_data, tmp_path, monkeypatch):
+    real = tg.save_file
+
+    def disk_full(tensors, path, metadata=None):
+        if "step_0000004" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(tg, "save_file", disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=6, save_every=2))
+    assert f"could not write checkpoint {out / 'step_0000004'}: No space left on device" in str(e.value)
+    assert f"The previous checkpoint {out / 'step_0000002'} is intact" in str(e.value)
+    assert [p.name for p in tg.checkpoints(out)] == ["step_0000002"] and not list(out.glob("*.tmp"))
+    assert tg.verify_checkpoint(out / "step_0000002") is None
+
+
+def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_data, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "run"
+    tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=2))
+    with pytest.raises(SystemExit, match=rf"was trained with model='{tiny_sd}', this run has model='{tiny_sd2}'"):
+        tg.main(train_cfg(tiny_sd2, tiny_data, out, max_steps=4))
+    latents = tmp_path / "latents"
+    shutil.copytree(tiny_data["latents"], latents)
+    meta = json.loads((latents / "meta.json").read_text())
+    (latents / "meta.json").write_text(json.dumps({**meta, "resolution": 32}))
+    with pytest.raises(SystemExit, match="was trained with resolution=16, this run has resolution=32"):
+        tg.main({**train_cfg(tiny_sd, tiny_data, out, max_steps=4), "latents": str(latents)})
+    with pytest.raises(SystemExit, match="was trained with global_batch=4, this run has global_batch=8"):
+        tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=4, global_batch=8))
+    # adapters of another shape: refused whole, nothing half-loaded
+    unet = tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    before = {k: v.clone() for k, v in tg.adapter_state(unet).items()}
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    wider = tg.inject_gligen(UNet2DConditionModel.from_config({**base.config, "cross_attention_dim": 48}))
+    with pytest.raises(SystemExit, match=r"fuser\.linear\.weight has shape \(32, 48\), this UNet needs \(32, 32\)"):
+        tg.set_adapters(unet, tg.adapter_state(wider), "wider")
+    assert_equal_adapters(tg.adapter_state(unet), before)

@@ -18,6 +18,7 @@ Settings are the `config` values below; override any with --key=value (Python li
 again and it resumes from the latest checkpoint in out_dir.
 """
 import ast
+import hashlib
 import inspect
 import json
 import math
@@ -25,6 +26,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -65,6 +67,7 @@ config = dict(
     weight_decay=0.0,  # AdamW's decoupled weight decay
     warmup_steps=1000,  # linear warmup, then constant
     grad_clip=1.0,  # clip the adapters' gradient norm to this
+    max_bad_steps=20,  # steps with a NaN/Inf loss or gradient are skipped; this many in a row stop the run
     caption_keep=0.5,  # probability that a sample keeps its caption (else the empty caption)
     grounding_drop=0.1,  # probability that a sample gets null grounding (all slots empty)
     max_boxes=30,  # boxes per image, largest first (at most 30, the number of grounding slots)
@@ -74,7 +77,7 @@ config = dict(
     num_workers=4,  # data loader processes per GPU
     log_every=20,  # log line (step, loss, lr, images/s, peak memory), also appended to out_dir/log.jsonl
     save_every=2000,  # checkpoint every N steps, and at the end
-    keep_last=2,  # checkpoints kept in out_dir
+    keep_last=2,  # checkpoints kept in out_dir (the newest that verify)
     val_every=2000,  # validation grid every N steps (and at the start of a fresh run); 0 = never
     val_steps=25,  # DDIM steps for the validation grid
     val_layouts="",  # JSONL file of {prompt, phrases, boxes} for the validation grid; "" = VAL_LAYOUTS above
@@ -255,17 +258,12 @@ def set_adapters(unet, sd, source):
     unet.load_state_dict(sd, strict=False)
 
 
-def latest_checkpoint(out_dir):
-    done = sorted(p for p in Path(out_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
-
-
 def load_adapters(src):
     """Adapter tensors from this project's adapters.safetensors, checkpoint or out_dir (its latest checkpoint),
     or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model)."""
     path = Path(src)
-    if path.is_dir() and latest_checkpoint(path):
-        path = latest_checkpoint(path)
+    if path.is_dir() and checkpoints(path):
+        path = latest_good_checkpoint(path) or fail(f"{path}: none of its checkpoints is usable")
     if path.is_dir() and (path / "adapters.safetensors").exists():
         path = path / "adapters.safetensors"
     if path.suffix == ".safetensors":
@@ -415,9 +413,11 @@ class GroundedLatents(torch.utils.data.Dataset):
 
     def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01):
         self.dir = Path(latents_dir)
-        for f, script in ((self.dir / "index.jsonl", "prep_latents"), (Path(boxes_path), "prep_boxes")):
+        for f, script in ((self.dir / "meta.json", "prep_latents"), (self.dir / "index.jsonl", "prep_latents"),
+                          (Path(boxes_path), "prep_boxes")):
             if not f.is_file():
                 fail(f"data file not found: {f} (write it with {script}.py)")
+        self.resolution = json.loads((self.dir / "meta.json").read_text())["resolution"]
         layouts = {}
         for line, rec in read_jsonl(boxes_path):
             where = f"{boxes_path}:{line} (image {rec.get('image')!r})"
@@ -494,43 +494,118 @@ def sample_generator(seed, step, slot, device):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Checkpoints: adapters (safetensors) + optimizer, step, config and data position; written to a temp directory,
-# then renamed, so a run killed while saving never leaves a half-written latest checkpoint.
+# Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config, data position)
+# and manifest.json (each file's size and sha256, written last). It is written as step_0002000.tmp and renamed when
+# whole, so a kill while saving leaves the previous checkpoint the latest; one whose files do not match their
+# manifest (truncated, corrupted) is set aside, and the run resumes from the one before.
+def checkpoints(out_dir):
+    """The finished checkpoints in out_dir, oldest first."""
+    return sorted(p for p in Path(out_dir).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt):
+    """None if every file matches the manifest, else what is wrong."""
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest.json ({e})"
+    for name, want in manifest.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, not {want['bytes']} (truncated?)"
+        if sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def latest_good_checkpoint(out_dir, set_aside=False):
+    """The newest checkpoint that verifies. Newer broken ones are reported, and renamed *.corrupt if set_aside."""
+    for ckpt in reversed(checkpoints(out_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"warning: checkpoint {ckpt} is unusable: {problem}. "
+              + (f"Moved aside to {ckpt.name}.corrupt; " if set_aside else "") + "falling back to the one before.",
+              file=sys.stderr)
+        if set_aside:
+            ckpt.rename(ckpt.with_name(ckpt.name + ".corrupt"))
+    return None
+
+
 def save_checkpoint(out_dir, step, unet, opt, cfg, data):
+    """Write out_dir/step_<step>. Returns None, or what went wrong (a full disk, say); the previous checkpoint is
+    then intact."""
     final = Path(out_dir) / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet).items()}
-    save_file(adapters, tmp / "adapters.safetensors", metadata={"format": "gligen-adapters", "config": json.dumps(cfg)})
-    torch.save({"step": step, "optimizer": opt.state_dict(), "config": cfg, "data": data}, tmp / "state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
+    if not all(torch.isfinite(v).all() for v in adapters.values()):
+        return f"the adapters hold NaN or Inf at step {step}: not saved"  # never let poisoned weights be resumed
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        meta = {"format": "gligen-adapters", "config": json.dumps(cfg)}
+        save_file(adapters, tmp / "adapters.safetensors", metadata=meta)
+        torch.save({"step": step, "optimizer": opt.state_dict(), "config": cfg, "data": data}, tmp / "state.pt")
+        manifest = {}
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            manifest[f.name] = dict(bytes=f.stat().st_size, sha256=sha256(f))
+        with open(tmp / "manifest.json", "w") as fh:
+            json.dump(manifest, fh)
+            fh.flush()
             os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    dir_fd = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
-    os.fsync(dir_fd)
-    os.close(dir_fd)
-    done = sorted(p for p in Path(out_dir).glob("step_*") if not p.name.endswith(".tmp"))
-    for old in done[:-cfg["keep_last"]] + list(Path(out_dir).glob("step_*.tmp")):  # and saves cut off by a kill
-        shutil.rmtree(old)
-    return final
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        dir_fd = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = checkpoints(out_dir)
+        free = shutil.disk_usage(out_dir).free / 2**30
+        return (f"could not write checkpoint {final}: {e.strerror or e} ({free:.1f} GB free). "
+                + (f"The previous checkpoint {prev[-1]} is intact" if prev else "There is no earlier checkpoint")
+                + ": make room, then run the same command to resume.")
+    for old in checkpoints(out_dir)[:-cfg["keep_last"]] + list(Path(out_dir).glob("step_*.tmp")):
+        shutil.rmtree(old)  # older checkpoints, and saves cut off by a kill
+    return None
 
 
 # -----------------------------------------------------------------------------------------------------------------
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGTERM and SIGUSR1 to the main process, which saves, then stops them."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main(cfg):
     # Setup: DDP when torchrun sets RANK, else one process; precision.
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        # After a worker dies, torchrun --max-restarts starts new workers on the same store: keys prefixed by the
+        # attempt keep them from reading the dead group's addresses (a refused connection, or a hang, otherwise).
+        store, rank, world = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+        local_rank = int(os.environ["LOCAL_RANK"])
         device = f"cuda:{local_rank}" if cuda else "cpu"
         if cuda:
             torch.cuda.set_device(device)
+        cpu_group = dist.new_group(backend="gloo") if cuda else dist.group.WORLD  # small votes that skip the GPU
     else:
         rank, world, device = 0, 1, "cuda" if cuda else "cpu"
-    master, G, B = rank == 0, cfg["global_batch"], cfg["micro_batch"]
+    master, G, B, out = rank == 0, cfg["global_batch"], cfg["micro_batch"], Path(cfg["out_dir"])
     if G % (B * world):
         fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
     if cfg["dtype"] not in ("auto", "bf16", "fp32"):
@@ -542,45 +617,50 @@ def main(cfg):
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base; adapters stay fp32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # Preemption: SIGTERM (SLURM, torchrun) and SIGUSR1 (SLURM's warning) ask to save and stop at a step boundary.
+    signals = []
+    old_handlers = {sig: signal.signal(sig, lambda num, frame: signals.append(signal.Signals(num).name))
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
     unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, base_dtype)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
     inject_gligen(unet)
-    cfg = {**cfg, "world_size": world, "grad_accum": accum, "prediction_type": noise_scheduler.config.prediction_type}
-    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
-        fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
-    resume, step = latest_checkpoint(cfg["out_dir"]), 0
-    if resume:
-        state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
-        if state["config"]["model"] != cfg["model"]:
-            fail(f"{resume} was trained on model {state['config']['model']!r}, not {cfg['model']!r}")
-        set_adapters(unet, load_file(resume / "adapters.safetensors"), resume)
-        step = state["step"]
-    elif cfg["init_from"]:
-        set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
-    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if is_adapter(n)]
-    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[local_rank] if cuda else None) if ddp else unet
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=cuda)
-    if resume:
-        opt.load_state_dict(state["optimizer"])
-    alphas_cumprod, T = noise_scheduler.alphas_cumprod.to(device), noise_scheduler.config.num_train_timesteps
-    empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
-
-    # Data: each rank loads its own micro-batches from the data position that the step implies.
+    resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
+    if ddp:
+        dist.broadcast_object_list(resume, src=0, group=cpu_group)
+    resume, step = resume[0], 0
     data = GroundedLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
     n = len(data)
     if n < G:
         fail(f"{cfg['latents']} has {n} usable images, fewer than one global batch ({G})")
-    if resume and (state["data"]["images"], state["data"]["global_batch"]) != (n, G):
-        fail(f"{resume} was trained with {state['data']['images']} images and global_batch "
-             f"{state['data']['global_batch']}; now {n} and {G}: start a new out_dir with --init_from={resume}")
+    cfg = {**cfg, "world_size": world, "grad_accum": accum, "resolution": data.resolution, "images": n,
+           "prediction_type": noise_scheduler.config.prediction_type}
+    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
+        fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
+    if resume:
+        state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
+        for key in ("model", "resolution", "global_batch", "images"):  # what a checkpoint cannot carry over
+            if state["config"][key] != cfg[key]:
+                fail(f"{resume} was trained with {key}={state['config'][key]!r}, this run has {key}={cfg[key]!r}. "
+                     f"Run with the same {key}, or start a new out_dir with --init_from={resume}")
+        set_adapters(unet, load_file(resume / "adapters.safetensors"), resume)  # checks all, then loads
+        step = state["step"]
+    elif cfg["init_from"]:
+        set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
+    params = [p.requires_grad_(True) for name, p in unet.named_parameters() if is_adapter(name)]
+    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[local_rank] if cuda else None) if ddp else unet
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
+    if resume:
+        opt.load_state_dict(state["optimizer"])
+    alphas_cumprod, T = noise_scheduler.alphas_cumprod.to(device), noise_scheduler.config.num_train_timesteps
+    empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
+    # Data: each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
-        data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step),
-        collate_fn=partial(collate, tokenizer), num_workers=cfg["num_workers"], pin_memory=cuda))
+        data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step), num_workers=cfg["num_workers"],
+        collate_fn=partial(collate, tokenizer), pin_memory=cuda, worker_init_fn=ignore_stop_signals))
 
     # Logging and validation, on rank 0.
-    out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     layouts = [r for _, r in read_jsonl(cfg["val_layouts"])] if cfg["val_layouts"] else VAL_LAYOUTS
     for i, l in enumerate(layouts):
@@ -620,11 +700,14 @@ def main(cfg):
     if master and cfg["val_every"] and step == 0:
         validate()  # the base model, before training: what the adapters start from
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
-    loss_sum, n_logged, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    zero = torch.zeros((), device=device)
+    loss_sum, n_good, bad_run, worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    n_logged, t0, vote, vote_work = 0, time.perf_counter(), None, None
     while step < cfg["max_steps"]:
         lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
         for group in opt.param_groups:
             group["lr"] = lr
+        step_loss = zero.clone()
         for micro in range(accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
             g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
@@ -647,39 +730,71 @@ def main(cfg):
                 pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
             loss = F.mse_loss(pred.float(), target) / accum
             loss.backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            step_loss += loss.detach()
+        # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite. Fused AdamW then
+        # skips the whole update on the device (found_inf, as torch's GradScaler uses it): no host sync, no poison.
+        ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]))
+        opt.found_inf = (~ok).float()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        loss_sum += torch.where(ok, step_loss, zero)
+        n_good += ok
+        bad_run = (bad_run + 1) * ~ok
+        worst_run = torch.maximum(worst_run, bad_run)
         step, n_logged = step + 1, n_logged + 1
         bar.update()
+        # Preemption: every rank must stop at the same step. A vote on the CPU group, started here and read at the
+        # next step, agrees on it without waiting for the GPU.
+        stop = bool(signals)
+        if ddp:
+            if vote_work is not None:
+                vote_work.wait()
+            stop, vote = vote is not None and vote.item() > 0, torch.tensor([float(bool(signals))])
+            vote_work = dist.all_reduce(vote, group=cpu_group, async_op=True)
 
         last = step == cfg["max_steps"]
-        if step % cfg["log_every"] == 0 or last:
+        if step % cfg["log_every"] == 0 or last or stop:
             if ddp:
                 dist.all_reduce(loss_sum)
-            loss = loss_sum.item() / world / n_logged  # .item() waits for the GPU, so the clock below is right
+            good = int(n_good.item())  # .item() waits for the GPU, so the clock below is right
+            loss = loss_sum.item() / world / max(good, 1)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, in KiB on Linux
             mem = torch.cuda.max_memory_allocated() if cuda else rss
             speed = n_logged * G / (time.perf_counter() - t0)
-            rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2))
+            rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2),
+                       skipped=n_logged - good)
             if master:
-                bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s | "
-                          f"peak mem {rec['mem_gb']:.2f} GB")
+                skipped = f" | skipped {rec['skipped']} (NaN/Inf)" if rec["skipped"] else ""
+                bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s | peak mem "
+                          f"{rec['mem_gb']:.2f} GB{skipped}")
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-            loss_sum.zero_()
+            if worst_run.item() >= cfg["max_bad_steps"]:
+                fail(f"{int(worst_run.item())} steps in a row had a NaN or Inf loss or gradient (by step {step}): "
+                     f"stopping. Skipped steps leave the adapters untouched, so nothing poisoned was saved; look for "
+                     f"bad latents in {cfg['latents']}, or lower lr")
+            loss_sum.zero_(), n_good.zero_(), worst_run.zero_()
             n_logged, t0 = 0, time.perf_counter()
         t_io = time.perf_counter()
-        if master and (step % cfg["save_every"] == 0 or last):
-            save_checkpoint(out, step, unet, opt, cfg, dict(epoch=step // (n // G), batch_in_epoch=step % (n // G),
-                                                             images=n, global_batch=G))
+        if step % cfg["save_every"] == 0 or last or stop:
+            position = dict(epoch=step // (n // G), batch_in_epoch=step % (n // G))  # where the data resumes
+            error = [save_checkpoint(out, step, unet, opt, cfg, position) if master else None]
+            if ddp:
+                dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a checkpoint
+            if error[0]:
+                fail(error[0])
         if master and cfg["val_every"] and step % cfg["val_every"] == 0:
             validate()
-        if ddp and (step % cfg["save_every"] == 0 or last):
-            dist.barrier()  # no rank runs ahead of a checkpoint that may be resumed from
         t0 += time.perf_counter() - t_io  # checkpoints and validation do not count against images/s
+        if stop:
+            bar.write(f"rank {rank}: {', '.join(signals) or 'another rank got a signal'}: stopped at step {step}, "
+                      f"saved {out / f'step_{step:07d}'}; run the same command to resume")
+            break
     bar.close()
+    if vote_work is not None:
+        vote_work.wait()
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
     if ddp:
         dist.destroy_process_group()
     return unet, text_encoder
