@@ -700,3 +700,102 @@ def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_dat
     with pytest.raises(SystemExit, match=r"fuser\.linear\.weight has shape \(32, 48\), this UNet needs \(32, 32\)"):
         tg.set_adapters(unet, tg.adapter_state(wider), "wider")
     assert_equal_adapters(tg.adapter_state(unet), before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grounding metric for real models (score_grounding.py) and the shapes demo (demo_shapes.py)
+def test_ap_and_mean_iou_on_known_detections():
+    import score_grounding as sg
+
+    box = [0.1, 0.1, 0.5, 0.5]
+    shifted = [0.1, 0.1, 0.5, 0.5 * 0.62 + 0.1 * 0.38]  # IoU 0.62 with box
+    assert abs(sg.iou(box, shifted) - 0.62) < 1e-9
+    layouts = [(["a dog"], [box])]
+    perfect = sg.scores(layouts, [[("a dog", 0.9, box)]])
+    assert (perfect["AP"], perfect["AP50"], perfect["mean_iou"]) == (1.0, 1.0, 1.0)
+    loose = sg.scores(layouts, [[("a dog", 0.9, shifted)]])  # a hit at IoU 0.5, 0.55, 0.6; a miss above
+    assert (round(loose["AP"], 6), loose["AP50"], round(loose["mean_iou"], 6)) == (0.3, 1.0, 0.62)
+    # a false positive scored above the true box: precision 1/2 at every recall
+    fp = sg.scores(layouts, [[("a dog", 0.9, [0.6, 0.6, 0.9, 0.9]), ("a dog", 0.8, box)]])
+    assert (fp["AP50"], fp["mean_iou"]) == (0.5, 1.0)
+    assert sg.scores(layouts, [[("a cat", 0.9, box)]])["AP"] == 0.0  # another phrase's box counts for nothing
+    two = sg.scores([(["a dog", "a cat"], [box, [0.6, 0.6, 0.9, 0.9]])], [[("a dog", 0.9, box)]])
+    assert (two["AP50"], two["mean_iou"], two["classes"]) == (0.5, 0.5, 2)  # averaged over phrases
+
+
+def make_tiny_grounding_dino(path):
+    """A tiny random GroundingDINO (Swin backbone, BERT text encoder) with an offline BERT vocabulary."""
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    torch.manual_seed(0)
+    path.mkdir(parents=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "blue", "square", "circle"]
+    (path / "vocab.txt").write_text("\n".join(words + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1],
+                                   window_size=4, out_features=["stage2", "stage3"]),
+        text_config=BertConfig(vocab_size=len(words) + 26, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, num_queries=8, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=2, encoder_n_points=2,
+        decoder_n_points=2, max_text_len=32, use_timm_backbone=False, use_pretrained_backbone=False)
+    GroundingDinoForObjectDetection(config).save_pretrained(path)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}),
+                           tokenizer=BertTokenizer(str(path / "vocab.txt"))).save_pretrained(path)
+    return path
+
+
+def test_score_grounding_runs_a_detector_from_a_directory(tmp_path):
+    detector = make_tiny_grounding_dino(tmp_path / "detector")
+    layouts = [dict(prompt="a red square", phrases=["a red square"], boxes=[[0.1, 0.2, 0.6, 0.7]]),
+               dict(prompt="a red square and a blue circle", phrases=["a red square", "a blue circle"],
+                    boxes=[[0.0, 0.0, 0.4, 0.4], [0.5, 0.5, 1.0, 1.0]])]
+    (tmp_path / "layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts))
+    (tmp_path / "samples").mkdir()
+    for k in range(2):
+        for i in range(2):
+            Image.fromarray(np.random.default_rng(k * 2 + i).integers(0, 255, (48, 64, 3), np.uint8)).save(
+                tmp_path / "samples" / f"{k:03d}_{i:02d}.png")
+    r = run("score_grounding.py", f"--layouts={tmp_path / 'layouts.jsonl'}", f"--images={tmp_path / 'samples'}",
+            "--n=2", f"--detector={detector}", "--threshold=0.0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "samples" / "scores.json").read_text())
+    assert (out["images"], out["boxes"], out["classes"]) == (4, 6, 2) and "AP50" in r.stdout
+    assert all(0 <= out[k] <= 1 for k in ("AP", "AP50", "mean_iou"))
+    found = out["detections"][2]["found"]  # layout 1, image 0: 8 queries for each of its two phrases
+    assert sorted({p for p, _, _ in found}) == ["a blue circle", "a red square"] and len(found) == 16
+    assert all(0 <= v <= 1 for _, _, b in found for v in b)
+    r = run("score_grounding.py", f"--layouts={tmp_path / 'layouts.jsonl'}", f"--images={tmp_path / 'samples'}",
+            "--n=3", f"--detector={detector}")
+    assert r.returncode == 1 and "2 images missing, e.g." in r.stderr and "000_02.png" in r.stderr
+
+
+def test_shapes_world_metric_and_tokenizer(tmp_path):
+    import demo_shapes as ds
+
+    layouts = ds.test_layouts(60, np.random.default_rng(5))
+    truth, chance = [], []
+    for k, lay in enumerate(layouts):  # the requested scene drawn exactly, and another layout's scene
+        for target, into in ((truth, lay), (chance, layouts[(k + 1) % len(layouts)])):
+            im = ds.render(into["phrases"], [[v * ds.SIZE for v in b] for b in into["boxes"]])
+            target += [ds.iou(ds.find_color(im, p.split()[0]), b) for p, b in zip(lay["phrases"], lay["boxes"])]
+    assert min(truth) > 0.6 and np.mean(truth) > 0.9  # the metric finds what was drawn
+    assert np.mean(chance) < 0.15  # and chance stays low
+    tok = ds.write_tokenizer(tmp_path / "tok")
+    caption = "a yellow triangle and a green square and a blue circle"
+    assert tok.convert_ids_to_tokens(tok(caption).input_ids)[1:-1] == [w + "</w>" for w in caption.split()]
+
+
+def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
+    """The demo's whole path (world, base model, prep, train_gligen, sample, metric, picture) with a few steps each."""
+    import demo_shapes as ds
+
+    out = tmp_path / "demo"
+    result = ds.main({**ds.config, "out": str(out), "train_images": 40, "test_layouts": 3, "vae_steps": 2,
+                      "base_steps": 2, "gligen_steps": 2, "sample_steps": 2})
+    assert result["fusers off equals base model"] is True
+    for name in ("base model", "adapters, beta=1", "adapters, beta=0.3"):
+        assert result[name]["objects"] == sum(len(l["phrases"]) for l in ds.test_layouts(3, np.random.default_rng(1)))
+    assert (out / "result.png").is_file() and json.loads((out / "results.json").read_text()) == result
+    assert (out / "base-model" / "model_index.json").is_file() and tg.checkpoints(out / "gligen")

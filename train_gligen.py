@@ -380,8 +380,10 @@ COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f0
 
 
 def draw_layout(image, phrases, boxes):
-    """A copy of a PIL image with each box and its phrase drawn on."""
-    image = image.convert("RGB").copy()
+    """A copy of a PIL image with each box and its phrase drawn on (small images enlarged first, to be readable)."""
+    image = image.convert("RGB")
+    scale = max(1, 256 // max(image.size))
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     d, (W, H) = ImageDraw.Draw(image), image.size
     font = ImageFont.load_default(size=max(8, W // 28))
     for i, (p, (x0, y0, x1, y1)) in enumerate(zip(phrases, boxes)):

@@ -1,0 +1,318 @@
+"""
+The shapes demo: proof, on a laptop CPU and with no download, that trained adapters put objects in their boxes.
+
+    python demo_shapes.py                    # the whole demo; writes demo/ (see the README for its time)
+    python demo_shapes.py --out=demo2 --gligen_steps=4000
+
+1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
+   32 x 32 image, each with a caption ("a red circle and a blue square") and, per shape, its phrase and exact box,
+   written as COCO-format JSON.
+2. A tiny text-to-image base model, trained here on captions alone: a tiny autoencoder (AutoencoderKL, 32 px ->
+   8 x 8 x 4), a tiny CLIP text encoder and a tiny UNet, saved as a diffusers directory. Nothing in it knows boxes.
+3. The project's own scripts, run as a user runs them: prep_boxes.py and prep_latents.py on the images and their
+   COCO JSON, train_gligen.py with the base frozen, sample.py on held-out layouts.
+4. The metric: each requested shape is found in the generated image by its colour, and its box is compared with the
+   requested one (IoU). Reported for the base model (no grounding) and the adapters at beta = 1 and beta = 0.3.
+
+Each stage keeps its output in --out and is skipped when run again. Results: demo/results.json, demo/result.png.
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from train_gligen import configure, draw_layout, fail, read_jsonl
+
+config = dict(
+    out="demo",  # everything the demo makes goes here
+    train_images=4000,  # synthetic training images
+    test_layouts=100,  # held-out layouts for the metric
+    seed=0,
+    vae_steps=800,  # autoencoder training steps (batch 32)
+    base_steps=2500,  # base text-to-image training steps (batch 32)
+    gligen_steps=2000,  # train_gligen.py steps (batch 32)
+    gligen_lr=1e-3,  # higher than the SD recipe's 5e-5: a tiny model, a tiny world, a few minutes
+    sample_steps=25,  # DDIM steps when sampling the held-out layouts
+)
+SIZE = 32  # image side in pixels
+COLORS = dict(red=(220, 30, 30), green=(30, 160, 50), blue=(30, 60, 220), yellow=(235, 195, 20))
+SHAPES = ("square", "circle", "triangle")
+BACKGROUND = (235, 235, 235)
+WORDS = ["a", "and", *COLORS, *SHAPES]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The world: scenes of 1 to 3 non-overlapping shapes of distinct colours.
+def scene(rng):
+    """(phrases, boxes in pixels [x0, y0, x1, y1)) for one image."""
+    phrases, boxes = [], []
+    for color in rng.permutation(list(COLORS))[: rng.integers(1, 4)]:
+        for _ in range(50):  # find a free spot
+            s = int(rng.integers(10, 17))
+            x0, y0 = (int(v) for v in rng.integers(0, SIZE - s + 1, 2))
+            box = [x0, y0, x0 + s, y0 + s]
+            if all(box[0] >= b[2] + 1 or b[0] >= box[2] + 1 or box[1] >= b[3] + 1 or b[1] >= box[3] + 1 for b in boxes):
+                phrases.append(f"{color} {rng.choice(SHAPES)}")
+                boxes.append(box)
+                break
+    return phrases, boxes
+
+
+def render(phrases, boxes):
+    im = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    d = ImageDraw.Draw(im)
+    for phrase, (x0, y0, x1, y1) in zip(phrases, boxes):
+        color, shape = phrase.split()
+        fill = COLORS[color]
+        if shape == "square":
+            d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+        elif shape == "circle":
+            d.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+        else:
+            d.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
+    return im
+
+
+def caption(phrases):
+    return " and ".join(f"a {p}" for p in phrases)
+
+
+def write_world(root, n, rng):
+    """n images, COCO instances and captions JSON: the input of prep_boxes.py and prep_latents.py."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    images, anns, caps = [], [], []
+    for i in tqdm(range(n), desc="drawing"):
+        phrases, boxes = scene(rng)
+        name = f"{i:06d}.png"
+        render(phrases, boxes).save(root / "images" / name)
+        images.append(dict(id=i, file_name=name, width=SIZE, height=SIZE))
+        caps.append(dict(id=i, image_id=i, caption=caption(phrases)))
+        for p, (x0, y0, x1, y1) in zip(phrases, boxes):
+            anns.append(dict(id=len(anns), image_id=i, category_id=names.index(p), bbox=[x0, y0, x1 - x0, y1 - y0],
+                             area=(x1 - x0) * (y1 - y0), iscrowd=0))
+    categories = [dict(id=k, name=name) for k, name in enumerate(names)]
+    (root / "instances.json").write_text(json.dumps(dict(images=images, annotations=anns, categories=categories)))
+    (root / "captions.json").write_text(json.dumps(dict(images=images, annotations=caps)))
+
+
+def test_layouts(n, rng):
+    """Held-out layouts {prompt, phrases, boxes (relative)}, drawn from the same world with another seed."""
+    out = []
+    for _ in range(n):
+        phrases, boxes = scene(rng)
+        out.append(dict(prompt=caption(phrases), phrases=phrases, boxes=[[v / SIZE for v in b] for b in boxes]))
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The metric: find each requested shape by its colour; IoU of the found box with the requested one.
+def find_color(image, color, tol=90):
+    """Box [x0, y0, x1, y1) (relative) of the pixels within `tol` of the colour, or None; specks are ignored."""
+    px = np.asarray(image.convert("RGB"), dtype=np.float32)
+    mask = np.linalg.norm(px - np.array(COLORS[color], np.float32), axis=-1) < tol
+    rows, cols = np.nonzero(mask.sum(1) >= 2)[0], np.nonzero(mask.sum(0) >= 2)[0]  # lines with 2+ such pixels
+    if mask.sum() < 6 or not len(rows) or not len(cols):
+        return None
+    H, W = mask.shape
+    return [cols[0] / W, rows[0] / H, (cols[-1] + 1) / W, (rows[-1] + 1) / H]
+
+
+def iou(a, b):
+    if a is None:
+        return 0.0
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def score(sample_dir, layouts):
+    """Per requested shape, IoU of the same-coloured blob in the generated image with its box."""
+    ious = []
+    for k, lay in enumerate(layouts):
+        im = Image.open(Path(sample_dir) / f"{k:03d}_00.png")
+        ious += [iou(find_color(im, p.split()[0]), b) for p, b in zip(lay["phrases"], lay["boxes"])]
+    return np.array(ious)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The base model, trained on captions alone.
+def write_tokenizer(path):
+    """A CLIP BPE tokenizer whose merges spell each word of this world into one token (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:] + [256 + k for k in range(256 - len(bs))]
+    bs += [b for b in range(256) if b not in bs]
+    chars = [chr(c) for c in cs]  # CLIP's byte alphabet
+    vocab, merges = chars + [c + "</w>" for c in chars], []
+    for w in sorted(WORDS, key=len, reverse=True):  # "red": r e -> re, re d</w> -> red</w>; longest words first,
+        # so that no shorter word's merge ("a n" of "and") can split a longer one ("triangle") before it is spelled
+        piece = w[0]
+        for k, ch in enumerate(w[1:], 1):
+            nxt = ch + ("</w>" if k == len(w) - 1 else "")
+            merges.append(f"{piece} {nxt}")
+            piece += nxt
+            if piece not in vocab:
+                vocab.append(piece)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
+
+
+def train_base(root, model_dir, cfg):
+    """Autoencoder, then text encoder + UNet on its latents (captions only, 10% dropped for guidance)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg["seed"])
+    names = sorted(p.name for p in (root / "images").iterdir())
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(root / "images" / n), np.float32)) for n in names])
+    x = x.permute(0, 3, 1, 2) / 127.5 - 1  # (N, 3, 32, 32) in [-1, 1]
+    captions = {c["image_id"]: c["caption"] for c in json.loads((root / "captions.json").read_text())["annotations"]}
+    captions = [captions[int(n[:-4])] for n in names]
+
+    # A tiny autoencoder: 32 x 32 x 3 -> 8 x 8 x 4 and back.
+    vae = AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
+                        sample_size=SIZE, layers_per_block=1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    for step in (bar := tqdm(range(cfg["vae_steps"]), desc="autoencoder")):
+        batch = x[torch.randint(0, len(x), (32,))]
+        post = vae.encode(batch).latent_dist
+        loss = F.mse_loss(vae.decode(post.sample()).sample, batch) + 1e-6 * post.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+    vae.register_to_config(scaling_factor=float(1 / z.std()))
+    z = z * vae.config.scaling_factor  # unit variance, as SD's factor makes its latents
+
+    # Text encoder and UNet, trained together on (caption, latent); no boxes anywhere.
+    tokenizer = write_tokenizer(model_dir / "_tokenizer")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+                                cross_attention_dim=64, attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    ids = tokenizer(captions + [""], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    ids, empty = ids[:-1], ids[-1]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    for step in (bar := tqdm(range(cfg["base_steps"]), desc="base model")):
+        i = torch.randint(0, len(z), (32,))
+        tok = torch.where(torch.rand(32, 1) < 0.1, empty, ids[i])  # 10% without caption: for guidance
+        noise, t = torch.randn_like(z[i]), torch.randint(0, 1000, (32,))
+        pred = unet(noise_scheduler.add_noise(z[i], noise, t), t, encoder_hidden_states=text_encoder(tok).last_hidden_state)
+        loss = F.mse_loss(pred.sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1, (step + 1) / 100)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(model_dir)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+def run(script, *args):
+    """Run one of the project's scripts as a user would; stop the demo if it fails."""
+    print(f"\n$ python {script} " + " ".join(args), flush=True)
+    if subprocess.run([sys.executable, str(Path(__file__).parent / script), *args]).returncode:
+        fail(f"{script} failed")
+
+
+def picture(layouts, rows, path):
+    """One row per condition (label, sample dir), one column per layout; requested boxes drawn on."""
+    tiles = [[draw_layout(Image.open(Path(sample_dir) / f"{k:03d}_00.png"), lay["phrases"], lay["boxes"])
+              for k, lay in enumerate(layouts)] for _, sample_dir in rows]
+    side, pad, label_w = tiles[0][0].width, 6, 130
+    grid = Image.new("RGB", (label_w + len(layouts) * (side + pad), len(rows) * (side + pad)), "white")
+    d = ImageDraw.Draw(grid)
+    for r, ((label, _), row) in enumerate(zip(rows, tiles)):
+        d.text((4, r * (side + pad) + side // 2 - 6), label, fill="black")
+        for c, tile in enumerate(row):
+            grid.paste(tile, (label_w + c * (side + pad), r * (side + pad)))
+    grid.save(path)
+
+
+def main(cfg):
+    out, t0 = Path(cfg["out"]), time.time()
+    world, model, data, gligen = out / "world", out / "base-model", out / "data", out / "gligen"
+    out.mkdir(parents=True, exist_ok=True)
+    if not (world / "instances.json").exists():
+        write_world(world, cfg["train_images"], np.random.default_rng(cfg["seed"]))
+    if not (model / "model_index.json").exists():
+        train_base(world, model, cfg)
+    layouts = test_layouts(cfg["test_layouts"], np.random.default_rng(cfg["seed"] + 1))  # never trained on
+    (out / "test_layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts))
+    (out / "val_layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts[:6]))
+    m = f"--model={model}"
+
+    # The project's scripts, as a user runs them.
+    if not (data / "boxes.jsonl").exists():
+        run("prep_boxes.py", f"--instances={world / 'instances.json'}", f"--captions={world / 'captions.json'}",
+            f"--out={data / 'boxes.jsonl'}")
+    if not (data / "latents" / "index.jsonl").exists():
+        run("prep_latents.py", m, f"--images={world / 'images'}", f"--captions={data / 'boxes.jsonl'}",
+            f"--out={data / 'latents'}", f"--resolution={SIZE}", "--batch_size=256", "--num_workers=0")
+    run("train_gligen.py", m, f"--latents={data / 'latents'}", f"--boxes={data / 'boxes.jsonl'}", f"--out_dir={gligen}",
+        f"--max_steps={cfg['gligen_steps']}", f"--lr={cfg['gligen_lr']}", "--warmup_steps=100", "--global_batch=32",
+        "--micro_batch=32", "--num_workers=0", "--log_every=100", "--save_every=500", "--val_every=500",
+        f"--val_layouts={out / 'val_layouts.jsonl'}", f"--seed={cfg['seed']}")
+    conditions = {  # label: (samples directory, sample.py's arguments); the same seeds in each
+        "base model": ("base", []),
+        "adapters, beta=1": ("beta1", [f"--adapters={gligen}", "--beta=1.0"]),
+        "adapters, beta=0.3": ("beta0.3", [f"--adapters={gligen}", "--beta=0.3"]),
+        "fusers off (beta=0)": ("fusers-off", [f"--adapters={gligen}", "--beta=0.0"]),
+    }
+    dirs = {name: out / "samples" / d for name, (d, _) in conditions.items()}
+    for name, (_, extra) in conditions.items():
+        run("sample.py", m, *extra, f"--layouts={out / 'test_layouts.jsonl'}", "--n=1", f"--steps={cfg['sample_steps']}",
+            "--scheduler=ddim", f"--seed={cfg['seed']}", f"--out_dir={dirs[name]}")
+
+    # The metric.
+    results = {}
+    for name in list(conditions)[:3]:
+        ious = score(dirs[name], layouts)
+        results[name] = dict(mean_iou=round(float(ious.mean()), 3), iou_ge_05=round(float((ious >= 0.5).mean()), 3),
+                             objects=len(ious))
+    same = all(np.array_equal(np.asarray(Image.open(dirs["base model"] / f"{k:03d}_00.png")),
+                              np.asarray(Image.open(dirs["fusers off (beta=0)"] / f"{k:03d}_00.png")))
+               for k in range(len(layouts)))
+    results["fusers off equals base model"] = same
+    results["minutes"] = round((time.time() - t0) / 60, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    picture(layouts[:6], [("base model", dirs["base model"]), ("adapters, beta=1", dirs["adapters, beta=1"]),
+                          ("adapters, beta=0.3", dirs["adapters, beta=0.3"])], out / "result.png")
+    print(f"\n{'condition':<22} mean IoU   IoU >= 0.5   ({len(score(dirs['base model'], layouts))} objects in "
+          f"{len(layouts)} held-out layouts)")
+    for name in list(conditions)[:3]:
+        print(f"{name:<22} {results[name]['mean_iou']:8.3f}   {results[name]['iou_ge_05']:10.3f}")
+    print(f"fusers off (beta=0) gives the base model's images exactly: {same}")
+    print(f"{results['minutes']} minutes; picture: {out / 'result.png'}; numbers: {out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(configure(config, sys.argv[1:], __doc__))
