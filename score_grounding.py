@@ -112,7 +112,8 @@ def main(cfg):
     files = [(k, Path(cfg["images"]) / f"{k:03d}_{i:02d}.png") for k in range(len(layouts)) for i in range(cfg["n"])]
     missing = [str(f) for _, f in files if not f.is_file()]
     if missing:
-        fail(f"{len(missing)} images missing, e.g. {missing[0]} (layout k's images are <k>_<i>.png, as sample.py names them)")
+        fail(f"{len(missing)} images missing, e.g. {missing[0]} (layout k's images are <k>_<i>.png, as sample.py "
+             f"names them)")
     detect = detector(cfg["detector"], "cuda" if torch.cuda.is_available() else "cpu")
     truth, found = [], []
     for k, f in tqdm(files, desc="detecting"):

@@ -795,6 +795,16 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
     result = ds.main({**ds.config, "out": str(out), "train_images": 40, "test_layouts": 3, "vae_steps": 2,
                       "base_steps": 2, "gligen_steps": 2, "sample_steps": 2})
     assert result["fusers off equals base model"] is True
+    loss = result["training loss with"]
+    assert set(loss) == {"true boxes", "mirrored boxes", "no grounding"} and all(np.isfinite(list(loss.values())))
+    # the box-use check really moves the boxes and really drops the grounding: with the gates opened, three losses
+    from safetensors.torch import save_file
+
+    strong = {k: torch.ones_like(v) if k.endswith(("alpha_attn", "alpha_dense")) else v
+              for k, v in tg.load_adapters(out / "gligen").items()}
+    save_file(strong, tmp_path / "strong.safetensors")
+    loss = ds.box_use(out / "base-model", tmp_path / "strong.safetensors", out / "data")
+    assert len(set(loss.values())) == 3, loss
     for name in ("base model", "adapters, beta=1", "adapters, beta=0.3"):
         assert result[name]["objects"] == sum(len(l["phrases"]) for l in ds.test_layouts(3, np.random.default_rng(1)))
     assert (out / "result.png").is_file() and json.loads((out / "results.json").read_text()) == result
