@@ -3,7 +3,7 @@ The shapes demo: a test, on a laptop CPU and with no download, of whether traine
 boxes. With this tiny base they do not yet: they learn the phrases, not the positions; the README has the measured
 table and what we found.
 
-    python demo_shapes.py                    # the whole demo, 14.8 minutes on a 2-core CPU; writes demo/
+    python demo_shapes.py                    # the whole demo, 14 to 15 minutes on a 2-core CPU; writes demo/
     python demo_shapes.py --out=demo2 --gligen_steps=4000
 
 1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
