@@ -96,8 +96,9 @@ def detector(name, device):
         found = []
         for p in dict.fromkeys(phrases):  # one phrase at a time: every box returned is that phrase's
             inputs = processor(images=image, text=p.lower().rstrip(".") + ".", return_tensors="pt").to(device)
-            out = processor.post_process_grounded_object_detection(
-                model(**inputs), inputs.input_ids, threshold=threshold, text_threshold=0.0, target_sizes=[(H, W)])[0]
+            # positional: the box threshold is box_threshold in transformers 4.46 and threshold in 5.x
+            out = processor.post_process_grounded_object_detection(model(**inputs), inputs.input_ids, threshold, 0.0,
+                                                                   [(H, W)])[0]
             found += [(p, float(s), [float(b[0]) / W, float(b[1]) / H, float(b[2]) / W, float(b[3]) / H])
                       for s, b in zip(out["scores"], out["boxes"])]
         return found
