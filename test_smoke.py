@@ -528,7 +528,8 @@ def torchrun():
     def start(*args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
         started.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True))
+                                        env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"},
+                                        start_new_session=True))
         return started[-1]
 
     yield start
