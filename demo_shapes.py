@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import score_grounding
 import train_gligen as tg
 from train_gligen import configure, draw_layout, fail, read_jsonl
 
@@ -130,13 +131,9 @@ def find_color(image, color, tol=90):
     return [cols[0] / W, rows[0] / H, (cols[-1] + 1) / W, (rows[-1] + 1) / H]
 
 
-def iou(a, b):
-    if a is None:
-        return 0.0
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+def iou(found, box):
+    """IoU of the found box with the requested one; 0 when the colour was not found."""
+    return 0.0 if found is None else score_grounding.iou(found, box)
 
 
 def score(sample_dir, layouts):
@@ -347,7 +344,7 @@ def main(cfg):
     (out / "results.json").write_text(json.dumps(results, indent=1))
     picture(layouts[:6], [("base model", dirs["base model"]), ("adapters, beta=1", dirs["adapters, beta=1"]),
                           ("adapters, beta=0.3", dirs["adapters, beta=0.3"])], out / "result.png")
-    print(f"\n{'condition':<22} mean IoU   IoU >= 0.5   ({len(score(dirs['base model'], layouts))} objects in "
+    print(f"\n{'condition':<22} mean IoU   IoU >= 0.5   ({results['base model']['objects']} objects in "
           f"{len(layouts)} held-out layouts)")
     for name in list(conditions)[:3]:
         print(f"{name:<22} {results[name]['mean_iou']:8.3f}   {results[name]['iou_ge_05']:10.3f}")
