@@ -1,8 +1,11 @@
 """
-Turn COCO-format instance annotations into the phrases-and-boxes file that train_gligen.py reads.
+Write the phrases-and-boxes file that train_gligen.py reads: from COCO annotations, or by detecting the objects
+with GroundingDINO (or OWLv2), as IGLIGEN made its SA-1B boxes.
 
     python prep_boxes.py --instances=coco/annotations/instances_train2017.json \
         --captions=coco/annotations/captions_train2017.json --out=data/coco/boxes.jsonl
+    torchrun --nproc_per_node=8 prep_boxes.py --detector=IDEA-Research/grounding-dino-base \
+        --tars="sa1b/sa_*.tar" --captions=sam_llava_captions.json --out=data/sa1b/boxes.jsonl
 
 Output: one JSON line per image,
     {"image": "000000397133.jpg", "width": 640, "height": 427, "caption": "...",
@@ -12,6 +15,15 @@ them through the same center crop as the latents. The category name is the phras
 any tool, is what the trainer accepts; the "image" and "caption" fields also make it a captions file for
 prep_latents.py.
 
+Detection (--detector): the inputs and captions are prep_latents.py's (--images or --tars, --captions). The phrases
+are the caption's tokens whose score on a box passes --text_threshold, for boxes whose best token score passes
+--box_threshold (GroundingDINO's phrases from its token map, as IGLIGEN made them), or, with --phrases=<JSONL of {"image", "phrases"}>, the
+given phrases, each box labelled with the phrase its score is highest on (the only mode for OWLv2). Overlapping
+boxes of one phrase are thinned by non-maximum suppression (--nms, IoU). Each image is detected whole, at the
+detector's own resolution, in batches; boxes are stored relative to the original image with its size, and with
+their "scores". Under torchrun the input shards are split over the ranks; each shard's boxes go to
+<out>.parts/<shard>.jsonl (atomically, skipped when the job runs again) and rank 0 joins them into --out.
+
 COCO's quirks, each counted in the summary: crowd annotations (a box around a group) are left out unless
 --crowd=True; boxes reaching outside the image are clipped to it; boxes of zero area, before or after clipping,
 are dropped; images with no annotations are kept with no boxes (they train with null grounding).
@@ -19,16 +31,33 @@ are dropped; images with no annotations are kept with no boxes (they train with 
 import json
 import os
 import sys
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from train_gligen import configure, fail
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import prep_latents as pl
+from score_grounding import iou
+from train_gligen import configure, fail, read_jsonl
 
 config = dict(
-    instances="coco/annotations/instances_train2017.json",  # COCO-format instances JSON
-    captions="",  # COCO captions JSON; each image gets its first caption (lowest annotation id)
+    instances="coco/annotations/instances_train2017.json",  # COCO-format instances JSON (without --detector)
+    captions="",  # COCO captions JSON (first caption of each image); with --detector, as prep_latents.py's
     out="data/boxes.jsonl",  # output file, one JSON line per image
     crowd=False,  # keep iscrowd annotations
+    detector="",  # detect instead: a GroundingDINO or OWLv2, Hub id or local dir (IDEA-Research/grounding-dino-base)
+    images="",  # with --detector: a folder of images, as prep_latents.py
+    tars="",  # with --detector: or tar files, as prep_latents.py
+    phrases="",  # with --detector: JSONL of {"image", "phrases"} to detect; "" = the caption's own token spans
+    box_threshold=0.2,  # boxes with a lower score are dropped (IGLIGEN: 0.2)
+    text_threshold=0.2,  # caption tokens with a lower score are not part of a phrase (IGLIGEN: 0.2)
+    nms=0.5,  # a box overlapping a higher-scoring box of the same phrase by more IoU than this is dropped
+    batch_size=8,  # images per detector batch
+    shard_size=4096,  # images per shard, for --images
+    num_workers=4,  # image decoding and preprocessing processes
 )
 
 
@@ -43,6 +72,8 @@ def load_json(path):
 
 
 def main(cfg):
+    if cfg["detector"]:
+        return detect_main(cfg)
     coco = load_json(cfg["instances"])
     where = cfg["instances"]
     for key in ("images", "annotations", "categories"):
@@ -97,6 +128,190 @@ def main(cfg):
     os.replace(out.with_name(out.name + ".tmp"), out)
     print(f"wrote {len(images)} images to {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return counts
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Detection
+def nms(found, threshold):
+    """Greedy non-maximum suppression within each phrase: found [(phrase, score, box)], best first."""
+    kept = []
+    for p, s, b in sorted(found, key=lambda d: -d[1]):
+        if all(q != p or iou(b, c) <= threshold for q, _, c in kept):
+            kept.append((p, s, b))
+    return kept
+
+
+class Detect(pl.Images):
+    """Decodes an image and runs the detector's own preprocessing, in the loader workers."""
+
+    def __init__(self, items, processor):
+        super().__init__(items, 0, False)
+        self.processor = processor
+
+    def __getitem__(self, i):
+        key, file, offset, size, _ = self.items[i]
+        try:
+            with pl.read_image(file, offset, size, self.handles) as im:
+                im = im.convert("RGB")
+            return key, self.processor.image_processor(im, return_tensors="pt"), im.size, None
+        except Exception as e:
+            return key, None, None, f"{type(e).__name__}: {e}"
+
+
+def phrase_spans(tokenizer, phrases):
+    """GroundingDINO's text for a phrase list, "p1 . p2 . ", and each phrase's token positions in it."""
+    spans, pos = [], 1  # after [CLS]
+    for p in phrases:
+        n = len(tokenizer(p, add_special_tokens=False).input_ids)
+        spans.append(range(pos, pos + n))
+        pos += n + 1  # the "."
+    return " . ".join(phrases) + " .", spans
+
+
+def pad(pixels):
+    """Zero-pad a batch of (3, h, w) images to the largest, bottom and right, with the mask of the real pixels."""
+    H, W = max(p.shape[-2] for p in pixels), max(p.shape[-1] for p in pixels)
+    x, mask = torch.zeros(len(pixels), 3, H, W), torch.zeros(len(pixels), H, W, dtype=torch.long)
+    for i, p in enumerate(pixels):
+        x[i, :, :p.shape[-2], :p.shape[-1]], mask[i, :p.shape[-2], :p.shape[-1]] = p, 1
+    return x, mask
+
+
+@torch.no_grad()
+def detect_batch(model, processor, batch, captions, phrase_lists, cfg, device):
+    """[(phrase, score, box relative to the image)] for each image of a batch. With phrase_lists, each box takes
+    the given phrase it scores highest on; else the phrase is made of the caption's tokens that score on the box."""
+    pixels, mask = pad([b[1]["pixel_values"][0] for b in batch])
+    if model.config.model_type == "owlv2":  # a list of queries per image, padded with empty queries
+        n = max(len(p) for p in phrase_lists)
+        text = processor.tokenizer([q for p in phrase_lists for q in p + [""] * (n - len(p))], padding="max_length",
+                                   max_length=16, truncation=True, return_tensors="pt")
+        out = model(pixel_values=pixels.to(device), input_ids=text.input_ids.to(device),
+                    attention_mask=text.attention_mask.to(device))
+    else:
+        texts = [phrase_spans(processor.tokenizer, p)[0] if p else c.lower().strip() + "."
+                 for c, p in zip(captions, phrase_lists)]
+        text = processor.tokenizer(texts, padding="longest", return_tensors="pt")
+        inputs = dict(pixel_values=pixels, pixel_mask=mask, input_ids=text.input_ids, attention_mask=text.attention_mask,
+                      **({"token_type_ids": text.token_type_ids} if "token_type_ids" in text else {}))
+        out = model(**{k: v.to(device) for k, v in inputs.items()})
+    not_words = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.convert_tokens_to_ids([".", "?"]))
+    found = []
+    for b, (_, _, (W, H), _) in enumerate(batch):
+        probs, boxes = out.logits[b].sigmoid().float().cpu(), out.pred_boxes[b].float().cpu()  # (Q, T), (Q, 4) cxcywh
+        xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+        if model.config.model_type == "owlv2":  # relative to the image padded to a square at the bottom and right
+            xyxy = xyxy * max(W, H) / torch.tensor([W, H, W, H])
+        xyxy = xyxy.clamp(0, 1)
+        if phrase_lists[b] is None:  # a box's phrase: the caption's tokens scoring over text_threshold on it
+            ids = text.input_ids[b].tolist()
+            words = [i for i, t in enumerate(ids) if text.attention_mask[b, i] and t not in not_words]
+            score = probs[:, words].max(1).values if words else torch.zeros(len(probs))
+            dets = []
+            for q in torch.nonzero(score > cfg["box_threshold"]).flatten().tolist():
+                phrase = processor.tokenizer.decode([ids[i] for i in words if probs[q, i] > cfg["text_threshold"]])
+                if phrase.strip():
+                    dets.append((phrase.strip(), float(score[q]), xyxy[q].tolist()))
+        else:
+            phrases = phrase_lists[b]
+            if model.config.model_type == "owlv2":
+                per_phrase = probs[:, :len(phrases)]  # (Q, phrases)
+            else:
+                per_phrase = torch.stack([probs[:, list(sp)].max(1).values
+                                          for sp in phrase_spans(processor.tokenizer, phrases)[1]], 1)
+            score, which = per_phrase.max(1)
+            dets = [(phrases[int(which[q])], float(score[q]), xyxy[q].tolist())
+                    for q in range(len(score)) if score[q] > cfg["box_threshold"]]
+        found.append([(p, s, [round(v, 6) for v in bx]) for p, s, bx in nms(dets, cfg["nms"])
+                      if bx[2] > bx[0] and bx[3] > bx[1]])
+    return found
+
+
+def detect_main(cfg):
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    out = Path(cfg["out"])
+    parts = out.with_name(out.name + ".parts")
+    shards = pl.input_shards(cfg)
+    settings = {k: cfg[k] for k in ("detector", "images", "tars", "captions", "phrases", "box_threshold",
+                                    "text_threshold", "nms", "shard_size")}
+    rank, world, device = pl.start(parts, settings)
+    captions = pl.load_captions(cfg["captions"]) if cfg["captions"] else None
+    given = None
+    if cfg["phrases"]:
+        given = {}
+        for line, rec in read_jsonl(cfg["phrases"]):
+            if not isinstance(rec.get("image"), str) or not isinstance(rec.get("phrases"), list) or not all(
+                    isinstance(p, str) and p.strip() for p in rec["phrases"]):
+                fail(f"{cfg['phrases']}:{line}: a record needs an image path and a list of non-empty phrases")
+            given[rec["image"]] = rec["phrases"]
+    todo = [(n, s) for n, s in shards[rank::world] if not (parts / f"{n}.jsonl").is_file()]
+    print(f"rank {rank}: {len(todo)} of its {len(shards[rank::world])} shards to detect ({len(shards)} in all)")
+    if todo:
+        try:
+            processor = AutoProcessor.from_pretrained(cfg["detector"])
+            model = AutoModelForZeroShotObjectDetection.from_pretrained(cfg["detector"]).to(device).eval()
+        except (OSError, ValueError) as e:
+            fail(f"cannot load the detector {cfg['detector']!r} (a Hub id or a local directory): {e}")
+        if model.config.model_type not in ("grounding-dino", "owlv2"):
+            fail(f"{cfg['detector']} is a {model.config.model_type!r} model; GroundingDINO or OWLv2 are read")
+        if model.config.model_type == "owlv2" and given is None:
+            fail("OWLv2 detects given phrases only: pass --phrases=<JSONL of {image, phrases}>")
+        t0, n_images = time.perf_counter(), 0
+        for name, source in tqdm(todo, desc=f"rank {rank} shards", unit="shard", position=rank):
+            n_images += detect_shard(model, processor, cfg, parts, name, source, captions, given, device)
+        print(f"rank {rank}: {n_images} images in {time.perf_counter() - t0:.0f} s "
+              f"({n_images / (time.perf_counter() - t0):.1f} img/s)")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        join_parts(parts, shards, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def detect_shard(model, processor, cfg, parts, name, source, captions, given, device):
+    # with given phrases a caption is optional (kept when there is one); else the caption is what is detected
+    items, skipped, temp = pl.shard_items(source, captions, Path(cfg["images"]), parts, need_caption=given is None)
+    caption_of = {it[0]: it[4] for it in items}
+    records = [dict(image=k, skipped=r) for k, r in skipped]
+    loader = torch.utils.data.DataLoader(Detect(items, processor), batch_size=cfg["batch_size"],
+                                         num_workers=cfg["num_workers"], collate_fn=list)
+    for batch in loader:
+        records += [dict(image=key, skipped="unreadable", error=err) for key, *_, err in batch if err]
+        batch = [b for b in batch if b[3] is None]
+        if given is not None:
+            records += [dict(image=b[0], skipped="no phrases") for b in batch if pl.find_caption(given, b[0]) is None]
+            batch = [b for b in batch if pl.find_caption(given, b[0]) is not None]
+        if not batch:
+            continue
+        phrase_lists = [pl.find_caption(given, b[0]) if given is not None else None for b in batch]
+        found = detect_batch(model, processor, batch, [caption_of[b[0]] for b in batch], phrase_lists, cfg, device)
+        for (key, _, (w, h), _), dets in zip(batch, found):
+            rec = dict(image=key, width=w, height=h, **({"caption": caption_of[key]} if caption_of[key] else {}))
+            records.append(dict(rec, phrases=[p for p, _, _ in dets], boxes=[b for _, _, b in dets],
+                                scores=[round(s, 4) for _, s, _ in dets]))
+    pl.write_atomic(parts / f"{name}.jsonl", lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records))
+    if temp:
+        temp.unlink()
+    return sum("skipped" not in r for r in records)
+
+
+def join_parts(parts, shards, out):
+    missing = [n for n, _ in shards if not (parts / f"{n}.jsonl").is_file()]
+    if missing:
+        fail(f"{len(missing)} shards are not detected yet (e.g. {missing[:3]}); run the job again to finish them")
+    records = [r for n, _ in shards for _, r in read_jsonl(parts / f"{n}.jsonl")]
+    done, skipped = [r for r in records if "skipped" not in r], [r for r in records if "skipped" in r]
+    pl.write_atomic(out, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in done))
+    pl.write_atomic(out.with_name(out.stem + ".skipped.jsonl"),
+                    lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in skipped))
+    n_boxes = sum(len(r["boxes"]) for r in done)
+    print(f"wrote {len(done)} images with {n_boxes} boxes to {out}; skipped {len(skipped)}")
+    for reason in sorted({r["skipped"] for r in skipped}):
+        names = [r["image"] for r in skipped if r["skipped"] == reason]
+        print(f"  skipped {len(names)} ({reason}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    return done, skipped
 
 
 if __name__ == "__main__":

@@ -1,27 +1,54 @@
 """
-Encode a folder of captioned images into VAE latents for train_gligen.py.
+Encode captioned images into VAE latents for train_gligen.py: an image folder, COCO, SA-1B or webdataset tars.
 
-    python prep_latents.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --images=data/coco/train2017 \
-        --captions=data/coco/boxes.jsonl --out=data/coco/latents --resolution=512
+    python prep_latents.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --images=coco/train2017 \
+        --captions=coco/annotations/captions_train2017.json --out=data/coco/latents --resolution=512
+    torchrun --nproc_per_node=8 prep_latents.py --tars="sa1b/sa_*.tar" --captions=sam_llava_captions.json \
+        --out=data/sa1b/latents --std=True --flip=True
 
-Captions come from a JSONL of {"image": path relative to --images, "caption": ...} (prep_boxes.py's output is
-one), or, with --captions="", from a .txt beside each image. Each image's short side is center-cropped to a square,
-resized to --resolution and encoded by the model's VAE (the mean of its latent distribution, times the VAE's
-scaling factor). Output in --out:
-    latents_00000.npy ...  float16 (N, 4, resolution/8, resolution/8), plain .npy (never pickled), memmappable
-    index.jsonl            one line per image: key, caption, shard, row, original width/height, crop (pixels)
-    meta.json              model, resolution, scaling factor, latent shape, counts
-    skipped.jsonl          every image that was not encoded, and why
-Unreadable images and images without a caption are skipped, counted and named; nothing is dropped silently.
+Inputs (one of):
+    --images   a folder of images, searched recursively; cut into output shards of --shard_size images
+    --tars     tar files (a glob, or several separated by commas); each tar is one output shard. A tar holds one
+               image per key (key.jpg/.png/.webp) and may hold key.txt or key.json with a "caption" (webdataset);
+               SA-1B's key.json (masks) is ignored
+Captions (--captions): a JSONL of {"image", "caption"} (prep_boxes.py writes one), a JSON map {image name:
+caption} (the SAM-LLaVA captions of SA-1B), or a COCO captions JSON (the first caption of each image); an image is
+looked up by its path, its file name, then its file name without extension. With --captions="" each image's caption
+is key.txt beside it (folder) or inside the tar (key.txt, or "caption" in key.json).
+
+Each image's short side is center-cropped to a square, resized to --resolution and encoded by the model's VAE:
+the mean of its latent distribution times the VAE's scaling factor (--std=True stores the std too, so training
+can draw a fresh sample each time; --flip=True also encodes the mirrored image, so training can flip).
+Output in --out:
+    <shard>.npy     float16 (N, views, stats, 4, resolution/8, resolution/8): views = original[, flipped],
+                    stats = mean[, std]; plain .npy (never pickled), memmappable
+    <shard>.json    that shard's index and skipped images; written after the .npy, so its presence marks the shard
+                    done. A job run again skips done shards: a killed job loses only the shard in flight.
+    index.jsonl     one line per image: key, caption, shard, row, original width/height, crop (pixels)
+    meta.json       model, resolution, scaling factor, latent shape, views, stats, counts
+    skipped.jsonl   every image not encoded (corrupt, truncated tar, no caption), and why
+Under torchrun, rank r encodes input shards r, r + world, ...; output names come from the input shards, so ranks
+never write the same file; rank 0 writes index.jsonl, meta.json and skipped.jsonl when all are done.
+
+IGLIGEN's published SA-1B latents and boxes convert to this format (plus <out>/boxes.jsonl) with
+    python prep_latents.py --igligen=sa-1b_data --out=data/sa1b/latents --allow_pickle=True
 """
+import gzip
+import io
 import json
 import os
+import shutil
 import sys
+import tarfile
 import time
+from collections import defaultdict
+from datetime import timedelta
+from glob import glob
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -29,16 +56,160 @@ from train_gligen import configure, fail, read_jsonl
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images
-    images="data/images",  # folder of images, searched recursively
-    captions="",  # JSONL of {"image", "caption"}; "" = a .txt file beside each image
-    out="data/latents",  # output directory (must not hold a finished run)
+    images="",  # a folder of images, searched recursively
+    tars="",  # or tar files: a glob, or several separated by commas (SA-1B, webdataset)
+    captions="",  # JSONL {"image", "caption"}, JSON map {name: caption} or COCO captions JSON; "" = beside each image
+    out="data/latents",  # output directory; a job run again with the same settings resumes here
     resolution=512,  # training resolution in pixels; the latents are resolution/8 on a side
+    std=False,  # also store the VAE's std, so training draws a new latent sample each time
+    flip=False,  # also encode the horizontally flipped image, so training can flip (boxes flip with it)
     batch_size=16,  # images per VAE batch
-    shard_size=4096,  # images per .npy shard
+    shard_size=4096,  # images per output shard, for --images (a tar is one shard)
     num_workers=4,  # image decoding processes
     dtype="auto",  # VAE precision: auto = bf16 on CUDA, fp32 on CPU; or fp32
+    igligen="",  # instead: convert IGLIGEN's shards (<dir>/latents/*.npy, <dir>/boxes/*.npy)
+    allow_pickle=False,  # needed for --igligen: its files are pickles, and loading a pickle runs code from it
+    igligen_threshold=0.25,  # IGLIGEN boxes with a lower GroundingDINO confidence are left out (IGLIGEN's value)
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Inputs, shared with prep_boxes.py: input shards, their images, and captions.
+def load_captions(path):
+    """{image name: caption} from a JSONL of {"image", "caption"}, a JSON map {name: caption}, or COCO captions."""
+    if not Path(path).is_file():
+        fail(f"captions file not found: {path}")
+    if str(path).endswith(".jsonl"):
+        captions = {}
+        for line, rec in read_jsonl(path):
+            if isinstance(rec.get("image"), str) and isinstance(rec.get("caption"), str):
+                captions[rec["image"]] = rec["caption"]
+            elif "caption" in rec or "image" not in rec:
+                fail(f"{path}:{line}: a record needs an image path and a caption string")
+        return captions
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        fail(f"{path}: not valid JSON ({e})")
+    if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO: the first caption by id
+        names, captions = {im["id"]: im["file_name"] for im in data["images"]}, {}
+        for ann in sorted(data["annotations"], key=lambda a: a["id"]):
+            if ann.get("image_id") not in names:
+                fail(f"{path}: caption id {ann.get('id')} refers to image id {ann.get('image_id')}, not listed")
+            captions.setdefault(names[ann["image_id"]], ann["caption"].strip())
+        return captions
+    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+        return data
+    fail(f"{path}: neither a JSONL of {{image, caption}}, a JSON map of image name to caption, nor COCO captions")
+
+
+def find_caption(captions, key):
+    """A dict look-up, by path, then file name, then file name without extension: O(1) per image."""
+    name = key.rsplit("/", 1)[-1]
+    for k in (key, name, name.split(".", 1)[0]):
+        if k in captions:
+            return captions[k]
+    return None
+
+
+def input_shards(cfg):
+    """[(shard name, source)]: a tar path, or a list of image paths of the folder (shard_size each)."""
+    if bool(cfg["images"]) == bool(cfg["tars"]):
+        fail("give one input: --images=<folder> or --tars=<glob>")
+    if cfg["tars"]:
+        tars = sorted({p for pattern in cfg["tars"].split(",") for p in glob(pattern.strip())})
+        if not tars:
+            fail(f"no tar files match {cfg['tars']!r}")
+        names = [Path(t).name.split(".")[0] for t in tars]
+        if len(set(names)) < len(names):
+            fail("two tar files have the same name; output shards are named after them")
+        return list(zip(names, [Path(t) for t in tars]))
+    root = Path(cfg["images"])
+    if not root.is_dir():
+        fail(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        fail(f"no images in {root}")
+    n = cfg["shard_size"]
+    return [(f"images_{i // n:05d}", files[i:i + n]) for i in range(0, len(files), n)]
+
+
+def open_tar(path, out):
+    """A tar to read members from by offset. A compressed one is first decompressed into out (deleted after)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return path
+    plain = out / f".{path.name}.plain"
+    with gzip.open(path) as src, open(plain, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+    return plain
+
+
+def shard_items(source, captions, root, out, need_caption=True):
+    """The images of one input shard: [(key, file, offset, size, caption)] (size -1: a whole file), the images
+    skipped before decoding [(key, reason)], and the file to delete afterwards (a decompressed tar) or None."""
+    items, skipped = [], []
+    if isinstance(source, list):  # a folder
+        for p in source:
+            key = p.relative_to(root).as_posix()
+            cap = find_caption(captions, key) if captions is not None else (
+                p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None)
+            items.append((key, str(p), 0, -1, cap))
+        if not need_caption:
+            return items, [], None
+        return [i for i in items if i[4] is not None], [(i[0], "no caption") for i in items if i[4] is None], None
+    path = open_tar(source, out)
+    size, groups, truncated = path.stat().st_size, defaultdict(dict), None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                name = m.name.removeprefix("./")
+                folder, _, base = name.rpartition("/")
+                stem, _, ext = base.partition(".")  # webdataset: the key ends at the file name's first dot
+                key = f"{folder}/{stem}" if folder else stem
+                if ext.lower() in ("txt", "json", "caption") and captions is None and m.size < 1 << 20:
+                    groups[key][ext.lower()] = tar.extractfile(m).read()
+                elif "." + ext.lower() in IMAGE_SUFFIXES:
+                    groups[key]["image"] = (name, m.offset_data, m.size)
+    except (tarfile.ReadError, EOFError, OSError) as e:  # a truncated tar: keep what was listed before the break
+        truncated = f"{type(e).__name__}: {e}"
+    for key, g in groups.items():
+        if "image" not in g:
+            continue
+        name, offset, n = g["image"]
+        if captions is not None:
+            cap = find_caption(captions, name)
+        elif "txt" in g or "caption" in g:
+            cap = (g.get("txt") or g["caption"]).decode("utf-8").strip()
+        else:
+            cap = json.loads(g["json"]).get("caption") if "json" in g else None
+        if offset + n > size:
+            skipped.append((name, "truncated tar"))
+        elif not isinstance(cap, str) and need_caption:
+            skipped.append((name, "no caption"))
+        else:
+            items.append((name, str(path), offset, n, cap))
+    if truncated:
+        skipped.append((source.name, f"truncated tar: {truncated}; the {len(items)} images before the break are kept"))
+    return items, skipped, (path if path != source else None)
+
+
+def read_image(file, offset, size, handles):
+    """The image at (file, offset, size); handles caches one open file per tar in each worker."""
+    if size < 0:
+        return Image.open(file)
+    if file not in handles:
+        handles[file] = open(file, "rb")
+    f = handles[file]
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) < size:
+        raise EOFError(f"the tar ends {size - len(data)} bytes into this image")
+    return Image.open(io.BytesIO(data))
 
 
 def center_crop_box(width, height):
@@ -49,108 +220,214 @@ def center_crop_box(width, height):
 
 
 class Images(torch.utils.data.Dataset):
-    def __init__(self, root, keys, resolution):
-        self.root, self.keys, self.resolution = root, keys, resolution
+    """Decodes, crops and resizes in the loader workers: (key, pixels (views, 3, R, R) in [-1, 1], size, crop, error)."""
+
+    def __init__(self, items, resolution, flip):
+        self.items, self.resolution, self.flip, self.handles = items, resolution, flip, {}
 
     def __len__(self):
-        return len(self.keys)
+        return len(self.items)
 
     def __getitem__(self, i):
-        key = self.keys[i]
+        key, file, offset, size, _ = self.items[i]
         try:
-            with Image.open(self.root / key) as im:
+            with read_image(file, offset, size, self.handles) as im:
                 im = im.convert("RGB")
                 crop = center_crop_box(*im.size)
                 x = im.resize((self.resolution,) * 2, Image.Resampling.BICUBIC, box=crop)
             x = torch.from_numpy(np.asarray(x, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, R, R) in [-1, 1]
+            x = torch.stack([x, x.flip(-1)] if self.flip else [x])
             return key, x, im.size, crop, None
         except Exception as e:  # a corrupt or truncated file: skipped, counted, named
             return key, None, None, None, f"{type(e).__name__}: {e}"
 
 
-def main(cfg):
-    from diffusers import AutoencoderKL
+# -----------------------------------------------------------------------------------------------------------------
+def write_atomic(path, write):
+    """Write path whole or not at all: to path.tmp, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
-    root, out = Path(cfg["images"]), Path(cfg["out"])
-    if not root.is_dir():
-        fail(f"image folder not found: {root}")
-    if (out / "index.jsonl").exists():
-        fail(f"{out} already holds encoded latents; remove it or choose another --out")
-    if cfg["resolution"] % 8:
-        fail("resolution must be a multiple of 8")
-    keys = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if cfg["captions"]:
-        captions = {}
-        for line, rec in read_jsonl(cfg["captions"]):
-            if isinstance(rec.get("image"), str) and isinstance(rec.get("caption"), str):
-                captions[rec["image"]] = rec["caption"]
-            elif "caption" in rec or "image" not in rec:
-                fail(f"{cfg['captions']}:{line}: a record needs an image path and a caption string")
-    else:
-        captions = {k: (root / k).with_suffix(".txt").read_text().strip() for k in keys
-                    if (root / k).with_suffix(".txt").is_file()}
-    skipped = [dict(image=k, reason="no caption") for k in keys if k not in captions]
-    keys = [k for k in keys if k in captions]
-    if not keys:
-        fail(f"no captioned images in {root} ({len(skipped)} images without a caption)")
 
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cfg["dtype"] == "auto" and cuda else torch.float32
-    try:
-        vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=dtype)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load the VAE of {cfg['model']!r}: {e}")
-    vae, scaling = vae.to("cuda" if cuda else "cpu"), vae.config.scaling_factor
-    loader = torch.utils.data.DataLoader(Images(root, keys, cfg["resolution"]), batch_size=cfg["batch_size"],
+def save_shard(out, name, latents, index, skipped, boxes=None):
+    """<name>.npy, then <name>.json (its index and skipped images): the .json marks the shard done."""
+    if latents is not None:
+        write_atomic(out / f"{name}.npy", lambda f: np.save(f, latents))
+    rec = dict(index=index, skipped=skipped, **({"boxes": boxes} if boxes is not None else {}))
+    write_atomic(out / f"{name}.json", lambda f: f.write(json.dumps(rec).encode()))
+
+
+def encode_shard(vae, cfg, out, name, source, captions, root, dtype):
+    items, skipped, temp = shard_items(source, captions, root, out)
+    skipped = [dict(image=k, shard=name, reason=r) for k, r in skipped]
+    loader = torch.utils.data.DataLoader(Images(items, cfg["resolution"], cfg["flip"]), batch_size=cfg["batch_size"],
                                          num_workers=cfg["num_workers"], collate_fn=list)
-    out.mkdir(parents=True, exist_ok=True)
-    index, buffer, n_shards, t0 = [], [], 0, time.perf_counter()
-
-    def write_shard():
-        nonlocal buffer, n_shards
-        name = f"latents_{n_shards:05d}.npy"
-        with open(out / (name + ".tmp"), "wb") as f:
-            np.save(f, np.stack(buffer))
-        os.replace(out / (name + ".tmp"), out / name)  # a shard is either whole or absent
-        buffer, n_shards = [], n_shards + 1
-
-    bar = tqdm(loader, desc="encoding", unit="batch")
-    for batch in bar:
-        skipped += [dict(image=key, reason="unreadable", error=err) for key, _, _, _, err in batch if err]
+    index, latents, caption_of = [], [], {it[0]: it[4] for it in items}
+    for batch in loader:
+        skipped += [dict(image=key, shard=name, reason="unreadable", error=err) for key, *_, err in batch if err]
         batch = [b for b in batch if b[4] is None]
         if not batch:
             continue
-        x = torch.stack([b[1] for b in batch]).to(vae.device, dtype)
+        x = torch.cat([b[1] for b in batch]).to(vae.device, dtype)  # (batch x views, 3, R, R)
         with torch.no_grad():
-            z = (vae.encode(x).latent_dist.mean * scaling).float().cpu().numpy().astype(np.float16)
+            posterior = vae.encode(x).latent_dist
+            z = torch.stack([posterior.mean, posterior.std][:1 + cfg["std"]], 1) * vae.config.scaling_factor
+        z = z.float().cpu().numpy().astype(np.float16)
+        z = z.reshape(len(batch), -1, *z.shape[1:])  # (batch, views, stats, C, h, w)
         for (key, _, (w, h), crop, _), latent in zip(batch, z):
-            index.append(dict(key=key, caption=captions[key], shard=f"latents_{n_shards:05d}.npy", row=len(buffer),
-                              width=w, height=h, crop=crop))
-            buffer.append(latent)
-            if len(buffer) == cfg["shard_size"]:
-                write_shard()
-        bar.set_postfix(img_per_s=f"{len(index) / (time.perf_counter() - t0):.1f}", skipped=len(skipped))
-    if buffer:
-        write_shard()
+            index.append(dict(key=key, caption=caption_of[key], shard=f"{name}.npy", row=len(latents), width=w,
+                              height=h, crop=crop))
+            latents.append(latent)
+    save_shard(out, name, np.stack(latents) if latents else None, index, skipped)
+    if temp:
+        temp.unlink()
+    return len(index), len(skipped)
+
+
+def finish(out, shards, settings, extra=None):
+    """Join the shards' indexes into index.jsonl, skipped.jsonl and meta.json (index.jsonl last: it marks the end)."""
+    missing = [name for name, _ in shards if not (out / f"{name}.json").is_file()]
+    if missing:
+        fail(f"{len(missing)} shards are not encoded yet (e.g. {missing[:3]}); run the job again to finish them")
+    index, skipped, boxes, seen, shape = [], [], [], {}, None
+    for name, _ in shards:
+        rec = json.loads((out / f"{name}.json").read_text())
+        for r in rec["index"]:
+            if r["key"] in seen:
+                fail(f"image {r['key']!r} is in shard {seen[r['key']]} and in shard {name}: keys must be unique")
+            seen[r["key"]] = name
+        index += rec["index"]
+        skipped += rec["skipped"]
+        boxes += rec.get("boxes", [])
+        if rec["index"] and shape is None:
+            shape = np.load(out / f"{name}.npy", mmap_mode="r").shape[1:]
     if not index:
-        fail(f"none of the {len(keys)} captioned images in {root} could be read (see {out / 'skipped.jsonl'})")
+        fail(f"none of the images could be encoded (see {out / 'skipped.jsonl'})")
 
-    def write_lines(name, records):  # whole or absent, like the shards
-        with open(out / (name + ".tmp"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(out / (name + ".tmp"), out / name)
+    def lines(records):
+        return lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records)
 
-    write_lines("skipped.jsonl", skipped)
-    (out / "meta.json").write_text(json.dumps(dict(
-        model=cfg["model"], resolution=cfg["resolution"], scaling_factor=scaling, latent_shape=list(z.shape[1:]),
-        images=len(index), shards=n_shards, skipped=len(skipped)), indent=1))
-    write_lines("index.jsonl", index)  # last: its presence marks a finished run
-    print(f"encoded {len(index)} images into {n_shards} shards in {out} "
-          f"({len(index) / (time.perf_counter() - t0):.1f} img/s); skipped {len(skipped)}")
-    for reason in sorted({s["reason"] for s in skipped}):
-        names = [s["image"] for s in skipped if s["reason"] == reason]
+    write_atomic(out / "skipped.jsonl", lines(skipped))
+    if boxes:
+        write_atomic(out / "boxes.jsonl", lines(boxes))
+    meta = dict(settings, resolution=shape[-1] * 8, latent_shape=list(shape[2:]), views=["original", "flipped"][:shape[0]],
+                stats=["mean", "std"][:shape[1]], images=len(index), shards=len(shards), skipped=len(skipped),
+                **(extra or {}))
+    write_atomic(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    write_atomic(out / "index.jsonl", lines(index))
+    print(f"{len(index)} images in {len(shards)} shards in {out}; skipped {len(skipped)}")
+    reasons = defaultdict(list)
+    for s in skipped:
+        reasons[s["reason"].split(":")[0]].append(s["image"])
+    for reason, names in sorted(reasons.items()):
         print(f"  skipped {len(names)} ({reason}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
     return index, skipped
+
+
+def start(out, settings):
+    """(rank, world, device), after checking that out holds nothing, or the same job's shards."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # gloo, for the barrier before rank 0 joins the shards: the job may last days
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    out.mkdir(parents=True, exist_ok=True)
+    job = out / "job.json"
+    if job.is_file():
+        old = json.loads(job.read_text())
+        for k in settings:
+            if old.get(k) != settings[k]:
+                fail(f"{out} holds shards made with {k}={old.get(k)!r}, this job has {k}={settings[k]!r}: "
+                     f"run with the same setting, or choose another --out")
+    elif rank == 0:
+        write_atomic(job, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    return rank, world, device
+
+
+def main(cfg):
+    if cfg["igligen"]:
+        return import_igligen(cfg)
+    from diffusers import AutoencoderKL
+
+    out, root = Path(cfg["out"]), Path(cfg["images"])
+    if cfg["resolution"] % 8:
+        fail("resolution must be a multiple of 8")
+    shards = input_shards(cfg)
+    try:
+        scaling = AutoencoderKL.load_config(cfg["model"], subfolder="vae").get("scaling_factor", 0.18215)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load the VAE of {cfg['model']!r}: {e}")
+    settings = {k: cfg[k] for k in ("model", "resolution", "std", "flip", "images", "tars", "shard_size")}
+    rank, world, device = start(out, dict(settings, scaling_factor=scaling))
+    captions = load_captions(cfg["captions"]) if cfg["captions"] else None
+    dtype = torch.bfloat16 if cfg["dtype"] == "auto" and device.type == "cuda" else torch.float32
+    todo = [(n, s) for n, s in shards[rank::world] if not (out / f"{n}.json").is_file()]
+    print(f"rank {rank}: {len(todo)} of its {len(shards[rank::world])} shards to encode "
+          f"({len(shards)} in all, {world} processes)")
+    if todo:
+        try:
+            vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
+        except (OSError, ValueError) as e:
+            fail(f"cannot load the VAE of {cfg['model']!r}: {e}")
+        t0, n_images = time.perf_counter(), 0
+        bar = tqdm(todo, desc=f"rank {rank} shards", unit="shard", position=rank)
+        for name, source in bar:
+            n, _ = encode_shard(vae, cfg, out, name, source, captions, root, dtype)
+            n_images += n
+            bar.set_postfix(img_per_s=f"{n_images / (time.perf_counter() - t0):.1f}")
+        print(f"rank {rank}: encoded {n_images} images in {time.perf_counter() - t0:.0f} s "
+              f"({n_images / (time.perf_counter() - t0):.1f} img/s)")
+    if world > 1:
+        dist.barrier()
+    result = finish(out, shards, dict(settings, scaling_factor=scaling)) if rank == 0 else None
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# IGLIGEN's shards: latents/<shard>.npy, a pickled 0-d object array {"indices": [SA-1B image ids], "latents": (N, 4,
+# h, w) float16, one VAE sample x 0.18215 of a resize-short-side + center crop}; boxes/<shard>.npy, pickled rows
+# [image id, caption, boxes (K, 4) cx, cy, w, h relative to the crop, confidence (K,), phrases].
+def import_igligen(cfg):
+    if not cfg["allow_pickle"]:
+        fail("IGLIGEN's shards are pickled numpy object arrays, and loading a pickle runs whatever code the file "
+             "holds. Import only files from a source you trust, and say so with --allow_pickle=True")
+    src, out = Path(cfg["igligen"]), Path(cfg["out"])
+    files = sorted((src / "latents").glob("*.npy"))
+    if not files:
+        fail(f"no IGLIGEN latent shards in {src / 'latents'}")
+    shards = [(f.stem, f) for f in files]
+    settings = dict(model="imported from IGLIGEN", igligen=str(src), igligen_threshold=cfg["igligen_threshold"])
+    start(out, settings)
+    for name, f in tqdm(shards, desc="importing", unit="shard"):
+        if (out / f"{name}.json").is_file():
+            continue
+        lat = np.load(f, allow_pickle=True).item()
+        resolution = lat["latents"].shape[-1] * 8
+        box_file = src / "boxes" / f"{name}.npy"
+        rows = {int(r[0]): r for r in np.load(box_file, allow_pickle=True)} if box_file.is_file() else {}
+        index, skipped, boxes, keep = [], [], [], []
+        for row, image_id in enumerate(lat["indices"]):
+            key = f"sa_{int(image_id)}.jpg"
+            if int(image_id) not in rows:  # the caption lives in the boxes file
+                skipped.append(dict(image=key, shard=name, reason="no caption"))
+                continue
+            _, caption, b, conf, phrases = rows[int(image_id)]
+            b = np.asarray(b, np.float64).reshape(-1, 4)
+            xyxy = np.clip(np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1), 0, 1)
+            ok = [i for i in range(len(b)) if conf[i] >= cfg["igligen_threshold"] and
+                  xyxy[i, 2] > xyxy[i, 0] and xyxy[i, 3] > xyxy[i, 1]]
+            index.append(dict(key=key, caption=str(caption), shard=f"{name}.npy", row=len(keep), width=resolution,
+                              height=resolution, crop=[0, 0, resolution, resolution]))
+            boxes.append(dict(image=key, width=resolution, height=resolution, caption=str(caption),
+                              phrases=[str(phrases[i]) for i in ok], boxes=[xyxy[i].round(6).tolist() for i in ok]))
+            keep.append(row)
+        latents = lat["latents"][keep][:, None, None].astype(np.float16) if keep else None
+        save_shard(out, name, latents, index, skipped, boxes)
+    return finish(out, shards, dict(settings, scaling_factor=0.18215), dict(latent="one VAE sample (IGLIGEN)"))
 
 
 if __name__ == "__main__":

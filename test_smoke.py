@@ -7,12 +7,15 @@ Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offlin
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
 """
 import errno
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -192,7 +195,7 @@ def tiny_data(tiny_sd, tmp_path_factory):
     assert boxes.returncode == 0, boxes.stderr
     latents = run("prep_latents.py", f"--model={tiny_sd}", f"--images={root / 'images'}",
                   f"--captions={root / 'boxes.jsonl'}", f"--out={root / 'latents'}", "--resolution=16",
-                  "--batch_size=5", "--shard_size=4", "--num_workers=2")
+                  "--batch_size=5", "--shard_size=4", "--num_workers=2", "--std=True", "--flip=True")
     assert latents.returncode == 0, latents.stderr
     return dict(root=root, boxes=root / "boxes.jsonl", latents=root / "latents", boxes_log=boxes.stdout,
                 latents_log=latents.stdout)
@@ -246,27 +249,37 @@ def test_prep_boxes_handles_coco_quirks(tiny_data):
 
 
 def test_prep_latents_encodes_crops_and_names_skipped(tiny_sd, tiny_data):
-    from diffusers import AutoencoderKL
-
     out = tiny_data["latents"]
     meta = json.loads((out / "meta.json").read_text())
     index = [json.loads(l) for l in (out / "index.jsonl").read_text().splitlines()]
     assert meta["latent_shape"] == [4, 8, 8] and meta["images"] == len(index) == 12
-    assert sorted(p.name for p in out.glob("latents_*.npy")) == [f"latents_0000{i}.npy" for i in range(3)]
+    assert (meta["views"], meta["stats"]) == (["original", "flipped"], ["mean", "std"])
+    assert sorted(p.name for p in out.glob("*.npy")) == [f"images_0000{i}.npy" for i in range(4)]  # 14 files, 4 a shard
     assert not list(out.glob("*.tmp"))
     skipped = {s["image"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
     assert skipped == {"broken.jpg": "unreadable", "uncaptioned.png": "no caption"}
     assert "broken.jpg" in tiny_data["latents_log"] and "uncaptioned.png" in tiny_data["latents_log"]
-    # the stored latent is the VAE mean of the center crop, times the scaling factor
+    # stored: the VAE mean and std of the center crop and of its mirror image, times the scaling factor
     rec = next(r for r in index if r["key"] == "img_000.png")  # 48 x 32: the crop is x 8..40
     assert (rec["width"], rec["height"], rec["crop"], rec["caption"]) == (48, 32, [8, 0, 40, 32], "a picture of shapes number 0")
-    im = Image.open(tiny_data["root"] / "images" / "img_000.png").convert("RGB").crop((8, 0, 40, 32))
-    x = torch.from_numpy(np.asarray(im.resize((16, 16), Image.Resampling.BICUBIC), np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert_latents_of(tiny_sd, tiny_data["root"] / "images" / "img_000.png", out / rec["shard"], rec["row"], 16)
+
+
+def assert_latents_of(tiny_sd, image, shard, row, resolution):
+    """Row `row` of `shard` holds the VAE mean and std of the image's center crop and its mirror, x scaling."""
+    from diffusers import AutoencoderKL
+
+    im = Image.open(image).convert("RGB")
+    m = min(im.size)
+    crop = ((im.width - m) // 2, (im.height - m) // 2, (im.width - m) // 2 + m, (im.height - m) // 2 + m)
+    x = torch.from_numpy(np.asarray(im.resize((resolution,) * 2, Image.Resampling.BICUBIC, box=crop), np.float32))
+    x = x.permute(2, 0, 1) / 127.5 - 1
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
     with torch.no_grad():
-        want = vae.encode(x[None]).latent_dist.mean[0] * vae.config.scaling_factor
-    got = np.load(out / rec["shard"], mmap_mode="r")[rec["row"]]
-    assert got.dtype == np.float16
+        d = vae.encode(torch.stack([x, x.flip(-1)])).latent_dist
+    want = torch.stack([d.mean, d.std], 1) * vae.config.scaling_factor  # (views, stats, 4, h, w)
+    got = np.load(shard, mmap_mode="r")[row]
+    assert got.dtype == np.float16 and got.shape == tuple(want.shape)
     torch.testing.assert_close(torch.from_numpy(got.astype(np.float32)), want, atol=2e-3, rtol=2e-3)
 
 
@@ -279,8 +292,12 @@ def test_loader_maps_boxes_through_the_crop(tiny_data):
         [8, 0, 40, 32], max_boxes=2, min_box_area=0.01)
     assert phrases == ["c", "a"]  # largest first; "b" lies outside the crop and is dropped
     np.testing.assert_allclose(boxes, [[0.5, 0.5, 1, 1], [0, 0, 0.25, 0.5]], atol=1e-6)
-    latent, caption, phrases, boxes = data[0]
-    assert latent.shape == (4, 8, 8) and isinstance(caption, str) and len(phrases) == len(boxes) <= 2
+    latent, caption, phrases, boxes = data[(0, False)]
+    assert latent.shape == (2, 4, 8, 8) and isinstance(caption, str) and len(phrases) == len(boxes) <= 2
+    mirrored, _, same, flipped = data[(0, True)]  # the mirrored image's latent, the boxes mirrored with it
+    shard = np.load(tiny_data["latents"] / data.items[0][0])
+    assert torch.equal(mirrored, torch.from_numpy(shard[data.items[0][1], 1])) and same == phrases
+    np.testing.assert_allclose(flipped, np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1))
 
 
 def train_cfg(tiny_sd, tiny_data, out_dir, **over):
@@ -643,7 +660,7 @@ def test_nan_batch_is_skipped_and_counted(tiny_sd, tiny_data, tmp_path):
     unet, _ = tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "run", max_steps=8), "latents": str(latents)})
     # the steps whose batch holds the bad image, from the same data order the trainer uses
     batches = tg.rank_batches(12, 4, 2, 1, 0, 0, 0)
-    bad = {step + 1 for step in range(8) for _ in range(2) if keys.index("img_004.png") in next(batches)}
+    bad = {step + 1 for step in range(8) for _ in range(2) if keys.index("img_004.png") in dict(next(batches))}
     log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert bad and {r["step"] for r in log if r["skipped"]} == bad and all(r["skipped"] <= 1 for r in log)
     assert all(np.isfinite(r["loss"]) for r in log)
@@ -724,19 +741,26 @@ def test_ap_and_mean_iou_on_known_detections():
     assert (two["AP50"], two["mean_iou"], two["classes"]) == (0.5, 0.5, 2)  # averaged over phrases
 
 
+def make_tiny_grounding_dino_vocab(path):
+    """An offline BERT vocabulary: a few words, then single letters for everything else."""
+    path.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", "a", "red", "blue", "square", "circle", "cat", "on",
+             "mat", "tall", "door", "five", "six"]
+    (path / "vocab.txt").write_text("\n".join(words + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
+    return path
+
+
 def make_tiny_grounding_dino(path):
     """A tiny random GroundingDINO (Swin backbone, BERT text encoder) with an offline BERT vocabulary."""
     from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
 
     torch.manual_seed(0)
-    path.mkdir(parents=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "blue", "square", "circle"]
-    (path / "vocab.txt").write_text("\n".join(words + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
+    make_tiny_grounding_dino_vocab(path)
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1],
                                    window_size=4, out_features=["stage2", "stage3"]),
-        text_config=BertConfig(vocab_size=len(words) + 26, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        text_config=BertConfig(vocab_size=len((path / "vocab.txt").read_text().split()), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=32, max_position_embeddings=64),
         d_model=32, num_queries=8, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
         encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=2, encoder_n_points=2,
@@ -810,3 +834,219 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
         assert result[name]["objects"] == sum(len(l["phrases"]) for l in ds.test_layouts(3, np.random.default_rng(1)))
     assert (out / "result.png").is_file() and json.loads((out / "results.json").read_text()) == result
     assert (out / "base-model" / "model_index.json").is_file() and tg.checkpoints(out / "gligen")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data at scale: tars (SA-1B, webdataset), ranks, restarts, IGLIGEN's pickles, GroundingDINO boxes
+def jpeg_bytes(seed, size=(40, 28)):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path, members, gz=False):
+    with tarfile.open(path, "w:gz" if gz else "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_tars(root):
+    """Two SA-1B tars (jpg + masks json per image, captions in a separate JSON map) and a gzipped webdataset tar
+    (captions inside). Among them: a corrupt JPEG, an image without a caption, and a tar cut off inside an image."""
+    root.mkdir(parents=True)
+    masks = lambda i: json.dumps(dict(image=dict(image_id=i, width=40, height=28), annotations=[])).encode()
+    write_tar(root / "sa_000000.tar", [("sa_1.jpg", jpeg_bytes(1)), ("sa_1.json", masks(1)),
+                                       ("sa_2.jpg", jpeg_bytes(2, (28, 40))), ("sa_2.json", masks(2)),
+                                       ("sa_3.jpg", b"\xff\xd8\xff\xe0 not a jpeg"), ("sa_4.jpg", jpeg_bytes(4))])
+    write_tar(root / "sa_000001.tar", [("sa_5.jpg", jpeg_bytes(5)), ("sa_6.jpg", jpeg_bytes(6)),
+                                       ("sa_7.jpg", jpeg_bytes(7))])
+    data = (root / "sa_000001.tar").read_bytes()
+    cut = data.index(jpeg_bytes(7)) + 100
+    (root / "sa_000001.tar").write_bytes(data[:cut])  # the download broke inside sa_7.jpg
+    captions = {"sa_1": "a cat on a mat", "sa_2.jpg": "a tall red door", "sa_3": "broken", "sa_5": "five",
+                "sa_6": "six", "sa_7": "seven"}  # SAM-LLaVA style: names with or without the extension
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "wds").mkdir()
+    write_tar(root / "wds" / "part-000.tar.gz", [
+        ("000000.png", (lambda b: (Image.open(io.BytesIO(jpeg_bytes(8))).save(b, "PNG"), b.getvalue())[1])(io.BytesIO())),
+        ("000000.txt", b"a png with a txt caption"), ("000001.jpg", jpeg_bytes(9)),
+        ("000001.json", json.dumps(dict(caption="a jpg with a json caption")).encode()),
+        ("000002.jpg", jpeg_bytes(10))], gz=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tars(tmp_path_factory):
+    return make_tars(tmp_path_factory.mktemp("data") / "tars")
+
+
+def test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks(tiny_sd, tars, tmp_path):
+    out = tmp_path / "sa1b"
+    r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'sa_*.tar'}", f"--captions={tars / 'captions.json'}",
+            f"--out={out}", "--resolution=16", "--batch_size=2", "--num_workers=1", "--std=True", "--flip=True",
+            torchrun=2, **ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0: 1 of its 1 shards" in r.stdout and "rank 1: 1 of its 1 shards" in r.stdout  # one tar each
+    index = {rec["key"]: rec for _, rec in tg.read_jsonl(out / "index.jsonl")}
+    assert sorted(index) == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg", "sa_6.jpg"]
+    assert index["sa_2.jpg"]["caption"] == "a tall red door" and index["sa_6.jpg"]["shard"] == "sa_000001.npy"
+    skipped = {s["image"]: s["reason"] for _, s in tg.read_jsonl(out / "skipped.jsonl")}
+    assert (skipped["sa_3.jpg"], skipped["sa_4.jpg"], skipped["sa_7.jpg"]) == ("unreadable", "no caption", "truncated tar")
+    assert all(name in r.stdout for name in ("sa_3.jpg", "sa_4.jpg", "sa_7.jpg"))  # named in the summary
+    with tarfile.open(tars / "sa_000000.tar") as tar:
+        (tmp_path / "sa_2.jpg").write_bytes(tar.extractfile("sa_2.jpg").read())
+    rec = index["sa_2.jpg"]  # 28 x 40: the crop is y 6..34
+    assert (rec["width"], rec["height"], rec["crop"]) == (28, 40, [0, 6, 28, 34])
+    assert_latents_of(tiny_sd, tmp_path / "sa_2.jpg", out / rec["shard"], rec["row"], 16)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.plain"))
+
+    out = tmp_path / "wds"  # webdataset, gzipped, captions from inside the tar
+    r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'wds' / '*.tar.gz'}", f"--out={out}",
+            "--resolution=16", "--num_workers=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    index = {rec["key"]: rec["caption"] for _, rec in tg.read_jsonl(out / "index.jsonl")}
+    assert index == {"000000.png": "a png with a txt caption", "000001.jpg": "a jpg with a json caption"}
+    assert [s["image"] for _, s in tg.read_jsonl(out / "skipped.jsonl")] == ["000002.jpg"]
+    assert not list(out.glob(".*.plain"))  # the decompressed copy is gone
+
+
+def test_captions_from_a_coco_json_a_name_map_and_a_jsonl(tiny_data, tmp_path):
+    import prep_latents as pl
+
+    coco = pl.load_captions(tiny_data["root"] / "captions.json")  # the first caption by id, as prep_boxes takes
+    assert coco["img_003.jpg"] == "a picture of shapes number 3" and len(coco) == 13
+    assert pl.load_captions(tiny_data["boxes"])["img_003.jpg"] == "a picture of shapes number 3"
+    assert pl.find_caption({"sa_9": "x"}, "sub/sa_9.jpg") == "x" and pl.find_caption({}, "a.jpg") is None
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="bad.json: neither a JSONL"):
+        pl.load_captions(tmp_path / "bad.json")
+
+
+def test_prep_latents_killed_and_restarted_equals_uninterrupted(tiny_sd, tiny_data, tmp_path):
+    out = tmp_path / "latents"
+    args = [f"--model={tiny_sd}", f"--images={tiny_data['root'] / 'images'}", f"--captions={tiny_data['boxes']}",
+            f"--out={out}", "--resolution=16", "--batch_size=5", "--shard_size=4", "--num_workers=2", "--std=True",
+            "--flip=True"]  # the command of the tiny_data fixture
+    # the real script, SIGKILLed halfway through writing its second shard
+    (tmp_path / "dies.py").write_text(
+        "import os, signal, sys, numpy as np\n"
+        "import prep_latents as pl\n"
+        "real, calls = np.save, []\n"
+        "def save(f, a, *args, **kw):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(f, a, *args, **kw)\n"
+        "np.save = save\n"
+        "pl.main(pl.configure(pl.config, sys.argv[1:]))\n")
+    r = run(tmp_path / "dies.py", *args, PYTHONPATH=str(HERE))
+    assert r.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in out.iterdir()) == ["images_00000.json", "images_00000.npy", "images_00001.npy.tmp",
+                                                     "job.json"]
+    r = run("prep_latents.py", *args)  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 of its 4 shards to encode" in r.stdout
+    want = tiny_data["latents"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in want.iterdir())
+    for f in want.iterdir():
+        assert f.read_bytes() == (out / f.name).read_bytes(), f.name
+    r = run("prep_latents.py", *args[:-1], "--flip=False")  # resuming with another setting is refused, and says why
+    assert r.returncode == 1 and "holds shards made with flip=True, this job has flip=False" in r.stderr
+
+
+def test_igligen_import_needs_opt_in_and_reads_its_pickles(tmp_path):
+    import prep_latents as pl
+
+    src, out = tmp_path / "igligen", tmp_path / "latents"
+    (src / "latents").mkdir(parents=True)
+    (src / "boxes").mkdir()
+    lat = np.random.default_rng(0).standard_normal((3, 4, 4, 4)).astype(np.float16)  # 32 px
+    np.save(src / "latents" / "sa_000000.npy", np.array(dict(indices=[12, 5, 7], latents=lat), dtype=object))
+    rows = [[5, "a dog and a ball", np.array([[0.5, 0.5, 0.4, 0.6], [0.1, 0.1, 0.4, 0.4]]), np.array([0.9, 0.1]),
+             ["a dog", "a ball"]],
+            [12, "a cat", np.array([[0.5, 0.5, 1.0, 1.0]]), np.array([0.5]), ["a cat"]]]  # image 7: no caption
+    rows_arr = np.empty(len(rows), dtype=object)
+    rows_arr[:] = [tuple(r) for r in rows]
+    np.save(src / "boxes" / "sa_000000.npy", rows_arr)
+    cfg = {**pl.config, "igligen": str(src), "out": str(out)}
+    with pytest.raises(SystemExit, match="loading a pickle runs whatever code the file holds"):
+        pl.main(cfg)
+    assert not out.exists()
+    pl.main({**cfg, "allow_pickle": True})
+    index = {r["key"]: r for _, r in tg.read_jsonl(out / "index.jsonl")}
+    assert sorted(index) == ["sa_12.jpg", "sa_5.jpg"] and index["sa_5.jpg"]["caption"] == "a dog and a ball"
+    assert [s["image"] for _, s in tg.read_jsonl(out / "skipped.jsonl")] == ["sa_7.jpg"]
+    boxes = {r["image"]: r for _, r in tg.read_jsonl(out / "boxes.jsonl")}
+    assert boxes["sa_5.jpg"]["phrases"] == ["a dog"]  # the ball's confidence 0.1 is under the threshold
+    np.testing.assert_allclose(boxes["sa_5.jpg"]["boxes"], [[0.3, 0.2, 0.7, 0.8]])  # cx, cy, w, h -> corners
+    assert boxes["sa_12.jpg"]["boxes"] == [[0.0, 0.0, 1.0, 1.0]]  # clipped
+    data = tg.GroundedLatents(out, out / "boxes.jsonl")
+    assert data.resolution == 32 and len(data) == 2
+    k = [i for i, it in enumerate(data.items) if it[2] == "a dog and a ball"][0]
+    assert torch.equal(data[(k, False)][0][0], torch.from_numpy(lat[1]))  # image 5 is row 1 of IGLIGEN's shard
+
+
+def test_phrase_spans_and_nms():
+    import prep_boxes as pb
+    from transformers import BertTokenizer
+
+    path = make_tiny_grounding_dino_vocab(Path(tempfile.mkdtemp()))
+    tok = BertTokenizer(str(path / "vocab.txt"))
+    phrases = ["a red square", "circle", "a blue circle"]
+    text, spans = pb.phrase_spans(tok, phrases)
+    ids = tok(text).input_ids
+    for p, span in zip(phrases, spans):  # each phrase's tokens sit where the span says
+        assert [ids[i] for i in span] == tok(p, add_special_tokens=False).input_ids
+    a, b = [0, 0, 0.5, 0.5], [0.05, 0, 0.55, 0.5]  # IoU 0.82
+    found = [("x", 0.5, b), ("x", 0.9, a), ("y", 0.4, a), ("x", 0.3, [0.6, 0.6, 1, 1])]
+    assert pb.nms(found, 0.5) == [("x", 0.9, a), ("y", 0.4, a), ("x", 0.3, [0.6, 0.6, 1, 1])]  # only within a phrase
+    assert len(pb.nms(found, 0.9)) == 4
+
+
+def test_prep_boxes_detects_with_grounding_dino_and_resumes(tars, tmp_path):
+    detector = make_tiny_grounding_dino(tmp_path / "detector")
+    out = tmp_path / "boxes.jsonl"
+    args = [f"--detector={detector}", f"--tars={tars / 'sa_*.tar'}", f"--captions={tars / 'captions.json'}",
+            f"--out={out}", "--box_threshold=0.0", "--text_threshold=0.0", "--nms=1.0", "--batch_size=3",
+            "--num_workers=1"]
+    r = run("prep_boxes.py", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {rec["image"]: rec for _, rec in tg.read_jsonl(out)}
+    assert sorted(recs) == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg", "sa_6.jpg"]
+    assert (recs["sa_2.jpg"]["width"], recs["sa_2.jpg"]["height"], recs["sa_2.jpg"]["caption"]) == (28, 40, "a tall red door")
+    for rec in recs.values():  # box threshold 0 and no NMS: every query is a box
+        assert len(rec["boxes"]) == len(rec["phrases"]) == len(rec["scores"]) == 8
+        assert all(0 <= v <= 1 for b in rec["boxes"] for v in b) and all(b[2] > b[0] and b[3] > b[1] for b in rec["boxes"])
+    assert recs["sa_1.jpg"]["phrases"][0] == "a cat on a mat"  # text threshold 0: all the caption's words, in order
+    skipped = {s["image"]: s["skipped"] for _, s in tg.read_jsonl(tmp_path / "boxes.skipped.jsonl")}
+    assert skipped["sa_3.jpg"] == "unreadable" and skipped["sa_4.jpg"] == "no caption" and "sa_7.jpg" in skipped
+    for i, (_, rec) in enumerate(tg.read_jsonl(out)):
+        tg.check_layout(rec["phrases"], rec["boxes"], f"{out}:{i + 1}")
+
+    parts = tmp_path / "boxes.jsonl.parts"
+    before = out.read_text()
+    (parts / "sa_000001.jsonl").unlink()  # as if killed while on the second tar
+    r = run("prep_boxes.py", *args)
+    assert r.returncode == 0 and "1 of its 2 shards to detect" in r.stdout, r.stderr[-3000:]
+    assert out.read_text() == before
+
+    # given phrases (a folder of images this time), and NMS: each box takes one of its image's phrases
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg_bytes(i, (48, 32)))
+    (tmp_path / "phrases.jsonl").write_text(json.dumps(dict(image="0.jpg", phrases=["a red square", "circle"])) + "\n"
+                                            + json.dumps(dict(image="1.jpg", phrases=["a blue circle"])) + "\n")
+    r = run("prep_boxes.py", f"--detector={detector}", f"--images={tmp_path / 'imgs'}",
+            f"--phrases={tmp_path / 'phrases.jsonl'}", f"--out={tmp_path / 'given.jsonl'}", "--box_threshold=0.0",
+            "--nms=0.3", "--num_workers=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {rec["image"]: rec for _, rec in tg.read_jsonl(tmp_path / "given.jsonl")}
+    assert sorted(recs) == ["0.jpg", "1.jpg"] and "2.jpg" in r.stdout  # 2.jpg has no phrases: skipped, named
+    assert set(recs["0.jpg"]["phrases"]) <= {"a red square", "circle"} and set(recs["1.jpg"]["phrases"]) == {"a blue circle"}
+    import score_grounding as sg
+    for rec in recs.values():  # after NMS no two boxes of a phrase overlap by more than 0.3
+        for i, (p, a) in enumerate(zip(rec["phrases"], rec["boxes"])):
+            assert all(sg.iou(a, b) <= 0.3 for q, b in zip(rec["phrases"][:i], rec["boxes"][:i]) if q == p)

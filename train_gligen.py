@@ -72,6 +72,7 @@ config = dict(
     grounding_drop=0.1,  # probability that a sample gets null grounding (all slots empty)
     max_boxes=30,  # boxes per image, largest first (at most 30, the number of grounding slots)
     min_box_area=0.01,  # boxes under this fraction of the training crop are dropped
+    flip=True,  # mirror half the samples, boxes too, where prep_latents.py stored flipped latents (--flip=True)
     seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
     dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
     num_workers=4,  # data loader processes per GPU
@@ -409,9 +410,10 @@ def read_jsonl(path):
 
 
 class GroundedLatents(torch.utils.data.Dataset):
-    """One item per image: its latent (4, h, w), caption, and up to max_boxes (phrase, box) in its training crop.
-    Boxes are stored relative to the original image; they go through the crop that prep_latents.py took, are
-    clipped to it, dropped under min_box_area of it, and kept largest first."""
+    """Item (i, flip): image i's latent (stats, 4, h, w) (stats: mean, or mean and std), caption, and up to max_boxes
+    (phrase, box) in its training crop, all mirrored if flip. Boxes are stored relative to the original image; they
+    go through the crop that prep_latents.py took, are clipped to it, dropped under min_box_area of it, and kept
+    largest first. Shards are memmapped: a sample reads only its own rows, from any shard."""
 
     def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01):
         self.dir = Path(latents_dir)
@@ -419,7 +421,8 @@ class GroundedLatents(torch.utils.data.Dataset):
                           (Path(boxes_path), "prep_boxes")):
             if not f.is_file():
                 fail(f"data file not found: {f} (write it with {script}.py)")
-        self.resolution = json.loads((self.dir / "meta.json").read_text())["resolution"]
+        meta = json.loads((self.dir / "meta.json").read_text())
+        self.resolution, self.has_flipped = meta["resolution"], "flipped" in meta["views"]
         layouts = {}
         for line, rec in read_jsonl(boxes_path):
             where = f"{boxes_path}:{line} (image {rec.get('image')!r})"
@@ -457,11 +460,14 @@ class GroundedLatents(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        (i, flip), view = item, int(item[1])  # view 1: the mirrored image's latent
         shard, row, caption, phrases, boxes = self.items[i]
         if shard not in self.shards:  # memmapped, opened once per worker process
             self.shards[shard] = np.load(self.dir / shard, mmap_mode="r")
-        return torch.from_numpy(np.array(self.shards[shard][row])), caption, phrases, boxes
+        if flip:
+            boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1)
+        return torch.from_numpy(np.array(self.shards[shard][row, view])), caption, phrases, boxes
 
 
 def collate(tokenizer, items):
@@ -472,19 +478,21 @@ def collate(tokenizer, items):
                 phrase_mask=mask, slot_phrase=slot_phrase, boxes=boxes, masks=masks)
 
 
-def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step):
-    """This rank's micro-batches (dataset indices), step after step from start_step. Each epoch is a new permutation
-    seeded by (seed, epoch), the same on all ranks; the global batch of a step is split into micro-batches ordered
-    by (micro-step, rank), and this rank takes its own, so every rank sees different samples."""
+def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step, flip=False):
+    """This rank's micro-batches [(dataset index, flip)], step after step from start_step. Each epoch is a new
+    permutation (and, with flip, a coin per sample) seeded by (seed, epoch), the same on all ranks; the global batch
+    of a step is split into micro-batches ordered by (micro-step, rank), and this rank takes its own, so every rank
+    sees different samples. Starting at any step needs no replay: the position follows from the step."""
     accum, per_epoch = global_batch // (micro_batch * world), n // global_batch
     step, perm_epoch = start_step, -1
     while True:
         epoch, b = divmod(step, per_epoch)
         if epoch != perm_epoch:
-            perm, perm_epoch = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)), epoch
+            g = torch.Generator().manual_seed(seed + epoch)
+            perm, coins, perm_epoch = torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g), epoch
         for micro in range(accum):
             s = b * global_batch + (micro * world + rank) * micro_batch
-            yield perm[s:s + micro_batch].tolist()
+            yield [(i, flip and bool(coins[i])) for i in perm[s:s + micro_batch].tolist()]
         step += 1
 
 
@@ -659,7 +667,8 @@ def main(cfg):
     empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
     # Data: each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
-        data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step), num_workers=cfg["num_workers"],
+        data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step, cfg["flip"] and data.has_flipped),
+        num_workers=cfg["num_workers"],
         collate_fn=partial(collate, tokenizer), pin_memory=cuda, worker_init_fn=ignore_stop_signals))
 
     # Logging and validation, on rank 0.
@@ -713,12 +722,14 @@ def main(cfg):
         for micro in range(accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
             g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
-            x0 = batch["latents"].float()
+            x0 = batch["latents"][:, 0].float()  # the VAE mean
             b = x0.shape[0]
             keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
             keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
             noise = torch.randn(x0.shape, generator=g, device=device)
             t = torch.randint(0, T, (b,), generator=g, device=device)
+            if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
+                x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
             xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
             with torch.no_grad(), autocast:
                 ids = torch.where(keep_caption[:, None], batch["caption_ids"], empty_ids)
