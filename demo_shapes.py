@@ -179,7 +179,7 @@ def box_use(model, adapters, data, n=512, seed=0):
 
 # -----------------------------------------------------------------------------------------------------------------
 # The base model, trained on captions alone.
-def write_tokenizer(path):
+def write_tokenizer(path, words=WORDS, max_length=16):
     """A CLIP BPE tokenizer whose merges spell each word of this world into one token (vocab.json + merges.txt)."""
     from transformers import CLIPTokenizer
 
@@ -189,7 +189,7 @@ def write_tokenizer(path):
     bs += [b for b in range(256) if b not in bs]
     chars = [chr(c) for c in cs]  # CLIP's byte alphabet
     vocab, merges = chars + [c + "</w>" for c in chars], []
-    for w in sorted(WORDS, key=len, reverse=True):  # "red": r e -> re, re d</w> -> red</w>; longest words first,
+    for w in sorted(words, key=len, reverse=True):  # "red": r e -> re, re d</w> -> red</w>; longest words first,
         # so that no shorter word's merge ("a n" of "and") can split a longer one ("triangle") before it is spelled
         piece = w[0]
         for k, ch in enumerate(w[1:], 1):
@@ -201,7 +201,7 @@ def write_tokenizer(path):
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
 
 
 def train_base(root, model_dir, cfg):

@@ -223,6 +223,10 @@ def test_phrases_padded_to_longest_equal_each_alone(tiny_sd):
     layouts = [(["a dog", "a red car parked in the rain"], [[0, 0, 1, 1]] * 2), (["a dog"], [[0, 0, 0.5, 0.5]])]
     ids, mask, slot_phrase, boxes, masks = tg.layout_tensors(tok, layouts)
     assert ids.shape[0] == 2 and ids.shape[1] < 77  # "a dog" once; padded to the longest phrase, not to 77
+    for phrases in (["a dog", "a red car parked in the rain"], ["a cat", "a dog"]):  # remembered and new phrases
+        want = tok(phrases, padding="longest", max_length=77, truncation=True, return_tensors="pt")
+        got = tg.tokenize_phrases(tok, phrases)
+        assert torch.equal(got[0], want.input_ids) and torch.equal(got[1], want.attention_mask)
     with torch.no_grad():
         feats = tg.grounding(te, ids, mask, slot_phrase, boxes, masks)["positive_embeddings"]  # (2, 30, D)
         for i, (phrases, _) in enumerate(layouts):
