@@ -154,9 +154,9 @@ def box_use(model, adapters, data, n=512, seed=0):
     tg.inject_gligen(unet)
     tg.set_adapters(unet, tg.load_adapters(str(adapters)), str(adapters))
     ds = tg.GroundedLatents(data / "latents", data / "boxes.jsonl")
-    items = [ds[i] for i in range(min(n, len(ds)))]
+    items = [ds[(i, False)] for i in range(min(n, len(ds)))]
     b, g = tg.collate(tokenizer, items), torch.Generator().manual_seed(seed)
-    x0 = b["latents"].float()
+    x0 = b["latents"][:, 0].float()  # the VAE mean
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, len(scheduler.alphas_cumprod), (len(x0),), generator=g)
     xt, target = tg.forward_process(scheduler.alphas_cumprod, x0, noise, t, scheduler.config.prediction_type)

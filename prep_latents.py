@@ -287,7 +287,8 @@ def encode_shard(vae, cfg, out, name, source, captions, root, dtype):
 
 
 def finish(out, shards, settings, extra=None):
-    """Join the shards' indexes into index.jsonl, skipped.jsonl and meta.json (index.jsonl last: it marks the end)."""
+    """Join the shards' indexes into index.jsonl, skipped.jsonl and meta.json (index.jsonl last: it marks the end).
+    Without a resolution in settings (IGLIGEN's shards) it is the latents' size x 8, as in every SD VAE."""
     missing = [name for name, _ in shards if not (out / f"{name}.json").is_file()]
     if missing:
         fail(f"{len(missing)} shards are not encoded yet (e.g. {missing[:3]}); run the job again to finish them")
@@ -312,7 +313,7 @@ def finish(out, shards, settings, extra=None):
     write_atomic(out / "skipped.jsonl", lines(skipped))
     if boxes:
         write_atomic(out / "boxes.jsonl", lines(boxes))
-    meta = dict(settings, resolution=shape[-1] * 8, latent_shape=list(shape[2:]), views=["original", "flipped"][:shape[0]],
+    meta = dict({"resolution": shape[-1] * 8, **settings}, latent_shape=list(shape[2:]), views=["original", "flipped"][:shape[0]],
                 stats=["mean", "std"][:shape[1]], images=len(index), shards=len(shards), skipped=len(skipped),
                 **(extra or {}))
     write_atomic(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))

@@ -256,7 +256,7 @@ def test_prep_latents_encodes_crops_and_names_skipped(tiny_sd, tiny_data):
     out = tiny_data["latents"]
     meta = json.loads((out / "meta.json").read_text())
     index = [json.loads(l) for l in (out / "index.jsonl").read_text().splitlines()]
-    assert meta["latent_shape"] == [4, 8, 8] and meta["images"] == len(index) == 12
+    assert meta["latent_shape"] == [4, 8, 8] and meta["resolution"] == 16 and meta["images"] == len(index) == 12
     assert (meta["views"], meta["stats"]) == (["original", "flipped"], ["mean", "std"])
     assert sorted(p.name for p in out.glob("*.npy")) == [f"images_0000{i}.npy" for i in range(4)]  # 14 files, 4 a shard
     assert not list(out.glob("*.tmp"))
