@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import score_grounding
 import train_gligen as tg
-from train_gligen import configure, draw_layout, fail, read_jsonl
+from train_gligen import configure, draw_layout, fail
 
 config = dict(
     out="demo",  # everything the demo makes goes here

@@ -1,6 +1,6 @@
 """
 Write the phrases-and-boxes file that train_gligen.py reads: from COCO annotations, or by detecting the objects
-with GroundingDINO (or OWLv2), as IGLIGEN made its SA-1B boxes.
+with GroundingDINO, as IGLIGEN made its SA-1B boxes.
 
     python prep_boxes.py --instances=coco/annotations/instances_train2017.json \
         --captions=coco/annotations/captions_train2017.json --out=data/coco/boxes.jsonl
@@ -18,7 +18,7 @@ prep_latents.py.
 Detection (--detector): the inputs and captions are prep_latents.py's (--images or --tars, --captions). The phrases
 are the caption's tokens whose score on a box passes --text_threshold, for boxes whose best token score passes
 --box_threshold (GroundingDINO's phrases from its token map, as IGLIGEN made them), or, with --phrases=<JSONL of {"image", "phrases"}>, the
-given phrases, each box labelled with the phrase its score is highest on (the only mode for OWLv2). Overlapping
+given phrases, each box labelled with the phrase its score is highest on. Overlapping
 boxes of one phrase are thinned by non-maximum suppression (--nms, IoU). Each image is detected whole, at the
 detector's own resolution, in batches; boxes are stored relative to the original image with its size, and with
 their "scores". Under torchrun the input shards are split over the ranks; each shard's boxes go to
@@ -48,7 +48,7 @@ config = dict(
     captions="",  # COCO captions JSON (first caption of each image); with --detector, as prep_latents.py's
     out="data/boxes.jsonl",  # output file, one JSON line per image
     crowd=False,  # keep iscrowd annotations
-    detector="",  # detect instead: a GroundingDINO or OWLv2, Hub id or local dir (IDEA-Research/grounding-dino-base)
+    detector="",  # detect instead: a GroundingDINO, Hub id or local dir (e.g. IDEA-Research/grounding-dino-base)
     images="",  # with --detector: a folder of images, as prep_latents.py
     tars="",  # with --detector: or tar files, as prep_latents.py
     phrases="",  # with --detector: JSONL of {"image", "phrases"} to detect; "" = the caption's own token spans
@@ -153,9 +153,9 @@ class Detect(pl.Images):
         try:
             with pl.read_image(file, offset, size, self.handles) as im:
                 im = im.convert("RGB")
-            return key, self.processor.image_processor(im, return_tensors="pt"), im.size, None
-        except Exception as e:
+        except Exception as e:  # a corrupt or truncated image; an error of the detector's own code is not caught
             return key, None, None, f"{type(e).__name__}: {e}"
+        return key, self.processor.image_processor(im, return_tensors="pt"), im.size, None
 
 
 def phrase_spans(tokenizer, phrases):
@@ -182,27 +182,17 @@ def detect_batch(model, processor, batch, captions, phrase_lists, cfg, device):
     """[(phrase, score, box relative to the image)] for each image of a batch. With phrase_lists, each box takes
     the given phrase it scores highest on; else the phrase is made of the caption's tokens that score on the box."""
     pixels, mask = pad([b[1]["pixel_values"][0] for b in batch])
-    if model.config.model_type == "owlv2":  # a list of queries per image, padded with empty queries
-        n = max(len(p) for p in phrase_lists)
-        text = processor.tokenizer([q for p in phrase_lists for q in p + [""] * (n - len(p))], padding="max_length",
-                                   max_length=16, truncation=True, return_tensors="pt")
-        out = model(pixel_values=pixels.to(device), input_ids=text.input_ids.to(device),
-                    attention_mask=text.attention_mask.to(device))
-    else:
-        texts = [phrase_spans(processor.tokenizer, p)[0] if p else c.lower().strip() + "."
-                 for c, p in zip(captions, phrase_lists)]
-        text = processor.tokenizer(texts, padding="longest", return_tensors="pt")
-        inputs = dict(pixel_values=pixels, pixel_mask=mask, input_ids=text.input_ids, attention_mask=text.attention_mask,
-                      **({"token_type_ids": text.token_type_ids} if "token_type_ids" in text else {}))
-        out = model(**{k: v.to(device) for k, v in inputs.items()})
+    texts = [phrase_spans(processor.tokenizer, p)[0] if p else c.lower().strip() + "."
+             for c, p in zip(captions, phrase_lists)]
+    text = processor.tokenizer(texts, padding="longest", return_tensors="pt")
+    inputs = dict(pixel_values=pixels, pixel_mask=mask, input_ids=text.input_ids, attention_mask=text.attention_mask,
+                  **({"token_type_ids": text.token_type_ids} if "token_type_ids" in text else {}))
+    out = model(**{k: v.to(device) for k, v in inputs.items()})
     not_words = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.convert_tokens_to_ids([".", "?"]))
     found = []
     for b, (_, _, (W, H), _) in enumerate(batch):
         probs, boxes = out.logits[b].sigmoid().float().cpu(), out.pred_boxes[b].float().cpu()  # (Q, T), (Q, 4) cxcywh
-        xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
-        if model.config.model_type == "owlv2":  # relative to the image padded to a square at the bottom and right
-            xyxy = xyxy * max(W, H) / torch.tensor([W, H, W, H])
-        xyxy = xyxy.clamp(0, 1)
+        xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1).clamp(0, 1)
         if phrase_lists[b] is None:  # a box's phrase: the caption's tokens scoring over text_threshold on it
             ids = text.input_ids[b].tolist()
             words = [i for i, t in enumerate(ids) if text.attention_mask[b, i] and t not in not_words]
@@ -214,11 +204,8 @@ def detect_batch(model, processor, batch, captions, phrase_lists, cfg, device):
                     dets.append((phrase.strip(), float(score[q]), xyxy[q].tolist()))
         else:
             phrases = phrase_lists[b]
-            if model.config.model_type == "owlv2":
-                per_phrase = probs[:, :len(phrases)]  # (Q, phrases)
-            else:
-                per_phrase = torch.stack([probs[:, list(sp)].max(1).values
-                                          for sp in phrase_spans(processor.tokenizer, phrases)[1]], 1)
+            per_phrase = torch.stack([probs[:, list(sp)].max(1).values  # (Q, phrases)
+                                      for sp in phrase_spans(processor.tokenizer, phrases)[1]], 1)
             score, which = per_phrase.max(1)
             dets = [(phrases[int(which[q])], float(score[q]), xyxy[q].tolist())
                     for q in range(len(score)) if score[q] > cfg["box_threshold"]]
@@ -253,10 +240,8 @@ def detect_main(cfg):
             model = AutoModelForZeroShotObjectDetection.from_pretrained(cfg["detector"]).to(device).eval()
         except (OSError, ValueError) as e:
             fail(f"cannot load the detector {cfg['detector']!r} (a Hub id or a local directory): {e}")
-        if model.config.model_type not in ("grounding-dino", "owlv2"):
-            fail(f"{cfg['detector']} is a {model.config.model_type!r} model; GroundingDINO or OWLv2 are read")
-        if model.config.model_type == "owlv2" and given is None:
-            fail("OWLv2 detects given phrases only: pass --phrases=<JSONL of {image, phrases}>")
+        if model.config.model_type != "grounding-dino":
+            fail(f"{cfg['detector']} is a {model.config.model_type!r} model; this script reads GroundingDINO's outputs")
         t0, n_images = time.perf_counter(), 0
         for name, source in tqdm(todo, desc=f"rank {rank} shards", unit="shard", position=rank):
             n_images += detect_shard(model, processor, cfg, parts, name, source, captions, given, device)
