@@ -222,6 +222,7 @@ def detect_main(cfg):
     shards = pl.input_shards(cfg)
     settings = {k: cfg[k] for k in ("detector", "images", "tars", "captions", "phrases", "box_threshold",
                                     "text_threshold", "nms", "shard_size")}
+    settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)
     rank, world, device = pl.start(parts, settings)
     captions = pl.load_captions(cfg["captions"]) if cfg["captions"] else None
     given = None

@@ -361,7 +361,8 @@ def main(cfg):
     except (OSError, ValueError) as e:
         fail(f"cannot load the VAE of {cfg['model']!r}: {e}")
     settings = {k: cfg[k] for k in ("model", "resolution", "std", "flip", "images", "tars", "shard_size")}
-    rank, world, device = start(out, dict(settings, scaling_factor=scaling))
+    settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)  # a changed folder
+    rank, world, device = start(out, dict(settings, scaling_factor=scaling))  # would shift the shards: refused
     captions = load_captions(cfg["captions"]) if cfg["captions"] else None
     dtype = torch.bfloat16 if cfg["dtype"] == "auto" and device.type == "cuda" else torch.float32
     todo = [(n, s) for n, s in shards[rank::world] if not (out / f"{n}.json").is_file()]
