@@ -1054,3 +1054,16 @@ def test_prep_boxes_detects_with_grounding_dino_and_resumes(tars, tmp_path):
     for rec in recs.values():  # after NMS no two boxes of a phrase overlap by more than 0.3
         for i, (p, a) in enumerate(zip(rec["phrases"], rec["boxes"])):
             assert all(sg.iou(a, b) <= 0.3 for q, b in zip(rec["phrases"][:i], rec["boxes"][:i]) if q == p)
+
+
+def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path):
+    """With the VAE's std stored, each step trains on mean + std x noise: zeroing the std changes the loss."""
+    latents = tmp_path / "latents"
+    shutil.copytree(tiny_data["latents"], latents)
+    for f in latents.glob("*.npy"):
+        shard = np.load(f)
+        shard[:, :, 1] = 0  # every view's std
+        np.save(f, shard)
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "with", max_steps=2))
+    tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "without", max_steps=2), "latents": str(latents)})
+    assert losses(tmp_path / "with") != losses(tmp_path / "without")
