@@ -7,7 +7,9 @@ Generate images from a base Stable Diffusion model plus GLIGEN adapters, for a p
     python sample.py --model=CompVis/stable-diffusion-v1-4 --adapters=masterful/gligen-1-4-generation-text-box ...
     python sample.py --model=... --adapters=out/coco --export=gligen-pipeline   # a diffusers pipeline directory
 
-Boxes are x0, y0, x1, y1 relative to the image. --adapters takes this project's out_dir, one of its step_*
+Boxes are x0, y0, x1, y1 relative to the image. SDXL models work the same way. Video models (ModelScope,
+Zeroscope) make --frames frames: --boxes is one list of boxes (still) or one list per frame (moving), and each clip
+is written as <layout>_<i>.gif and <layout>_<i>_boxes.gif, with its frames in <layout>_<i>/. --adapters takes this project's out_dir, one of its step_*
 checkpoints or an adapters.safetensors, or a diffusers GLIGEN model (directory or Hub id). Each image is written
 as <layout>_<i>.png, with a copy <layout>_<i>_boxes.png that has the boxes and phrases drawn on.
 --export writes a directory that diffusers' StableDiffusionGLIGENPipeline.from_pretrained loads; with the same seed,
@@ -19,8 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train_gligen import (check_layout, configure, draw_layout, fail, generate, inject_gligen, load_adapters,
-                          load_base, read_jsonl, set_adapters)
+from train_gligen import (check_layout, configure, draw_layout, fail, generate, inject_gligen, is_sdxl, is_video,
+                          load_adapters, load_base, read_jsonl, set_adapters)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -37,6 +39,8 @@ config = dict(
     scheduler="ddim",  # ddim, dpm (DPM-Solver++ multistep), euler, euler_a, pndm, ddpm
     height=0,  # 0 = the model's native size
     width=0,  # 0 = the model's native size
+    frames=16,  # video models: frames per clip
+    fps=8,  # video models: frames per second of the GIFs
     dtype="auto",  # auto: fp16 on CUDA, fp32 on CPU; or fp32, fp16, bf16
     out_dir="samples",  # where the images go
     export="",  # also write a full diffusers StableDiffusionGLIGENPipeline directory here
@@ -73,13 +77,19 @@ def main(cfg):
     else:
         layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"])
         layouts = [("--prompt/--phrases/--boxes", layout)]
+    unet, text_encoder, tokenizer, _ = load_base(cfg["model"], device, dtype)
     for where, l in layouts:
         if not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string")
-        check_layout(l.get("phrases"), l.get("boxes"), where)
-
-    unet, text_encoder, tokenizer, _ = load_base(cfg["model"], device, dtype)
-    vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
+        moving = is_video(unet) and l.get("boxes") and isinstance(l["boxes"][0], list) and l["boxes"][0] \
+            and isinstance(l["boxes"][0][0], list)
+        if moving and len(l["boxes"]) != cfg["frames"]:
+            fail(f"{where}: {len(l['boxes'])} lists of boxes for --frames={cfg['frames']}")
+        for f, frame_boxes in enumerate(l["boxes"] if moving else [l.get("boxes")]):
+            check_layout(l.get("phrases"), frame_boxes, where + (f" frame {f}" if moving else ""))
+    # SDXL's VAE overflows in fp16: it decodes in fp32 there
+    vae_dtype = torch.float32 if is_sdxl(unet) and dtype == torch.float16 else dtype
+    vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
     scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
     if cfg["adapters"]:
         inject_gligen(unet)
@@ -88,8 +98,8 @@ def main(cfg):
     else:
         print("no --adapters: sampling the base model, boxes ignored")
     if cfg["export"]:
-        if not cfg["adapters"]:
-            fail("--export needs --adapters")
+        if not cfg["adapters"] or is_sdxl(unet) or is_video(unet):
+            fail("--export needs --adapters and an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
         export(cfg["export"], unet, vae, text_encoder, tokenizer, scheduler)
         print(f"wrote a StableDiffusionGLIGENPipeline to {cfg['export']}")
 
@@ -99,12 +109,29 @@ def main(cfg):
         images = generate(unet, vae, text_encoder, tokenizer, scheduler, l["prompt"],
                           l["phrases"] if cfg["adapters"] else [], l["boxes"], seed=cfg["seed"] + k, n=cfg["n"],
                           steps=cfg["steps"], guidance=cfg["guidance"], beta=cfg["beta"],
-                          height=cfg["height"] or None, width=cfg["width"] or None)
+                          height=cfg["height"] or None, width=cfg["width"] or None, frames=cfg["frames"])
         for i, im in enumerate(images):
+            name = f"{k:03d}_{i:02d}"
+            if is_video(unet):
+                write_clip(out, name, im, l["phrases"], l["boxes"], cfg["fps"])
+                continue
             im = Image.fromarray(im)
-            im.save(out / f"{k:03d}_{i:02d}.png")
-            draw_layout(im, l["phrases"], l["boxes"]).save(out / f"{k:03d}_{i:02d}_boxes.png")
-    print(f"wrote {len(layouts) * cfg['n']} images (and copies with boxes) to {out}")
+            im.save(out / f"{name}.png")
+            draw_layout(im, l["phrases"], l["boxes"]).save(out / f"{name}_boxes.png")
+    what = "clips (frames, a GIF, a GIF with boxes)" if is_video(unet) else "images (and copies with boxes)"
+    print(f"wrote {len(layouts) * cfg['n']} {what} to {out}")
+
+
+def write_clip(out, name, frames, phrases, boxes, fps):
+    """A clip's frames as PNGs in out/name/, and two GIFs: out/name.gif and out/name_boxes.gif with boxes drawn."""
+    moving = boxes and isinstance(boxes[0][0], (list, tuple))
+    (out / name).mkdir(exist_ok=True)
+    plain = [Image.fromarray(f) for f in frames]
+    drawn = [draw_layout(im, phrases, boxes[f] if moving else boxes) for f, im in enumerate(plain)]
+    for f, im in enumerate(plain):
+        im.save(out / name / f"frame_{f:03d}.png")
+    for path, ims in ((out / f"{name}.gif", plain), (out / f"{name}_boxes.gif", drawn)):
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,68 @@ def make_tiny_sd(path, prediction_type="epsilon", sd2=False):
     return path
 
 
+def make_tiny_sdxl(path):
+    """A tiny SDXL-shaped model: two text encoders (32 + 32 = the UNet's 64-wide cross-attention, the second with a
+    projection), a second tokenizer padding with "!", "text_time" added conditioning, 2-layer transformer blocks."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    n_vocab = write_tokenizer(path / "_tok")
+    tok = [CLIPTokenizer(str(path / "_tok" / "vocab.json"), str(path / "_tok" / "merges.txt"), model_max_length=77,
+                         **kw) for kw in ({}, {"pad_token": "!"})]
+    te = dict(vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=77, bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16,
+                        scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**te)),
+                              text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te, projection_dim=32)),
+                              tokenizer=tok[0], tokenizer_2=tok[1], unet=unet, scheduler=scheduler).save_pretrained(path)
+    return path
+
+
+def make_tiny_video(path):
+    """A tiny ModelScope-shaped text-to-video model (UNet3DConditionModel: spatial and temporal transformers)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    n_vocab = write_tokenizer(path / "_tok")
+    tokenizer = CLIPTokenizer(str(path / "_tok" / "vocab.json"), str(path / "_tok" / "merges.txt"), model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1))
+    unet = UNet3DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                          scheduler=scheduler).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tmp_path_factory):
+    return make_tiny_video(tmp_path_factory.mktemp("tiny-video"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
@@ -105,11 +167,12 @@ def grounding_inputs(B=2, D=32, seed=1):
 
 # ---------------------------------------------------------------------------------------------------------------
 # (a) the hand-written layers equal diffusers' gated UNet with the same weights; alpha = 0 equals the base
-@pytest.mark.parametrize("variant", ["sd1", "sd2"])
-def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2):
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_sdxl):
     from diffusers import UNet2DConditionModel
 
-    model = tiny_sd if variant == "sd1" else tiny_sd2
+    model = dict(sd1=tiny_sd, sd2=tiny_sd2, sdxl=tiny_sdxl)[variant]
+    D = 64 if variant == "sdxl" else 32
     torch.manual_seed(0)
     base = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     # diffusers' own gated UNet on the same base. (from_pretrained(..., attention_type="gated") would leave the new
@@ -123,23 +186,101 @@ def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2):
     ours = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet")).eval()
     assert list(ours.state_dict()) == list(gated.state_dict())  # the same names, in the same order
     tg.set_adapters(ours, tg.adapter_state(gated), "diffusers")
-    assert len([n for n in tg.adapter_state(ours) if n.endswith("fuser.alpha_attn")]) == 7  # one per block
+    n_blocks = len([n for n in tg.adapter_state(ours) if n.endswith("fuser.alpha_attn")])
+    assert n_blocks == (8 if variant == "sdxl" else 7)  # one per transformer block
 
     g = torch.Generator().manual_seed(0)
-    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, D, generator=g)
     t = torch.tensor([10, 700])
-    kw = {"gligen": grounding_inputs()}
+    kw = {"gligen": grounding_inputs(D=D)}
+    added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g),
+                                   "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}} if variant == "sdxl" else {}
     with torch.no_grad():
-        want = gated(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
-        got = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
-        base_out = base(x, t, encoder_hidden_states=text).sample
+        want = gated(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw, **added).sample
+        got = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw, **added).sample
+        base_out = base(x, t, encoder_hidden_states=text, **added).sample
     assert (got - want).abs().max() <= 1e-5
     assert (got - base_out).abs().max() > 1e-2  # the adapters do act
 
     fresh = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
     with torch.no_grad():
-        zero = fresh(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
+        zero = fresh(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw, **added).sample
     assert torch.equal(zero, base_out)  # alphas at zero: exactly the base UNet
+
+
+def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
+    """ModelScope-shaped UNet3D: fusers in the spatial transformer blocks, none in the temporal ones, grounding
+    tokens per frame; fresh adapters leave it exactly the base; open gates change it."""
+    from diffusers import UNet3DConditionModel
+
+    base = UNet3DConditionModel.from_pretrained(tiny_video, subfolder="unet").eval()
+    ours = tg.inject_gligen(UNet3DConditionModel.from_pretrained(tiny_video, subfolder="unet")).eval()
+    names = list(tg.adapter_state(ours))
+    assert len([n for n in names if n.endswith("fuser.alpha_attn")]) == 4  # the 4 spatial blocks
+    assert not [n for n in names if "temp_attentions" in n or "transformer_in" in n]  # temporal: untouched
+    assert all(n in ours.state_dict() for n in base.state_dict())
+    B, F_ = 2, 3
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(B, 4, F_, 8, 8, generator=g), torch.randn(B, 77, 32, generator=g)
+    t = torch.tensor([10, 700])
+    kw = {"gligen": grounding_inputs(B=B * F_)}  # one set of tokens per frame: rows b * F + f
+    with torch.no_grad():
+        base_out = base(x, t, encoder_hidden_states=text).sample
+        assert torch.equal(ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample, base_out)
+        for name, p in ours.named_parameters():
+            if tg.is_adapter(name):
+                p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
+        got = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
+        moved = {**kw["gligen"], "boxes": kw["gligen"]["boxes"].flip(-1)}
+        other = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": moved}).sample
+    assert got.shape == base_out.shape and (got - base_out).abs().max() > 1e-2
+    # grounding rows 0 and 1 (the only ones with boxes) are frames 0 and 1 of clip 0: moving them changes clip 0 only
+    assert (got[0] - other[0]).abs().max() > 0 and torch.equal(got[1], other[1])
+
+
+def test_sdxl_text_features_and_size_conditioning(tiny_sdxl):
+    """SDXL: both tokenizers (their own pad tokens), the 2048-style phrase feature = ViT-L pooled beside bigG's
+    projected EOS feature, the context = both penultimate layers; time ids from the crop (mirrored for a flip)."""
+    _, te, tok, _ = tg.load_base(str(tiny_sdxl), "cpu", torch.float32)
+    ids, mask = tg.tokenize(tok, ["a red square"])
+    assert ids.shape == (1, 2, 77) and ids[0, 0, -1] == tok[0].pad_token_id and ids[0, 1, -1] == tok[1].pad_token_id
+    assert tok[0].pad_token_id != tok[1].pad_token_id and torch.equal(ids[0, 0, :5], ids[0, 1, :5])
+    with torch.no_grad():
+        out = te(ids)
+        o1 = te.te1(ids[:, 0], output_hidden_states=True)
+        o2 = te.te2(ids[:, 1], output_hidden_states=True)
+    assert torch.equal(out.pooler_output, torch.cat([o1.pooler_output, o2.text_embeds], -1))  # (1, 64)
+    assert torch.equal(out.last_hidden_state, torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1))
+    rec = dict(width=48, height=32, crop=[8, 0, 40, 32])  # resized to 16 on the short side: 24 x 16, crop left 4
+    assert tg.GroundedLatents.time_ids(rec, 16) == ((32, 48, 0, 4, 16, 16), 4)
+    rec = dict(width=51, height=32, crop=[9, 0, 41, 32])  # an odd margin: the mirrored crop starts one further
+    assert tg.GroundedLatents.time_ids(rec, 32) == ((32, 51, 0, 9, 32, 32), 10)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "video"])
+def test_sdxl_and_video_train_resume_and_sample(family, tiny_sdxl, tiny_video, tiny_data, tmp_path):
+    """Each family trains, resumes bit-equal, and samples: SDXL images; video clips with moving boxes, as GIFs."""
+    import sample
+
+    model = tiny_sdxl if family == "sdxl" else tiny_video
+    tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4), "model": str(model)})
+    tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=2, save_every=2), "model": str(model)})
+    tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=4, save_every=2), "model": str(model)})
+    straight = adapters_of(tmp_path / "straight")
+    assert_equal_adapters(adapters_of(tmp_path / "resumed"), straight)
+    assert np.isfinite(losses(tmp_path / "straight")).all()
+    fresh = tg.adapter_state(tg.inject_gligen(tg.load_base(str(model), "cpu", torch.float32)[0]))
+    assert all(not torch.equal(straight[k], fresh[k]) for k in straight if k.endswith("alpha_attn"))  # it trained
+    out = tmp_path / "samples"
+    boxes = [[[0.1 + 0.1 * f, 0.2, 0.5 + 0.1 * f, 0.8]] for f in range(3)] if family == "video" else [[0.1, 0.2, 0.5, 0.8]]
+    sample.main({**sample.config, "model": str(model), "adapters": str(tmp_path / "straight"), "prompt": "a red square",
+                 "phrases": ["a red square"], "boxes": boxes, "n": 1, "steps": 2, "frames": 3, "out_dir": str(out)})
+    if family == "video":
+        assert sorted(p.name for p in (out / "000_00").iterdir()) == [f"frame_{f:03d}.png" for f in range(3)]
+        with Image.open(out / "000_00_boxes.gif") as gif:
+            assert gif.n_frames == 3 and gif.size == (256, 256)  # enlarged to draw the boxes readably
+    else:
+        assert Image.open(out / "000_00.png").size == (16, 16) and (out / "000_00_boxes.png").is_file()
 
 
 SHAPES = {1: ("red square", (220, 40, 40)), 2: ("blue circle", (40, 60, 220)), 3: ("green triangle", (40, 180, 60))}

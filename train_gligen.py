@@ -32,6 +32,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -206,28 +207,76 @@ class PositionNet(nn.Module):
         return self.linears(torch.cat([phr, pos], dim=-1))  # (B, 30, D)
 
 
+class NoFuser(nn.Module):
+    """The video UNet's temporal blocks get the grounding kwargs too, and are left as they are."""
+
+    def forward(self, x, objs):
+        return x
+
+
+def video_position_net(unet, args, kwargs):
+    """The video UNet does not make grounding tokens itself as the image UNet does: make them on the way in."""
+    gligen = (kwargs.get("cross_attention_kwargs") or {}).get("gligen")
+    if gligen is not None and "objs" not in gligen:
+        kwargs["cross_attention_kwargs"] = {**kwargs["cross_attention_kwargs"], "gligen": {"objs": unet.position_net(**gligen)}}
+    return args, kwargs
+
+
 def inject_gligen(unet):
-    """Give every transformer block of a stock diffusers UNet a fresh fuser and the UNet a fresh position net.
+    """Give every spatial transformer block of a stock diffusers UNet a fresh fuser and the UNet a fresh position net.
     diffusers' BasicTransformerBlock already calls `self.fuser` between self- and cross-attention when
     cross_attention_kwargs holds "gligen", and the UNet turns {boxes, masks, positive_embeddings} into tokens with
     `self.position_net`; so injecting is attaching the modules. Pass grounding as
-    unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes": ..., "masks": ..., "positive_embeddings": ...}})."""
+    unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes": ..., "masks": ..., "positive_embeddings": ...}}).
+    Video UNets (UNet3DConditionModel): fusers in the spatial blocks only, one set of grounding tokens per frame
+    (boxes (batch x frames, 30, 4), frame-minor), temporal blocks untouched."""
     from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     D = unet.config.cross_attention_dim
+    spatial = {id(b) for m in unet.modules() if isinstance(m, Transformer2DModel) for b in m.transformer_blocks}
     for block in unet.modules():
         if isinstance(block, BasicTransformerBlock):
             a = block.attn1
-            block.fuser = Fuser(a.query_dim, D, a.heads, a.inner_dim // a.heads).to(unet.device)
+            block.fuser = Fuser(a.query_dim, D, a.heads, a.inner_dim // a.heads).to(unet.device) \
+                if id(block) in spatial else NoFuser()
     unet.position_net = PositionNet(D).to(unet.device)
+    if is_video(unet):
+        unet.register_forward_pre_hook(video_position_net, with_kwargs=True)
     return unet
+
+
+def is_video(unet):
+    return type(unet).__name__ == "UNet3DConditionModel"
+
+
+def is_sdxl(unet):
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
     """The noised latent x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, and the UNet's target: the noise, or v."""
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    a = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     return xt, noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+class SDXLTextEncoders(nn.Module):
+    """SDXL's two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG) behind one CLIPTextModel-like call, on ids
+    (B, 2, L) from both tokenizers. As SDXL: the context is both penultimate hidden states side by side (768 + 1280 =
+    2048) and text_embeds is bigG's projected EOS feature. The phrase feature (pooler_output) is ViT-L's EOS feature
+    beside bigG's projected one: 768 + 1280 = 2048, the UNet's cross-attention width, as a phrase must be."""
+
+    def __init__(self, te1, te2):
+        super().__init__()
+        self.te1, self.te2 = te1, te2
+
+    def forward(self, ids, attention_mask=None):
+        m = (None, None) if attention_mask is None else (attention_mask, attention_mask)
+        o1 = self.te1(ids[:, 0], attention_mask=m[0], output_hidden_states=True)
+        o2 = self.te2(ids[:, 1], attention_mask=m[1], output_hidden_states=True)
+        return SimpleNamespace(last_hidden_state=torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1),
+                               pooler_output=torch.cat([o1.pooler_output, o2.text_embeds], -1), text_embeds=o2.text_embeds)
 
 
 def grounding(text_encoder, phrase_ids, phrase_mask, slot_phrase, boxes, masks):
@@ -284,16 +333,24 @@ def load_adapters(src):
 
 
 def load_base(model, device, dtype):
-    """The frozen parts of a diffusers SD model (directory or Hub id): UNet, text encoder, tokenizer, scheduler."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """The frozen parts of a diffusers SD model (directory or Hub id): UNet, text encoder, tokenizer, scheduler.
+    SDXL (its UNet takes "text_time" conditioning): both text encoders as one SDXLTextEncoders, a tokenizer pair.
+    ModelScope/Zeroscope: a UNet3DConditionModel."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if not os.path.isdir(model) and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         fail(f"model directory not found: {model}")
     try:
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
+        video = UNet2DConditionModel.load_config(model, subfolder="unet")["_class_name"] == "UNet3DConditionModel"
+        unet_class = UNet3DConditionModel if video else UNet2DConditionModel
+        unet = unet_class.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).to(device)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        if is_sdxl(unet):
+            te2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", torch_dtype=dtype)
+            text_encoder = SDXLTextEncoders(text_encoder, te2.to(device))
+            tokenizer = (tokenizer, CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
         scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     except (OSError, ValueError) as e:
         fail(f"cannot load the model {model!r} (not a local diffusers directory, and not loadable from the Hub): {e}")
@@ -307,7 +364,11 @@ def load_base(model, device, dtype):
 # -----------------------------------------------------------------------------------------------------------------
 # Text and layouts: tokenization, checks on phrases and boxes, and batching them into the 30 grounding slots.
 def tokenize(tokenizer, texts, longest=False):
-    """Token ids and attention mask: captions padded to 77 as SD expects; phrases (longest=True) to the longest."""
+    """Token ids and attention mask: captions padded to 77 as SD expects; phrases (longest=True) to the longest.
+    SDXL's pair of tokenizers gives ids (B, 2, L) (same vocabulary, so the same lengths; other pad tokens)."""
+    if isinstance(tokenizer, tuple):
+        both = [tokenize(t, texts, longest) for t in tokenizer]
+        return torch.stack([both[0][0], both[1][0]], 1), both[0][1]
     t = tokenizer(texts, padding="longest" if longest else "max_length", max_length=tokenizer.model_max_length,
                   truncation=True)  # lists, then one torch.tensor each: transformers' own conversion is 3x slower
     return torch.tensor(t["input_ids"]), torch.tensor(t["attention_mask"])
@@ -333,6 +394,9 @@ def check_layout(phrases, boxes, where):
 def tokenize_phrases(tokenizer, phrases):
     """tokenize(tokenizer, phrases, longest=True), each phrase tokenized once per process and kept on the tokenizer:
     phrases repeat across batches ("a man", "the table"), and the loader workers spend most of their time here."""
+    if isinstance(tokenizer, tuple):  # SDXL
+        both = [tokenize_phrases(t, phrases) for t in tokenizer]
+        return torch.stack([both[0][0], both[1][0]], 1), both[0][1]
     known = tokenizer.__dict__.setdefault("gligen_phrase_ids", {})
     new = [p for p in phrases if p not in known]
     if new:
@@ -364,33 +428,52 @@ def layout_tensors(tokenizer, layouts):
 # Sampling: used for the validation grid here and by sample.py.
 @torch.no_grad()
 def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, boxes, seed, n=1, steps=25,
-             guidance=7.5, beta=1.0, height=None, width=None):
+             guidance=7.5, beta=1.0, height=None, width=None, frames=16):
     """n images (uint8, (n, H, W, 3)) for one layout, as StableDiffusionGLIGENPipeline makes them: classifier-free
-    guidance where the unconditional half gets null grounding, and fusers on for the first beta * steps steps."""
+    guidance where the unconditional half gets null grounding, and fusers on for the first beta * steps steps.
+    SDXL: the unconditional half has zero text features, and size conditioning (H, W, 0, 0, H, W), as its pipeline.
+    Video UNets: n clips (n, frames, H, W, 3); boxes may be one list (still) or one list per frame (moving)."""
     device, scale = unet.device, 2 ** (len(vae.config.block_out_channels) - 1)
     height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
+    F_ = frames if is_video(unet) else 1
     ids = torch.cat([tokenize(tokenizer, [""])[0], tokenize(tokenizer, [prompt])[0]]).to(device)
-    text = text_encoder(ids).last_hidden_state.repeat_interleave(n, dim=0)  # (2n, 77, D): [uncond; cond]
+    encoded = text_encoder(ids)
+    text, added = encoded.last_hidden_state, {}
+    if is_sdxl(unet):
+        text = torch.cat([torch.zeros_like(text[:1]), text[1:]])
+        pooled = torch.cat([torch.zeros_like(encoded.text_embeds[:1]), encoded.text_embeds[1:]])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * 2, device=device, dtype=text.dtype)
+        added = {"added_cond_kwargs": {"text_embeds": pooled.repeat_interleave(n, dim=0),
+                                       "time_ids": time_ids.repeat_interleave(n, dim=0)}}
+    text = text.repeat_interleave(n, dim=0)  # (2n, 77, D): [uncond; cond]
     kwargs = None
     if phrases:
-        phrase_ids, phrase_mask, slot_phrase, bxs, masks = layout_tensors(tokenizer, [(phrases, boxes)] * 2 * n)
-        masks[:n] = 0  # the unconditional half: null grounding
+        per_frame = boxes if F_ > 1 and boxes and isinstance(boxes[0][0], (list, tuple)) else [boxes] * F_
+        if len(per_frame) != F_:
+            fail(f"{len(per_frame)} lists of boxes for {F_} frames")
+        layouts = [(phrases, per_frame[f]) for _ in range(2 * n) for f in range(F_)]  # frame-minor, as the UNet
+        phrase_ids, phrase_mask, slot_phrase, bxs, masks = layout_tensors(tokenizer, layouts)
+        masks[:n * F_] = 0  # the unconditional half: null grounding
         kwargs = {"gligen": grounding(text_encoder, phrase_ids.to(device), phrase_mask.to(device),
                                       slot_phrase.to(device), bxs.to(device), masks.to(device, text.dtype))}
     g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same image on any device
-    latents = torch.randn((n, unet.config.in_channels, height // scale, width // scale), generator=g).to(device)
+    shape = (n, unet.config.in_channels) + ((F_,) if is_video(unet) else ()) + (height // scale, width // scale)
+    latents = torch.randn(shape, generator=g).to(device)
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
     extra = {k: v for k, v in dict(eta=0.0, generator=g).items() if k in inspect.signature(scheduler.step).parameters}
     n_grounded = int(beta * len(scheduler.timesteps))  # GLIGEN's scheduled sampling
     for i, t in enumerate(scheduler.timesteps):
         x = scheduler.scale_model_input(torch.cat([latents] * 2), t).to(unet.dtype)
-        out = unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs if i < n_grounded else None)
+        out = unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs if i < n_grounded else None, **added)
         uncond, cond = out.sample.float().chunk(2)
         latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, **extra).prev_sample
+    if is_video(unet):  # (n, C, F, h, w) -> frames (n F, C, h, w)
+        latents = latents.transpose(1, 2).flatten(0, 1)
     image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
     image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return (image * 255).round().astype(np.uint8)
+    image = (image * 255).round().astype(np.uint8)
+    return image.reshape(n, F_, *image.shape[1:]) if is_video(unet) else image
 
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#ffe119"]
@@ -457,11 +540,21 @@ class GroundedLatents(torch.utils.data.Dataset):
                      f"{rec['width']}x{rec['height']} in {self.dir / 'index.jsonl'}:{line}: latents and boxes are "
                      f"of different images")
             phrases, boxes = self.crop_layout(lay, rec["crop"], max_boxes, min_box_area)
-            self.items.append((rec["shard"], rec["row"], rec["caption"], phrases, boxes))
+            self.items.append((rec["shard"], rec["row"], rec["caption"], phrases, boxes,
+                               self.time_ids(rec, self.resolution)))
         if missing:
             fail(f"{boxes_path} has no record for {len(missing)} of the images in {self.dir / 'index.jsonl'} "
                  f"(e.g. {missing[:3]}): were both made from the same images?")
         self.shards = {}
+
+    @staticmethod
+    def time_ids(rec, R):
+        """SDXL's size conditioning: original (height, width), the crop's top-left in the image resized to the crop
+        side R, the target (R, R); and the crop's left for the mirrored image."""
+        x0, y0, x1, _ = rec["crop"]
+        scale = R / (x1 - x0)
+        top, left, width = round(y0 * scale), round(x0 * scale), round(rec["width"] * scale)
+        return (rec["height"], rec["width"], top, left, R, R), width - left - R
 
     @staticmethod
     def crop_layout(lay, crop, max_boxes, min_box_area):
@@ -478,20 +571,22 @@ class GroundedLatents(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         (i, flip), view = item, int(item[1])  # view 1: the mirrored image's latent
-        shard, row, caption, phrases, boxes = self.items[i]
+        shard, row, caption, phrases, boxes, (time_ids, flipped_left) = self.items[i]
         if shard not in self.shards:  # memmapped, opened once per worker process
             self.shards[shard] = np.load(self.dir / shard, mmap_mode="r")
         if flip:
             boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1)
-        return torch.from_numpy(np.array(self.shards[shard][row, view])), caption, phrases, boxes
+            time_ids = (*time_ids[:3], flipped_left, *time_ids[4:])
+        latent = torch.from_numpy(np.array(self.shards[shard][row, view]))
+        return latent, caption, phrases, boxes, torch.tensor(time_ids, dtype=torch.float32)
 
 
 def collate(tokenizer, items):
     """Items -> a micro-batch of tensors. Strings are tokenized here, in the loader workers, not in the loop."""
-    latents, captions, phrases, boxes = zip(*items)
+    latents, captions, phrases, boxes, time_ids = zip(*items)
     ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, list(zip(phrases, boxes)))
     return dict(latents=torch.stack(latents), caption_ids=tokenize(tokenizer, list(captions))[0], phrase_ids=ids,
-                phrase_mask=mask, slot_phrase=slot_phrase, boxes=boxes, masks=masks)
+                phrase_mask=mask, slot_phrase=slot_phrase, boxes=boxes, masks=masks, time_ids=torch.stack(time_ids))
 
 
 def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step, flip=False):
@@ -650,6 +745,7 @@ def main(cfg):
 
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
     unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, base_dtype)
+    video = is_video(unet)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
     inject_gligen(unet)
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
@@ -717,7 +813,8 @@ def main(cfg):
         for l in layouts:
             with autocast:
                 im = generate(unet, vae, text_encoder, tokenizer, val_scheduler, l["prompt"], l["phrases"], l["boxes"],
-                              seed=cfg["seed"], steps=cfg["val_steps"])[0]
+                              seed=cfg["seed"], steps=cfg["val_steps"], frames=1)[0]
+            im = im[0] if video else im  # a video model's one-frame clip
             images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
         grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
         for k, im in enumerate(images):
@@ -746,17 +843,22 @@ def main(cfg):
             t = torch.randint(0, T, (b,), generator=g, device=device)
             if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
                 x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
+            if video:  # a video UNet trains on images as one-frame clips (b, 4, 1, h, w)
+                x0, noise = x0[:, :, None], noise[:, :, None]
             xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
             with torch.no_grad(), autocast:
-                ids = torch.where(keep_caption[:, None], batch["caption_ids"], empty_ids)
-                text = text_encoder(ids).last_hidden_state  # (b, 77, D)
+                keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
+                encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
+                text = encoded.last_hidden_state  # (b, 77, D)
+                added = {"added_cond_kwargs": {"text_embeds": encoded.text_embeds, "time_ids": batch["time_ids"]}} \
+                    if is_sdxl(unet) else {}  # SDXL's pooled text and size conditioning
                 masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
                 gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
                                    batch["boxes"], masks)
             if ddp:
                 model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
             with autocast:
-                pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+                pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}, **added).sample
             loss = F.mse_loss(pred.float(), target) / accum
             loss.backward()
             step_loss += loss.detach()
