@@ -257,6 +257,38 @@ def test_sdxl_text_features_and_size_conditioning(tiny_sdxl):
     assert tg.GroundedLatents.time_ids(rec, 32) == ((32, 51, 0, 9, 32, 32), 10)
 
 
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_data, tmp_path, monkeypatch):
+    """With grad_checkpointing each fuser runs twice per micro-batch (forward, then again in backward), and the
+    adapters end bit-equal to a run without it."""
+    calls = []
+    real = tg.Fuser.forward
+    monkeypatch.setattr(tg.Fuser, "forward", lambda self, x, objs: calls.append(1) or real(self, x, objs))
+    runs = {}
+    for ckpt in (False, True):
+        calls.clear()
+        tg.main({**train_cfg(None, tiny_data, tmp_path / str(ckpt), max_steps=2, save_every=2), "model": str(tiny_sdxl),
+                 "grad_checkpointing": ckpt})
+        runs[ckpt] = (len(calls), adapters_of(tmp_path / str(ckpt)))
+    assert runs[True][0] == 2 * runs[False][0] == 2 * 8 * 2 * 2  # 8 fusers x 2 micro-batches x 2 steps, twice
+    assert_equal_adapters(runs[True][1], runs[False][1])
+
+
+def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
+    """generate() on SDXL without grounding gives the pixels of diffusers' StableDiffusionXLPipeline: the two text
+    encoders, zero unconditional features, size conditioning and VAE are used as SDXL's own pipeline uses them."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet, te, tok, _ = tg.load_base(str(tiny_sdxl), "cpu", torch.float32)
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    scheduler = EulerDiscreteScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")
+    with torch.no_grad():
+        ours = tg.generate(unet, vae, te, tok, scheduler, "a red square and a blue circle", [], [], seed=3, n=2, steps=3)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    want = pipe("a red square and a blue circle", num_inference_steps=3, guidance_scale=7.5, num_images_per_prompt=2,
+                generator=torch.Generator().manual_seed(3), output_type="np").images
+    assert ours.shape == (2, 16, 16, 3) and np.array_equal(ours, (want * 255).round().astype(np.uint8))
+
+
 @pytest.mark.parametrize("family", ["sdxl", "video"])
 def test_sdxl_and_video_train_resume_and_sample(family, tiny_sdxl, tiny_video, tiny_data, tmp_path):
     """Each family trains, resumes bit-equal, and samples: SDXL images; video clips with moving boxes, as GIFs."""
@@ -272,13 +304,16 @@ def test_sdxl_and_video_train_resume_and_sample(family, tiny_sdxl, tiny_video, t
     fresh = tg.adapter_state(tg.inject_gligen(tg.load_base(str(model), "cpu", torch.float32)[0]))
     assert all(not torch.equal(straight[k], fresh[k]) for k in straight if k.endswith("alpha_attn"))  # it trained
     out = tmp_path / "samples"
-    boxes = [[[0.1 + 0.1 * f, 0.2, 0.5 + 0.1 * f, 0.8]] for f in range(3)] if family == "video" else [[0.1, 0.2, 0.5, 0.8]]
+    layouts = dict(layouts=str(HERE / "layouts" / "video.jsonl"), frames=16) if family == "video" else {}
     sample.main({**sample.config, "model": str(model), "adapters": str(tmp_path / "straight"), "prompt": "a red square",
-                 "phrases": ["a red square"], "boxes": boxes, "n": 1, "steps": 2, "frames": 3, "out_dir": str(out)})
-    if family == "video":
-        assert sorted(p.name for p in (out / "000_00").iterdir()) == [f"frame_{f:03d}.png" for f in range(3)]
+                 "phrases": ["a red square"], "boxes": [[0.1, 0.2, 0.5, 0.8]], "n": 1, "steps": 2, "out_dir": str(out),
+                 **layouts})
+    if family == "video":  # the shipped layouts: 16 frames, boxes moving
+        assert sorted(p.name for p in (out / "001_00").iterdir()) == [f"frame_{f:03d}.png" for f in range(16)]
         with Image.open(out / "000_00_boxes.gif") as gif:
-            assert gif.n_frames == 3 and gif.size == (256, 256)  # enlarged to draw the boxes readably
+            assert gif.n_frames == 16 and gif.size == (256, 256)  # enlarged to draw the boxes readably
+        with pytest.raises(SystemExit, match="16 lists of boxes for --frames=8"):
+            sample.main({**sample.config, "model": str(model), "out_dir": str(out), **layouts, "frames": 8})
     else:
         assert Image.open(out / "000_00.png").size == (16, 16) and (out / "000_00_boxes.png").is_file()
 

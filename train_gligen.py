@@ -76,6 +76,7 @@ config = dict(
     flip=True,  # mirror half the samples, boxes too, where prep_latents.py stored flipped latents (--flip=True)
     seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
     dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
+    grad_checkpointing=False,  # recompute the UNet's activations in the backward pass: less memory (SDXL), slower
     num_workers=4,  # data loader processes per GPU
     log_every=20,  # log line (step, loss, lr, images/s, peak memory), also appended to out_dir/log.jsonl
     save_every=2000,  # checkpoint every N steps, and at the end
@@ -771,6 +772,9 @@ def main(cfg):
     elif cfg["init_from"]:
         set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
     params = [p.requires_grad_(True) for name, p in unet.named_parameters() if is_adapter(name)]
+    if cfg["grad_checkpointing"]:  # diffusers checkpoints each resnet and transformer block, fusers included
+        unet.enable_gradient_checkpointing()
+        unet.train()  # older diffusers checkpoint in training mode only; SD has no dropout, so nothing else changes
     model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[local_rank] if cuda else None) if ddp else unet
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if resume:
