@@ -237,6 +237,26 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
     # grounding rows 0 and 1 (the only ones with boxes) are frames 0 and 1 of clip 0: moving them changes clip 0 only
     assert (got[0] - other[0]).abs().max() > 0 and torch.equal(got[1], other[1])
 
+    # generate() hands each frame its own boxes, in the same frame-minor order, and null grounding to the
+    # unconditional half
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    seen = []
+    ours.position_net.register_forward_pre_hook(lambda m, args, kw: seen.append((kw["boxes"], kw["masks"])),
+                                                with_kwargs=True)
+    per_frame = [[[0.1 * f, 0.2, 0.1 * f + 0.3, 0.6]] for f in range(F_)]
+    with torch.no_grad():
+        clips = tg.generate(ours, AutoencoderKL.from_pretrained(tiny_video, subfolder="vae"),
+                            CLIPTextModel.from_pretrained(tiny_video, subfolder="text_encoder"),
+                            CLIPTokenizer.from_pretrained(tiny_video, subfolder="tokenizer"),
+                            DDIMScheduler.from_pretrained(tiny_video, subfolder="scheduler"), "a red square",
+                            ["a red square"], per_frame, seed=0, n=2, steps=1, frames=F_)
+    assert clips.shape == (2, F_, 16, 16, 3)
+    boxes, masks = seen[0]  # rows: (uncond, cond) x 2 clips x F frames
+    assert masks[:2 * F_].sum() == 0 and masks[2 * F_:, 0].tolist() == [1.0] * 2 * F_
+    assert torch.allclose(boxes[2 * F_:, 0], torch.tensor([per_frame[f][0] for _ in range(2) for f in range(F_)]))
+
 
 def test_sdxl_text_features_and_size_conditioning(tiny_sdxl):
     """SDXL: both tokenizers (their own pad tokens), the 2048-style phrase feature = ViT-L pooled beside bigG's
@@ -472,9 +492,9 @@ def test_loader_maps_boxes_through_the_crop(tiny_data):
         [8, 0, 40, 32], max_boxes=2, min_box_area=0.01)
     assert phrases == ["c", "a"]  # largest first; "b" lies outside the crop and is dropped
     np.testing.assert_allclose(boxes, [[0.5, 0.5, 1, 1], [0, 0, 0.25, 0.5]], atol=1e-6)
-    latent, caption, phrases, boxes = data[(0, False)]
+    latent, caption, phrases, boxes, time_ids = data[(0, False)]
     assert latent.shape == (2, 4, 8, 8) and isinstance(caption, str) and len(phrases) == len(boxes) <= 2
-    mirrored, _, same, flipped = data[(0, True)]  # the mirrored image's latent, the boxes mirrored with it
+    mirrored, _, same, flipped, _ = data[(0, True)]  # the mirrored image's latent, the boxes mirrored with it
     shard = np.load(tiny_data["latents"] / data.items[0][0])
     assert torch.equal(mirrored, torch.from_numpy(shard[data.items[0][1], 1])) and same == phrases
     np.testing.assert_allclose(flipped, np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1))
