@@ -309,12 +309,13 @@ def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
     assert ours.shape == (2, 16, 16, 3) and np.array_equal(ours, (want * 255).round().astype(np.uint8))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "video"])
-def test_sdxl_and_video_train_resume_and_sample(family, tiny_sdxl, tiny_video, tiny_data, tmp_path):
-    """Each family trains, resumes bit-equal, and samples: SDXL images; video clips with moving boxes, as GIFs."""
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "video"])
+def test_sd2_sdxl_and_video_train_resume_and_sample(family, tiny_sd2, tiny_sdxl, tiny_video, tiny_data, tmp_path):
+    """Each family trains, resumes bit-equal, and samples: SD2 (v-prediction) and SDXL images; video clips with
+    moving boxes, as GIFs."""
     import sample
 
-    model = tiny_sdxl if family == "sdxl" else tiny_video
+    model = dict(sd2=tiny_sd2, sdxl=tiny_sdxl, video=tiny_video)[family]
     tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4), "model": str(model)})
     tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=2, save_every=2), "model": str(model)})
     tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=4, save_every=2), "model": str(model)})
