@@ -1264,3 +1264,35 @@ def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path
     tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "with", max_steps=2))
     tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "without", max_steps=2), "latents": str(latents)})
     assert losses(tmp_path / "with") != losses(tmp_path / "without")
+
+
+def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
+    """The log carries the FLOPs of one step per image (torch's flop counter on the first micro-step): the same for
+    micro-batches of 1 and 2, and at least the UNet's forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    per_image = []
+    for micro in (1, 2):
+        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / str(micro), max_steps=1, micro_batch=micro))
+        per_image.append(json.loads((tmp_path / str(micro) / "log.jsonl").read_text())["tflop_per_image"])
+    unet = tg.inject_gligen(tg.load_base(str(tiny_sd), "cpu", torch.float32)[0])
+    for p in tg.adapter_state(unet):
+        unet.get_parameter(p).requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        unet(torch.randn(2, 4, 8, 8), torch.tensor([5, 9]), encoder_hidden_states=torch.randn(2, 77, 32),
+             cross_attention_kwargs={"gligen": grounding_inputs()}).sample.square().mean().backward()
+    assert per_image[0] == per_image[1] and per_image[0] * 1e12 >= counter.get_total_flops() / 2 > 0
+
+
+def test_benchmark_times_both_recipes_on_a_tiny_unet(tmp_path):
+    """benchmark.py --what=train runs our step and the reference recipe (diffusers' gated UNet, fp32 + GradScaler)
+    on the same network: the same FLOPs per image, a speed for each and their ratio (figures only mean much on a GPU)."""
+    import benchmark
+
+    rows = benchmark.train_benchmark({**benchmark.config, "what": "train", "unet": "tiny", "batch_sizes": "2",
+                                      "steps": 2, "warmup": 1, "out": str(tmp_path / "bench.json")})
+    (row,) = rows
+    assert row["ours"]["img_per_s"] > 0 and row["reference"]["img_per_s"] > 0 and row["ratio"] > 0
+    # the same network; the reference executes more: its fusers let the grounding tokens query too
+    assert 0 < row["ours"]["tflop_per_image"] < row["reference"]["tflop_per_image"] < 1.1 * row["ours"]["tflop_per_image"]
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == rows

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -55,6 +56,7 @@ VAL_LAYOUTS = [  # fixed validation layouts: boxes are x0, y0, x1, y1 relative t
     dict(prompt="a hot air balloon over a lake", phrases=["a hot air balloon", "a lake"],
          boxes=[[0.55, 0.05, 0.9, 0.45], [0.0, 0.6, 1.0, 1.0]]),
 ]
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense TFLOP/s per GPU
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
     latents="data/latents",  # directory written by prep_latents.py
@@ -831,6 +833,7 @@ def main(cfg):
     zero = torch.zeros((), device=device)
     loss_sum, n_good, bad_run, worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     n_logged, t0, vote, vote_work = 0, time.perf_counter(), None, None
+    flops_per_image, peak = None, next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
     while step < cfg["max_steps"]:
         lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
         for group in opt.param_groups:
@@ -850,22 +853,32 @@ def main(cfg):
             if video:  # a video UNet trains on images as one-frame clips (b, 4, 1, h, w)
                 x0, noise = x0[:, :, None], noise[:, :, None]
             xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
-            with torch.no_grad(), autocast:
-                keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
-                encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
-                text = encoded.last_hidden_state  # (b, 77, D)
-                added = {"added_cond_kwargs": {"text_embeds": encoded.text_embeds, "time_ids": batch["time_ids"]}} \
-                    if is_sdxl(unet) else {}  # SDXL's pooled text and size conditioning
-                masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
-                gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
-                                   batch["boxes"], masks)
-            if ddp:
-                model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
-            with autocast:
-                pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}, **added).sample
-            loss = F.mse_loss(pred.float(), target) / accum
-            loss.backward()
-            step_loss += loss.detach()
+            # the first micro-step is counted: the FLOPs of one step per image, for the MFU in the log
+            counting = FlopCounterMode(display=False) if flops_per_image is None else nullcontext()
+            with counting:
+                with torch.no_grad(), autocast:
+                    keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
+                    encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
+                    text = encoded.last_hidden_state  # (b, 77, D)
+                    added = {}  # SDXL: its pooled text and size conditioning
+                    if is_sdxl(unet):
+                        added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
+                    masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
+                    gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
+                                       batch["boxes"], masks)
+                if ddp:
+                    model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
+                with autocast:
+                    pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen},
+                                 **added).sample
+                loss = F.mse_loss(pred.float(), target) / accum
+                loss.backward()
+                step_loss += loss.detach()
+            if flops_per_image is None:
+                flops_per_image = counting.get_total_flops() / b
+                if master:
+                    bar.write(f"one step: {flops_per_image / 1e12:.4g} TFLOP per image (torch flop counter)"
+                              + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
         # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite. Fused AdamW then
         # skips the whole update on the device (found_inf, as torch's GradScaler uses it): no host sync, no poison.
         ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]))
@@ -897,10 +910,13 @@ def main(cfg):
             mem = torch.cuda.max_memory_allocated() if cuda else rss
             speed = n_logged * G / (time.perf_counter() - t0)
             rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2),
-                       skipped=n_logged - good)
+                       skipped=n_logged - good, tflop_per_image=round(flops_per_image / 1e12, 6))
+            if peak:  # model-FLOPs utilisation: the counted FLOPs at this speed over the GPUs' bf16 peak
+                rec["mfu"] = round(flops_per_image * speed / world / peak, 4)
             if master:
                 skipped = f" | skipped {rec['skipped']} (NaN/Inf)" if rec["skipped"] else ""
-                bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s | peak mem "
+                mfu = f" | MFU {100 * rec['mfu']:.1f}%" if peak else ""
+                bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s{mfu} | peak mem "
                           f"{rec['mem_gb']:.2f} GB{skipped}")
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
