@@ -833,7 +833,45 @@ def main(cfg):
     zero = torch.zeros((), device=device)
     loss_sum, n_good, bad_run, worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     n_logged, t0, vote, vote_work = 0, time.perf_counter(), None, None
-    flops_per_image, peak = None, next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
+    def micro_step_loss(model, batch, g):
+        """The GLIGEN loss of one micro-batch: drops, noise and timestep from g; frozen text encoder; the UNet."""
+        x0 = batch["latents"][:, 0].float()  # the VAE mean
+        b = x0.shape[0]
+        keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
+        keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        t = torch.randint(0, T, (b,), generator=g, device=device)
+        if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
+            x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
+        if video:  # a video UNet trains on images as one-frame clips (b, 4, 1, h, w)
+            x0, noise = x0[:, :, None], noise[:, :, None]
+        xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
+        with torch.no_grad(), autocast:
+            keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
+            encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
+            text = encoded.last_hidden_state  # (b, 77, D)
+            added = {}  # SDXL: its pooled text and size conditioning
+            if is_sdxl(unet):
+                added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
+            masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
+            gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
+                               batch["boxes"], masks)
+        with autocast:
+            pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}, **added).sample
+        return F.mse_loss(pred.float(), target)
+
+    # FLOPs of one step per image, for the MFU in the log: counted once, on the first B images, in a pass of its own
+    # (a dispatch mode may pick other kernels: the counted pass must not be a training step)
+    probe = {k: v.to(device) for k, v in collate(tokenizer, [data[(i, False)] for i in range(B)]).items()}
+    with FlopCounterMode(display=False) as counter:
+        micro_step_loss(unet, probe, torch.Generator(device).manual_seed(0)).backward()
+    opt.zero_grad(set_to_none=True)
+    flops_per_image = counter.get_total_flops() / B
+    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
+    if master:
+        bar.write(f"one step: {flops_per_image / 1e12:.4g} TFLOP per image (torch flop counter)"
+              + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
+
     while step < cfg["max_steps"]:
         lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
         for group in opt.param_groups:
@@ -842,43 +880,11 @@ def main(cfg):
         for micro in range(accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
             g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
-            x0 = batch["latents"][:, 0].float()  # the VAE mean
-            b = x0.shape[0]
-            keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
-            keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
-            noise = torch.randn(x0.shape, generator=g, device=device)
-            t = torch.randint(0, T, (b,), generator=g, device=device)
-            if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
-                x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
-            if video:  # a video UNet trains on images as one-frame clips (b, 4, 1, h, w)
-                x0, noise = x0[:, :, None], noise[:, :, None]
-            xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
-            # the first micro-step is counted: the FLOPs of one step per image, for the MFU in the log
-            counting = FlopCounterMode(display=False) if flops_per_image is None else nullcontext()
-            with counting:
-                with torch.no_grad(), autocast:
-                    keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
-                    encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
-                    text = encoded.last_hidden_state  # (b, 77, D)
-                    added = {}  # SDXL: its pooled text and size conditioning
-                    if is_sdxl(unet):
-                        added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
-                    masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
-                    gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
-                                       batch["boxes"], masks)
-                if ddp:
-                    model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
-                with autocast:
-                    pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen},
-                                 **added).sample
-                loss = F.mse_loss(pred.float(), target) / accum
-                loss.backward()
-                step_loss += loss.detach()
-            if flops_per_image is None:
-                flops_per_image = counting.get_total_flops() / b
-                if master:
-                    bar.write(f"one step: {flops_per_image / 1e12:.4g} TFLOP per image (torch flop counter)"
-                              + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
+            if ddp:
+                model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
+            loss = micro_step_loss(model, batch, g) / accum
+            loss.backward()
+            step_loss += loss.detach()
         # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite. Fused AdamW then
         # skips the whole update on the device (found_inf, as torch's GradScaler uses it): no host sync, no poison.
         ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]))
