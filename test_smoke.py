@@ -289,7 +289,8 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_d
         tg.main({**train_cfg(None, tiny_data, tmp_path / str(ckpt), max_steps=2, save_every=2), "model": str(tiny_sdxl),
                  "grad_checkpointing": ckpt})
         runs[ckpt] = (len(calls), adapters_of(tmp_path / str(ckpt)))
-    assert runs[True][0] == 2 * runs[False][0] == 2 * 8 * 2 * 2  # 8 fusers x 2 micro-batches x 2 steps, twice
+    # 8 fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
+    assert runs[True][0] == 2 * runs[False][0] == 2 * 8 * (1 + 2 * 2)
     assert_equal_adapters(runs[True][1], runs[False][1])
 
 
