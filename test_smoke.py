@@ -1268,8 +1268,8 @@ def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path
 
 
 def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
-    """The log carries the FLOPs of one step per image (torch's flop counter on the first micro-step): the same for
-    micro-batches of 1 and 2, and at least the UNet's forward and backward."""
+    """The log carries the FLOPs of one step per image (torch's flop counter on a pass before training): the same
+    for micro-batches of 1 and 2, and at least the UNet's forward and backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     per_image = []
