@@ -311,13 +311,29 @@ def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl", "video"])
-def test_sd2_sdxl_and_video_train_resume_and_sample(family, tiny_sd2, tiny_sdxl, tiny_video, tiny_data, tmp_path):
+def test_sd2_sdxl_and_video_train_resume_and_sample(family, tiny_sd2, tiny_sdxl, tiny_video, tiny_data, tmp_path,
+                                                    monkeypatch):
     """Each family trains, resumes bit-equal, and samples: SD2 (v-prediction) and SDXL images; video clips with
     moving boxes, as GIFs."""
     import sample
 
     model = dict(sd2=tiny_sd2, sdxl=tiny_sdxl, video=tiny_video)[family]
+    seen = []  # SDXL: the size conditioning that reaches the UNet is each sample's own (original or mirrored)
+    if family == "sdxl":
+        from diffusers import UNet2DConditionModel
+        real = UNet2DConditionModel.forward
+
+        def forward(self, *args, added_cond_kwargs=None, **kw):
+            seen.append(added_cond_kwargs["time_ids"].clone())
+            return real(self, *args, added_cond_kwargs=added_cond_kwargs, **kw)
+        monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
     tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4), "model": str(model)})
+    if family == "sdxl":
+        data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
+        own = {tuple(data[(i, f)][4].tolist()) for i in range(len(data)) for f in (False, True)}
+        rows = {tuple(r) for ids in seen for r in ids.tolist()}
+        assert rows <= own and len(rows) >= 2  # real per-image ids (the tiny data has 3 image sizes)
+        monkeypatch.undo()
     tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=2, save_every=2), "model": str(model)})
     tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=4, save_every=2), "model": str(model)})
     straight = adapters_of(tmp_path / "straight")
