@@ -277,7 +277,7 @@ def detect_shard(model, processor, cfg, parts, name, source, captions, given, de
             rec = dict(image=key, width=w, height=h, **({"caption": caption_of[key]} if caption_of[key] else {}))
             records.append(dict(rec, phrases=[p for p, _, _ in dets], boxes=[b for _, _, b in dets],
                                 scores=[round(s, 4) for _, s, _ in dets]))
-    pl.write_atomic(parts / f"{name}.jsonl", lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records))
+    pl.write_jsonl(parts / f"{name}.jsonl", records)
     if temp:
         temp.unlink()
     return sum("skipped" not in r for r in records)
@@ -289,14 +289,11 @@ def join_parts(parts, shards, out):
         fail(f"{len(missing)} shards are not detected yet (e.g. {missing[:3]}); run the job again to finish them")
     records = [r for n, _ in shards for _, r in read_jsonl(parts / f"{n}.jsonl")]
     done, skipped = [r for r in records if "skipped" not in r], [r for r in records if "skipped" in r]
-    pl.write_atomic(out, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in done))
-    pl.write_atomic(out.with_name(out.stem + ".skipped.jsonl"),
-                    lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in skipped))
+    pl.write_jsonl(out, done)
+    pl.write_jsonl(out.with_name(out.stem + ".skipped.jsonl"), skipped)
     n_boxes = sum(len(r["boxes"]) for r in done)
     print(f"wrote {len(done)} images with {n_boxes} boxes to {out}; skipped {len(skipped)}")
-    for reason in sorted({r["skipped"] for r in skipped}):
-        names = [r["image"] for r in skipped if r["skipped"] == reason]
-        print(f"  skipped {len(names)} ({reason}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    pl.print_skipped([(r["image"], r["skipped"]) for r in skipped])
     return done, skipped
 
 

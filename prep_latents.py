@@ -251,12 +251,29 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
+def write_json(path, obj, indent=None):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
+
+
+def write_jsonl(path, records):
+    write_atomic(path, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records))
+
+
+def print_skipped(skipped):
+    """The summary's lines: for each reason (up to its first colon), how many images and the first ten names."""
+    reasons = defaultdict(list)
+    for image, reason in skipped:
+        reasons[reason.split(":")[0]].append(image)
+    for reason, names in sorted(reasons.items()):
+        print(f"  skipped {len(names)} ({reason}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+
+
 def save_shard(out, name, latents, index, skipped, boxes=None):
     """<name>.npy, then <name>.json (its index and skipped images): the .json marks the shard done."""
     if latents is not None:
         write_atomic(out / f"{name}.npy", lambda f: np.save(f, latents))
     rec = dict(index=index, skipped=skipped, **({"boxes": boxes} if boxes is not None else {}))
-    write_atomic(out / f"{name}.json", lambda f: f.write(json.dumps(rec).encode()))
+    write_json(out / f"{name}.json", rec)
 
 
 def encode_shard(vae, cfg, out, name, source, captions, root, dtype):
@@ -306,24 +323,16 @@ def finish(out, shards, settings, extra=None):
             shape = np.load(out / f"{name}.npy", mmap_mode="r").shape[1:]
     if not index:
         fail(f"none of the images could be encoded (see {out / 'skipped.jsonl'})")
-
-    def lines(records):
-        return lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in records)
-
-    write_atomic(out / "skipped.jsonl", lines(skipped))
+    write_jsonl(out / "skipped.jsonl", skipped)
     if boxes:
-        write_atomic(out / "boxes.jsonl", lines(boxes))
+        write_jsonl(out / "boxes.jsonl", boxes)
     meta = dict({"resolution": shape[-1] * 8, **settings}, latent_shape=list(shape[2:]), views=["original", "flipped"][:shape[0]],
                 stats=["mean", "std"][:shape[1]], images=len(index), shards=len(shards), skipped=len(skipped),
                 **(extra or {}))
-    write_atomic(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    write_atomic(out / "index.jsonl", lines(index))
+    write_json(out / "meta.json", meta, indent=1)
+    write_jsonl(out / "index.jsonl", index)
     print(f"{len(index)} images in {len(shards)} shards in {out}; skipped {len(skipped)}")
-    reasons = defaultdict(list)
-    for s in skipped:
-        reasons[s["reason"].split(":")[0]].append(s["image"])
-    for reason, names in sorted(reasons.items()):
-        print(f"  skipped {len(names)} ({reason}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    print_skipped([(s["image"], s["reason"]) for s in skipped])
     return index, skipped
 
 
@@ -341,7 +350,7 @@ def start(out, settings):
                 fail(f"{out} holds shards made with {k}={old.get(k)!r}, this job has {k}={settings[k]!r}: "
                      f"run with the same setting, or choose another --out")
     elif rank == 0:
-        write_atomic(job, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        write_json(job, settings, indent=1)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     return rank, world, device
