@@ -9,9 +9,10 @@ Generate images from a base Stable Diffusion model plus GLIGEN adapters, for a p
 
 Boxes are x0, y0, x1, y1 relative to the image. SDXL models work the same way. Video models (ModelScope,
 Zeroscope) make --frames frames: --boxes is one list of boxes (still) or one list per frame (moving), and each clip
-is written as <layout>_<i>.gif and <layout>_<i>_boxes.gif, with its frames in <layout>_<i>/. --adapters takes this project's out_dir, one of its step_*
-checkpoints or an adapters.safetensors, or a diffusers GLIGEN model (directory or Hub id). Each image is written
-as <layout>_<i>.png, with a copy <layout>_<i>_boxes.png that has the boxes and phrases drawn on.
+is written as <layout>_<i>.gif and <layout>_<i>_boxes.gif, with its frames in <layout>_<i>/.
+--adapters takes this project's out_dir, one of its step_* checkpoints or an adapters.safetensors, or a diffusers
+GLIGEN model (directory or Hub id). Each image is written as <layout>_<i>.png, with a copy <layout>_<i>_boxes.png
+that has the boxes and phrases drawn on.
 --export writes a directory that diffusers' StableDiffusionGLIGENPipeline.from_pretrained loads; with the same seed,
 scheduler and steps it gives the same images as this script (in fp32; half precision differs in the last bits).
 """
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train_gligen import (check_layout, configure, draw_layout, fail, generate, inject_gligen, is_sdxl, is_video,
-                          load_adapters, load_base, read_jsonl, set_adapters)
+from train_gligen import (check_layout, configure, draw_layout, fail, generate, inject_gligen, is_moving, is_sdxl,
+                          is_video, load_adapters, load_base, read_jsonl, set_adapters)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -81,8 +82,7 @@ def main(cfg):
     for where, l in layouts:
         if not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string")
-        moving = is_video(unet) and l.get("boxes") and isinstance(l["boxes"][0], list) and l["boxes"][0] \
-            and isinstance(l["boxes"][0][0], list)
+        moving = is_video(unet) and is_moving(l.get("boxes"))
         if moving and len(l["boxes"]) != cfg["frames"]:
             fail(f"{where}: {len(l['boxes'])} lists of boxes for --frames={cfg['frames']}")
         for f, frame_boxes in enumerate(l["boxes"] if moving else [l.get("boxes")]):
@@ -124,7 +124,7 @@ def main(cfg):
 
 def write_clip(out, name, frames, phrases, boxes, fps):
     """A clip's frames as PNGs in out/name/, and two GIFs: out/name.gif and out/name_boxes.gif with boxes drawn."""
-    moving = boxes and isinstance(boxes[0][0], (list, tuple))
+    moving = is_moving(boxes)
     (out / name).mkdir(exist_ok=True)
     plain = [Image.fromarray(f) for f in frames]
     drawn = [draw_layout(im, phrases, boxes[f] if moving else boxes) for f, im in enumerate(plain)]

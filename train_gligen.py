@@ -257,6 +257,12 @@ def is_sdxl(unet):
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
+def is_moving(boxes):
+    """Whether a video layout's boxes are one list per frame (they move) rather than one list for all frames."""
+    first = boxes[0] if boxes else None
+    return isinstance(first, (list, tuple)) and bool(first) and isinstance(first[0], (list, tuple))
+
+
 def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
     """The noised latent x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, and the UNet's target: the noise, or v."""
     a = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
@@ -366,12 +372,16 @@ def load_base(model, device, dtype):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Text and layouts: tokenization, checks on phrases and boxes, and batching them into the 30 grounding slots.
+def side_by_side(pair):
+    """SDXL's two tokenizers' (ids, mask) as ids (B, 2, L) and one mask: same vocabulary, so the same lengths."""
+    return torch.stack([pair[0][0], pair[1][0]], 1), pair[0][1]
+
+
 def tokenize(tokenizer, texts, longest=False):
     """Token ids and attention mask: captions padded to 77 as SD expects; phrases (longest=True) to the longest.
-    SDXL's pair of tokenizers gives ids (B, 2, L) (same vocabulary, so the same lengths; other pad tokens)."""
+    SDXL's pair of tokenizers gives ids (B, 2, L) (their pad tokens differ)."""
     if isinstance(tokenizer, tuple):
-        both = [tokenize(t, texts, longest) for t in tokenizer]
-        return torch.stack([both[0][0], both[1][0]], 1), both[0][1]
+        return side_by_side([tokenize(t, texts, longest) for t in tokenizer])
     t = tokenizer(texts, padding="longest" if longest else "max_length", max_length=tokenizer.model_max_length,
                   truncation=True)  # lists, then one torch.tensor each: transformers' own conversion is 3x slower
     return torch.tensor(t["input_ids"]), torch.tensor(t["attention_mask"])
@@ -398,8 +408,7 @@ def tokenize_phrases(tokenizer, phrases):
     """tokenize(tokenizer, phrases, longest=True), each phrase tokenized once per process and kept on the tokenizer:
     phrases repeat across batches ("a man", "the table"), and the loader workers spend most of their time here."""
     if isinstance(tokenizer, tuple):  # SDXL
-        both = [tokenize_phrases(t, phrases) for t in tokenizer]
-        return torch.stack([both[0][0], both[1][0]], 1), both[0][1]
+        return side_by_side([tokenize_phrases(t, phrases) for t in tokenizer])
     known = tokenizer.__dict__.setdefault("gligen_phrase_ids", {})
     new = [p for p in phrases if p not in known]
     if new:
@@ -451,7 +460,7 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, box
     text = text.repeat_interleave(n, dim=0)  # (2n, 77, D): [uncond; cond]
     kwargs = None
     if phrases:
-        per_frame = boxes if F_ > 1 and boxes and isinstance(boxes[0][0], (list, tuple)) else [boxes] * F_
+        per_frame = boxes if is_moving(boxes) else [boxes] * F_
         if len(per_frame) != F_:
             fail(f"{len(per_frame)} lists of boxes for {F_} frames")
         layouts = [(phrases, per_frame[f]) for _ in range(2 * n) for f in range(F_)]  # frame-minor, as the UNet
@@ -573,14 +582,14 @@ class GroundedLatents(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, item):
-        (i, flip), view = item, int(item[1])  # view 1: the mirrored image's latent
+        i, flip = item
         shard, row, caption, phrases, boxes, (time_ids, flipped_left) = self.items[i]
         if shard not in self.shards:  # memmapped, opened once per worker process
             self.shards[shard] = np.load(self.dir / shard, mmap_mode="r")
         if flip:
             boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1)
             time_ids = (*time_ids[:3], flipped_left, *time_ids[4:])
-        latent = torch.from_numpy(np.array(self.shards[shard][row, view]))
+        latent = torch.from_numpy(np.array(self.shards[shard][row, int(flip)]))  # view 1: the mirrored image
         return latent, caption, phrases, boxes, torch.tensor(time_ids, dtype=torch.float32)
 
 
@@ -833,6 +842,7 @@ def main(cfg):
     zero = torch.zeros((), device=device)
     loss_sum, n_good, bad_run, worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     n_logged, t0, vote, vote_work = 0, time.perf_counter(), None, None
+
     def micro_step_loss(model, batch, g):
         """The GLIGEN loss of one micro-batch: drops, noise and timestep from g; frozen text encoder; the UNet."""
         x0 = batch["latents"][:, 0].float()  # the VAE mean
@@ -870,7 +880,7 @@ def main(cfg):
     peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
     if master:
         bar.write(f"one step: {flops_per_image / 1e12:.4g} TFLOP per image (torch flop counter)"
-              + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
+                  + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
 
     while step < cfg["max_steps"]:
         lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
