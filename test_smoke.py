@@ -58,24 +58,47 @@ def write_tokenizer(path):
     return len(vocab)
 
 
+def tiny_tokenizer(path, **kwargs):
+    """A CLIPTokenizer over the offline vocabulary that write_tokenizer(path / "_tok") wrote."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(path / "_tok" / "vocab.json"), str(path / "_tok" / "merges.txt"), model_max_length=77,
+                         **kwargs)
+
+
+def tiny_text_config(n_vocab, **kwargs):
+    """A 32-wide, 2-layer CLIP text encoder config over that vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=n_vocab - 2,
+                          eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1, **kwargs)
+
+
+def tiny_vae(**kwargs):
+    """A 2-level autoencoder: 16 x 16 x 3 pixels to 8 x 8 x 4 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16,
+                         **kwargs)
+
+
 def make_tiny_sd(path, prediction_type="epsilon", sd2=False):
     """A tiny SD1.x-shaped (or SD2.x-shaped: linear projections, per-block heads, v-prediction) model directory."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     n_vocab = write_tokenizer(path / "_tok")
-    tokenizer = CLIPTokenizer(str(path / "_tok" / "vocab.json"), str(path / "_tok" / "merges.txt"), model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1))
+    tokenizer = tiny_tokenizer(path)
+    text_encoder = CLIPTextModel(tiny_text_config(n_vocab))
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=(2, 4) if sd2 else 8, use_linear_projection=sd2)
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+    vae = tiny_vae()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -86,48 +109,40 @@ def make_tiny_sd(path, prediction_type="epsilon", sd2=False):
 def make_tiny_sdxl(path):
     """A tiny SDXL-shaped model: two text encoders (32 + 32 = the UNet's 64-wide cross-attention, the second with a
     projection), a second tokenizer padding with "!", "text_time" added conditioning, 2-layer transformer blocks."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     n_vocab = write_tokenizer(path / "_tok")
-    tok = [CLIPTokenizer(str(path / "_tok" / "vocab.json"), str(path / "_tok" / "merges.txt"), model_max_length=77,
-                         **kw) for kw in ({}, {"pad_token": "!"})]
-    te = dict(vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=77, bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1)
+    tok = [tiny_tokenizer(path), tiny_tokenizer(path, pad_token="!")]
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=64,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16,
-                        scaling_factor=0.13025)
+    vae = tiny_vae(scaling_factor=0.13025)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**te)),
-                              text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te, projection_dim=32)),
+    StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(tiny_text_config(n_vocab)),
+                              text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(n_vocab, projection_dim=32)),
                               tokenizer=tok[0], tokenizer_2=tok[1], unet=unet, scheduler=scheduler).save_pretrained(path)
     return path
 
 
 def make_tiny_video(path):
     """A tiny ModelScope-shaped text-to-video model (UNet3DConditionModel: spatial and temporal transformers)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     n_vocab = write_tokenizer(path / "_tok")
-    tokenizer = CLIPTokenizer(str(path / "_tok" / "vocab.json"), str(path / "_tok" / "merges.txt"), model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1))
+    tokenizer = tiny_tokenizer(path)
+    text_encoder = CLIPTextModel(tiny_text_config(n_vocab))
     unet = UNet3DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, cross_attention_dim=32,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
         attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+    vae = tiny_vae()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
