@@ -345,7 +345,7 @@ def test_sd2_sdxl_and_video_train_resume_and_sample(family, tiny_sd2, tiny_sdxl,
     tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4), "model": str(model)})
     if family == "sdxl":
         data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
-        own = {tuple(data[(i, f)][4].tolist()) for i in range(len(data)) for f in (False, True)}
+        own = {tuple(map(float, data[(i, f)][4])) for i in range(len(data)) for f in (False, True)}
         rows = {tuple(r) for ids in seen for r in ids.tolist()}
         assert rows <= own and len(rows) >= 2  # real per-image ids (the tiny data has 3 image sizes)
         monkeypatch.undo()
