@@ -309,6 +309,24 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_d
     assert_equal_adapters(runs[True][1], runs[False][1])
 
 
+def test_compile_setting_compiles_the_training_step_and_trains_the_same(tiny_sd, tiny_data, tmp_path):
+    """--compile=<backend> runs the training step through torch.compile, and the adapters are bit-equal to an eager run.
+    aot_eager (dynamo's graph capture and AOT autograd, eager kernels) compiles in seconds on a CPU; inductor, the
+    backend for GPUs, takes minutes here."""
+    import torch._dynamo
+
+    runs = {}
+    for backend in ("", "aot_eager"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / (backend or "eager"), max_steps=2, save_every=2),
+                 "compile": backend})
+        runs[backend] = (torch._dynamo.utils.counters["stats"]["unique_graphs"], adapters_of(tmp_path / (backend or "eager")))
+    assert runs[""][0] == 0 and runs["aot_eager"][0] >= 1
+    eager, compiled = runs[""][1], runs["aot_eager"][1]
+    assert_equal_adapters(eager, compiled)
+
+
 def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
     """generate() on SDXL without grounding gives the pixels of diffusers' StableDiffusionXLPipeline: the two text
     encoders, zero unconditional features, size conditioning and VAE are used as SDXL's own pipeline uses them."""

@@ -79,6 +79,7 @@ config = dict(
     seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
     dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
     grad_checkpointing=False,  # recompute the UNet's activations in the backward pass: less memory (SDXL), slower
+    compile="",  # torch.compile backend for the UNet's training step: "" off, "inductor" (compiles for minutes first)
     num_workers=4,  # data loader processes per GPU
     log_every=20,  # log line (step, loss, lr, images/s, peak memory), also appended to out_dir/log.jsonl
     save_every=2000,  # checkpoint every N steps, and at the end
@@ -788,6 +789,7 @@ def main(cfg):
         unet.enable_gradient_checkpointing()
         unet.train()  # older diffusers checkpoint in training mode only; SD has no dropout, so nothing else changes
     model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[local_rank] if cuda else None) if ddp else unet
+    step_model = torch.compile(model, backend=cfg["compile"]) if cfg["compile"] else model  # flags stay on model
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if resume:
         opt.load_state_dict(state["optimizer"])
@@ -893,7 +895,7 @@ def main(cfg):
             g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
             if ddp:
                 model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
-            loss = micro_step_loss(model, batch, g) / accum
+            loss = micro_step_loss(step_model, batch, g) / accum
             loss.backward()
             step_loss += loss.detach()
         # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite. Fused AdamW then
