@@ -78,15 +78,19 @@ def main(cfg):
     else:
         layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"])
         layouts = [("--prompt/--phrases/--boxes", layout)]
-    unet, text_encoder, tokenizer, _ = load_base(cfg["model"], device, dtype)
-    for where, l in layouts:
+    for where, l in layouts:  # before the model loads (minutes for SDXL): a bad layout fails at once
         if not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string")
-        moving = is_video(unet) and is_moving(l.get("boxes"))
+        moving = is_moving(l.get("boxes"))
         if moving and len(l["boxes"]) != cfg["frames"]:
-            fail(f"{where}: {len(l['boxes'])} lists of boxes for --frames={cfg['frames']}")
+            fail(f"{where}: {len(l['boxes'])} lists of boxes for --frames={cfg['frames']} "
+                 "(one list per frame, for video models)")
         for f, frame_boxes in enumerate(l["boxes"] if moving else [l.get("boxes")]):
             check_layout(l.get("phrases"), frame_boxes, where + (f" frame {f}" if moving else ""))
+    unet, text_encoder, tokenizer, _ = load_base(cfg["model"], device, dtype)
+    for where, l in layouts:
+        if is_moving(l["boxes"]) and not is_video(unet):
+            fail(f"{where}: one list of boxes per frame is for video models; {cfg['model']} makes images")
     # SDXL's VAE overflows in fp16: it decodes in fp32 there
     vae_dtype = torch.float32 if is_sdxl(unet) and dtype == torch.float16 else dtype
     vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
