@@ -1,15 +1,17 @@
 """
 The shapes demo: a test, on a laptop CPU and with no download, of whether trained adapters put objects in their
-boxes. With this tiny base they do not yet: they learn the phrases, not the positions; the README has the measured
-table and what we found.
+boxes. The quick run (the default) proves the pipeline in about 15 minutes but does not ground; the grounding
+recipe (second command) does, in about an hour on a 2-core CPU. The README has the measured tables.
 
-    python demo_shapes.py                    # the whole demo, 14 to 15 minutes on a 2-core CPU; writes demo/
-    python demo_shapes.py --out=demo2 --gligen_steps=4000
+    python demo_shapes.py                    # the quick run, 14 to 16 minutes on a 2-core CPU; writes demo/
+    python demo_shapes.py --out=demo_full --positions=0.5 --prediction=v_prediction --base_steps=10000 \
+        --gligen_steps=10000                 # the grounding recipe: a base that knows positions, 10,000 GLIGEN steps
 
 1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
    32 x 32 image, each with a caption ("a red circle and a blue square") and, per shape, its phrase and exact box,
    written as COCO-format JSON.
-2. A tiny text-to-image base model, trained here on captions alone: a tiny autoencoder (AutoencoderKL, 32 px ->
+2. A tiny text-to-image base model, trained here on captions alone (with --positions, a share of them also say
+   where each shape is: "a red circle at the top left"): a tiny autoencoder (AutoencoderKL, 32 px ->
    8 x 8 x 4), a tiny CLIP text encoder and a tiny UNet, saved as a diffusers directory. Nothing in it knows boxes.
 3. The project's own scripts, run as a user runs them: prep_boxes.py and prep_latents.py on the images and their
    COCO JSON, train_gligen.py with the base frozen, sample.py on held-out layouts.
@@ -46,12 +48,15 @@ config = dict(
     gligen_steps=2000,  # train_gligen.py steps (batch 32)
     gligen_lr=1e-3,  # higher than the SD recipe's 5e-5: a tiny model, a tiny world, a few minutes
     sample_steps=25,  # DDIM steps when sampling the held-out layouts
+    positions=0.0,  # share of training captions that also say where each shape is; held-out prompts never do
+    prediction="epsilon",  # the base model's target: "epsilon" (as SD1.x) or "v_prediction" (as SD2.x at 768)
 )
 SIZE = 32  # image side in pixels
 COLORS = dict(red=(220, 30, 30), green=(30, 160, 50), blue=(30, 60, 220), yellow=(235, 195, 20))
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND = (235, 235, 235)
 WORDS = ["a", "and", *COLORS, *SHAPES]
+WORDS_WITH_PLACES = ["a", "and", "at", "in", "the", *COLORS, *SHAPES, "top", "bottom", "left", "right", "center"]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -86,11 +91,23 @@ def render(phrases, boxes):
     return im
 
 
-def caption(phrases):
-    return " and ".join(f"a {p}" for p in phrases)
+def caption(phrases, boxes=None):
+    """"a red circle and a blue square"; with boxes (pixels), each shape's place too: "a red circle at the top left"."""
+    parts = [f"a {p}" for p in phrases]
+    if boxes is not None:
+        parts = [f"{part} {place(b)}" for part, b in zip(parts, boxes)]
+    return " and ".join(parts)
 
 
-def write_world(root, n, rng):
+def place(box):
+    """Where a box's centre falls on a 3 x 3 grid: "at the top left", "at the right", "in the center"."""
+    cx, cy = (box[0] + box[2]) / 2 / SIZE, (box[1] + box[3]) / 2 / SIZE
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return f"at the {' '.join(w for w in (row, col) if w)}" if row or col else "in the center"
+
+
+def write_world(root, n, rng, positions=0.0):
     """n images, COCO instances and captions JSON: the input of prep_boxes.py and prep_latents.py."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     names = [f"{c} {s}" for c in COLORS for s in SHAPES]
@@ -100,7 +117,8 @@ def write_world(root, n, rng):
         name = f"{i:06d}.png"
         render(phrases, boxes).save(root / "images" / name)
         images.append(dict(id=i, file_name=name, width=SIZE, height=SIZE))
-        caps.append(dict(id=i, image_id=i, caption=caption(phrases)))
+        say_where = positions > 0 and rng.random() < positions
+        caps.append(dict(id=i, image_id=i, caption=caption(phrases, boxes if say_where else None)))
         for p, (x0, y0, x1, y1) in zip(phrases, boxes):
             anns.append(dict(id=len(anns), image_id=i, category_id=names.index(p), bbox=[x0, y0, x1 - x0, y1 - y0],
                              area=(x1 - x0) * (y1 - y0), iscrowd=0))
@@ -179,7 +197,7 @@ def box_use(model, adapters, data, n=512, seed=0):
 
 # -----------------------------------------------------------------------------------------------------------------
 # The base model, trained on captions alone.
-def write_tokenizer(path, words=WORDS, max_length=16):
+def write_tokenizer(path, words=WORDS, max_length=16):  # 16: "<bos> a red circle and ... <eos>" for 3 shapes
     """A CLIP BPE tokenizer whose merges spell each word of this world into one token (vocab.json + merges.txt)."""
     from transformers import CLIPTokenizer
 
@@ -237,18 +255,20 @@ def train_base(root, model_dir, cfg):
     z = z * vae.config.scaling_factor  # unit variance, as SD's factor makes its latents
 
     # Text encoder and UNet, trained together on (caption, latent); no boxes anywhere.
-    tokenizer = write_tokenizer(model_dir / "_tokenizer")
+    L = 32 if cfg["positions"] else 16  # tokens in the longest caption, with places
+    tokenizer = write_tokenizer(model_dir / "_tokenizer", WORDS_WITH_PLACES if cfg["positions"] else WORDS, L)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer.get_vocab()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+        num_attention_heads=4, max_position_embeddings=L, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
                                 cross_attention_dim=64, attention_head_dim=4,
                                 down_block_types=("CrossAttnDownBlock2D",) * 2,
                                 up_block_types=("CrossAttnUpBlock2D",) * 2)
     unet, text_encoder = unet.to(device), text_encoder.to(device)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    ids = tokenizer(captions + [""], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                    prediction_type=cfg["prediction"])
+    ids = tokenizer(captions + [""], padding="max_length", max_length=L, return_tensors="pt").input_ids
     ids, empty = ids[:-1].to(device), ids[-1].to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
@@ -258,7 +278,8 @@ def train_base(root, model_dir, cfg):
         noise, t = torch.randn_like(z[i]), torch.randint(0, 1000, (32,)).to(device)
         text = text_encoder(tok).last_hidden_state
         pred = unet(noise_scheduler.add_noise(z[i], noise, t), t, encoder_hidden_states=text)
-        loss = F.mse_loss(pred.sample, noise)
+        target = noise if cfg["prediction"] == "epsilon" else noise_scheduler.get_velocity(z[i], noise, t)
+        loss = F.mse_loss(pred.sample, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
@@ -299,7 +320,7 @@ def main(cfg):
     world, model, data, gligen = out / "world", out / "base-model", out / "data", out / "gligen"
     out.mkdir(parents=True, exist_ok=True)
     if not (world / "instances.json").exists():
-        write_world(world, cfg["train_images"], np.random.default_rng(cfg["seed"]))
+        write_world(world, cfg["train_images"], np.random.default_rng(cfg["seed"]), cfg["positions"])
     if not (model / "model_index.json").exists():
         train_base(world, model, cfg)
     layouts = test_layouts(cfg["test_layouts"], np.random.default_rng(cfg["seed"] + 1))  # never trained on

@@ -753,7 +753,8 @@ def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path):
         tg.load_base("/no/such/model", "cpu", torch.float32)
     r = run("train_gligen.py", "--model=/no/such/model", "--max_steps=1")  # as a user meets it: one line, no traceback
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: model directory not found: /no/such/model"
-    r = run("sample.py", f"--model={tiny_sd}", "--phrases=['a dog']", "--boxes=[[0.5, 0.5, 0.4, 0.9]]")
+    # a bad layout is named before the model loads (the model here does not even exist)
+    r = run("sample.py", "--model=/no/such/model", "--phrases=['a dog']", "--boxes=[[0.5, 0.5, 0.4, 0.9]]")
     assert r.returncode == 1 and "--prompt/--phrases/--boxes: box [0.5, 0.5, 0.4, 0.9] for 'a dog' has x1 < x0" in r.stderr
     r = run("prep_boxes.py", "--help")  # every setting with its default and meaning
     assert r.returncode == 0 and "  --crowd=False  keep iscrowd annotations" in r.stdout
@@ -1061,15 +1062,30 @@ def test_shapes_world_metric_and_tokenizer(tmp_path):
     tok = ds.write_tokenizer(tmp_path / "tok")
     caption = "a yellow triangle and a green square and a blue circle"
     assert tok.convert_ids_to_tokens(tok(caption).input_ids)[1:-1] == [w + "</w>" for w in caption.split()]
+    # captions that say where (the grounding recipe's base): a 3 x 3 grid of places, every word one token
+    boxes = [[0, 0, 10, 10], [12, 0, 22, 10], [22, 22, 32, 32], [0, 12, 10, 22], [11, 11, 21, 21], [20, 7, 30, 17]]
+    caption = ds.caption(["red circle"] * 6, boxes)
+    assert caption == ("a red circle at the top left and a red circle at the top and a red circle at the bottom "
+                       "right and a red circle at the left and a red circle in the center and a red circle at the right")
+    tok = ds.write_tokenizer(tmp_path / "tok_places", ds.WORDS_WITH_PLACES, 32)
+    assert tok.convert_ids_to_tokens(tok(caption).input_ids)[1:-1] == [w + "</w>" for w in caption.split()]
 
 
 def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
-    """The demo's whole path (world, base model, prep, train_gligen, sample, metric, picture) with a few steps each."""
+    """The demo's whole path (world, base model, prep, train_gligen, sample, metric, picture) with a few steps each,
+    as the grounding recipe runs it: captions that say where, a v-prediction base."""
     import demo_shapes as ds
 
     out = tmp_path / "demo"
     result = ds.main({**ds.config, "out": str(out), "train_images": 40, "test_layouts": 3, "vae_steps": 2,
-                      "base_steps": 2, "gligen_steps": 2, "sample_steps": 2})
+                      "base_steps": 2, "gligen_steps": 2, "sample_steps": 2, "positions": 0.5,
+                      "prediction": "v_prediction"})
+    captions = [c["caption"] for c in json.loads((out / "world" / "captions.json").read_text())["annotations"]]
+    said = [c for c in captions if " at the " in c or " in the center" in c]
+    assert 0 < len(said) < len(captions)  # about half say where; held-out prompts never do
+    assert not any(" the " in json.loads(l)["prompt"] for l in (out / "test_layouts.jsonl").read_text().splitlines())
+    scheduler = json.loads((out / "base-model" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
     assert result["fusers off equals base model"] is True
     loss = result["training loss with"]
     assert set(loss) == {"true boxes", "mirrored boxes", "no grounding"} and all(np.isfinite(list(loss.values())))
