@@ -976,5 +976,6 @@ if __name__ == "__main__":
         # DDP keeps its process group alive after destroy_process_group (a torch leak), so gloo's threads would be
         # torn down by C++ exit handlers, which now and then abort a finished run (SIGABRT, "terminate called without
         # an active exception"): everything is saved and closed, so leave without them.
-        sys.stdout.flush(), sys.stderr.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(0)
