@@ -629,6 +629,49 @@ def sample_generator(seed, step, slot, device):
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# The training step: the loss of one micro-batch, and the update. benchmark.py times these same two functions.
+def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(), video=False):
+    """The GLIGEN loss of one micro-batch: caption and grounding drops, noise and timestep from the generator g; the
+    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled)."""
+    device, T = alphas_cumprod.device, alphas_cumprod.shape[0]
+    x0 = batch["latents"][:, 0].float()  # the VAE mean
+    b = x0.shape[0]
+    keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
+    keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    t = torch.randint(0, T, (b,), generator=g, device=device)
+    if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
+        x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
+    if video:  # a video UNet trains on images as one-frame clips (b, 4, 1, h, w)
+        x0, noise = x0[:, :, None], noise[:, :, None]
+    xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
+    with torch.no_grad(), autocast:
+        keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
+        encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
+        text = encoded.last_hidden_state  # (b, 77, D)
+        added = {}  # SDXL: its pooled text and size conditioning
+        if isinstance(text_encoder, SDXLTextEncoders):
+            added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
+        masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
+        gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
+                           batch["boxes"], masks)
+    with autocast:
+        pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}, **added).sample
+    return F.mse_loss(pred.float(), target)
+
+
+def optimizer_step(opt, params, grad_clip):
+    """Clip the adapters' gradient and step fused AdamW, which skips the whole update on the device when the gradient
+    norm is not finite (NaN or Inf on any rank, as torch's GradScaler uses found_inf): no host sync, no poison.
+    Returns whether the step was taken, as a 0-dim bool tensor on the device."""
+    ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    opt.found_inf = (~ok).float()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ok
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config, data position)
 # and manifest.json (each file's size and sha256, written last). It is written as step_0002000.tmp and renamed when
 # whole, so a kill while saving leaves the previous checkpoint the latest; one whose files do not match their
@@ -793,7 +836,7 @@ def main(cfg):
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if resume:
         opt.load_state_dict(state["optimizer"])
-    alphas_cumprod, T = noise_scheduler.alphas_cumprod.to(device), noise_scheduler.config.num_train_timesteps
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # (T,): the forward process's a_t
     empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
     # Data: each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
@@ -846,38 +889,13 @@ def main(cfg):
     loss_sum, n_good, bad_run, worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     n_logged, t0, vote, vote_work = 0, time.perf_counter(), None, None
 
-    def micro_step_loss(model, batch, g):
-        """The GLIGEN loss of one micro-batch: drops, noise and timestep from g; frozen text encoder; the UNet."""
-        x0 = batch["latents"][:, 0].float()  # the VAE mean
-        b = x0.shape[0]
-        keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
-        keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        t = torch.randint(0, T, (b,), generator=g, device=device)
-        if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
-            x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
-        if video:  # a video UNet trains on images as one-frame clips (b, 4, 1, h, w)
-            x0, noise = x0[:, :, None], noise[:, :, None]
-        xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
-        with torch.no_grad(), autocast:
-            keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
-            encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
-            text = encoded.last_hidden_state  # (b, 77, D)
-            added = {}  # SDXL: its pooled text and size conditioning
-            if is_sdxl(unet):
-                added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
-            masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
-            gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
-                               batch["boxes"], masks)
-        with autocast:
-            pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}, **added).sample
-        return F.mse_loss(pred.float(), target)
-
+    loss_of = partial(micro_step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
+                      cfg=cfg, autocast=autocast, video=video)  # loss_of(model, batch, generator)
     # FLOPs of one step per image, for the MFU in the log: counted once, on the first B images, in a pass of its own
     # (a dispatch mode may pick other kernels: the counted pass must not be a training step)
     probe = {k: v.to(device) for k, v in collate(tokenizer, [data[(i, False)] for i in range(B)]).items()}
     with FlopCounterMode(display=False) as counter:
-        micro_step_loss(unet, probe, torch.Generator(device).manual_seed(0)).backward()
+        loss_of(unet, probe, torch.Generator(device).manual_seed(0)).backward()
     opt.zero_grad(set_to_none=True)
     flops_per_image = counter.get_total_flops() / B
     peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
@@ -895,15 +913,11 @@ def main(cfg):
             g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
             if ddp:
                 model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
-            loss = micro_step_loss(step_model, batch, g) / accum
+            loss = loss_of(step_model, batch, g) / accum
             loss.backward()
             step_loss += loss.detach()
-        # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite. Fused AdamW then
-        # skips the whole update on the device (found_inf, as torch's GradScaler uses it): no host sync, no poison.
-        ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]))
-        opt.found_inf = (~ok).float()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: the step is skipped.
+        ok = optimizer_step(opt, params, cfg["grad_clip"])
         loss_sum += torch.where(ok, step_loss, zero)
         n_good += ok
         bad_run = (bad_run + 1) * ~ok
