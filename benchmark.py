@@ -2,19 +2,24 @@
 Benchmarks, with no download.
 
     python benchmark.py --what=loader --workers=2
-    python benchmark.py --what=train --unet=sd15 --batch_sizes=8,16,32      # on a GPU
+    python benchmark.py --what=train --unet=sd15 --batch_sizes=8,16,32 --profile=True      # on a GPU
 
 --what=train: images/s, model-FLOPs utilisation and peak memory of a GLIGEN training step on a randomly initialised
-full-size UNet (--unet: sd15, sd21-base, sdxl; "tiny" for a CPU smoke run), for this project's recipe and for the
-reference recipe that IGLIGEN and diffusers' example use, side by side in one process on one device:
-    ours        frozen base in bf16, fp32 adapters under bf16 autocast, fused AdamW with the NaN skip, SDPA
-                (torch.compile with --compile=True)
-    reference   diffusers' own attention_type="gated" UNet in fp32, fp16 autocast, GradScaler, AdamW
-Both train the adapters only, on random latents, text features and 10 boxes per image; the text encoders are left
-out of both (the same cost for either). FLOPs per image come from torch's flop counter on one step; our fusers let
-only the visual tokens query (diffusers' let the grounding tokens query too, then drop their outputs), so the
-reference executes a few more FLOPs for the same result, and both MFUs are computed with ours, the work the model
-needs. The speed of a network does not depend on its weights. Results also go to --out as JSON.
+full-size UNet and text encoder (--unet: sd15, sd21-base, sdxl; "tiny" for a CPU smoke run), for this project's step
+and for the reference recipe that IGLIGEN and diffusers' example train with, side by side in one process on one device:
+    ours        train_gligen.py's own micro_step_loss and optimizer_step: frozen base and text encoder in bf16, fp32
+                adapters under bf16 autocast, distinct phrases padded to the longest and encoded once, SDPA, fused
+                AdamW with the on-device NaN skip (torch.compile with --compile=True)
+    reference   IGLIGEN's step: diffusers' own attention_type="gated" UNet in fp32 under fp16 autocast, GradScaler,
+                AdamW, text encoder in fp16, each image's phrases encoded in a loop
+Both train the adapters only, on random latents, captions and 10 boxes per image (10 distinct phrases each: ours
+gains nothing here from encoding repeated phrases once). FLOPs per image come from torch's flop counter on one step;
+our fusers let only the visual tokens query (diffusers' let the grounding tokens query too, then drop their
+outputs), so the reference executes a few more FLOPs for the same result, and both MFUs are computed with ours, the
+work the model needs. The speed of a network does not depend on its weights. Results also go to --out as JSON.
+--profile=True also profiles our step at the first batch size: the shares of its time spent in the text encoders,
+the frozen base (forward and backward), the optimizer, the fusers and the rest (each part timed alone), and in
+attention, the top ops by time (GPU kernels on a GPU), and on a GPU the host synchronisations in one step.
 
 --what=loader: how many training samples per second train_gligen.py's data loader delivers from disk.
 
@@ -45,6 +50,7 @@ config = dict(
     batch_sizes="8,16,32",  # train: images per step, comma-separated
     steps=20,  # train: timed steps per measurement
     compile=False,  # train: torch.compile our UNet
+    profile=False,  # train: also profile our step at the first batch size: shares of the step, top ops
     out="benchmark_train.json",  # train: where the results go
     dir="/tmp/gligen-bench",  # where the synthetic latents are written (about 32 KB an image)
     images=40_000,  # synthetic images
@@ -125,104 +131,248 @@ def loader_benchmark(cfg):
     return rate
 
 
-def step_inputs(unet_cfg, B, device, g):
-    """Random latents, timesteps, text features, 10 boxes per image (and SDXL's added conditioning)."""
-    D, h = unet_cfg["cross_attention_dim"], unet_cfg["sample_size"]
+def text_encoder(unet_name):
+    """A randomly initialised text encoder of the base model's size: CLIP ViT-L (SD1.x), OpenCLIP ViT-H (SD2.x), both
+    of SDXL's (ViT-L and ViT-bigG) behind the trainer's SDXLTextEncoders; "tiny": 2 layers of width 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vit_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    vit_h = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu", projection_dim=1024)
+    vit_big_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                     hidden_act="gelu", projection_dim=1280)
+    tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    if unet_name == "sdxl":
+        return tg.SDXLTextEncoders(CLIPTextModel(CLIPTextConfig(**vit_l)),
+                                   CLIPTextModelWithProjection(CLIPTextConfig(**vit_big_g)))
+    return CLIPTextModel(CLIPTextConfig(**dict(sd15=vit_l, sd21_base=vit_h, tiny=tiny)[unet_name]))
+
+
+def step_batch(unet_name, unet_cfg, B, device, g):
+    """A micro-batch as the trainer's loader delivers it: latents (B, 1, 4, h, w), captions of 8-24 words padded to
+    77 tokens, 10 boxes per image with 10 distinct phrases of 2-6 words each, padded to the longest (the worst
+    case for ours: real batches repeat phrases, and ours encodes each once), SDXL's size conditioning. Also each
+    image's own phrases padded to its own longest, as the reference recipe tokenizes them."""
+    BOS, EOS, L = 49406, 49407, 77
+
+    def ids(n_words):  # BOS, random words, EOS, padded with EOS as SD's tokenizer does
+        return [BOS] + torch.randint(0, 49000, (n_words,), generator=g).tolist() + [EOS]
+
+    def padded(rows, length):
+        out, mask = torch.full((len(rows), length), EOS), torch.zeros(len(rows), length, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        return out, mask
+
+    sdxl, K, h = unet_name == "sdxl", 10, unet_cfg["sample_size"]
+    pair = (lambda x: torch.stack([x, x], 1)) if sdxl else (lambda x: x)  # SDXL: ids (n, 2, L) for its two tokenizers
+    phrases = [ids(int(torch.randint(2, 7, (1,), generator=g))) for _ in range(B * K)]
+    phrase_ids, phrase_mask = padded(phrases, max(map(len, phrases)))
     xy = torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.6
-    masks = torch.zeros(B, tg.N_SLOTS)
-    masks[:, :10] = 1
-    gligen = dict(boxes=torch.cat([xy, xy + 0.3], -1), masks=masks, positive_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g))
-    inputs = dict(x=torch.randn(B, 4, h, h, generator=g), t=torch.randint(0, 1000, (B,), generator=g),
-                  text=torch.randn(B, 77, D, generator=g), target=torch.randn(B, 4, h, h, generator=g), gligen=gligen)
-    if unet_cfg.get("addition_embed_type") == "text_time":
-        inputs["added"] = dict(text_embeds=torch.randn(B, 1280, generator=g), time_ids=torch.tensor([[h * 8.0, h * 8, 0, 0, h * 8, h * 8]] * B))
-    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in inputs.items()}
+    masks, slot_phrase = torch.zeros(B, tg.N_SLOTS), torch.zeros(B, tg.N_SLOTS, dtype=torch.long)
+    masks[:, :K], slot_phrase[:, :K] = 1, torch.arange(B * K).view(B, K)
+    batch = dict(latents=torch.randn(B, 1, 4, h, h, generator=g),
+                 caption_ids=pair(padded([ids(int(torch.randint(8, 25, (1,), generator=g))) for _ in range(B)], L)[0]),
+                 phrase_ids=pair(phrase_ids), phrase_mask=phrase_mask, slot_phrase=slot_phrase,
+                 boxes=torch.cat([xy, xy + 0.3], -1), masks=masks,
+                 time_ids=torch.tensor([[h * 8.0, h * 8, 0, 0, h * 8, h * 8]] * B))
+    own = [padded(phrases[i * K:(i + 1) * K], max(map(len, phrases[i * K:(i + 1) * K]))) for i in range(B)]
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["per_image"] = [(pair(ids).to(device), mask.to(device)) for ids, mask in own]  # the reference's phrases
+    batch["empty_ids"] = pair(padded([[BOS, EOS]], L)[0]).to(device)  # the dropped caption
+    return batch
 
 
-def recipe(name, unet_cfg, device, compile_):
-    """(step function, model) for one recipe; step(inputs) runs forward, backward and the optimizer update."""
-    from diffusers import UNet2DConditionModel
+def recipe(name, unet_name, device, compile_=False):
+    """(step, parts) for one recipe on a fresh random UNet and text encoder; step(batch, i) is one training step:
+    text encoders, forward, backward and the optimizer update. parts: what the profile times on its own."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    if name == "ours":
-        unet = tg.inject_gligen(UNet2DConditionModel(**unet_cfg).to(device, torch.bfloat16 if cuda else torch.float32))
-        unet.requires_grad_(False)
-        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]  # fp32
+    base = UNet2DConditionModel(**UNETS[unet_name])
+    alphas_cumprod = DDPMScheduler().alphas_cumprod.to(device)
+    if name == "ours":  # train_gligen.py's own step: micro_step_loss and optimizer_step
+        dtype = torch.bfloat16 if cuda else torch.float32  # the frozen base; the adapters stay fp32
+        unet = tg.inject_gligen(base.to(device, dtype).requires_grad_(False))
+        te = text_encoder(unet_name).to(device, dtype).requires_grad_(False)
+        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
         model = torch.compile(unet) if compile_ else unet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        cfg = dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon")
 
-        def step(i):
-            with autocast:
-                pred = model(i["x"], i["t"], encoder_hidden_states=i["text"], cross_attention_kwargs={"gligen": i["gligen"]},
-                             **({"added_cond_kwargs": i["added"]} if "added" in i else {})).sample
-            F.mse_loss(pred.float(), i["target"]).backward()
-            ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0))
-            opt.found_inf = (~ok).float()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step, unet
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel(**unet_cfg).config, attention_type="gated").to(device)
-    unet.requires_grad_(False)
+        def step(batch, i):
+            g = tg.sample_generator(0, i, 0, device)
+            tg.micro_step_loss(model, batch, g, te, alphas_cumprod, batch["empty_ids"], cfg, autocast).backward()
+            tg.optimizer_step(opt, params, 1.0)
+        return step, dict(unet=unet, model=model, text_encoder=te, autocast=autocast, opt=opt, params=params)
+    # The reference: IGLIGEN's step (diffusers' example trains the same way). diffusers' gated UNet in fp32 under
+    # fp16 autocast with a GradScaler and AdamW; the text encoder in fp16; each image's phrases encoded in a loop.
+    unet = UNet2DConditionModel.from_config(base.config, attention_type="gated").to(device).requires_grad_(False)
+    te = text_encoder(unet_name).to(device, torch.float16 if cuda else torch.float32).requires_grad_(False)
     params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+    D, sdxl = unet.config.cross_attention_dim, unet_name == "sdxl"
 
-    def step(i):
+    def step(batch, i):
+        x0 = batch["latents"][:, 0].float()
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (x0.shape[0],), device=device)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        with torch.no_grad():
+            encoded = te(batch["caption_ids"])
+            feats = torch.zeros(x0.shape[0], tg.N_SLOTS, D, device=device, dtype=torch.float16 if cuda else torch.float32)
+            for b, (ids, mask) in enumerate(batch["per_image"]):
+                feats[b, :ids.shape[0]] = te(ids, attention_mask=mask).pooler_output
+        added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])} if sdxl else {}
         with autocast:
-            pred = unet(i["x"], i["t"], encoder_hidden_states=i["text"], cross_attention_kwargs={"gligen": i["gligen"]},
-                        **({"added_cond_kwargs": i["added"]} if "added" in i else {})).sample
-            loss = F.mse_loss(pred.float(), i["target"])
+            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=encoded.last_hidden_state,
+                        cross_attention_kwargs={"gligen": dict(boxes=batch["boxes"], masks=batch["masks"],
+                                                               positive_embeddings=feats)}, **added).sample
+            loss = F.mse_loss(pred.float(), noise)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-    return step, unet
+    return step, dict(unet=unet)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, device, n, warmup=2):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def profile(step, parts, batch, device, n):
+    """Where our step's time goes. Shares by timing the parts alone: the text encoders (captions and phrases), the
+    frozen base's forward and backward with the grounding off (backward to the latents, as the real step's backward
+    runs through the base to the first fuser), the optimizer update; the fusers and position net are the rest. The
+    attention share and the top ops by self time (device time on a GPU) from torch's profiler over n steps; on a GPU
+    also the host synchronisations in one step (torch.cuda's sync debug mode)."""
+    import warnings
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    unet, model, te, autocast, opt, params = (parts[k] for k in ("unet", "model", "text_encoder", "autocast", "opt", "params"))
+    cuda, sdxl = device.type == "cuda", isinstance(te, tg.SDXLTextEncoders)
+    counter = iter(range(10**6))
+    t_step = seconds_per_call(lambda: step(batch, next(counter)), device, n)
+
+    def text():
+        with torch.no_grad(), autocast:
+            te(batch["caption_ids"])
+            te(batch["phrase_ids"], attention_mask=batch["phrase_mask"])
+
+    x = batch["latents"][:, 0].float().requires_grad_(True)
+    t = torch.randint(0, 1000, (x.shape[0],), device=device)
+    with torch.no_grad(), autocast:
+        encoded = te(batch["caption_ids"])
+    added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])} if sdxl else {}
+
+    def base():
+        with autocast:
+            out = model(x, t, encoder_hidden_states=encoded.last_hidden_state, **added).sample
+        out.float().square().mean().backward()
+
+    def update():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        tg.optimizer_step(opt, params, 1.0)
+
+    t_text, t_base = seconds_per_call(text, device, n), seconds_per_call(base, device, n)
+    t_update = seconds_per_call(update, device, n) - seconds_per_call(
+        lambda: [setattr(p, "grad", torch.zeros_like(p)) for p in params], device, n)
+    shares = dict(text_encoders=t_text / t_step, frozen_base=t_base / t_step, optimizer=t_update / t_step)
+    shares["fusers_and_rest"] = 1 - sum(shares.values())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(n):
+            step(batch, next(counter))
+        sync(device)
+    events = prof.key_averages()
+    if cuda:  # the GPU's kernels, by device time
+        ops, self_time, total_time = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation], \
+            (lambda e: e.self_device_time_total), (lambda e: e.device_time_total)
+    else:  # the CPU's ops, by their own time (children excluded)
+        ops, self_time, total_time = list(events), (lambda e: e.self_cpu_time_total), (lambda e: e.cpu_time_total)
+    everything = max(sum(self_time(e) for e in ops), 1)
+    # SDPA's implementations and their backwards (flash, memory-efficient, cuDNN, CPU), kernels included
+    shares["attention"] = sum(total_time(e) for e in events if e.key.startswith("aten::_scaled_dot_product_")) / everything
+    top = sorted(ops, key=self_time, reverse=True)[:15]
+    result = dict(step_ms=round(t_step * 1e3, 2), shares={k: round(v, 3) for k, v in shares.items()},
+                  top_ops=[dict(name=e.key, self_ms_per_step=round(self_time(e) / 1e3 / n, 3),
+                                share=round(self_time(e) / everything, 3), calls_per_step=e.count // n) for e in top])
+    if cuda:  # every host synchronisation in a step that does not log is a stall: count them
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(batch, next(counter))
+            sync(device)
+        torch.cuda.set_sync_debug_mode("default")
+        result["host_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"profile of our step, batch {batch['latents'].shape[0]}: {result['step_ms']} ms; shares "
+          + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["shares"].items())
+          + (f"; host syncs per step: {result['host_syncs_per_step']}" if cuda else ""))
+    for e in result["top_ops"]:
+        print(f"  {e['share'] * 100:5.1f}%  {e['self_ms_per_step']:9.3f} ms  x{e['calls_per_step']:<4d} {e['name'][:90]}")
+    return result
 
 
 def train_benchmark(cfg):
     import diffusers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    unet_cfg = UNETS[cfg["unet"].replace("-", "_")] if cfg["unet"].replace("-", "_") in UNETS else tg.fail(
-        f"--unet={cfg['unet']!r}: one of {', '.join(UNETS)}")
+    cuda, unet_name = device.type == "cuda", cfg["unet"].replace("-", "_")
+    if unet_name not in UNETS:
+        tg.fail(f"--unet={cfg['unet']!r}: one of {', '.join(UNETS)}")
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak = next((v for k, v in tg.PEAK_BF16.items() if k in name), 0)
-    print(f"{cfg['unet']} UNet, {unet_cfg['sample_size'] * 8} px; {name}; torch {torch.__version__}, CUDA "
+    print(f"{cfg['unet']} UNet, {UNETS[unet_name]['sample_size'] * 8} px; {name}; torch {torch.__version__}, CUDA "
           f"{torch.version.cuda}, diffusers {diffusers.__version__}")
-    results, g = [], torch.Generator().manual_seed(0)
+    results, g, profiled = [], torch.Generator().manual_seed(0), None
     for B in [int(b) for b in str(cfg["batch_sizes"]).split(",")]:
-        row = {}
+        row, batch = {}, step_batch(unet_name, UNETS[unet_name], B, device, g)
         for rname in ("ours", "reference"):
-            step, unet = recipe(rname, unet_cfg, device, cfg["compile"] and rname == "ours")
-            inputs = step_inputs(unet_cfg, B, device, g)
             try:
+                step, parts = recipe(rname, unet_name, device, cfg["compile"] and rname == "ours")
                 with FlopCounterMode(display=False) as counter:
-                    step(inputs)
-                for _ in range(cfg["warmup"]):
-                    step(inputs)
+                    step(batch, 0)
+                for i in range(cfg["warmup"]):
+                    step(batch, 1 + i)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
-                for _ in range(cfg["steps"]):
-                    step(inputs)
+                for i in range(cfg["steps"]):
+                    step(batch, 1 + cfg["warmup"] + i)
                 if cuda:
                     torch.cuda.synchronize()
                 ips = B * cfg["steps"] / (time.perf_counter() - t0)
                 flops = counter.get_total_flops() / B
-                model_flops = row["ours"]["flops"] if rname == "reference" and "ours" in row else flops
+                model_flops = row["ours"]["flops"] if rname == "reference" and "flops" in row.get("ours", {}) else flops
                 row[rname] = dict(img_per_s=round(ips, 2), tflop_per_image=float(f"{flops / 1e12:.5g}"), flops=flops,
                                   mfu=round(model_flops * ips / peak, 4) if peak else None,
                                   peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+                if cfg["profile"] and rname == "ours" and profiled is None:
+                    profiled = dict(batch=B, **profile(step, parts, batch, device, max(2, min(cfg["steps"], 10))))
             except torch.OutOfMemoryError:
                 row[rname] = dict(img_per_s=None, error="out of memory")
-            del step, unet, inputs
+            step = parts = None
             if cuda:
                 torch.cuda.empty_cache()
         for r in row.values():
@@ -233,8 +383,9 @@ def train_benchmark(cfg):
         results.append(row)
         print(json.dumps(row))
     Path(cfg["out"]).write_text(json.dumps(dict(torch=torch.__version__, cuda=torch.version.cuda,
-                                                diffusers=diffusers.__version__, results=results), indent=1))
-    return results
+                                                diffusers=diffusers.__version__, results=results, profile=profiled),
+                                           indent=1))
+    return results, profiled
 
 
 if __name__ == "__main__":

@@ -1348,17 +1348,37 @@ def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
         unet(torch.randn(2, 4, 8, 8), torch.tensor([5, 9]), encoder_hidden_states=torch.randn(2, 77, 32),
              cross_attention_kwargs={"gligen": grounding_inputs()}).sample.square().mean().backward()
     assert per_image[0] == per_image[1] and per_image[0] * 1e12 >= counter.get_total_flops() / 2 > 0
+    # attention is counted on the CPU too (torch's counter knows only SDPA's CUDA kernels; the trainer adds this one):
+    # Q K^T and A V, each 2 b h n m d = 640 FLOPs: 1,280 forward, 2.5 times that backward
+    q, kv = torch.randn(1, 2, 8, 4, requires_grad=True), torch.randn(1, 2, 5, 4)
+    with FlopCounterMode(display=False) as attention:
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv).sum().backward()
+    assert attention.get_total_flops() == 1280 * 3.5
 
 
-def test_benchmark_times_both_recipes_on_a_tiny_unet(tmp_path):
-    """benchmark.py --what=train runs our step and the reference recipe (diffusers' gated UNet, fp32 + GradScaler)
-    on the same network: the same FLOPs per image, a speed for each and their ratio (figures only mean much on a GPU)."""
+def test_benchmark_times_both_recipes_on_a_tiny_unet(tmp_path, monkeypatch):
+    """benchmark.py --what=train times train_gligen.py's own step (micro_step_loss, optimizer_step) and the reference
+    recipe (IGLIGEN's: diffusers' gated UNet, fp32 + GradScaler, phrases encoded per image) on the same network: the
+    FLOPs per image, a speed for each and their ratio (figures only mean much on a GPU); --profile=True adds the
+    shares of our step and its top ops."""
     import benchmark
 
-    rows = benchmark.train_benchmark({**benchmark.config, "what": "train", "unet": "tiny", "batch_sizes": "2",
-                                      "steps": 2, "warmup": 1, "out": str(tmp_path / "bench.json")})
+    calls = []
+    for name in ("micro_step_loss", "optimizer_step"):  # the trainer's functions, not a copy of them
+        real = getattr(tg, name)
+        monkeypatch.setattr(tg, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    rows, prof = benchmark.train_benchmark({**benchmark.config, "what": "train", "unet": "tiny", "batch_sizes": "2",
+                                            "steps": 2, "warmup": 1, "profile": True, "out": str(tmp_path / "bench.json")})
     (row,) = rows
+    assert calls.count("micro_step_loss") >= 4 and calls.count("optimizer_step") >= 4
     assert row["ours"]["img_per_s"] > 0 and row["reference"]["img_per_s"] > 0 and row["ratio"] > 0
-    # the same network; the reference executes more: its fusers let the grounding tokens query too
-    assert 0 < row["ours"]["tflop_per_image"] < row["reference"]["tflop_per_image"] < 1.1 * row["ours"]["tflop_per_image"]
-    assert json.loads((tmp_path / "bench.json").read_text())["results"] == rows
+    # the same UNet and text encoder; the reference's fusers also let the grounding tokens query, and it pads each
+    # image's phrases to their own longest: a few per cent apart
+    assert 0.9 < row["reference"]["tflop_per_image"] / row["ours"]["tflop_per_image"] < 1.1
+    shares = prof["shares"]
+    assert set(shares) == {"text_encoders", "frozen_base", "optimizer", "fusers_and_rest", "attention"}
+    assert 0 < shares["attention"] < 1 and 0 < shares["frozen_base"] and 0 < shares["text_encoders"] < 1
+    assert abs(sum(v for k, v in shares.items() if k != "attention") - 1) < 1e-3  # the rest is what the parts leave
+    assert any("scaled_dot_product" in op["name"] for op in prof["top_ops"])  # SDPA, forward and backward
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["results"] == rows and saved["profile"] == prof
