@@ -13,10 +13,11 @@ and for the reference recipe that IGLIGEN and diffusers' example train with, sid
     reference   IGLIGEN's step: diffusers' own attention_type="gated" UNet in fp32 under fp16 autocast, GradScaler,
                 AdamW, text encoder in fp16, each image's phrases encoded in a loop
 Both train the adapters only, on random latents, captions and 10 boxes per image (10 distinct phrases each: ours
-gains nothing here from encoding repeated phrases once). FLOPs per image come from torch's flop counter on one step;
-our fusers let only the visual tokens query (diffusers' let the grounding tokens query too, then drop their
-outputs), so the reference executes a few more FLOPs for the same result, and both MFUs are computed with ours, the
-work the model needs. The speed of a network does not depend on its weights. Results also go to --out as JSON.
+gains nothing here from encoding repeated phrases once). FLOPs per image are model FLOPs, counted as the trainer
+counts them (train_gligen.count_flops: torch's flop counter on one image's step, SDPA's math kernel). Our fusers let
+only the visual tokens query (diffusers' let the grounding tokens query too, then drop their outputs), so the
+reference executes a few more FLOPs for the same result, and both MFUs are computed with ours, the work the model
+needs. The speed of a network does not depend on its weights. Results also go to --out as JSON.
 --profile=True also profiles our step at the first batch size: the shares of its time spent in the text encoders,
 the frozen base (forward and backward), the optimizer, the fusers and the rest (each part timed alone), and in
 attention, the top ops by time (GPU kernels on a GPU), and on a GPU the host synchronisations in one step.
@@ -40,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from contextlib import nullcontext
-from torch.utils.flop_counter import FlopCounterMode
 
+import gligen
 import train_gligen as tg
 
 config = dict(
@@ -143,7 +144,7 @@ def text_encoder(unet_name):
                      hidden_act="gelu", projection_dim=1280)
     tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     if unet_name == "sdxl":
-        return tg.SDXLTextEncoders(CLIPTextModel(CLIPTextConfig(**vit_l)),
+        return gligen.SDXLTextEncoders(CLIPTextModel(CLIPTextConfig(**vit_l)),
                                    CLIPTextModelWithProjection(CLIPTextConfig(**vit_big_g)))
     return CLIPTextModel(CLIPTextConfig(**dict(sd15=vit_l, sd21_base=vit_h, tiny=tiny)[unet_name]))
 
@@ -168,8 +169,8 @@ def step_batch(unet_name, unet_cfg, B, device, g):
     pair = (lambda x: torch.stack([x, x], 1)) if sdxl else (lambda x: x)  # SDXL: ids (n, 2, L) for its two tokenizers
     phrases = [ids(int(torch.randint(2, 7, (1,), generator=g))) for _ in range(B * K)]
     phrase_ids, phrase_mask = padded(phrases, max(map(len, phrases)))
-    xy = torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.6
-    masks, slot_phrase = torch.zeros(B, tg.N_SLOTS), torch.zeros(B, tg.N_SLOTS, dtype=torch.long)
+    xy = torch.rand(B, gligen.N_SLOTS, 2, generator=g) * 0.6
+    masks, slot_phrase = torch.zeros(B, gligen.N_SLOTS), torch.zeros(B, gligen.N_SLOTS, dtype=torch.long)
     masks[:, :K], slot_phrase[:, :K] = 1, torch.arange(B * K).view(B, K)
     batch = dict(latents=torch.randn(B, 1, 4, h, h, generator=g),
                  caption_ids=pair(padded([ids(int(torch.randint(8, 25, (1,), generator=g))) for _ in range(B)], L)[0]),
@@ -194,24 +195,32 @@ def recipe(name, unet_name, device, compile_=False):
     alphas_cumprod = DDPMScheduler().alphas_cumprod.to(device)
     if name == "ours":  # train_gligen.py's own step: micro_step_loss and optimizer_step
         dtype = torch.bfloat16 if cuda else torch.float32  # the frozen base; the adapters stay fp32
-        unet = tg.inject_gligen(base.to(device, dtype).requires_grad_(False))
+        unet = gligen.inject_gligen(base.to(device, dtype).requires_grad_(False))
         te = text_encoder(unet_name).to(device, dtype).requires_grad_(False)
-        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]
+        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if gligen.is_adapter(n)]
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
         model = torch.compile(unet) if compile_ else unet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
         cfg = dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon")
 
-        def step(batch, i):
+        def loss(batch, i, model=model):
             g = tg.sample_generator(0, i, 0, device)
-            tg.micro_step_loss(model, batch, g, te, alphas_cumprod, batch["empty_ids"], cfg, autocast).backward()
+            return tg.micro_step_loss(model, batch, g, te, alphas_cumprod, batch["empty_ids"], cfg, autocast)
+
+        def step(batch, i):
+            loss(batch, i).backward()
             tg.optimizer_step(opt, params, 1.0)
-        return step, dict(unet=unet, model=model, text_encoder=te, autocast=autocast, opt=opt, params=params)
+
+        def flops(batch):  # as the trainer counts them, on the eager UNet
+            n = tg.count_flops(lambda: loss(batch, 0, unet).backward())
+            opt.zero_grad(set_to_none=True)
+            return n
+        return step, dict(unet=unet, model=model, text_encoder=te, autocast=autocast, opt=opt, params=params, flops=flops)
     # The reference: IGLIGEN's step (diffusers' example trains the same way). diffusers' gated UNet in fp32 under
     # fp16 autocast with a GradScaler and AdamW; the text encoder in fp16; each image's phrases encoded in a loop.
     unet = UNet2DConditionModel.from_config(base.config, attention_type="gated").to(device).requires_grad_(False)
     te = text_encoder(unet_name).to(device, torch.float16 if cuda else torch.float32).requires_grad_(False)
-    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]
+    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if gligen.is_adapter(n)]
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
@@ -224,7 +233,7 @@ def recipe(name, unet_name, device, compile_=False):
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         with torch.no_grad():
             encoded = te(batch["caption_ids"])
-            feats = torch.zeros(x0.shape[0], tg.N_SLOTS, D, device=device, dtype=torch.float16 if cuda else torch.float32)
+            feats = torch.zeros(x0.shape[0], gligen.N_SLOTS, D, device=device, dtype=torch.float16 if cuda else torch.float32)
             for b, (ids, mask) in enumerate(batch["per_image"]):
                 feats[b, :ids.shape[0]] = te(ids, attention_mask=mask).pooler_output
         added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])} if sdxl else {}
@@ -239,7 +248,7 @@ def recipe(name, unet_name, device, compile_=False):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-    return step, dict(unet=unet)
+    return step, dict(unet=unet, flops=lambda batch: tg.count_flops(lambda: step(batch, 0)))
 
 
 def sync(device):
@@ -269,7 +278,7 @@ def profile(step, parts, batch, device, n):
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     unet, model, te, autocast, opt, params = (parts[k] for k in ("unet", "model", "text_encoder", "autocast", "opt", "params"))
-    cuda, sdxl = device.type == "cuda", isinstance(te, tg.SDXLTextEncoders)
+    cuda, sdxl = device.type == "cuda", isinstance(te, gligen.SDXLTextEncoders)
     counter = iter(range(10**6))
     t_step = seconds_per_call(lambda: step(batch, next(counter)), device, n)
 
@@ -339,7 +348,7 @@ def train_benchmark(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda, unet_name = device.type == "cuda", cfg["unet"].replace("-", "_")
     if unet_name not in UNETS:
-        tg.fail(f"--unet={cfg['unet']!r}: one of {', '.join(UNETS)}")
+        gligen.fail(f"--unet={cfg['unet']!r}: one of {', '.join(UNETS)}")
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak = next((v for k, v in tg.PEAK_BF16.items() if k in name), 0)
     print(f"{cfg['unet']} UNet, {UNETS[unet_name]['sample_size'] * 8} px; {name}; torch {torch.__version__}, CUDA "
@@ -347,11 +356,11 @@ def train_benchmark(cfg):
     results, g, profiled = [], torch.Generator().manual_seed(0), None
     for B in [int(b) for b in str(cfg["batch_sizes"]).split(",")]:
         row, batch = {}, step_batch(unet_name, UNETS[unet_name], B, device, g)
+        one = step_batch(unet_name, UNETS[unet_name], 1, device, g)
         for rname in ("ours", "reference"):
             try:
                 step, parts = recipe(rname, unet_name, device, cfg["compile"] and rname == "ours")
-                with FlopCounterMode(display=False) as counter:
-                    step(batch, 0)
+                flops = parts["flops"](one)  # per image: on one image, with SDPA's math kernel (tg.count_flops)
                 for i in range(cfg["warmup"]):
                     step(batch, 1 + i)
                 if cuda:
@@ -363,7 +372,6 @@ def train_benchmark(cfg):
                 if cuda:
                     torch.cuda.synchronize()
                 ips = B * cfg["steps"] / (time.perf_counter() - t0)
-                flops = counter.get_total_flops() / B
                 model_flops = row["ours"]["flops"] if rname == "reference" and "flops" in row.get("ours", {}) else flops
                 row[rname] = dict(img_per_s=round(ips, 2), tflop_per_image=float(f"{flops / 1e12:.5g}"), flops=flops,
                                   mfu=round(model_flops * ips / peak, 4) if peak else None,
@@ -391,5 +399,5 @@ def train_benchmark(cfg):
 if __name__ == "__main__":
     cfg = tg.configure(config, sys.argv[1:], __doc__)
     if cfg["what"] not in ("loader", "train"):
-        tg.fail(f"--what={cfg['what']!r}: loader or train")
+        gligen.fail(f"--what={cfg['what']!r}: loader or train")
     loader_benchmark(cfg) if cfg["what"] == "loader" else train_benchmark(cfg)

@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import gligen
 import score_grounding
 import train_gligen as tg
-from train_gligen import configure, draw_layout, fail
+from gligen import draw_layout, fail
+from train_gligen import configure
 
 config = dict(
     out="demo",  # everything the demo makes goes here
@@ -168,26 +170,26 @@ def box_use(model, adapters, data, n=512, seed=0):
     """Do the adapters use the boxes at all? The training loss (caption kept) on n training images at fixed noise and
     timesteps, with the true boxes, with the boxes mirrored left to right, and with no grounding. If the adapters
     place objects by their boxes, the true boxes give a clearly lower loss than the mirrored ones."""
-    unet, text_encoder, tokenizer, scheduler = tg.load_base(str(model), "cpu", torch.float32)
-    tg.inject_gligen(unet)
-    tg.set_adapters(unet, tg.load_adapters(str(adapters)), str(adapters))
+    unet, text_encoder, tokenizer, scheduler = gligen.load_base(str(model), "cpu", torch.float32)
+    gligen.inject_gligen(unet)
+    gligen.set_adapters(unet, gligen.load_adapters(str(adapters)), str(adapters))
     ds = tg.GroundedLatents(data / "latents", data / "boxes.jsonl")
     items = [ds[(i, False)] for i in range(min(n, len(ds)))]
     b, g = tg.collate(tokenizer, items), torch.Generator().manual_seed(seed)
     x0 = b["latents"][:, 0].float()  # the VAE mean
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, len(scheduler.alphas_cumprod), (len(x0),), generator=g)
-    xt, target = tg.forward_process(scheduler.alphas_cumprod, x0, noise, t, scheduler.config.prediction_type)
-    text = text_encoder(tg.tokenize(tokenizer, [it[1] for it in items])[0]).last_hidden_state
+    xt, target = gligen.forward_process(scheduler.alphas_cumprod, x0, noise, t, scheduler.config.prediction_type)
+    text = text_encoder(gligen.tokenize(tokenizer, [it[1] for it in items])[0]).last_hidden_state
     mirrored = b["boxes"].clone()
     mirrored[..., [0, 2]] = 1 - b["boxes"][..., [2, 0]]
     out = {}
     for name, boxes, masks in (("true boxes", b["boxes"], b["masks"]), ("mirrored boxes", mirrored, b["masks"]),
                                ("no grounding", b["boxes"], 0 * b["masks"])):
-        gligen = tg.grounding(text_encoder, b["phrase_ids"], b["phrase_mask"], b["slot_phrase"], boxes, masks)
+        kwargs = gligen.grounding(text_encoder, b["phrase_ids"], b["phrase_mask"], b["slot_phrase"], boxes, masks)
         total = 0.0
         for i in range(0, len(x0), 128):  # in chunks, to keep memory small
-            part = {k: v[i:i + 128] for k, v in gligen.items()}
+            part = {k: v[i:i + 128] for k, v in kwargs.items()}
             pred = unet(xt[i:i + 128], t[i:i + 128], encoder_hidden_states=text[i:i + 128],
                         cross_attention_kwargs={"gligen": part}).sample
             total += F.mse_loss(pred, target[i:i + 128], reduction="sum").item()
@@ -317,7 +319,7 @@ def picture(layouts, rows, path):
 
 def main(cfg):
     out, t0 = Path(cfg["out"]), time.time()
-    world, model, data, gligen = out / "world", out / "base-model", out / "data", out / "gligen"
+    world, model, data, adapters = out / "world", out / "base-model", out / "data", out / "gligen"
     out.mkdir(parents=True, exist_ok=True)
     if not (world / "instances.json").exists():
         write_world(world, cfg["train_images"], np.random.default_rng(cfg["seed"]), cfg["positions"])
@@ -335,15 +337,15 @@ def main(cfg):
     if not (data / "latents" / "index.jsonl").exists():
         run("prep_latents.py", m, f"--images={world / 'images'}", f"--captions={data / 'boxes.jsonl'}",
             f"--out={data / 'latents'}", f"--resolution={SIZE}", "--batch_size=256", "--num_workers=0")
-    run("train_gligen.py", m, f"--latents={data / 'latents'}", f"--boxes={data / 'boxes.jsonl'}", f"--out_dir={gligen}",
+    run("train_gligen.py", m, f"--latents={data / 'latents'}", f"--boxes={data / 'boxes.jsonl'}", f"--out_dir={adapters}",
         f"--max_steps={cfg['gligen_steps']}", f"--lr={cfg['gligen_lr']}", "--warmup_steps=100", "--global_batch=32",
         "--micro_batch=32", "--num_workers=0", "--log_every=100", "--save_every=500", "--val_every=500",
         f"--val_layouts={out / 'val_layouts.jsonl'}", f"--seed={cfg['seed']}")
     conditions = {  # label: (samples directory, sample.py's arguments); the same seeds in each
         "base model": ("base", []),
-        "adapters, beta=1": ("beta1", [f"--adapters={gligen}", "--beta=1.0"]),
-        "adapters, beta=0.3": ("beta0.3", [f"--adapters={gligen}", "--beta=0.3"]),
-        "fusers off (beta=0)": ("fusers-off", [f"--adapters={gligen}", "--beta=0.0"]),
+        "adapters, beta=1": ("beta1", [f"--adapters={adapters}", "--beta=1.0"]),
+        "adapters, beta=0.3": ("beta0.3", [f"--adapters={adapters}", "--beta=0.3"]),
+        "fusers off (beta=0)": ("fusers-off", [f"--adapters={adapters}", "--beta=0.0"]),
     }
     dirs = {name: out / "samples" / d for name, (d, _) in conditions.items()}
     for name, (_, extra) in conditions.items():
@@ -360,7 +362,7 @@ def main(cfg):
                               np.asarray(Image.open(dirs["fusers off (beta=0)"] / f"{k:03d}_00.png")))
                for k in range(len(layouts)))
     results["fusers off equals base model"] = same
-    results["training loss with"] = box_use(model, gligen, data)
+    results["training loss with"] = box_use(model, adapters, data)
     results["minutes"] = round((time.time() - t0) / 60, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     picture(layouts[:6], [("base model", dirs["base model"]), ("adapters, beta=1", dirs["adapters, beta=1"]),

@@ -52,7 +52,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import configure, fail, read_jsonl
+from gligen import fail
+from train_gligen import configure, read_jsonl
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images
