@@ -191,8 +191,7 @@ def recipe(name, unet_name, device, compile_=False):
 
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    base = UNet2DConditionModel(**UNETS[unet_name])
-    alphas_cumprod = DDPMScheduler().alphas_cumprod.to(device)
+    base, scheduler = UNet2DConditionModel(**UNETS[unet_name]), DDPMScheduler()
     if name == "ours":  # train_gligen.py's own step: micro_step_loss and optimizer_step
         dtype = torch.bfloat16 if cuda else torch.float32  # the frozen base; the adapters stay fp32
         unet = gligen.inject_gligen(base.to(device, dtype).requires_grad_(False))
@@ -202,6 +201,7 @@ def recipe(name, unet_name, device, compile_=False):
         model = torch.compile(unet) if compile_ else unet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
         cfg = dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon")
+        alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
         def loss(batch, i, model=model):
             g = tg.sample_generator(0, i, 0, device)
@@ -230,7 +230,6 @@ def recipe(name, unet_name, device, compile_=False):
         x0 = batch["latents"][:, 0].float()
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (x0.shape[0],), device=device)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
         with torch.no_grad():
             encoded = te(batch["caption_ids"])
             feats = torch.zeros(x0.shape[0], gligen.N_SLOTS, D, device=device, dtype=torch.float16 if cuda else torch.float32)
@@ -238,7 +237,7 @@ def recipe(name, unet_name, device, compile_=False):
                 feats[b, :ids.shape[0]] = te(ids, attention_mask=mask).pooler_output
         added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])} if sdxl else {}
         with autocast:
-            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=encoded.last_hidden_state,
+            pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=encoded.last_hidden_state,
                         cross_attention_kwargs={"gligen": dict(boxes=batch["boxes"], masks=batch["masks"],
                                                                positive_embeddings=feats)}, **added).sample
             loss = F.mse_loss(pred.float(), noise)
@@ -257,9 +256,12 @@ def sync(device):
 
 
 def seconds_per_call(fn, device, n, warmup=2):
+    """Mean seconds of fn() over n calls after warmup calls; the GPU's peak memory counts from the first timed call."""
     for _ in range(warmup):
         fn()
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
@@ -361,17 +363,8 @@ def train_benchmark(cfg):
             try:
                 step, parts = recipe(rname, unet_name, device, cfg["compile"] and rname == "ours")
                 flops = parts["flops"](one)  # per image: on one image, with SDPA's math kernel (tg.count_flops)
-                for i in range(cfg["warmup"]):
-                    step(batch, 1 + i)
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                for i in range(cfg["steps"]):
-                    step(batch, 1 + cfg["warmup"] + i)
-                if cuda:
-                    torch.cuda.synchronize()
-                ips = B * cfg["steps"] / (time.perf_counter() - t0)
+                i = iter(range(1, 10**9))  # step numbers: each step its own noise and timesteps
+                ips = B / seconds_per_call(lambda: step(batch, next(i)), device, cfg["steps"], cfg["warmup"])
                 model_flops = row["ours"]["flops"] if rname == "reference" and "flops" in row.get("ours", {}) else flops
                 row[rname] = dict(img_per_s=round(ips, 2), tflop_per_image=float(f"{flops / 1e12:.5g}"), flops=flops,
                                   mfu=round(model_flops * ips / peak, 4) if peak else None,
