@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from contextlib import nullcontext
 
-import gligen
 import train_gligen as tg
 
 config = dict(
@@ -144,7 +143,7 @@ def text_encoder(unet_name):
                      hidden_act="gelu", projection_dim=1280)
     tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     if unet_name == "sdxl":
-        return gligen.SDXLTextEncoders(CLIPTextModel(CLIPTextConfig(**vit_l)),
+        return tg.SDXLTextEncoders(CLIPTextModel(CLIPTextConfig(**vit_l)),
                                    CLIPTextModelWithProjection(CLIPTextConfig(**vit_big_g)))
     return CLIPTextModel(CLIPTextConfig(**dict(sd15=vit_l, sd21_base=vit_h, tiny=tiny)[unet_name]))
 
@@ -169,8 +168,8 @@ def step_batch(unet_name, unet_cfg, B, device, g):
     pair = (lambda x: torch.stack([x, x], 1)) if sdxl else (lambda x: x)  # SDXL: ids (n, 2, L) for its two tokenizers
     phrases = [ids(int(torch.randint(2, 7, (1,), generator=g))) for _ in range(B * K)]
     phrase_ids, phrase_mask = padded(phrases, max(map(len, phrases)))
-    xy = torch.rand(B, gligen.N_SLOTS, 2, generator=g) * 0.6
-    masks, slot_phrase = torch.zeros(B, gligen.N_SLOTS), torch.zeros(B, gligen.N_SLOTS, dtype=torch.long)
+    xy = torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.6
+    masks, slot_phrase = torch.zeros(B, tg.N_SLOTS), torch.zeros(B, tg.N_SLOTS, dtype=torch.long)
     masks[:, :K], slot_phrase[:, :K] = 1, torch.arange(B * K).view(B, K)
     batch = dict(latents=torch.randn(B, 1, 4, h, h, generator=g),
                  caption_ids=pair(padded([ids(int(torch.randint(8, 25, (1,), generator=g))) for _ in range(B)], L)[0]),
@@ -194,9 +193,9 @@ def recipe(name, unet_name, device, compile_=False):
     base, scheduler = UNet2DConditionModel(**UNETS[unet_name]), DDPMScheduler()
     if name == "ours":  # train_gligen.py's own step: micro_step_loss and optimizer_step
         dtype = torch.bfloat16 if cuda else torch.float32  # the frozen base; the adapters stay fp32
-        unet = gligen.inject_gligen(base.to(device, dtype).requires_grad_(False))
+        unet = tg.inject_gligen(base.to(device, dtype).requires_grad_(False))
         te = text_encoder(unet_name).to(device, dtype).requires_grad_(False)
-        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if gligen.is_adapter(n)]
+        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
         model = torch.compile(unet) if compile_ else unet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -220,7 +219,7 @@ def recipe(name, unet_name, device, compile_=False):
     # fp16 autocast with a GradScaler and AdamW; the text encoder in fp16; each image's phrases encoded in a loop.
     unet = UNet2DConditionModel.from_config(base.config, attention_type="gated").to(device).requires_grad_(False)
     te = text_encoder(unet_name).to(device, torch.float16 if cuda else torch.float32).requires_grad_(False)
-    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if gligen.is_adapter(n)]
+    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
@@ -232,7 +231,7 @@ def recipe(name, unet_name, device, compile_=False):
         t = torch.randint(0, 1000, (x0.shape[0],), device=device)
         with torch.no_grad():
             encoded = te(batch["caption_ids"])
-            feats = torch.zeros(x0.shape[0], gligen.N_SLOTS, D, device=device, dtype=torch.float16 if cuda else torch.float32)
+            feats = torch.zeros(x0.shape[0], tg.N_SLOTS, D, device=device, dtype=torch.float16 if cuda else torch.float32)
             for b, (ids, mask) in enumerate(batch["per_image"]):
                 feats[b, :ids.shape[0]] = te(ids, attention_mask=mask).pooler_output
         added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])} if sdxl else {}
@@ -280,7 +279,7 @@ def profile(step, parts, batch, device, n):
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     unet, model, te, autocast, opt, params = (parts[k] for k in ("unet", "model", "text_encoder", "autocast", "opt", "params"))
-    cuda, sdxl = device.type == "cuda", isinstance(te, gligen.SDXLTextEncoders)
+    cuda, sdxl = device.type == "cuda", isinstance(te, tg.SDXLTextEncoders)
     counter = iter(range(10**6))
     t_step = seconds_per_call(lambda: step(batch, next(counter)), device, n)
 
@@ -350,7 +349,7 @@ def train_benchmark(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda, unet_name = device.type == "cuda", cfg["unet"].replace("-", "_")
     if unet_name not in UNETS:
-        gligen.fail(f"--unet={cfg['unet']!r}: one of {', '.join(UNETS)}")
+        tg.fail(f"--unet={cfg['unet']!r}: one of {', '.join(UNETS)}")
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak = next((v for k, v in tg.PEAK_BF16.items() if k in name), 0)
     print(f"{cfg['unet']} UNet, {UNETS[unet_name]['sample_size'] * 8} px; {name}; torch {torch.__version__}, CUDA "
@@ -392,5 +391,5 @@ def train_benchmark(cfg):
 if __name__ == "__main__":
     cfg = tg.configure(config, sys.argv[1:], __doc__)
     if cfg["what"] not in ("loader", "train"):
-        gligen.fail(f"--what={cfg['what']!r}: loader or train")
+        tg.fail(f"--what={cfg['what']!r}: loader or train")
     loader_benchmark(cfg) if cfg["what"] == "loader" else train_benchmark(cfg)

@@ -34,11 +34,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import gligen
 import score_grounding
 import train_gligen as tg
-from gligen import draw_layout, fail
-from train_gligen import configure
+from train_gligen import configure, draw_layout, fail
 
 config = dict(
     out="demo",  # everything the demo makes goes here
@@ -170,23 +168,23 @@ def box_use(model, adapters, data, n=512, seed=0):
     """Do the adapters use the boxes at all? The training loss (caption kept) on n training images at fixed noise and
     timesteps, with the true boxes, with the boxes mirrored left to right, and with no grounding. If the adapters
     place objects by their boxes, the true boxes give a clearly lower loss than the mirrored ones."""
-    unet, text_encoder, tokenizer, scheduler = gligen.load_base(str(model), "cpu", torch.float32)
-    gligen.inject_gligen(unet)
-    gligen.set_adapters(unet, gligen.load_adapters(str(adapters)), str(adapters))
+    unet, text_encoder, tokenizer, scheduler = tg.load_base(str(model), "cpu", torch.float32)
+    tg.inject_gligen(unet)
+    tg.set_adapters(unet, tg.load_adapters(str(adapters)), str(adapters))
     ds = tg.GroundedLatents(data / "latents", data / "boxes.jsonl")
     items = [ds[(i, False)] for i in range(min(n, len(ds)))]
     b, g = tg.collate(tokenizer, items), torch.Generator().manual_seed(seed)
     x0 = b["latents"][:, 0].float()  # the VAE mean
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, len(scheduler.alphas_cumprod), (len(x0),), generator=g)
-    xt, target = gligen.forward_process(scheduler.alphas_cumprod, x0, noise, t, scheduler.config.prediction_type)
-    text = text_encoder(gligen.tokenize(tokenizer, [it[1] for it in items])[0]).last_hidden_state
+    xt, target = tg.forward_process(scheduler.alphas_cumprod, x0, noise, t, scheduler.config.prediction_type)
+    text = text_encoder(tg.tokenize(tokenizer, [it[1] for it in items])[0]).last_hidden_state
     mirrored = b["boxes"].clone()
     mirrored[..., [0, 2]] = 1 - b["boxes"][..., [2, 0]]
     out = {}
     for name, boxes, masks in (("true boxes", b["boxes"], b["masks"]), ("mirrored boxes", mirrored, b["masks"]),
                                ("no grounding", b["boxes"], 0 * b["masks"])):
-        kwargs = gligen.grounding(text_encoder, b["phrase_ids"], b["phrase_mask"], b["slot_phrase"], boxes, masks)
+        kwargs = tg.grounding(text_encoder, b["phrase_ids"], b["phrase_mask"], b["slot_phrase"], boxes, masks)
         total = 0.0
         for i in range(0, len(x0), 128):  # in chunks, to keep memory small
             part = {k: v[i:i + 128] for k, v in kwargs.items()}

@@ -41,8 +41,7 @@ from tqdm import tqdm
 
 import prep_latents as pl
 from score_grounding import iou
-from gligen import fail
-from train_gligen import configure, read_jsonl
+from train_gligen import configure, fail, read_jsonl
 
 config = dict(
     instances="coco/annotations/instances_train2017.json",  # COCO-format instances JSON (without --detector)

@@ -52,8 +52,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from gligen import fail
-from train_gligen import configure, read_jsonl
+from train_gligen import configure, fail, read_jsonl
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images

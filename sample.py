@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from gligen import (check_layout, draw_layout, fail, generate, inject_gligen, is_moving, is_sdxl, is_video,
-                    load_adapters, load_base, set_adapters)
-from train_gligen import configure, read_jsonl
+from train_gligen import (check_layout, configure, draw_layout, fail, generate, inject_gligen, is_moving, is_sdxl,
+                          is_video, load_adapters, load_base, read_jsonl, set_adapters)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory

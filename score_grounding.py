@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from gligen import check_layout, fail
-from train_gligen import configure, read_jsonl
+from train_gligen import check_layout, configure, fail, read_jsonl
 
 config = dict(
     layouts="layouts/val.jsonl",  # JSONL of {prompt, phrases, boxes}, boxes x0, y0, x1, y1 relative

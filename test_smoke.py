@@ -24,7 +24,6 @@ import pytest
 import torch
 from PIL import Image
 
-import gligen
 import train_gligen as tg
 
 HERE = Path(__file__).resolve().parent
@@ -173,12 +172,12 @@ def tiny_sd2(tmp_path_factory):
 
 def grounding_inputs(B=2, D=32, seed=1):
     g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(B, gligen.N_SLOTS, 2, generator=g) * 0.5
-    boxes = torch.cat([xy, xy + torch.rand(B, gligen.N_SLOTS, 2, generator=g) * 0.5], dim=-1)
-    masks = torch.zeros(B, gligen.N_SLOTS)
+    xy = torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.5], dim=-1)
+    masks = torch.zeros(B, tg.N_SLOTS)
     masks[0, :3] = 1
     masks[1, :1] = 1
-    return dict(boxes=boxes, masks=masks, positive_embeddings=torch.randn(B, gligen.N_SLOTS, D, generator=g))
+    return dict(boxes=boxes, masks=masks, positive_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,12 +196,12 @@ def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_
     assert gated.load_state_dict(base.state_dict(), strict=False).unexpected_keys == []
     with torch.no_grad():  # random adapters, gates open: every term of the fuser counts
         for name, p in gated.named_parameters():
-            if gligen.is_adapter(name):
+            if tg.is_adapter(name):
                 p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
-    ours = gligen.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet")).eval()
+    ours = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet")).eval()
     assert list(ours.state_dict()) == list(gated.state_dict())  # the same names, in the same order
-    gligen.set_adapters(ours, gligen.adapter_state(gated), "diffusers")
-    n_blocks = len([n for n in gligen.adapter_state(ours) if n.endswith("fuser.alpha_attn")])
+    tg.set_adapters(ours, tg.adapter_state(gated), "diffusers")
+    n_blocks = len([n for n in tg.adapter_state(ours) if n.endswith("fuser.alpha_attn")])
     assert n_blocks == (8 if variant == "sdxl" else 7)  # one per transformer block
 
     g = torch.Generator().manual_seed(0)
@@ -218,7 +217,7 @@ def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_
     assert (got - want).abs().max() <= 1e-5
     assert (got - base_out).abs().max() > 1e-2  # the adapters do act
 
-    fresh = gligen.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
+    fresh = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
     with torch.no_grad():
         zero = fresh(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw, **added).sample
     assert torch.equal(zero, base_out)  # alphas at zero: exactly the base UNet
@@ -230,8 +229,8 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
     from diffusers import UNet3DConditionModel
 
     base = UNet3DConditionModel.from_pretrained(tiny_video, subfolder="unet").eval()
-    ours = gligen.inject_gligen(UNet3DConditionModel.from_pretrained(tiny_video, subfolder="unet")).eval()
-    names = list(gligen.adapter_state(ours))
+    ours = tg.inject_gligen(UNet3DConditionModel.from_pretrained(tiny_video, subfolder="unet")).eval()
+    names = list(tg.adapter_state(ours))
     assert len([n for n in names if n.endswith("fuser.alpha_attn")]) == 4  # the 4 spatial blocks
     assert not [n for n in names if "temp_attentions" in n or "transformer_in" in n]  # temporal: untouched
     assert all(n in ours.state_dict() for n in base.state_dict())
@@ -244,7 +243,7 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
         base_out = base(x, t, encoder_hidden_states=text).sample
         assert torch.equal(ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample, base_out)
         for name, p in ours.named_parameters():
-            if gligen.is_adapter(name):
+            if tg.is_adapter(name):
                 p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
         got = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
         moved = {**kw["gligen"], "boxes": kw["gligen"]["boxes"].flip(-1)}
@@ -263,7 +262,7 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
                                                 with_kwargs=True)
     per_frame = [[[0.1 * f, 0.2, 0.1 * f + 0.3, 0.6]] for f in range(F_)]
     with torch.no_grad():
-        clips = gligen.generate(ours, AutoencoderKL.from_pretrained(tiny_video, subfolder="vae"),
+        clips = tg.generate(ours, AutoencoderKL.from_pretrained(tiny_video, subfolder="vae"),
                             CLIPTextModel.from_pretrained(tiny_video, subfolder="text_encoder"),
                             CLIPTokenizer.from_pretrained(tiny_video, subfolder="tokenizer"),
                             DDIMScheduler.from_pretrained(tiny_video, subfolder="scheduler"), "a red square",
@@ -277,8 +276,8 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
 def test_sdxl_text_features_and_size_conditioning(tiny_sdxl):
     """SDXL: both tokenizers (their own pad tokens), the 2048-style phrase feature = ViT-L pooled beside bigG's
     projected EOS feature, the context = both penultimate layers; time ids from the crop (mirrored for a flip)."""
-    _, te, tok, _ = gligen.load_base(str(tiny_sdxl), "cpu", torch.float32)
-    ids, mask = gligen.tokenize(tok, ["a red square"])
+    _, te, tok, _ = tg.load_base(str(tiny_sdxl), "cpu", torch.float32)
+    ids, mask = tg.tokenize(tok, ["a red square"])
     assert ids.shape == (1, 2, 77) and ids[0, 0, -1] == tok[0].pad_token_id and ids[0, 1, -1] == tok[1].pad_token_id
     assert tok[0].pad_token_id != tok[1].pad_token_id and torch.equal(ids[0, 0, :5], ids[0, 1, :5])
     with torch.no_grad():
@@ -297,8 +296,8 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_d
     """With grad_checkpointing each fuser runs twice per micro-batch (forward, then again in backward), and the
     adapters end bit-equal to a run without it."""
     calls = []
-    real = gligen.Fuser.forward
-    monkeypatch.setattr(gligen.Fuser, "forward", lambda self, x, objs: calls.append(1) or real(self, x, objs))
+    real = tg.Fuser.forward
+    monkeypatch.setattr(tg.Fuser, "forward", lambda self, x, objs: calls.append(1) or real(self, x, objs))
     runs = {}
     for ckpt in (False, True):
         calls.clear()
@@ -333,11 +332,11 @@ def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
     encoders, zero unconditional features, size conditioning and VAE are used as SDXL's own pipeline uses them."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    unet, te, tok, _ = gligen.load_base(str(tiny_sdxl), "cpu", torch.float32)
+    unet, te, tok, _ = tg.load_base(str(tiny_sdxl), "cpu", torch.float32)
     vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
     scheduler = EulerDiscreteScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")
     with torch.no_grad():
-        ours = gligen.generate(unet, vae, te, tok, scheduler, "a red square and a blue circle", [], [], seed=3, n=2, steps=3)
+        ours = tg.generate(unet, vae, te, tok, scheduler, "a red square and a blue circle", [], [], seed=3, n=2, steps=3)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     want = pipe("a red square and a blue circle", num_inference_steps=3, guidance_scale=7.5, num_images_per_prompt=2,
                 generator=torch.Generator().manual_seed(3), output_type="np").images
@@ -373,7 +372,7 @@ def test_sd2_sdxl_and_video_train_resume_and_sample(family, tiny_sd2, tiny_sdxl,
     straight = adapters_of(tmp_path / "straight")
     assert_equal_adapters(adapters_of(tmp_path / "resumed"), straight)
     assert np.isfinite(losses(tmp_path / "straight")).all()
-    fresh = gligen.adapter_state(gligen.inject_gligen(gligen.load_base(str(model), "cpu", torch.float32)[0]))
+    fresh = tg.adapter_state(tg.inject_gligen(tg.load_base(str(model), "cpu", torch.float32)[0]))
     assert all(not torch.equal(straight[k], fresh[k]) for k in straight if k.endswith("alpha_attn"))  # it trained
     out = tmp_path / "samples"
     layouts = dict(layouts=str(HERE / "layouts" / "video.jsonl"), frames=16) if family == "video" else {}
@@ -456,7 +455,7 @@ def test_forward_process_matches_diffusers(prediction_type):
     s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
     g = torch.Generator().manual_seed(0)
     x0, noise, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0, 500, 999])
-    xt, target = gligen.forward_process(s.alphas_cumprod, x0, noise, t, prediction_type)
+    xt, target = tg.forward_process(s.alphas_cumprod, x0, noise, t, prediction_type)
     torch.testing.assert_close(xt, s.add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(target, noise if prediction_type == "epsilon" else s.get_velocity(x0, noise, t),
                                atol=1e-6, rtol=1e-6)
@@ -469,17 +468,17 @@ def test_phrases_padded_to_longest_equal_each_alone(tiny_sd):
     te = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
     tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     layouts = [(["a dog", "a red car parked in the rain"], [[0, 0, 1, 1]] * 2), (["a dog"], [[0, 0, 0.5, 0.5]])]
-    ids, mask, slot_phrase, boxes, masks = gligen.layout_tensors(tok, layouts)
+    ids, mask, slot_phrase, boxes, masks = tg.layout_tensors(tok, layouts)
     assert ids.shape[0] == 2 and ids.shape[1] < 77  # "a dog" once; padded to the longest phrase, not to 77
     for phrases in (["a dog", "a red car parked in the rain"], ["a cat", "a dog"]):  # remembered and new phrases
         want = tok(phrases, padding="longest", max_length=77, truncation=True, return_tensors="pt")
-        got = gligen.tokenize_phrases(tok, phrases)
+        got = tg.tokenize_phrases(tok, phrases)
         assert torch.equal(got[0], want.input_ids) and torch.equal(got[1], want.attention_mask)
     with torch.no_grad():
-        feats = gligen.grounding(te, ids, mask, slot_phrase, boxes, masks)["positive_embeddings"]  # (2, 30, D)
+        feats = tg.grounding(te, ids, mask, slot_phrase, boxes, masks)["positive_embeddings"]  # (2, 30, D)
         for i, (phrases, _) in enumerate(layouts):
             for k, p in enumerate(phrases):
-                alone = te(gligen.tokenize(tok, [p])[0]).pooler_output[0]  # padded to 77
+                alone = te(tg.tokenize(tok, [p])[0]).pooler_output[0]  # padded to 77
                 torch.testing.assert_close(feats[i, k], alone, atol=1e-5, rtol=1e-5)
     assert masks.sum(1).tolist() == [2, 1] and boxes[1, 0].tolist() == [0, 0, 0.5, 0.5]
 
@@ -559,7 +558,7 @@ def train_cfg(tiny_sd, tiny_data, out_dir, **over):
 
 
 def adapters_of(run_dir):
-    return gligen.load_adapters(str(run_dir))
+    return tg.load_adapters(str(run_dir))
 
 
 def losses(run_dir):
@@ -582,9 +581,9 @@ def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_dat
 
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
     torch.manual_seed(cfg["seed"])
-    fresh = gligen.adapter_state(gligen.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
+    fresh = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
     for name, v in unet.state_dict().items():
-        if gligen.is_adapter(name):
+        if tg.is_adapter(name):
             assert not torch.equal(v, fresh[name]), f"{name} did not train"
         else:
             assert torch.equal(v, base[name]), f"frozen {name} changed"
@@ -657,7 +656,7 @@ def random_adapters(tiny_sd, tmp_path_factory):
     from safetensors.torch import save_file
 
     torch.manual_seed(3)
-    sd = gligen.adapter_state(gligen.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
+    sd = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
     sd = {k: torch.full_like(v, 2.0) if ".alpha_" in k else v + torch.randn_like(v) * (0.5 if v.ndim < 2 else 0.3)
           for k, v in sd.items()}
     path = tmp_path_factory.mktemp("adapters") / "adapters.safetensors"
@@ -709,9 +708,9 @@ def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters,
 
     import sample
 
-    unet = gligen.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
-    want = gligen.load_adapters(str(random_adapters))
-    gligen.set_adapters(unet, want, "test")
+    unet = tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    want = tg.load_adapters(str(random_adapters))
+    tg.set_adapters(unet, want, "test")
     sample.export(tmp_path / "gligen", unet, AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae"),
                   CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder"),
                   CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
@@ -751,8 +750,9 @@ def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match=r"has no record for 1 of the images .*img_007\.jpg"):
         tg.GroundedLatents(tiny_data["latents"], path)
     with pytest.raises(SystemExit, match="model directory not found: /no/such/model"):
-        gligen.load_base("/no/such/model", "cpu", torch.float32)
-    r = run("train_gligen.py", "--model=/no/such/model", "--max_steps=1")  # as a user meets it: one line, no traceback
+        tg.load_base("/no/such/model", "cpu", torch.float32)
+    r = run("train_gligen.py", "--model=/no/such/model", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
+            "--global_batch=4", "--micro_batch=2", "--max_steps=1")  # as a user meets it: one line, no traceback
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: model directory not found: /no/such/model"
     # a bad layout is named before the model loads (the model here does not even exist)
     r = run("sample.py", "--model=/no/such/model", "--phrases=['a dog']", "--boxes=[[0.5, 0.5, 0.4, 0.9]]")
@@ -834,7 +834,7 @@ def test_kill_9_in_the_middle_of_a_save(tiny_sd, tiny_data, reference, tmp_path)
         "tg.main(tg.configure(tg.config, sys.argv[1:]))\n")
     r = run(tmp_path / "dies_while_saving.py", *fault_args(tiny_sd, tiny_data, out), PYTHONPATH=str(HERE), **ONE_THREAD)
     assert r.returncode == -signal.SIGKILL
-    assert [p.name for p in gligen.checkpoints(out)] == ["step_0000010"] and (out / "step_0000020.tmp").is_dir()
+    assert [p.name for p in tg.checkpoints(out)] == ["step_0000010"] and (out / "step_0000020.tmp").is_dir()
     r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {out / 'step_0000010'}" in r.stdout
@@ -850,9 +850,9 @@ def test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal(tiny_sd, tiny
     os.kill(workers[1], signal.SIGTERM)  # to one worker only: the ranks must still agree on the step to stop at
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr[-3000:]
-    saved = gligen.checkpoints(out)[-1]
+    saved = tg.checkpoints(out)[-1]
     step = int(saved.name.split("_")[1])
-    assert 3 <= step < 40 and gligen.verify_checkpoint(saved) is None
+    assert 3 <= step < 40 and tg.verify_checkpoint(saved) is None
     said = sorted(line.split(": ", 2)[1] for line in stdout.splitlines() if line.startswith("rank "))
     assert said == ["SIGTERM", "another rank got a signal"], stdout[-3000:]  # both ranks stopped, with a message,
     assert stdout.count(f"stopped at step {step}, saved {saved}") == 2  # at the same step
@@ -865,7 +865,7 @@ def test_elastic_restart_after_a_worker_dies(tiny_sd, tiny_data, reference, tmp_
     out = tmp_path / "run"
     p = torchrun("--nproc_per_node=2", "--max-restarts=1", str(HERE / "train_gligen.py"),
                  *fault_args(tiny_sd, tiny_data, out))
-    wait_for(lambda: gligen.checkpoints(out))
+    wait_for(lambda: tg.checkpoints(out))
     workers = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
     assert len(workers) == 2
     os.kill(int(workers[1]), signal.SIGKILL)  # a worker dies; torchrun restarts both, which resume
@@ -878,7 +878,7 @@ def test_elastic_restart_after_a_worker_dies(tiny_sd, tiny_data, reference, tmp_
 def test_corrupt_and_truncated_checkpoints_fall_back(tiny_sd, tiny_data, reference, tmp_path):
     out = tmp_path / "run"
     r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out, "--max_steps=30", "--keep_last=3"), **ONE_THREAD)
-    assert r.returncode == 0 and [p.name for p in gligen.checkpoints(out)] == ["step_0000010", "step_0000020", "step_0000030"]
+    assert r.returncode == 0 and [p.name for p in tg.checkpoints(out)] == ["step_0000010", "step_0000020", "step_0000030"]
     with open(out / "step_0000030" / "adapters.safetensors", "r+b") as f:  # flip bytes inside the newest
         f.seek(5000)
         f.write(b"\xff" * 16)
@@ -918,7 +918,7 @@ def test_nan_batch_is_skipped_and_counted(tiny_sd, tiny_data, tmp_path):
     assert bad and {r["step"] for r in log if r["skipped"]} == bad and all(r["skipped"] <= 1 for r in log)
     assert all(np.isfinite(r["loss"]) for r in log)
     torch.manual_seed(0)
-    fresh = gligen.adapter_state(gligen.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
+    fresh = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
     trained = adapters_of(tmp_path / "run")
     assert all(torch.isfinite(v).all() for v in trained.values()) and not torch.equal(trained[k := next(iter(fresh))], fresh[k])
 
@@ -927,7 +927,7 @@ def test_nan_batch_is_skipped_and_counted(tiny_sd, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="3 steps in a row had a NaN or Inf loss or gradient"):
         tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "all" / "run", max_steps=8, save_every=100, max_bad_steps=3),
                  "latents": str(latents)})
-    assert not gligen.checkpoints(tmp_path / "all" / "run")
+    assert not tg.checkpoints(tmp_path / "all" / "run")
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_sd, tiny_data, tmp_path, monkeypatch):
@@ -944,8 +944,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_sd, tiny_data
         tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=6, save_every=2))
     assert f"could not write checkpoint {out / 'step_0000004'}: No space left on device" in str(e.value)
     assert f"The previous checkpoint {out / 'step_0000002'} is intact" in str(e.value)
-    assert [p.name for p in gligen.checkpoints(out)] == ["step_0000002"] and not list(out.glob("*.tmp"))
-    assert gligen.verify_checkpoint(out / "step_0000002") is None
+    assert [p.name for p in tg.checkpoints(out)] == ["step_0000002"] and not list(out.glob("*.tmp"))
+    assert tg.verify_checkpoint(out / "step_0000002") is None
 
 
 def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_data, tmp_path):
@@ -964,13 +964,13 @@ def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_dat
     with pytest.raises(SystemExit, match="was trained with global_batch=4, this run has global_batch=8"):
         tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=4, global_batch=8))
     # adapters of another shape: refused whole, nothing half-loaded
-    unet = gligen.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
-    before = {k: v.clone() for k, v in gligen.adapter_state(unet).items()}
+    unet = tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    before = {k: v.clone() for k, v in tg.adapter_state(unet).items()}
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
-    wider = gligen.inject_gligen(UNet2DConditionModel.from_config({**base.config, "cross_attention_dim": 48}))
+    wider = tg.inject_gligen(UNet2DConditionModel.from_config({**base.config, "cross_attention_dim": 48}))
     with pytest.raises(SystemExit, match=r"fuser\.linear\.weight has shape \(32, 48\), this UNet needs \(32, 32\)"):
-        gligen.set_adapters(unet, gligen.adapter_state(wider), "wider")
-    assert_equal_adapters(gligen.adapter_state(unet), before)
+        tg.set_adapters(unet, tg.adapter_state(wider), "wider")
+    assert_equal_adapters(tg.adapter_state(unet), before)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1094,14 +1094,14 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
     from safetensors.torch import save_file
 
     strong = {k: torch.ones_like(v) if k.endswith(("alpha_attn", "alpha_dense")) else v
-              for k, v in gligen.load_adapters(out / "gligen").items()}
+              for k, v in tg.load_adapters(out / "gligen").items()}
     save_file(strong, tmp_path / "strong.safetensors")
     loss = ds.box_use(out / "base-model", tmp_path / "strong.safetensors", out / "data")
     assert len(set(loss.values())) == 3, loss
     for name in ("base model", "adapters, beta=1", "adapters, beta=0.3"):
         assert result[name]["objects"] == sum(len(l["phrases"]) for l in ds.test_layouts(3, np.random.default_rng(1)))
     assert (out / "result.png").is_file() and json.loads((out / "results.json").read_text()) == result
-    assert (out / "base-model" / "model_index.json").is_file() and gligen.checkpoints(out / "gligen")
+    assert (out / "base-model" / "model_index.json").is_file() and tg.checkpoints(out / "gligen")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1292,7 +1292,7 @@ def test_prep_boxes_detects_with_grounding_dino_and_resumes(tars, tmp_path):
     skipped = {s["image"]: s["skipped"] for _, s in tg.read_jsonl(tmp_path / "boxes.skipped.jsonl")}
     assert skipped["sa_3.jpg"] == "unreadable" and skipped["sa_4.jpg"] == "no caption" and "sa_7.jpg" in skipped
     for i, (_, rec) in enumerate(tg.read_jsonl(out)):
-        gligen.check_layout(rec["phrases"], rec["boxes"], f"{out}:{i + 1}")
+        tg.check_layout(rec["phrases"], rec["boxes"], f"{out}:{i + 1}")
 
     parts = tmp_path / "boxes.jsonl.parts"
     before = out.read_text()
@@ -1342,8 +1342,8 @@ def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
     for micro in (1, 2):
         tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / str(micro), max_steps=1, micro_batch=micro))
         per_image.append(json.loads((tmp_path / str(micro) / "log.jsonl").read_text())["tflop_per_image"])
-    unet = gligen.inject_gligen(gligen.load_base(str(tiny_sd), "cpu", torch.float32)[0])
-    for p in gligen.adapter_state(unet):
+    unet = tg.inject_gligen(tg.load_base(str(tiny_sd), "cpu", torch.float32)[0])
+    for p in tg.adapter_state(unet):
         unet.get_parameter(p).requires_grad_(True)
     with FlopCounterMode(display=False) as counter:
         unet(torch.randn(2, 4, 8, 8), torch.tensor([5, 9]), encoder_hidden_states=torch.randn(2, 77, 32),

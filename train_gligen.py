@@ -1,10 +1,11 @@
 """
-Train GLIGEN grounding adapters on a frozen Stable Diffusion 1.x/2.x UNet.
+Train GLIGEN grounding adapters on a frozen Stable Diffusion UNet (SD1.x/2.x, SDXL, ModelScope/Zeroscope video).
 
 GLIGEN (Li et al., CVPR 2023) adds one gated self-attention layer ("fuser") to every transformer block of a
 frozen text-to-image UNet, fed by 30 grounding tokens made from each box (Fourier code) and its phrase (text
-encoder feature). Only the fusers and the position net train; the UNet and text encoder stay frozen. The method,
-model loading and sampling are in gligen.py; this file is the training: config, data, the step, checkpoints, the loop.
+encoder feature). Only the fusers and the position net train; the UNet and text encoder stay frozen. This one file
+is the whole trainer: config, the method (a block you can lift), the model, the data, the step, checkpoints, main.
+sample.py and the prep scripts import what they share from it.
 
 One process (CPU or one GPU):
     python train_gligen.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --latents=data/coco/latents \
@@ -19,7 +20,10 @@ Settings are the `config` values below; override any with --key=value (Python li
 again and it resumes from the latest checkpoint in out_dir.
 """
 import ast
+import hashlib
+import inspect
 import json
+import math
 import os
 import re
 import resource
@@ -30,22 +34,20 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked loader workers
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
-
-from gligen import (N_SLOTS, SDXLTextEncoders, adapter_state, check_layout, checkpoints, draw_layout, fail,
-                    forward_process, generate, grounding, inject_gligen, is_adapter, is_video, latest_good_checkpoint,
-                    layout_tensors, load_adapters, load_base, set_adapters, sha256, tokenize)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config: the GLIGEN recipe. Every value can be overridden with --key=value.
@@ -78,7 +80,7 @@ config = dict(
     min_box_area=0.01,  # boxes under this fraction of the training crop are dropped
     flip=True,  # mirror half the samples, boxes too, where prep_latents.py stored flipped latents (--flip=True)
     seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
-    dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
+    dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "bf16", "fp32"
     grad_checkpointing=False,  # recompute the UNet's activations in the backward pass: less memory (SDXL), slower
     compile="",  # torch.compile backend for the UNet's training step: "" off, "inductor" (compiles for minutes first)
     num_workers=4,  # data loader processes per GPU
@@ -89,6 +91,11 @@ config = dict(
     val_steps=25,  # DDIM steps for the validation grid
     val_layouts="",  # JSONL file of {prompt, phrases, boxes} for the validation grid; "" = VAL_LAYOUTS above
 )
+
+
+def fail(msg):
+    """Stop with one line that says what is wrong and where (setting, file, record): no traceback, exit status 1."""
+    raise SystemExit(f"error: {msg}")
 
 
 def configure(defaults, argv, doc=""):
@@ -110,16 +117,345 @@ def configure(defaults, argv, doc=""):
         except (ValueError, SyntaxError):
             fail(f"--{key}={value}: not a Python literal")
         want = type(cfg[key])
-        if not (isinstance(v, want) or (want is float and isinstance(v, int))):
-            fail(f"--{key}={value}: expected {want.__name__}")
+        if isinstance(v, bool) != (want is bool) or not (isinstance(v, want) or (want is float and isinstance(v, int))):
+            fail(f"--{key}={value}: expected {want.__name__}")  # True is an int to Python, not a batch size
         cfg[key] = float(v) if want is float else v
     return cfg
 
 
+def in_range(cfg, keys, low, high=math.inf):
+    """Stop, naming the setting, unless each of the settings `keys` (space-separated) is in [low, high]."""
+    for k in keys.split():
+        if not low <= cfg[k] <= high:
+            fail(f"--{k}={cfg[k]}: must be " + (f"at least {low}" if high == math.inf else f"in [{low}, {high}]"))
+
+
 # -----------------------------------------------------------------------------------------------------------------
-# Data: latents from prep_latents.py joined with phrases and boxes from prep_boxes.py.
+# The method: gated self-attention ("fuser") and the position net, injected into a stock diffusers UNet. This block
+# needs only torch and diffusers: lift it into another project as it is. Parameter names equal diffusers'
+# attention_type="gated" UNet, so weights move both ways without renaming.
+N_SLOTS = 30  # grounding tokens per image
+
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from x, keys and values from ctx; no bias on q/k/v, bias on the output."""
+
+    def __init__(self, dim, heads, head_dim):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_k = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_v = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
+
+    def forward(self, x, ctx):
+        B, N, M = x.shape[0], x.shape[1], ctx.shape[1]
+        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, head_dim)
+        k = self.to_k(ctx).view(B, M, self.heads, -1).transpose(1, 2)  # (B, heads, M, head_dim)
+        v = self.to_v(ctx).view(B, M, self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)  # exact-erf GELU
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))  # net.1: dropout slot
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Fuser(nn.Module):
+    """Gated self-attention: visual tokens attend to [visual; grounding] tokens; added back through tanh gates."""
+
+    def __init__(self, dim, ctx_dim, heads, head_dim):
+        super().__init__()
+        self.linear = nn.Linear(ctx_dim, dim)  # grounding tokens to the block's width
+        self.attn = Attention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.alpha_attn = nn.Parameter(torch.tensor(0.0))  # tanh(0) = 0: the UNet starts equal to its base
+        self.alpha_dense = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x, objs):  # x (B, N, C) visual tokens, objs (B, 30, D) grounding tokens
+        n = x.shape[1]
+        h = self.norm1(torch.cat([x, self.linear(objs)], dim=1))  # (B, N + 30, C)
+        # only the visual tokens' outputs are kept, so only they need to query
+        x = x + self.alpha_attn.tanh() * self.attn(h[:, :n], h)
+        x = x + self.alpha_dense.tanh() * self.ff(self.norm2(x))
+        return x
+
+
+def fourier_boxes(boxes, n_freqs=8):
+    """(B, S, 4) xyxy in [0, 1] -> (B, S, 64): for each frequency 100^(k/8), sin of x0,y0,x1,y1 then cos; fp32."""
+    freqs = 100 ** (torch.arange(n_freqs, device=boxes.device) / n_freqs)
+    x = boxes.float()[..., None, :] * freqs[:, None]  # (B, S, 8, 4)
+    return torch.cat([x.sin(), x.cos()], dim=-1).flatten(2)
+
+
+class PositionNet(nn.Module):
+    """Grounding tokens from (phrase feature, Fourier box code); empty slots take learned null features."""
+
+    def __init__(self, dim, n_freqs=8):
+        super().__init__()
+        self.linears = nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
+                                     nn.Linear(512, dim))
+        self.null_positive_feature = nn.Parameter(torch.zeros(dim))
+        self.null_position_feature = nn.Parameter(torch.zeros(8 * n_freqs))
+
+    def forward(self, boxes, masks, positive_embeddings):  # (B, 30, 4), (B, 30), (B, 30, D): diffusers' names
+        filled = masks[..., None] > 0
+        pos = torch.where(filled, fourier_boxes(boxes).to(self.null_position_feature.dtype), self.null_position_feature)
+        phr = torch.where(filled, positive_embeddings.to(pos.dtype), self.null_positive_feature)
+        return self.linears(torch.cat([phr, pos], dim=-1))  # (B, 30, D)
+
+
+class NoFuser(nn.Module):
+    """The video UNet's temporal blocks get the grounding kwargs too, and are left as they are."""
+
+    def forward(self, x, objs):
+        return x
+
+
+def video_position_net(unet, args, kwargs):
+    """The video UNet does not make grounding tokens itself as the image UNet does: make them on the way in."""
+    gligen = (kwargs.get("cross_attention_kwargs") or {}).get("gligen")
+    if gligen is not None and "objs" not in gligen:
+        kwargs["cross_attention_kwargs"] = {**kwargs["cross_attention_kwargs"], "gligen": {"objs": unet.position_net(**gligen)}}
+    return args, kwargs
+
+
+def inject_gligen(unet):
+    """Give every spatial transformer block of a stock diffusers UNet a fresh fuser and the UNet a fresh position net.
+    diffusers' BasicTransformerBlock already calls `self.fuser` between self- and cross-attention when
+    cross_attention_kwargs holds "gligen", and the UNet turns {boxes, masks, positive_embeddings} into tokens with
+    `self.position_net`; so injecting is attaching the modules. Pass grounding as
+    unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes": ..., "masks": ..., "positive_embeddings": ...}}).
+    Video UNets (UNet3DConditionModel): fusers in the spatial blocks only, one set of grounding tokens per frame
+    (boxes (batch x frames, 30, 4), frame-minor), temporal blocks untouched."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    D = unet.config.cross_attention_dim
+    spatial = {id(b) for m in unet.modules() if isinstance(m, Transformer2DModel) for b in m.transformer_blocks}
+    for block in unet.modules():
+        if isinstance(block, BasicTransformerBlock):
+            a = block.attn1
+            block.fuser = Fuser(a.query_dim, D, a.heads, a.inner_dim // a.heads).to(unet.device) \
+                if id(block) in spatial else NoFuser()
+    unet.position_net = PositionNet(D).to(unet.device)
+    if is_video(unet):
+        unet.register_forward_pre_hook(video_position_net, with_kwargs=True)
+    return unet
+
+
+def is_video(unet):
+    return type(unet).__name__ == "UNet3DConditionModel"
+
+
+class SDXLTextEncoders(nn.Module):
+    """SDXL's two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG) behind one CLIPTextModel-like call, on ids
+    (B, 2, L) from both tokenizers. As SDXL: the context is both penultimate hidden states side by side (768 + 1280 =
+    2048) and text_embeds is bigG's projected EOS feature. The phrase feature (pooler_output) is ViT-L's EOS feature
+    beside bigG's projected one: 768 + 1280 = 2048, the UNet's cross-attention width, as a phrase must be."""
+
+    def __init__(self, te1, te2):
+        super().__init__()
+        self.te1, self.te2 = te1, te2
+
+    def forward(self, ids, attention_mask=None):
+        m = (None, None) if attention_mask is None else (attention_mask, attention_mask)
+        o1 = self.te1(ids[:, 0], attention_mask=m[0], output_hidden_states=True)
+        o2 = self.te2(ids[:, 1], attention_mask=m[1], output_hidden_states=True)
+        return SimpleNamespace(last_hidden_state=torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1),
+                               pooler_output=torch.cat([o1.pooler_output, o2.text_embeds], -1), text_embeds=o2.text_embeds)
+
+
+def grounding(text_encoder, phrase_ids, phrase_mask, slot_phrase, boxes, masks):
+    """The UNet's "gligen" kwargs: each distinct phrase encoded alone (pooler_output), placed in its slots."""
+    feats = text_encoder(phrase_ids, attention_mask=phrase_mask).pooler_output  # (U, D)
+    return {"boxes": boxes, "masks": masks, "positive_embeddings": feats[slot_phrase]}  # (B, 30, D)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The model: the frozen base, and adapters from this project's checkpoints or from diffusers GLIGEN models.
+def is_sdxl(unet):
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def is_adapter(name):
+    return ".fuser." in name or name.startswith("position_net.")
+
+
+def adapter_state(unet):
+    return {k: v for k, v in unet.state_dict().items() if is_adapter(k)}
+
+
+def set_adapters(unet, sd, source):
+    """Load adapter tensors into an injected UNet; every name and shape must match."""
+    own = adapter_state(unet)
+    missing, extra = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or extra:
+        fail(f"{source}: adapters do not fit this UNet: {len(missing)} missing (e.g. {missing[:2]}), "
+             f"{len(extra)} unexpected (e.g. {extra[:2]})")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            fail(f"{source}: {k} has shape {tuple(v.shape)}, this UNet needs {tuple(own[k].shape)}")
+    unet.load_state_dict(sd, strict=False)
+
+
+def missing_local_path(src):
+    """Whether src reads as a local path (not a Hub id "owner/name") that does not exist."""
+    return not os.path.exists(src) and (src.startswith((".", "/", "~")) or src.count("/") != 1)
+
+
+def load_adapters(src):
+    """Adapter tensors from this project's adapters.safetensors, checkpoint or out_dir (its latest checkpoint),
+    or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model)."""
+    path = Path(src)
+    if missing_local_path(src) or (path.suffix == ".safetensors" and not path.is_file()):
+        fail(f"adapters not found: {src}")
+    if path.is_dir() and checkpoints(path):
+        path = latest_good_checkpoint(path) or fail(f"{path}: none of its checkpoints is usable")
+    if path.is_dir() and (path / "adapters.safetensors").exists():
+        path = path / "adapters.safetensors"
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    from diffusers import UNet2DConditionModel
+
+    try:
+        sd = UNet2DConditionModel.from_pretrained(src, subfolder="unet").state_dict()
+    except (OSError, ValueError) as e:
+        fail(f"cannot read adapters from {src!r} (no checkpoint, .safetensors or diffusers GLIGEN model there): {e}")
+    sd = {k: v for k, v in sd.items() if is_adapter(k)}
+    if not sd:
+        fail(f"{src}: its UNet has no GLIGEN adapters (it was not built with attention_type='gated')")
+    return sd
+
+
+def load_base(model, device, dtype):
+    """The frozen parts of a diffusers SD model (directory or Hub id): UNet, text encoder, tokenizer, scheduler.
+    SDXL (its UNet takes "text_time" conditioning): both text encoders as one SDXLTextEncoders, a tokenizer pair.
+    ModelScope/Zeroscope: a UNet3DConditionModel."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if missing_local_path(model):
+        fail(f"model directory not found: {model}")
+    try:
+        video = UNet2DConditionModel.load_config(model, subfolder="unet")["_class_name"] == "UNet3DConditionModel"
+        unet_class = UNet3DConditionModel if video else UNet2DConditionModel
+        unet = unet_class.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        if is_sdxl(unet):
+            te2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", torch_dtype=dtype)
+            text_encoder = SDXLTextEncoders(text_encoder, te2.to(device))
+            tokenizer = (tokenizer, CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
+        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        fail(f"cannot load the model {model!r} (not a local diffusers directory, and not loadable from the Hub): {e}")
+    if getattr(unet.config, "attention_type", "default") != "default":
+        fail(f"{model} is already a GLIGEN model: pass its base as --model and it as --init_from")
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    return unet, text_encoder, tokenizer, scheduler
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Text and layouts: tokenization, checks on phrases and boxes, and batching them into the 30 grounding slots.
+def side_by_side(pair):
+    """SDXL's two tokenizers' (ids, mask) as ids (B, 2, L) and one mask: same vocabulary, so the same lengths."""
+    return torch.stack([pair[0][0], pair[1][0]], 1), pair[0][1]
+
+
+def tokenize(tokenizer, texts):
+    """Token ids and attention mask of captions, padded to 77 as SD expects. SDXL's pair of tokenizers gives ids
+    (B, 2, 77) (their pad tokens differ)."""
+    if isinstance(tokenizer, tuple):
+        return side_by_side([tokenize(t, texts) for t in tokenizer])
+    t = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                  truncation=True)  # lists, then one torch.tensor each: transformers' own conversion is 3x slower
+    return torch.tensor(t["input_ids"]), torch.tensor(t["attention_mask"])
+
+
+def tokenize_phrases(tokenizer, phrases):
+    """Phrases padded to the longest (CLIP is causal: the pooled feature equals the phrase alone at 77), each phrase
+    tokenized once per process and kept on the tokenizer: phrases repeat across batches ("a man", "the table"), and
+    the loader workers spend most of their time here."""
+    if isinstance(tokenizer, tuple):  # SDXL
+        return side_by_side([tokenize_phrases(t, phrases) for t in tokenizer])
+    known = tokenizer.__dict__.setdefault("gligen_phrase_ids", {})
+    new = [p for p in phrases if p not in known]
+    if new:
+        if len(known) > 200_000:
+            known.clear()
+        known.update(zip(new, tokenizer(new, max_length=tokenizer.model_max_length, truncation=True)["input_ids"]))
+    n = max(len(known[p]) for p in phrases)
+    ids, mask = np.full((len(phrases), n), tokenizer.pad_token_id, np.int64), np.zeros((len(phrases), n), np.int64)
+    for i, p in enumerate(phrases):
+        ids[i, :len(known[p])], mask[i, :len(known[p])] = known[p], 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
+    """Fail, naming `where`, unless phrases and boxes are equal-length lists (at most max_boxes; None: any number)
+    of non-empty strings and xyxy in [0, 1]."""
+    if not isinstance(phrases, list) or not isinstance(boxes, list) or len(phrases) != len(boxes):
+        fail(f"{where}: phrases and boxes must be lists of the same length, got {phrases!r} and {boxes!r}")
+    if max_boxes is not None and len(boxes) > max_boxes:
+        fail(f"{where}: {len(boxes)} phrases and boxes; a layout has at most {max_boxes} (the grounding slots)")
+    for p, b in zip(phrases, boxes):
+        if not isinstance(p, str) or not p.strip():
+            fail(f"{where}: phrase {p!r} is not a non-empty string")
+        if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(isinstance(v, (int, float)) for v in b):
+            fail(f"{where}: box {b!r} for {p!r} is not four numbers x0, y0, x1, y1")
+        if not all(math.isfinite(v) for v in b):
+            fail(f"{where}: box {b!r} for {p!r} has NaN or inf")
+        if not all(0 <= v <= 1 for v in b):
+            fail(f"{where}: box {b!r} for {p!r} is outside [0, 1] (boxes are relative to the image size)")
+        if b[2] < b[0] or b[3] < b[1]:
+            fail(f"{where}: box {b!r} for {p!r} has x1 < x0 or y1 < y0 (boxes are x0, y0, x1, y1)")
+
+
+def is_moving(boxes):
+    """Whether a video layout's boxes are one list per frame (they move) rather than one list for all frames."""
+    first = boxes[0] if boxes else None
+    return isinstance(first, (list, tuple)) and bool(first) and isinstance(first[0], (list, tuple))
+
+
+def layout_tensors(tokenizer, layouts):
+    """Batch of layouts -> phrase ids of the distinct phrases, slot->phrase index, boxes (B, 30, 4), masks (B, 30)."""
+    phrases = list(dict.fromkeys(p for phr, _ in layouts for p in phr)) or [""]  # distinct, in order of appearance
+    ids, mask = tokenize_phrases(tokenizer, phrases)
+    row = {p: i for i, p in enumerate(phrases)}
+    slot_phrase = np.zeros((len(layouts), N_SLOTS), np.int64)  # filled in numpy: a torch call per row costs more
+    boxes, masks = np.zeros((len(layouts), N_SLOTS, 4), np.float32), np.zeros((len(layouts), N_SLOTS), np.float32)
+    for i, (phr, bxs) in enumerate(layouts):
+        slot_phrase[i, :len(phr)] = [row[p] for p in phr]
+        boxes[i, :len(bxs)] = np.asarray(bxs, dtype=np.float32).reshape(-1, 4)
+        masks[i, :len(phr)] = 1
+    return ids, mask, torch.from_numpy(slot_phrase), torch.from_numpy(boxes), torch.from_numpy(masks)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The data: latents from prep_latents.py joined with phrases and boxes from prep_boxes.py.
 def read_jsonl(path):
     """(line number, record) for each line of a JSONL file; a bad line stops with the file and line named."""
+    if not Path(path).is_file():
+        fail(f"file not found: {path}")
     with open(path) as f:
         for i, line in enumerate(f, 1):
             if line.strip():
@@ -148,9 +484,9 @@ class GroundedLatents(torch.utils.data.Dataset):
             where = f"{boxes_path}:{line} (image {rec.get('image')!r})"
             if not all(k in rec for k in ("image", "width", "height", "phrases", "boxes")):
                 fail(f"{where}: a record needs image, width, height, phrases and boxes")
-            check_layout(rec["phrases"], rec["boxes"], where)
+            check_layout(rec["phrases"], rec["boxes"], where, max_boxes=None)  # the largest max_boxes are kept
             layouts[rec["image"]] = (where, rec)
-        self.items, missing = [], []
+        self.items, missing, rows = [], [], {}
         for line, rec in read_jsonl(self.dir / "index.jsonl"):
             if rec["key"] not in layouts:
                 missing.append(rec["key"])
@@ -163,9 +499,20 @@ class GroundedLatents(torch.utils.data.Dataset):
             phrases, boxes = self.crop_layout(lay, rec["crop"], max_boxes, min_box_area)
             self.items.append((rec["shard"], rec["row"], rec["caption"], phrases, boxes,
                                self.time_ids(rec, self.resolution)))
+            rows[rec["shard"]] = max(rows.get(rec["shard"], 0), rec["row"] + 1)
         if missing:
             fail(f"{boxes_path} has no record for {len(missing)} of the images in {self.dir / 'index.jsonl'} "
                  f"(e.g. {missing[:3]}): were both made from the same images?")
+        shape = (len(meta["views"]), len(meta["stats"]), *meta["latent_shape"])
+        for shard, n in rows.items():  # a shard cut short (a copy that stopped) fails here, not in a loader worker
+            try:
+                got = np.load(self.dir / shard, mmap_mode="r").shape
+            except (OSError, ValueError, EOFError) as e:
+                got = f"unreadable: {e}"
+            if not isinstance(got, tuple) or got[0] < n or got[1:] != shape:
+                fail(f"{self.dir / shard}: {got if isinstance(got, str) else f'shape {got}'}, where index.jsonl "
+                     f"needs {n} rows of {shape}. Copy it again, or delete it and its .json and run the same "
+                     f"prep_latents.py command again: it re-encodes the missing shard")
         self.shards = {}
 
     @staticmethod
@@ -237,7 +584,14 @@ def sample_generator(seed, step, slot, device):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The training step: the loss of one micro-batch, and the update. benchmark.py times these same two functions.
+# The training step: the loss of one micro-batch, and the update. benchmark.py times these same functions.
+def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
+    """The noised latent x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, and the UNet's target: the noise, or v."""
+    a = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return xt, noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(), video=False):
     """The GLIGEN loss of one micro-batch: caption and grounding drops, noise and timestep from the generator g; the
     frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled)."""
@@ -289,11 +643,129 @@ def optimizer_step(opt, params, grad_clip):
     return ok
 
 
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Sampling: the validation grid's images here, and sample.py's.
+@torch.no_grad()
+def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, boxes, seed, n=1, steps=25,
+             guidance=7.5, beta=1.0, height=None, width=None, frames=16, progress=False):
+    """n images (uint8, (n, H, W, 3)) for one layout, as StableDiffusionGLIGENPipeline makes them: classifier-free
+    guidance where the unconditional half gets null grounding, and fusers on for the first beta * steps steps.
+    SDXL: the unconditional half has zero text features, and size conditioning (H, W, 0, 0, H, W), as its pipeline.
+    Video UNets: n clips (n, frames, H, W, 3); boxes may be one list (still) or one list per frame (moving).
+    progress: a tqdm bar over the denoising steps."""
+    device, scale = unet.device, 2 ** (len(vae.config.block_out_channels) - 1)
+    height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
+    F_ = frames if is_video(unet) else 1
+    ids = torch.cat([tokenize(tokenizer, [""])[0], tokenize(tokenizer, [prompt])[0]]).to(device)
+    encoded = text_encoder(ids)
+    text, added = encoded.last_hidden_state, {}
+    if is_sdxl(unet):
+        text = torch.cat([torch.zeros_like(text[:1]), text[1:]])
+        pooled = torch.cat([torch.zeros_like(encoded.text_embeds[:1]), encoded.text_embeds[1:]])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * 2, device=device, dtype=text.dtype)
+        added = {"added_cond_kwargs": {"text_embeds": pooled.repeat_interleave(n, dim=0),
+                                       "time_ids": time_ids.repeat_interleave(n, dim=0)}}
+    text = text.repeat_interleave(n, dim=0)  # (2n, 77, D): [uncond; cond]
+    kwargs = None
+    if phrases:
+        per_frame = boxes if is_moving(boxes) else [boxes] * F_
+        if len(per_frame) != F_:
+            fail(f"{len(per_frame)} lists of boxes for {F_} frames")
+        layouts = [(phrases, per_frame[f]) for _ in range(2 * n) for f in range(F_)]  # frame-minor, as the UNet
+        phrase_ids, phrase_mask, slot_phrase, bxs, masks = layout_tensors(tokenizer, layouts)
+        masks[:n * F_] = 0  # the unconditional half: null grounding
+        kwargs = {"gligen": grounding(text_encoder, phrase_ids.to(device), phrase_mask.to(device),
+                                      slot_phrase.to(device), bxs.to(device), masks.to(device, text.dtype))}
+    g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same image on any device
+    shape = (n, unet.config.in_channels) + ((F_,) if is_video(unet) else ()) + (height // scale, width // scale)
+    latents = torch.randn(shape, generator=g).to(device)
+    scheduler.set_timesteps(steps, device=device)
+    latents = latents * scheduler.init_noise_sigma
+    extra = {k: v for k, v in dict(eta=0.0, generator=g).items() if k in inspect.signature(scheduler.step).parameters}
+    n_grounded = int(beta * len(scheduler.timesteps))  # GLIGEN's scheduled sampling
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress)):
+        x = scheduler.scale_model_input(torch.cat([latents] * 2), t).to(unet.dtype)
+        out = unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs if i < n_grounded else None, **added)
+        uncond, cond = out.sample.float().chunk(2)
+        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, **extra).prev_sample
+    if is_video(unet):  # (n, C, F, h, w) -> frames (n F, C, h, w)
+        latents = latents.transpose(1, 2).flatten(0, 1)
+    image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    image = (image * 255).round().astype(np.uint8)
+    return image.reshape(n, F_, *image.shape[1:]) if is_video(unet) else image
+
+
+COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#ffe119"]
+
+
+def draw_layout(image, phrases, boxes):
+    """A copy of a PIL image with each box and its phrase drawn on (small images enlarged first, to be readable)."""
+    image = image.convert("RGB")
+    scale = max(1, 256 // max(image.size))
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    d, (W, H) = ImageDraw.Draw(image), image.size
+    font = ImageFont.load_default(size=max(8, W // 28))
+    for i, (p, (x0, y0, x1, y1)) in enumerate(zip(phrases, boxes)):
+        c = COLORS[i % len(COLORS)]
+        d.rectangle([x0 * W, y0 * H, x1 * W, y1 * H], outline=c, width=max(1, W // 128))
+        tag = d.textbbox((x0 * W, y0 * H), p, font=font)  # the phrase on a tag in the box's colour
+        d.rectangle([tag[0], tag[1], tag[2] + 4, tag[3] + 2], fill=c)
+        d.text((x0 * W + 2, y0 * H), p, fill="white", font=font)
+    return image
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config, data position)
 # and manifest.json (each file's size and sha256, written last). It is written as step_0002000.tmp and renamed when
 # whole, so a kill while saving leaves the previous checkpoint the latest; one whose files do not match their
 # manifest (truncated, corrupted) is set aside, and the run resumes from the one before.
+def checkpoints(out_dir):
+    """The finished checkpoints in out_dir, oldest first."""
+    return sorted(p for p in Path(out_dir).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt):
+    """None if every file matches the manifest, else what is wrong."""
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest.json ({e})"
+    for name, want in manifest.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, not {want['bytes']} (truncated?)"
+        if sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def latest_good_checkpoint(out_dir, set_aside=False):
+    """The newest checkpoint that verifies. Newer broken ones are reported, and renamed *.corrupt if set_aside."""
+    for ckpt in reversed(checkpoints(out_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"warning: checkpoint {ckpt} is unusable: {problem}. "
+              + (f"Moved aside to {ckpt.name}.corrupt; " if set_aside else "") + "falling back to the one before.",
+              file=sys.stderr)
+        if set_aside:
+            ckpt.rename(ckpt.with_name(ckpt.name + ".corrupt"))
+    return None
+
+
 def save_checkpoint(out_dir, step, unet, opt, cfg, data):
     """Write out_dir/step_<step>. Returns None, or what went wrong (a full disk, say); the previous checkpoint is
     then intact."""
@@ -334,7 +806,69 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, data):
     return None
 
 
+
+
 # -----------------------------------------------------------------------------------------------------------------
+# main, in stages: settings, setup, data, model, validation, the loop, the exit.
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before anything slow starts."""
+    in_range(cfg, "global_batch micro_batch max_steps max_bad_steps log_every save_every keep_last val_steps", 1)
+    in_range(cfg, "lr weight_decay warmup_steps seed num_workers val_every", 0)
+    in_range(cfg, "caption_keep grounding_drop min_box_area", 0, 1)
+    in_range(cfg, "max_boxes", 1, N_SLOTS)
+    if not cfg["grad_clip"] > 0:
+        fail(f"--grad_clip={cfg['grad_clip']}: must be above 0 (at 0 every gradient is clipped to nothing)")
+    if cfg["dtype"] not in ("auto", "bf16", "fp32"):
+        fail(f"--dtype={cfg['dtype']}: must be auto, bf16 or fp32")
+    if cfg["compile"] and cfg["compile"] not in torch._dynamo.list_backends(exclude_tags=()):
+        fail(f"--compile={cfg['compile']}: not a torch.compile backend (e.g. inductor, aot_eager)")
+
+
+def setup_distributed(cuda):
+    """Under torchrun: join the process group. Returns rank, world size, device, and a CPU group for small votes."""
+    # After a worker dies, torchrun --max-restarts starts new workers on the same store: keys prefixed by the
+    # attempt keep them from reading the dead group's addresses (a refused connection, or a hang, otherwise).
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device, dist.new_group(backend="gloo") if cuda else dist.group.WORLD  # votes skip the GPU
+
+
+def restore(cfg, unet, resume):
+    """Adapters from the checkpoint to resume (which must be of the same setup), or from init_from. Returns the step
+    and the optimizer state to continue from (0 and None for a new run)."""
+    if not resume:
+        if cfg["init_from"]:
+            set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
+        return 0, None
+    state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "resolution", "global_batch", "images"):  # what a checkpoint cannot carry over
+        if state["config"][key] != cfg[key]:
+            fail(f"{resume} was trained with {key}={state['config'][key]!r}, this run has {key}={cfg[key]!r}. "
+                 f"Run with the same {key}, or start a new out_dir with --init_from={resume}")
+    set_adapters(unet, load_file(resume / "adapters.safetensors"), resume)  # checks all, then loads
+    return state["step"], state["optimizer"]
+
+
+def validation_grid(path, layouts, models, cfg, autocast, video):
+    """A row of images from fixed layouts and seed, with the boxes drawn on. models: unet, vae, text encoder,
+    tokenizer, scheduler."""
+    images = []
+    for l in layouts:
+        with autocast:
+            im = generate(*models, l["prompt"], l["phrases"], l["boxes"], seed=cfg["seed"], steps=cfg["val_steps"],
+                          frames=1)[0]
+        im = im[0] if video else im  # a video model's one-frame clip
+        images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
+    grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
+    for k, im in enumerate(images):
+        grid.paste(im, (k * im.width, 0))
+    grid.save(path)
+
+
 def ignore_stop_signals(worker_id):
     """Loader workers leave SIGTERM and SIGUSR1 to the main process, which saves, then stops them."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -342,28 +876,13 @@ def ignore_stop_signals(worker_id):
 
 
 def main(cfg):
-    # Setup: DDP when torchrun sets RANK, else one process; precision.
+    check_settings(cfg)
+    # Setup: DDP when torchrun sets RANK, else one process; precision; preemption signals.
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
-    if ddp:
-        # After a worker dies, torchrun --max-restarts starts new workers on the same store: keys prefixed by the
-        # attempt keep them from reading the dead group's addresses (a refused connection, or a hang, otherwise).
-        store, rank, world = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
-        local_rank = int(os.environ["LOCAL_RANK"])
-        device = f"cuda:{local_rank}" if cuda else "cpu"
-        if cuda:
-            torch.cuda.set_device(device)
-        cpu_group = dist.new_group(backend="gloo") if cuda else dist.group.WORLD  # small votes that skip the GPU
-    else:
-        rank, world, device = 0, 1, "cuda" if cuda else "cpu"
+    rank, world, device, cpu_group = setup_distributed(cuda) if ddp else (0, 1, "cuda" if cuda else "cpu", None)
     master, G, B, out = rank == 0, cfg["global_batch"], cfg["micro_batch"], Path(cfg["out_dir"])
     if G % (B * world):
         fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
-    if cfg["dtype"] not in ("auto", "bf16", "fp32"):
-        fail(f"dtype must be auto, bf16 or fp32, not {cfg['dtype']!r}")
-    if not 1 <= cfg["max_boxes"] <= N_SLOTS:
-        fail(f"max_boxes must be 1..{N_SLOTS}, not {cfg['max_boxes']}")
     accum = G // (B * world)
     bf16 = cfg["dtype"] == "bf16" or (cfg["dtype"] == "auto" and cuda)
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base; adapters stay fp32
@@ -374,6 +893,18 @@ def main(cfg):
     old_handlers = {sig: signal.signal(sig, lambda num, frame: signals.append(signal.Signals(num).name))
                     for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
+    # Data: read and checked before the model loads, so bad data fails in seconds, not after minutes of loading.
+    data = GroundedLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
+    n = len(data)
+    if n < G:
+        fail(f"{cfg['latents']} has {n} usable images, fewer than one global batch ({G})")
+    layouts = [r for _, r in read_jsonl(cfg["val_layouts"])] if cfg["val_layouts"] else VAL_LAYOUTS
+    for i, l in enumerate(layouts):
+        where = f"{cfg['val_layouts'] or 'VAL_LAYOUTS'}[{i}]"
+        check_layout(l.get("phrases"), l.get("boxes"), where)
+        if not isinstance(l.get("prompt"), str):
+            fail(f"{where}: a layout needs a prompt string")
+
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
     unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, base_dtype)
     video = is_video(unet)
@@ -382,37 +913,25 @@ def main(cfg):
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
         dist.broadcast_object_list(resume, src=0, group=cpu_group)
-    resume, step = resume[0], 0
-    data = GroundedLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
-    n = len(data)
-    if n < G:
-        fail(f"{cfg['latents']} has {n} usable images, fewer than one global batch ({G})")
     cfg = {**cfg, "world_size": world, "grad_accum": accum, "resolution": data.resolution, "images": n,
            "prediction_type": noise_scheduler.config.prediction_type}
     if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
         fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
-    if resume:
-        state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
-        for key in ("model", "resolution", "global_batch", "images"):  # what a checkpoint cannot carry over
-            if state["config"][key] != cfg[key]:
-                fail(f"{resume} was trained with {key}={state['config'][key]!r}, this run has {key}={cfg[key]!r}. "
-                     f"Run with the same {key}, or start a new out_dir with --init_from={resume}")
-        set_adapters(unet, load_file(resume / "adapters.safetensors"), resume)  # checks all, then loads
-        step = state["step"]
-    elif cfg["init_from"]:
-        set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
+    step, opt_state = restore(cfg, unet, resume[0])
     params = [p.requires_grad_(True) for name, p in unet.named_parameters() if is_adapter(name)]
     if cfg["grad_checkpointing"]:  # diffusers checkpoints each resnet and transformer block, fusers included
         unet.enable_gradient_checkpointing()
         unet.train()  # older diffusers checkpoint in training mode only; SD has no dropout, so nothing else changes
-    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[local_rank] if cuda else None) if ddp else unet
+    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[torch.cuda.current_device()] if cuda else None) if ddp else unet
     step_model = torch.compile(model, backend=cfg["compile"]) if cfg["compile"] else model  # flags stay on model
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
-    if resume:
-        opt.load_state_dict(state["optimizer"])
+    if opt_state:
+        opt.load_state_dict(opt_state)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # (T,): the forward process's a_t
     empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
-    # Data: each rank loads its own micro-batches from the data position that the step implies.
+    loss_of = partial(micro_step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
+                      cfg=cfg, autocast=autocast, video=video)  # loss_of(model, batch, generator)
+    # Each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step, cfg["flip"] and data.has_flipped),
         num_workers=cfg["num_workers"],
@@ -420,9 +939,6 @@ def main(cfg):
 
     # Logging and validation, on rank 0.
     out.mkdir(parents=True, exist_ok=True)
-    layouts = [r for _, r in read_jsonl(cfg["val_layouts"])] if cfg["val_layouts"] else VAL_LAYOUTS
-    for i, l in enumerate(layouts):
-        check_layout(l["phrases"], l["boxes"], f"{cfg['val_layouts'] or 'VAL_LAYOUTS'}[{i}]")
     if master:
         import diffusers
         import transformers
@@ -433,7 +949,7 @@ def main(cfg):
         print(json.dumps(cfg))
         print(f"{n} images; {world} processes x {accum} micro-steps x {B} = {G} per step; "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; "
-              + (f"resuming from {resume}" if resume else f"adapters from {cfg['init_from'] or 'a fresh init'}"))
+              + (f"resuming from {resume[0]}" if resume[0] else f"adapters from {cfg['init_from'] or 'a fresh init'}"))
         if (out / "log.jsonl").exists():  # steps logged after the checkpoint we resume from run again: drop them
             kept = [json.dumps(r) + "\n" for _, r in read_jsonl(out / "log.jsonl") if r["step"] <= step]
             (out / "log.jsonl").write_text("".join(kept))
@@ -441,30 +957,13 @@ def main(cfg):
             from diffusers import AutoencoderKL, DDIMScheduler
 
             vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=base_dtype).to(device)
-            val_scheduler = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
-
-    def validate():  # a row of images from fixed layouts and seed, with the boxes drawn on
-        images = []
-        for l in layouts:
-            with autocast:
-                im = generate(unet, vae, text_encoder, tokenizer, val_scheduler, l["prompt"], l["phrases"], l["boxes"],
-                              seed=cfg["seed"], steps=cfg["val_steps"], frames=1)[0]
-            im = im[0] if video else im  # a video model's one-frame clip
-            images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
-        grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
-        for k, im in enumerate(images):
-            grid.paste(im, (k * im.width, 0))
-        grid.save(out / f"val_{step:07d}.png")
-
-    if master and cfg["val_every"] and step == 0:
-        validate()  # the base model, before training: what the adapters start from
+            val_models = (unet, vae, text_encoder, tokenizer, DDIMScheduler.from_pretrained(cfg["model"],
+                                                                                            subfolder="scheduler"))
+            validate = partial(validation_grid, layouts=layouts, models=val_models, cfg=cfg, autocast=autocast,
+                               video=video)
+            if step == 0:
+                validate(out / f"val_{step:07d}.png")  # the base model, before training: what the adapters start from
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
-    zero = torch.zeros((), device=device)
-    loss_sum, n_good, bad_run, worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-    n_logged, t0, vote, vote_work = 0, time.perf_counter(), None, None
-
-    loss_of = partial(micro_step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
-                      cfg=cfg, autocast=autocast, video=video)  # loss_of(model, batch, generator)
     # FLOPs of one step per image, for the MFU in the log: counted once, on one image, in a pass of its own (a dispatch
     # mode may pick other kernels: the counted pass must not be a training step)
     probe = {k: v.to(device) for k, v in collate(tokenizer, [data[(0, False)]]).items()}
@@ -475,6 +974,10 @@ def main(cfg):
         bar.write(f"one step: {flops_per_image / 1e12:.4g} TFLOP per image (model FLOPs, torch flop counter)"
                   + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
 
+    # The loop: accumulate micro-batches, step, log, save, validate; stop at max_steps or on a signal.
+    zero = torch.zeros((), device=device)
+    loss_sum, n_good, bad_run, worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    n_logged, t0, vote, vote_work = 0, time.perf_counter(), None, None
     while step < cfg["max_steps"]:
         lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
         for group in opt.param_groups:
@@ -540,12 +1043,14 @@ def main(cfg):
             if error[0]:
                 fail(error[0])
         if master and cfg["val_every"] and step % cfg["val_every"] == 0:
-            validate()
+            validate(out / f"val_{step:07d}.png")
         t0 += time.perf_counter() - t_io  # checkpoints and validation do not count against images/s
         if stop:
             bar.write(f"rank {rank}: {', '.join(signals) or 'another rank got a signal'}: stopped at step {step}, "
                       f"saved {out / f'step_{step:07d}'}; run the same command to resume")
             break
+
+    # The exit: wait for the last vote, give the signals back, leave the process group.
     bar.close()
     if vote_work is not None:
         vote_work.wait()
