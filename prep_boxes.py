@@ -40,8 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import prep_latents as pl
-from score_grounding import iou
-from train_gligen import configure, fail, read_jsonl
+from train_gligen import configure, fail, in_range, read_jsonl
 
 config = dict(
     instances="coco/annotations/instances_train2017.json",  # COCO-format instances JSON (without --detector)
@@ -72,6 +71,9 @@ def load_json(path):
 
 
 def main(cfg):
+    in_range(cfg, "batch_size shard_size", 1)  # a setting that cannot work stops here, before anything slow
+    in_range(cfg, "num_workers", 0)
+    in_range(cfg, "box_threshold text_threshold nms", 0, 1)
     if cfg["detector"]:
         return detect_main(cfg)
     coco = load_json(cfg["instances"])
@@ -132,6 +134,15 @@ def main(cfg):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Detection
+def iou(a, b):
+    """Intersection over union of two boxes x0, y0, x1, y1."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def nms(found, threshold):
     """Greedy non-maximum suppression within each phrase: found [(phrase, score, box)], best first."""
     kept = []

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import configure, fail, read_jsonl
+from train_gligen import configure, fail, in_range, read_jsonl
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images
@@ -356,14 +356,24 @@ def start(out, settings):
     return rank, world, device
 
 
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before anything slow starts."""
+    in_range(cfg, "resolution batch_size shard_size", 1)
+    in_range(cfg, "num_workers", 0)
+    in_range(cfg, "igligen_threshold", 0, 1)
+    if cfg["resolution"] % 8:
+        fail(f"--resolution={cfg['resolution']}: must be a multiple of 8 (the VAE's downsampling factor)")
+    if cfg["dtype"] not in ("auto", "fp32"):
+        fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU) or fp32")
+
+
 def main(cfg):
+    check_settings(cfg)
     if cfg["igligen"]:
         return import_igligen(cfg)
     from diffusers import AutoencoderKL
 
     out, root = Path(cfg["out"]), Path(cfg["images"])
-    if cfg["resolution"] % 8:
-        fail("resolution must be a multiple of 8")
     shards = input_shards(cfg)
     try:
         scaling = AutoencoderKL.load_config(cfg["model"], subfolder="vae").get("scaling_factor", 0.18215)

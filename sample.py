@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from train_gligen import (check_layout, configure, draw_layout, fail, generate, inject_gligen, is_moving, is_sdxl,
-                          is_video, load_adapters, load_base, read_jsonl, set_adapters)
+from train_gligen import (check_layout, configure, draw_layout, fail, generate, in_range, inject_gligen, is_moving,
+                          is_sdxl, is_video, load_adapters, load_base, read_jsonl, set_adapters)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -46,6 +47,7 @@ config = dict(
     out_dir="samples",  # where the images go
     export="",  # also write a full diffusers StableDiffusionGLIGENPipeline directory here
 )
+DTYPES = dict(auto=None, fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # auto: fp16 on CUDA, else fp32
 SCHEDULERS = dict(ddim="DDIMScheduler", dpm="DPMSolverMultistepScheduler", euler="EulerDiscreteScheduler",
                   euler_a="EulerAncestralDiscreteScheduler", pndm="PNDMScheduler", ddpm="DDPMScheduler")
 
@@ -62,17 +64,22 @@ def export(path, unet, vae, text_encoder, tokenizer, scheduler):
     pipe.save_pretrained(path)
 
 
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before the model loads."""
+    in_range(cfg, "n steps frames fps", 1)
+    in_range(cfg, "height width guidance", 0)
+    in_range(cfg, "beta", 0, 1)
+    if cfg["dtype"] not in DTYPES or cfg["scheduler"] not in SCHEDULERS:
+        fail(f"--dtype must be one of {', '.join(DTYPES)} and --scheduler one of {', '.join(SCHEDULERS)}")
+    if cfg["export"] and not cfg["adapters"]:
+        fail("--export needs --adapters: it writes the base model with them")
+
+
 def main(cfg):
     import diffusers
     from diffusers import AutoencoderKL
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
-    dtypes["auto"] = dtypes["fp16" if cuda else "fp32"]
-    if cfg["dtype"] not in dtypes or cfg["scheduler"] not in SCHEDULERS:
-        fail(f"dtype must be one of {list(dtypes)} and scheduler one of {list(SCHEDULERS)}")
-    dtype = dtypes[cfg["dtype"]]
+    check_settings(cfg)
     if cfg["layouts"]:
         layouts = [(f"{cfg['layouts']}:{i}", r) for i, r in read_jsonl(cfg["layouts"])]
     else:
@@ -87,6 +94,9 @@ def main(cfg):
                  "(one list per frame, for video models)")
         for f, frame_boxes in enumerate(l["boxes"] if moving else [l.get("boxes")]):
             check_layout(l.get("phrases"), frame_boxes, where + (f" frame {f}" if moving else ""))
+    adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else None  # a bad path fails before the model loads
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else torch.float16 if device == "cuda" else torch.float32
     unet, text_encoder, tokenizer, _ = load_base(cfg["model"], device, dtype)
     for where, l in layouts:
         if is_moving(l["boxes"]) and not is_video(unet):
@@ -94,26 +104,30 @@ def main(cfg):
     # SDXL's VAE overflows in fp16: it decodes in fp32 there
     vae_dtype = torch.float32 if is_sdxl(unet) and dtype == torch.float16 else dtype
     vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    for k in ("height", "width"):
+        if cfg[k] % scale:
+            fail(f"--{k}={cfg[k]}: must be a multiple of {scale}, the VAE's downsampling factor")
     scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
-    if cfg["adapters"]:
+    if adapters is not None:
         inject_gligen(unet)
-        set_adapters(unet, load_adapters(cfg["adapters"]), cfg["adapters"])
+        set_adapters(unet, adapters, cfg["adapters"])
         unet.to(dtype)
     else:
         print("no --adapters: sampling the base model, boxes ignored")
     if cfg["export"]:
-        if not cfg["adapters"] or is_sdxl(unet) or is_video(unet):
-            fail("--export needs --adapters and an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
+        if is_sdxl(unet) or is_video(unet):
+            fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
         export(cfg["export"], unet, vae, text_encoder, tokenizer, scheduler)
         print(f"wrote a StableDiffusionGLIGENPipeline to {cfg['export']}")
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    for k, (_, l) in enumerate(layouts):
+    for k, (_, l) in enumerate(tqdm(layouts, desc="layouts", unit="layout", disable=len(layouts) == 1)):
         images = generate(unet, vae, text_encoder, tokenizer, scheduler, l["prompt"],
                           l["phrases"] if cfg["adapters"] else [], l["boxes"], seed=cfg["seed"] + k, n=cfg["n"],
                           steps=cfg["steps"], guidance=cfg["guidance"], beta=cfg["beta"],
-                          height=cfg["height"] or None, width=cfg["width"] or None, frames=cfg["frames"])
+                          height=cfg["height"] or None, width=cfg["width"] or None, frames=cfg["frames"], progress=True)
         for i, im in enumerate(images):
             name = f"{k:03d}_{i:02d}"
             if is_video(unet):

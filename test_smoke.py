@@ -27,6 +27,7 @@ from PIL import Image
 import train_gligen as tg
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "extras"))  # the shapes demo, the benchmark, the grounding scorer
 
 
 @pytest.fixture(autouse=True)
@@ -744,7 +745,7 @@ def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
     assert message in str(e.value) and f"{path}:{bad + 1}" in str(e.value) and "img_004.png" in str(e.value)
 
 
-def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path):
+def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path, monkeypatch, capsys):
     recs = [json.loads(l) for l in tiny_data["boxes"].read_text().splitlines()]
     path = write_boxes(tmp_path / "boxes.jsonl", [r for r in recs if r["image"] != "img_007.jpg"])
     with pytest.raises(SystemExit, match=r"has no record for 1 of the images .*img_007\.jpg"):
@@ -754,15 +755,81 @@ def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path):
     r = run("train_gligen.py", "--model=/no/such/model", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
             "--global_batch=4", "--micro_batch=2", "--max_steps=1")  # as a user meets it: one line, no traceback
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: model directory not found: /no/such/model"
-    # a bad layout is named before the model loads (the model here does not even exist)
-    r = run("sample.py", "--model=/no/such/model", "--phrases=['a dog']", "--boxes=[[0.5, 0.5, 0.4, 0.9]]")
-    assert r.returncode == 1 and "--prompt/--phrases/--boxes: box [0.5, 0.5, 0.4, 0.9] for 'a dog' has x1 < x0" in r.stderr
-    r = run("prep_boxes.py", "--help")  # every setting with its default and meaning
-    assert r.returncode == 0 and "  --crowd=False  keep iscrowd annotations" in r.stdout
+    import prep_boxes
+
+    monkeypatch.setattr(sys, "argv", [str(HERE / "prep_boxes.py"), "--help"])  # every setting, its default and meaning
+    with pytest.raises(SystemExit) as e:
+        tg.configure(prep_boxes.config, sys.argv[1:], prep_boxes.__doc__)
+    assert e.value.code == 0 and "  --crowd=False  keep iscrowd annotations" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown argument '--lr_max=1'"):
         tg.configure(tg.config, ["--lr_max=1"])
     with pytest.raises(SystemExit, match="--lr=fast: not a Python literal"):
         tg.configure(tg.config, ["--lr=fast"])
+    with pytest.raises(SystemExit, match="--max_steps=True: expected int"):  # True is an int to Python
+        tg.configure(tg.config, ["--max_steps=True"])
+
+
+THIRTY_ONE = dict(phrases=[f"thing {i}" for i in range(31)], boxes=[[0.1, 0.1, 0.2, 0.2]] * 31)
+
+
+@pytest.mark.parametrize("script, change, message", [  # each stops before the model loads: it does not exist here
+    ("train_gligen", dict(micro_batch=0), "--micro_batch=0: must be at least 1"),
+    ("train_gligen", dict(save_every=0), "--save_every=0: must be at least 1"),
+    ("train_gligen", dict(log_every=0), "--log_every=0: must be at least 1"),
+    ("train_gligen", dict(seed=-1), "--seed=-1: must be at least 0"),
+    ("train_gligen", dict(grounding_drop=1.5), "--grounding_drop=1.5: must be in [0, 1]"),
+    ("train_gligen", dict(grad_clip=0.0), "--grad_clip=0.0: must be above 0"),
+    ("train_gligen", dict(dtype="fp16"), "--dtype=fp16: must be auto"),
+    ("train_gligen", dict(compile="no_such_backend"), "--compile=no_such_backend: not a torch.compile backend"),
+    ("train_gligen", dict(init_from="./no/such/adapters"), "--init_from=./no/such/adapters: adapters not found"),
+    ("train_gligen", dict(val_layouts="no/such/layouts.jsonl"), "file not found: no/such/layouts.jsonl"),
+    ("train_gligen", dict(val_layouts="THIRTY_ONE"), "VAL[0]: 31 phrases and boxes; a layout has at most 30"),
+    ("sample", dict(phrases=["a dog"], boxes=[[0.5, 0.5, 0.4, 0.9]]),
+     "--prompt/--phrases/--boxes: box [0.5, 0.5, 0.4, 0.9] for 'a dog' has x1 < x0"),
+    ("sample", dict(n=0), "--n=0: must be at least 1"),
+    ("sample", dict(steps=0), "--steps=0: must be at least 1"),
+    ("sample", dict(beta=1.5), "--beta=1.5: must be in [0, 1]"),
+    ("sample", dict(frames=0), "--frames=0: must be at least 1"),
+    ("sample", THIRTY_ONE, "--prompt/--phrases/--boxes: 31 phrases and boxes; a layout has at most 30"),
+    ("sample", dict(adapters="./some/local/dir"), "adapters not found: ./some/local/dir"),
+    ("sample", dict(adapters="out/run/adapters.safetensors"), "adapters not found: out/run/adapters.safetensors"),
+    ("sample", dict(export="pipeline"), "--export needs --adapters"),
+    ("prep_latents", dict(resolution=12), "--resolution=12: must be a multiple of 8"),
+    ("prep_latents", dict(batch_size=0), "--batch_size=0: must be at least 1"),
+    ("prep_boxes", dict(nms=1.5), "--nms=1.5: must be in [0, 1]"),
+    ("score_grounding", dict(n=0), "--n=0: must be at least 1"),
+])
+def test_bad_settings_stop_with_one_error_line(script, change, message, tiny_data, tmp_path):
+    """A setting that cannot work, or a path that is not there, stops with one error line naming it."""
+    import importlib
+
+    module = importlib.import_module(script)
+    cfg = {**module.config, "model": "/no/such/model", **change}
+    if script == "train_gligen":
+        cfg.update(latents=str(tiny_data["latents"]), boxes=str(tiny_data["boxes"]), out_dir=str(tmp_path / "run"),
+                   global_batch=4, micro_batch=change.get("micro_batch", 2), num_workers=0)
+        if change.get("val_layouts") == "THIRTY_ONE":
+            cfg["val_layouts"] = str(write_boxes(tmp_path / "VAL", [dict(prompt="many things", **THIRTY_ONE)]))
+    with pytest.raises(SystemExit) as e:
+        module.main(cfg)
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_truncated_latent_shard_is_named_before_training(tiny_data, tmp_path):
+    """A shard cut short on disk (a copy that stopped) is named with the way to mend it, when the data is read."""
+    shutil.copytree(tiny_data["latents"], tmp_path / "latents")
+    shard = sorted((tmp_path / "latents").glob("*.npy"))[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(SystemExit, match=rf"{shard}: it is unreadable .* run the same prep_latents.py command again"):
+        tg.GroundedLatents(tmp_path / "latents", tiny_data["boxes"])
+
+
+def test_sample_size_must_fit_the_vae(tiny_sd, tmp_path):
+    import sample
+
+    with pytest.raises(SystemExit, match=r"--height=13: must be a multiple of 2, the VAE's"):  # the tiny VAE: 2 levels
+        sample.main({**sample.config, "model": str(tiny_sd), "height": 13, "out_dir": str(tmp_path)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1035,7 +1102,7 @@ def test_score_grounding_runs_a_detector_from_a_directory(tmp_path):
         for i in range(2):
             Image.fromarray(np.random.default_rng(k * 2 + i).integers(0, 255, (48, 64, 3), np.uint8)).save(
                 tmp_path / "samples" / f"{k:03d}_{i:02d}.png")
-    r = run("score_grounding.py", f"--layouts={tmp_path / 'layouts.jsonl'}", f"--images={tmp_path / 'samples'}",
+    r = run("extras/score_grounding.py", f"--layouts={tmp_path / 'layouts.jsonl'}", f"--images={tmp_path / 'samples'}",
             "--n=2", f"--detector={detector}", "--threshold=0.0")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "samples" / "scores.json").read_text())
@@ -1044,7 +1111,7 @@ def test_score_grounding_runs_a_detector_from_a_directory(tmp_path):
     found = out["detections"][2]["found"]  # layout 1, image 0: 8 queries for each of its two phrases
     assert sorted({p for p, _, _ in found}) == ["a blue circle", "a red square"] and len(found) == 16
     assert all(0 <= v <= 1 for _, _, b in found for v in b)
-    r = run("score_grounding.py", f"--layouts={tmp_path / 'layouts.jsonl'}", f"--images={tmp_path / 'samples'}",
+    r = run("extras/score_grounding.py", f"--layouts={tmp_path / 'layouts.jsonl'}", f"--images={tmp_path / 'samples'}",
             "--n=3", f"--detector={detector}")
     assert r.returncode == 1 and "2 images missing, e.g." in r.stderr and "000_02.png" in r.stderr
 
@@ -1314,10 +1381,10 @@ def test_prep_boxes_detects_with_grounding_dino_and_resumes(tars, tmp_path):
     recs = {rec["image"]: rec for _, rec in tg.read_jsonl(tmp_path / "given.jsonl")}
     assert sorted(recs) == ["0.jpg", "1.jpg"] and "2.jpg" in r.stdout  # 2.jpg has no phrases: skipped, named
     assert set(recs["0.jpg"]["phrases"]) <= {"a red square", "circle"} and set(recs["1.jpg"]["phrases"]) == {"a blue circle"}
-    import score_grounding as sg
+    from prep_boxes import iou
     for rec in recs.values():  # after NMS no two boxes of a phrase overlap by more than 0.3
         for i, (p, a) in enumerate(zip(rec["phrases"], rec["boxes"])):
-            assert all(sg.iou(a, b) <= 0.3 for q, b in zip(rec["phrases"][:i], rec["boxes"][:i]) if q == p)
+            assert all(iou(a, b) <= 0.3 for q, b in zip(rec["phrases"][:i], rec["boxes"][:i]) if q == p)
 
 
 def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path):

@@ -80,7 +80,7 @@ config = dict(
     min_box_area=0.01,  # boxes under this fraction of the training crop are dropped
     flip=True,  # mirror half the samples, boxes too, where prep_latents.py stored flipped latents (--flip=True)
     seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
-    dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "bf16", "fp32"
+    dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
     grad_checkpointing=False,  # recompute the UNet's activations in the backward pass: less memory (SDXL), slower
     compile="",  # torch.compile backend for the UNet's training step: "" off, "inductor" (compiles for minutes first)
     num_workers=4,  # data loader processes per GPU
@@ -276,9 +276,8 @@ class SDXLTextEncoders(nn.Module):
         self.te1, self.te2 = te1, te2
 
     def forward(self, ids, attention_mask=None):
-        m = (None, None) if attention_mask is None else (attention_mask, attention_mask)
-        o1 = self.te1(ids[:, 0], attention_mask=m[0], output_hidden_states=True)
-        o2 = self.te2(ids[:, 1], attention_mask=m[1], output_hidden_states=True)
+        o1 = self.te1(ids[:, 0], attention_mask=attention_mask, output_hidden_states=True)
+        o2 = self.te2(ids[:, 1], attention_mask=attention_mask, output_hidden_states=True)
         return SimpleNamespace(last_hidden_state=torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1),
                                pooler_output=torch.cat([o1.pooler_output, o2.text_embeds], -1), text_embeds=o2.text_embeds)
 
@@ -318,14 +317,16 @@ def set_adapters(unet, sd, source):
 
 def missing_local_path(src):
     """Whether src reads as a local path (not a Hub id "owner/name") that does not exist."""
-    return not os.path.exists(src) and (src.startswith((".", "/", "~")) or src.count("/") != 1)
+    src = str(src)
+    return not os.path.exists(src) and (src.startswith((".", "/", "~")) or src.count("/") != 1
+                                        or src.endswith(".safetensors"))
 
 
 def load_adapters(src):
     """Adapter tensors from this project's adapters.safetensors, checkpoint or out_dir (its latest checkpoint),
     or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model)."""
     path = Path(src)
-    if missing_local_path(src) or (path.suffix == ".safetensors" and not path.is_file()):
+    if missing_local_path(src):
         fail(f"adapters not found: {src}")
     if path.is_dir() and checkpoints(path):
         path = latest_good_checkpoint(path) or fail(f"{path}: none of its checkpoints is usable")
@@ -507,12 +508,13 @@ class GroundedLatents(torch.utils.data.Dataset):
         for shard, n in rows.items():  # a shard cut short (a copy that stopped) fails here, not in a loader worker
             try:
                 got = np.load(self.dir / shard, mmap_mode="r").shape
+                problem = None if got[0] >= n and got[1:] == shape else f"its shape is {got}"
             except (OSError, ValueError, EOFError) as e:
-                got = f"unreadable: {e}"
-            if not isinstance(got, tuple) or got[0] < n or got[1:] != shape:
-                fail(f"{self.dir / shard}: {got if isinstance(got, str) else f'shape {got}'}, where index.jsonl "
-                     f"needs {n} rows of {shape}. Copy it again, or delete it and its .json and run the same "
-                     f"prep_latents.py command again: it re-encodes the missing shard")
+                problem = f"it is unreadable ({e})"
+            if problem:
+                fail(f"{self.dir / shard}: {problem}, and index.jsonl needs {n} rows of {shape}: cut short or from "
+                     f"another run? Copy it again, or delete it and {Path(shard).stem}.json and run the same "
+                     f"prep_latents.py command again: it re-encodes that shard alone")
         self.shards = {}
 
     @staticmethod
@@ -641,8 +643,6 @@ def optimizer_step(opt, params, grad_clip):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return ok
-
-
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -806,8 +806,6 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, data):
     return None
 
 
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # main, in stages: settings, setup, data, model, validation, the loop, the exit.
 def check_settings(cfg):
@@ -818,8 +816,10 @@ def check_settings(cfg):
     in_range(cfg, "max_boxes", 1, N_SLOTS)
     if not cfg["grad_clip"] > 0:
         fail(f"--grad_clip={cfg['grad_clip']}: must be above 0 (at 0 every gradient is clipped to nothing)")
-    if cfg["dtype"] not in ("auto", "bf16", "fp32"):
-        fail(f"--dtype={cfg['dtype']}: must be auto, bf16 or fp32")
+    if cfg["dtype"] not in ("auto", "fp32"):
+        fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU) or fp32")
+    if cfg["init_from"] and missing_local_path(cfg["init_from"]):
+        fail(f"--init_from={cfg['init_from']}: adapters not found")
     if cfg["compile"] and cfg["compile"] not in torch._dynamo.list_backends(exclude_tags=()):
         fail(f"--compile={cfg['compile']}: not a torch.compile backend (e.g. inductor, aot_eager)")
 
@@ -884,7 +884,7 @@ def main(cfg):
     if G % (B * world):
         fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
     accum = G // (B * world)
-    bf16 = cfg["dtype"] == "bf16" or (cfg["dtype"] == "auto" and cuda)
+    bf16 = cfg["dtype"] == "auto" and cuda
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base; adapters stay fp32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -1,8 +1,8 @@
 """
 Benchmarks, with no download.
 
-    python benchmark.py --what=loader --workers=2
-    python benchmark.py --what=train --unet=sd15 --batch_sizes=8,16,32 --profile=True      # on a GPU
+    python extras/benchmark.py --what=loader --workers=2
+    python extras/benchmark.py --what=train --unet=sd15 --batch_sizes=8,16,32 --profile=True      # on a GPU
 
 --what=train: images/s, model-FLOPs utilisation and peak memory of a GLIGEN training step on a randomly initialised
 full-size UNet and text encoder (--unet: sd15, sd21-base, sdxl; "tiny" for a CPU smoke run), for this project's step
@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from contextlib import nullcontext
 
+ROOT = Path(__file__).resolve().parents[1]  # train_gligen.py and the scripts this one builds on
+sys.path.insert(0, str(ROOT))
 import train_gligen as tg
 
 config = dict(
@@ -392,4 +394,12 @@ if __name__ == "__main__":
     cfg = tg.configure(config, sys.argv[1:], __doc__)
     if cfg["what"] not in ("loader", "train"):
         tg.fail(f"--what={cfg['what']!r}: loader or train")
+    if not all(b.strip().isdigit() and int(b) > 0 for b in cfg["batch_sizes"].split(",")):
+        tg.fail(f"--batch_sizes={cfg['batch_sizes']}: positive integers separated by commas")
+    tg.in_range(cfg, "steps resolution batch images", 1)
+    tg.in_range(cfg, "workers warmup seconds", 0)
+    if cfg["resolution"] % 8:
+        tg.fail(f"--resolution={cfg['resolution']}: must be a multiple of 8")
+    if cfg["images"] < cfg["batch"]:
+        tg.fail(f"--images={cfg['images']}: fewer than one --batch ({cfg['batch']})")
     loader_benchmark(cfg) if cfg["what"] == "loader" else train_benchmark(cfg)

@@ -3,8 +3,8 @@ The shapes demo: a test, on a laptop CPU and with no download, of whether traine
 boxes. The quick run (the default) proves the pipeline in about 15 minutes but does not ground; the grounding
 recipe (second command) does, in about an hour on a 2-core CPU. The README has the measured tables.
 
-    python demo_shapes.py                    # the quick run, 14 to 16 minutes on a 2-core CPU; writes demo/
-    python demo_shapes.py --out=demo_full --positions=0.5 --prediction=v_prediction --base_steps=10000 \
+    python extras/demo_shapes.py                    # the quick run, 14 to 16 minutes on a 2-core CPU; writes demo/
+    python extras/demo_shapes.py --out=demo_full --positions=0.5 --prediction=v_prediction --base_steps=10000 \
         --gligen_steps=10000                 # the grounding recipe: a base that knows positions, 10,000 GLIGEN steps
 
 1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import score_grounding
+ROOT = Path(__file__).resolve().parents[1]  # train_gligen.py and the scripts this one builds on
+sys.path.insert(0, str(ROOT))
 import train_gligen as tg
+from prep_boxes import iou as box_iou
 from train_gligen import configure, draw_layout, fail
 
 config = dict(
@@ -151,7 +153,7 @@ def find_color(image, color, tol=90):
 
 def iou(found, box):
     """IoU of the found box with the requested one; 0 when the colour was not found."""
-    return 0.0 if found is None else score_grounding.iou(found, box)
+    return 0.0 if found is None else box_iou(found, box)
 
 
 def score(sample_dir, layouts):
@@ -297,7 +299,7 @@ def train_base(root, model_dir, cfg):
 def run(script, *args):
     """Run one of the project's scripts as a user would; stop the demo if it fails."""
     print(f"\n$ python {script} " + " ".join(args), flush=True)
-    if subprocess.run([sys.executable, str(Path(__file__).parent / script), *args]).returncode:
+    if subprocess.run([sys.executable, str(ROOT / script), *args]).returncode:
         fail(f"{script} failed")
 
 
@@ -316,6 +318,12 @@ def picture(layouts, rows, path):
 
 
 def main(cfg):
+    tg.in_range(cfg, "train_images", 32)  # at least one GLIGEN batch
+    tg.in_range(cfg, "test_layouts vae_steps base_steps gligen_steps sample_steps", 1)
+    tg.in_range(cfg, "seed gligen_lr", 0)
+    tg.in_range(cfg, "positions", 0, 1)
+    if cfg["prediction"] not in ("epsilon", "v_prediction"):
+        fail(f"--prediction={cfg['prediction']}: epsilon or v_prediction")
     out, t0 = Path(cfg["out"]), time.time()
     world, model, data, adapters = out / "world", out / "base-model", out / "data", out / "gligen"
     out.mkdir(parents=True, exist_ok=True)

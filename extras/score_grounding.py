@@ -4,8 +4,8 @@ Score generated images against their layouts with an open-vocabulary detector: t
 the phrases themselves, so any phrase can be scored, not only COCO's 80 classes.
 
     python sample.py --model=... --adapters=out/run --layouts=layouts/val.jsonl --n=4 --out_dir=samples
-    python score_grounding.py --layouts=layouts/val.jsonl --images=samples --n=4
-    python score_grounding.py ... --detector=IDEA-Research/grounding-dino-tiny
+    python extras/score_grounding.py --layouts=layouts/val.jsonl --images=samples --n=4
+    python extras/score_grounding.py ... --detector=IDEA-Research/grounding-dino-tiny
 
 The detector is GroundingDINO from transformers (AutoModelForZeroShotObjectDetection), a Hub id or a local
 directory. Each distinct phrase of an image is detected on its own, so every box found belongs to that phrase.
@@ -25,7 +25,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import check_layout, configure, fail, read_jsonl
+ROOT = Path(__file__).resolve().parents[1]  # train_gligen.py and the scripts this one builds on
+sys.path.insert(0, str(ROOT))
+from prep_boxes import iou
+from train_gligen import check_layout, configure, fail, in_range, read_jsonl
 
 config = dict(
     layouts="layouts/val.jsonl",  # JSONL of {prompt, phrases, boxes}, boxes x0, y0, x1, y1 relative
@@ -34,14 +37,6 @@ config = dict(
     detector="IDEA-Research/grounding-dino-base",  # a GroundingDINO: Hub id or local directory
     threshold=0.1,  # detections with a lower score are dropped (AP wants the low-scoring ones too)
 )
-
-
-def iou(a, b):
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def average_precision(detections, truth, threshold):
@@ -107,6 +102,8 @@ def detector(name, device):
 
 
 def main(cfg):
+    in_range(cfg, "n", 1)
+    in_range(cfg, "threshold", 0, 1)
     layouts = [r for _, r in read_jsonl(cfg["layouts"])]
     for k, lay in enumerate(layouts):
         check_layout(lay.get("phrases"), lay.get("boxes"), f"{cfg['layouts']}:{k + 1}")
