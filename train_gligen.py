@@ -853,7 +853,7 @@ def restore(cfg, unet, resume):
     return state["step"], state["optimizer"]
 
 
-def validation_grid(path, layouts, models, cfg, autocast, video):
+def validation_grid(path, layouts, models, cfg, autocast):
     """A row of images from fixed layouts and seed, with the boxes drawn on. models: unet, vae, text encoder,
     tokenizer, scheduler."""
     images = []
@@ -861,7 +861,7 @@ def validation_grid(path, layouts, models, cfg, autocast, video):
         with autocast:
             im = generate(*models, l["prompt"], l["phrases"], l["boxes"], seed=cfg["seed"], steps=cfg["val_steps"],
                           frames=1)[0]
-        im = im[0] if video else im  # a video model's one-frame clip
+        im = im[0] if is_video(models[0]) else im  # a video model's one-frame clip
         images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
     for k, im in enumerate(images):
@@ -907,7 +907,6 @@ def main(cfg):
 
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
     unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, base_dtype)
-    video = is_video(unet)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
     inject_gligen(unet)
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
@@ -922,7 +921,8 @@ def main(cfg):
     if cfg["grad_checkpointing"]:  # diffusers checkpoints each resnet and transformer block, fusers included
         unet.enable_gradient_checkpointing()
         unet.train()  # older diffusers checkpoint in training mode only; SD has no dropout, so nothing else changes
-    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[torch.cuda.current_device()] if cuda else None) if ddp else unet
+    device_ids = [torch.cuda.current_device()] if cuda else None
+    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=device_ids) if ddp else unet
     step_model = torch.compile(model, backend=cfg["compile"]) if cfg["compile"] else model  # flags stay on model
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if opt_state:
@@ -930,7 +930,7 @@ def main(cfg):
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # (T,): the forward process's a_t
     empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
     loss_of = partial(micro_step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
-                      cfg=cfg, autocast=autocast, video=video)  # loss_of(model, batch, generator)
+                      cfg=cfg, autocast=autocast, video=is_video(unet))  # loss_of(model, batch, g)
     # Each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step, cfg["flip"] and data.has_flipped),
@@ -957,10 +957,9 @@ def main(cfg):
             from diffusers import AutoencoderKL, DDIMScheduler
 
             vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=base_dtype).to(device)
-            val_models = (unet, vae, text_encoder, tokenizer, DDIMScheduler.from_pretrained(cfg["model"],
-                                                                                            subfolder="scheduler"))
-            validate = partial(validation_grid, layouts=layouts, models=val_models, cfg=cfg, autocast=autocast,
-                               video=video)
+            ddim = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
+            val_models = (unet, vae, text_encoder, tokenizer, ddim)
+            validate = partial(validation_grid, layouts=layouts, models=val_models, cfg=cfg, autocast=autocast)
             if step == 0:
                 validate(out / f"val_{step:07d}.png")  # the base model, before training: what the adapters start from
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
