@@ -563,7 +563,7 @@ def adapters_of(run_dir):
 
 
 def losses(run_dir):
-    return [json.loads(l)["loss"] for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for _, r in tg.read_jsonl(Path(run_dir) / "log.jsonl") if "loss" in r]  # not the validations
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -627,7 +627,8 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tmp_path):
 def test_resume_equals_uninterrupted(tiny_sd, tiny_data, tmp_path):
     import shutil
 
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "straight", max_steps=8, save_every=4))
+    # the straight run validates every 2 steps, the resumed one never: validation leaves the training stream alone
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "straight", max_steps=8, save_every=4, val_every=2, val_steps=1))
     tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=6, save_every=4))
     state = torch.load(tmp_path / "resumed" / "step_0000004" / "state.pt", weights_only=True)
     assert state["step"] == 4 and state["data"] == dict(epoch=1, batch_in_epoch=1)
@@ -644,6 +645,8 @@ def test_resume_equals_uninterrupted(tiny_sd, tiny_data, tmp_path):
     ob = torch.load(tmp_path / "resumed" / "step_0000008" / "state.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # steps 5 and 6 logged once
+    val = [r for _, r in tg.read_jsonl(tmp_path / "straight" / "log.jsonl") if "val_loss_boxes" in r]
+    assert [r["step"] for r in val] == [0, 2, 4, 6, 8]
     assert sorted(p.name for p in (tmp_path / "resumed").glob("step_*")) == ["step_0000004", "step_0000008"]
 
 
@@ -700,6 +703,28 @@ def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tm
     assert np.array_equal(ours, pipeline(0.5))  # the same pixels
     assert np.abs(ours - pipeline(0.0)).max() > 10  # and the comparison can tell: no grounding,
     assert np.abs(ours - pipeline(1.0)).max() > 10  # or grounding in all 8 steps, gives another image
+
+
+def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_data, random_adapters):
+    """The trainer's validation losses with true, mirrored and no boxes: with closed gates (fresh adapters) all three
+    equal; with open ones, three values, the mirrored one that of the boxes mirrored left to right."""
+    from functools import partial
+
+    unet, te, tok, scheduler = tg.load_base(str(tiny_sd), "cpu", torch.float32)
+    tg.inject_gligen(unet)
+    data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
+    batch = tg.collate(tok, [data[(i, False)] for i in range(4)])
+    loss_of = partial(tg.micro_step_loss, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
+                      empty_ids=tg.tokenize(tok, [""])[0],
+                      cfg=dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon"))
+    assert len(set(tg.box_use_losses(loss_of, unet, [batch], seed=5).values())) == 1
+    tg.set_adapters(unet, tg.load_adapters(str(random_adapters)), "random")
+    got = tg.box_use_losses(loss_of, unet, [batch], seed=5)
+    assert len(set(got.values())) == 3, got
+    b = batch["boxes"]
+    mirrored = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], -1)  # x -> 1 - x, x0 and x1 swapped
+    assert got["val_loss_mirrored"] == loss_of(unet, {**batch, "boxes": mirrored}, torch.Generator().manual_seed(5)).item()
+    assert got["val_loss_boxes"] == loss_of(unet, batch, torch.Generator().manual_seed(5)).item()
 
 
 def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters, tmp_path):
@@ -1155,16 +1180,9 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
     scheduler = json.loads((out / "base-model" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
     assert result["fusers off equals base model"] is True
-    loss = result["training loss with"]
-    assert set(loss) == {"true boxes", "mirrored boxes", "no grounding"} and all(np.isfinite(list(loss.values())))
-    # the box-use check really moves the boxes and really drops the grounding: with the gates opened, three losses
-    from safetensors.torch import save_file
-
-    strong = {k: torch.ones_like(v) if k.endswith(("alpha_attn", "alpha_dense")) else v
-              for k, v in tg.load_adapters(out / "gligen").items()}
-    save_file(strong, tmp_path / "strong.safetensors")
-    loss = ds.box_use(out / "base-model", tmp_path / "strong.safetensors", out / "data")
-    assert len(set(loss.values())) == 3, loss
+    loss = result["training loss with"]  # the trainer's box-use losses at its last validation, the last step
+    assert loss["step"] == 2 and set(loss) == {"step", "val_loss_boxes", "val_loss_mirrored", "val_loss_no_grounding"}
+    assert all(np.isfinite(list(loss.values())))
     for name in ("base model", "adapters, beta=1", "adapters, beta=0.3"):
         assert result[name]["objects"] == sum(len(l["phrases"]) for l in ds.test_layouts(3, np.random.default_rng(1)))
     assert (out / "result.png").is_file() and json.loads((out / "results.json").read_text()) == result

@@ -87,9 +87,10 @@ config = dict(
     log_every=20,  # log line (step, loss, lr, images/s, peak memory), also appended to out_dir/log.jsonl
     save_every=2000,  # checkpoint every N steps, and at the end
     keep_last=2,  # checkpoints kept in out_dir (the newest that verify)
-    val_every=2000,  # validation grid every N steps (and at the start of a fresh run); 0 = never
+    val_every=2000,  # validation (a grid, the losses of val_images) every N steps, at the start and the end; 0 = never
     val_steps=25,  # DDIM steps for the validation grid
     val_layouts="",  # JSONL file of {prompt, phrases, boxes} for the validation grid; "" = VAL_LAYOUTS above
+    val_images=64,  # training images whose loss each validation logs with true, mirrored and no boxes; 0 = none
 )
 
 
@@ -437,6 +438,13 @@ def is_moving(boxes):
     return isinstance(first, (list, tuple)) and bool(first) and isinstance(first[0], (list, tuple))
 
 
+def mirror(boxes):
+    """Boxes (..., 4) x0, y0, x1, y1 mirrored left to right; numpy or torch, a new array."""
+    m = boxes[..., [2, 1, 0, 3]]
+    m[..., [0, 2]] = 1 - m[..., [0, 2]]
+    return m
+
+
 def layout_tensors(tokenizer, layouts):
     """Batch of layouts -> phrase ids of the distinct phrases, slot->phrase index, boxes (B, 30, 4), masks (B, 30)."""
     phrases = list(dict.fromkeys(p for phr, _ in layouts for p in phr)) or [""]  # distinct, in order of appearance
@@ -545,7 +553,7 @@ class GroundedLatents(torch.utils.data.Dataset):
         if shard not in self.shards:  # memmapped, opened once per worker process
             self.shards[shard] = np.load(self.dir / shard, mmap_mode="r")
         if flip:
-            boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1)
+            boxes = mirror(boxes)
             time_ids = (*time_ids[:3], flipped_left, *time_ids[4:])
         latent = torch.from_numpy(np.array(self.shards[shard][row, int(flip)]))  # view 1: the mirrored image
         return latent, caption, phrases, boxes, time_ids
@@ -622,6 +630,22 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
     with autocast:
         pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}, **added).sample
     return F.mse_loss(pred.float(), target)
+
+
+@torch.no_grad()
+def box_use_losses(loss_of, unet, batches, seed):
+    """Do the adapters use the boxes? The loss on fixed batches of training images (noise and timesteps fixed by seed;
+    loss_of keeps every caption and all grounding) three ways: with their true boxes, with the boxes mirrored left to
+    right, and with no grounding. Once the adapters place objects by their boxes, the true boxes give a clearly lower
+    loss than the mirrored ones, long before a picture shows it."""
+    losses, n = dict(boxes=0.0, mirrored=0.0, no_grounding=0.0), sum(len(b["latents"]) for b in batches)
+    for k, b in enumerate(batches):
+        variants = dict(boxes=b, mirrored={**b, "boxes": mirror(b["boxes"])},
+                        no_grounding={**b, "masks": torch.zeros_like(b["masks"])})
+        for name, batch in variants.items():  # the same noise and timesteps for each
+            g = torch.Generator(b["latents"].device).manual_seed(seed + k)
+            losses[name] += loss_of(unet, batch, g).item() * len(b["latents"]) / n
+    return {f"val_loss_{k}": v for k, v in losses.items()}
 
 
 def count_flops(fn):
@@ -811,7 +835,7 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, data):
 def check_settings(cfg):
     """Stop on a setting that cannot work, before anything slow starts."""
     in_range(cfg, "global_batch micro_batch max_steps max_bad_steps log_every save_every keep_last val_steps", 1)
-    in_range(cfg, "lr weight_decay warmup_steps seed num_workers val_every", 0)
+    in_range(cfg, "lr weight_decay warmup_steps seed num_workers val_every val_images", 0)
     in_range(cfg, "caption_keep grounding_drop min_box_area", 0, 1)
     in_range(cfg, "max_boxes", 1, N_SLOTS)
     if not cfg["grad_clip"] > 0:
@@ -959,10 +983,25 @@ def main(cfg):
             vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=base_dtype).to(device)
             ddim = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
             val_models = (unet, vae, text_encoder, tokenizer, ddim)
-            validate = partial(validation_grid, layouts=layouts, models=val_models, cfg=cfg, autocast=autocast)
-            if step == 0:
-                validate(out / f"val_{step:07d}.png")  # the base model, before training: what the adapters start from
+            # the box-use losses: a fixed random set of training images, unflipped, every caption and box kept
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["val_images"]].tolist()
+            val_batches = [{k: v.to(device) for k, v in collate(tokenizer, [data[(i, False)] for i in chunk]).items()}
+                           for chunk in (pick[j:j + B] for j in range(0, len(pick), B))]
+            val_loss_of = partial(loss_of, cfg={**cfg, "caption_keep": 1.0, "grounding_drop": 0.0})
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
+
+    def validate():  # rank 0: the grid, and the loss with the true boxes, mirrored ones and none, logged
+        validation_grid(out / f"val_{step:07d}.png", layouts, val_models, cfg, autocast)
+        if val_batches:
+            rec = dict(step=step, **box_use_losses(val_loss_of, unet, val_batches, cfg["seed"]))
+            bar.write(f"val step {step} | loss with boxes {rec['val_loss_boxes']:.5f}, mirrored "
+                      f"{rec['val_loss_mirrored']:.5f} (gap {rec['val_loss_mirrored'] - rec['val_loss_boxes']:+.5f}), "
+                      f"no grounding {rec['val_loss_no_grounding']:.5f}")
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    if master and cfg["val_every"] and step == 0:
+        validate()  # the base model, before training: what the adapters start from
     # FLOPs of one step per image, for the MFU in the log: counted once, on one image, in a pass of its own (a dispatch
     # mode may pick other kernels: the counted pass must not be a training step)
     probe = {k: v.to(device) for k, v in collate(tokenizer, [data[(0, False)]]).items()}
@@ -1041,8 +1080,8 @@ def main(cfg):
                 dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a checkpoint
             if error[0]:
                 fail(error[0])
-        if master and cfg["val_every"] and step % cfg["val_every"] == 0:
-            validate(out / f"val_{step:07d}.png")
+        if master and cfg["val_every"] and (step % cfg["val_every"] == 0 or last):
+            validate()
         t0 += time.perf_counter() - t_io  # checkpoints and validation do not count against images/s
         if stop:
             bar.write(f"rank {rank}: {', '.join(signals) or 'another rank got a signal'}: stopped at step {step}, "
