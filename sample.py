@@ -6,6 +6,8 @@ Generate images from a base Stable Diffusion model plus GLIGEN adapters, for a p
         --boxes='[[0.05, 0.35, 0.45, 0.9], [0.55, 0.3, 0.95, 0.9]]' --n=4 --out_dir=samples
     python sample.py --model=CompVis/stable-diffusion-v1-4 --adapters=masterful/gligen-1-4-generation-text-box ...
     python sample.py --model=... --adapters=out/coco --export=gligen-pipeline   # a diffusers pipeline directory
+    python sample.py --model=CompVis/stable-diffusion-v1-4 --adapters=out/coco-inpaint --inpaint_image=room.png \
+        --prompt="a birthday cake on a table" --phrases='["a birthday cake"]' --boxes='[[0.27, 0.61, 0.48, 0.72]]'
 
 Boxes are x0, y0, x1, y1 relative to the image. SDXL models work the same way. Video models (ModelScope,
 Zeroscope) make --frames frames: --boxes is one list of boxes (still) or one list per frame (moving), and each clip
@@ -13,18 +15,20 @@ is written as <layout>_<i>.gif and <layout>_<i>_boxes.gif, with its frames in <l
 --adapters takes this project's out_dir, one of its step_* checkpoints or an adapters.safetensors, or a diffusers
 GLIGEN model (directory or Hub id). Each image is written as <layout>_<i>.png, with a copy <layout>_<i>_boxes.png
 that has the boxes and phrases drawn on.
+Inpainting adapters (train_gligen.py --inpaint=True) keep --inpaint_image outside the boxes and generate inside.
 --export writes a directory that diffusers' StableDiffusionGLIGENPipeline.from_pretrained loads; with the same seed,
 scheduler and steps it gives the same images as this script (in fp32; half precision differs in the last bits).
 """
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from train_gligen import (check_layout, configure, draw_layout, fail, generate, in_range, inject_gligen, is_moving,
-                          is_sdxl, is_video, load_adapters, load_base, read_jsonl, set_adapters)
+                          is_sdxl, is_video, load_adapters, load_base, read_jsonl, set_adapters, widen_conv_in)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -46,6 +50,7 @@ config = dict(
     dtype="auto",  # auto: fp16 on CUDA, fp32 on CPU; or fp32, fp16, bf16
     out_dir="samples",  # where the images go
     export="",  # also write a full diffusers StableDiffusionGLIGENPipeline directory here
+    inpaint_image="",  # inpainting adapters (trained with --inpaint=True): the photo to keep outside the boxes
 )
 DTYPES = dict(auto=None, fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # auto: fp16 on CUDA, else fp32
 SCHEDULERS = dict(ddim="DDIMScheduler", dpm="DPMSolverMultistepScheduler", euler="EulerDiscreteScheduler",
@@ -62,6 +67,21 @@ def export(path, unet, vae, text_encoder, tokenizer, scheduler):
                                          unet=gated.to(unet.dtype), scheduler=scheduler, safety_checker=None,
                                          feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
+
+
+def photo_latent(path, vae, height, width):
+    """An inpainting photo's VAE latent (1, 4, h, w): center-cropped to the output's shape and resized (LANCZOS), as
+    the GLIGEN pipeline prepares it; the VAE's mean (the pipeline draws a sample)."""
+    im = Image.open(path).convert("RGB")
+    if im.size != (width, height):
+        s = min(im.width / width, im.height / height)
+        left, top = (im.width - width * s) / 2, (im.height - height * s) / 2
+        im = im.crop((left, top, left + width * s, top + height * s)).resize((width, height), Image.Resampling.LANCZOS)
+    # (1, 3, H, W) in [-1, 1], channels last in memory as the pipeline's image processor leaves it: the VAE's
+    # convolutions round differently for another layout
+    x = torch.from_numpy((np.asarray(im, dtype=np.float32) / 255.0)[None].transpose(0, 3, 1, 2)) * 2 - 1
+    with torch.no_grad():
+        return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
 
 
 def check_settings(cfg):
@@ -95,6 +115,12 @@ def main(cfg):
         for f, frame_boxes in enumerate(l["boxes"] if moving else [l.get("boxes")]):
             check_layout(l.get("phrases"), frame_boxes, where + (f" frame {f}" if moving else ""))
     adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else None  # a bad path fails before the model loads
+    inpaint = adapters is not None and "conv_in.weight" in adapters  # inpainting adapters carry conv_in
+    if inpaint != bool(cfg["inpaint_image"]):
+        fail(f"--adapters={cfg['adapters']} are inpainting adapters: give --inpaint_image" if inpaint else
+             "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")
+    if inpaint and not Path(cfg["inpaint_image"]).is_file():
+        fail(f"--inpaint_image: file not found: {cfg['inpaint_image']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else torch.float16 if device == "cuda" else torch.float32
     unet, text_encoder, tokenizer, _ = load_base(cfg["model"], device, dtype)
@@ -109,7 +135,11 @@ def main(cfg):
         if cfg[k] % scale:
             fail(f"--{k}={cfg[k]}: must be a multiple of {scale}, the VAE's downsampling factor")
     scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
+    if inpaint and (is_sdxl(unet) or is_video(unet) or any(is_moving(l["boxes"]) for _, l in layouts)):
+        fail("inpainting is for SD1.x/2.x image models")
     if adapters is not None:
+        if inpaint:
+            widen_conv_in(unet)
         inject_gligen(unet)
         set_adapters(unet, adapters, cfg["adapters"])
         unet.to(dtype)
@@ -123,11 +153,13 @@ def main(cfg):
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    height, width = cfg["height"] or unet.config.sample_size * scale, cfg["width"] or unet.config.sample_size * scale
+    kept = photo_latent(cfg["inpaint_image"], vae, height, width) if inpaint else None
     for k, (_, l) in enumerate(tqdm(layouts, desc="layouts", unit="layout", disable=len(layouts) == 1)):
         images = generate(unet, vae, text_encoder, tokenizer, scheduler, l["prompt"],
                           l["phrases"] if cfg["adapters"] else [], l["boxes"], seed=cfg["seed"] + k, n=cfg["n"],
-                          steps=cfg["steps"], guidance=cfg["guidance"], beta=cfg["beta"],
-                          height=cfg["height"] or None, width=cfg["width"] or None, frames=cfg["frames"], progress=True)
+                          steps=cfg["steps"], guidance=cfg["guidance"], beta=cfg["beta"], height=height, width=width,
+                          frames=cfg["frames"], inpaint_latent=kept, progress=True)
         for i, im in enumerate(images):
             name = f"{k:03d}_{i:02d}"
             if is_video(unet):

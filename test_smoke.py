@@ -6,6 +6,7 @@ Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that ca
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
 """
+import copy
 import errno
 import io
 import json
@@ -344,14 +345,15 @@ def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
     assert ours.shape == (2, 16, 16, 3) and np.array_equal(ours, (want * 255).round().astype(np.uint8))
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl", "video"])
-def test_sd2_sdxl_and_video_train_resume_and_sample(family, tiny_sd2, tiny_sdxl, tiny_video, tiny_data, tmp_path,
-                                                    monkeypatch):
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "video", "inpaint"])
+def test_sd2_sdxl_video_and_inpainting_train_resume_and_sample(family, tiny_sd, tiny_sd2, tiny_sdxl, tiny_video,
+                                                               tiny_data, tmp_path, monkeypatch):
     """Each family trains, resumes bit-equal, and samples: SD2 (v-prediction) and SDXL images; video clips with
-    moving boxes, as GIFs."""
+    moving boxes, as GIFs; SD1 inpainting (conv_in widened and trained), keeping a photo outside the boxes."""
     import sample
 
-    model = dict(sd2=tiny_sd2, sdxl=tiny_sdxl, video=tiny_video)[family]
+    model = dict(sd2=tiny_sd2, sdxl=tiny_sdxl, video=tiny_video, inpaint=tiny_sd)[family]
+    mode = dict(inpaint=True) if family == "inpaint" else {}
     seen = []  # SDXL: the size conditioning that reaches the UNet is each sample's own (original or mirrored)
     if family == "sdxl":
         from diffusers import UNet2DConditionModel
@@ -361,22 +363,34 @@ def test_sd2_sdxl_and_video_train_resume_and_sample(family, tiny_sd2, tiny_sdxl,
             seen.append(added_cond_kwargs["time_ids"].clone())
             return real(self, *args, added_cond_kwargs=added_cond_kwargs, **kw)
         monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
-    tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4), "model": str(model)})
+    tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4, **mode), "model": str(model)})
     if family == "sdxl":
         data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
         own = {tuple(map(float, data[(i, f)][4])) for i in range(len(data)) for f in (False, True)}
         rows = {tuple(r) for ids in seen for r in ids.tolist()}
         assert rows <= own and len(rows) >= 2  # real per-image ids (the tiny data has 3 image sizes)
         monkeypatch.undo()
-    tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=2, save_every=2), "model": str(model)})
-    tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=4, save_every=2), "model": str(model)})
+    tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=2, save_every=2, **mode), "model": str(model)})
+    tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=4, save_every=2, **mode), "model": str(model)})
     straight = adapters_of(tmp_path / "straight")
     assert_equal_adapters(adapters_of(tmp_path / "resumed"), straight)
     assert np.isfinite(losses(tmp_path / "straight")).all()
-    fresh = tg.adapter_state(tg.inject_gligen(tg.load_base(str(model), "cpu", torch.float32)[0]))
+    base = tg.load_base(str(model), "cpu", torch.float32)[0]
+    fresh = tg.adapter_state(tg.inject_gligen(tg.widen_conv_in(copy.deepcopy(base)) if mode else copy.deepcopy(base)))
     assert all(not torch.equal(straight[k], fresh[k]) for k in straight if k.endswith("alpha_attn"))  # it trained
+    if mode:  # all of conv_in's weight trains (the new channels too); its bias and the rest of the base stay
+        assert not torch.equal(straight["conv_in.weight"][:, :4], base.conv_in.weight)
+        assert straight["conv_in.weight"][:, 4:].abs().min() > 0 and straight["conv_in.weight"].shape[1] == 9
+        trained = tg.inject_gligen(tg.widen_conv_in(tg.load_base(str(model), "cpu", torch.float32)[0]))
+        tg.set_adapters(trained, straight, "straight")
+        for name, v in trained.state_dict().items():
+            if not tg.is_adapter(name, inpaint=True):
+                assert torch.equal(v, base.state_dict()[name]), f"frozen {name} changed"
     out = tmp_path / "samples"
     layouts = dict(layouts=str(HERE / "layouts" / "video.jsonl"), frames=16) if family == "video" else {}
+    if mode:
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "photo.png")  # cropped and resized to 16 x 16
+        layouts = dict(inpaint_image=str(tmp_path / "photo.png"))
     sample.main({**sample.config, "model": str(model), "adapters": str(tmp_path / "straight"), "prompt": "a red square",
                  "phrases": ["a red square"], "boxes": [[0.1, 0.2, 0.5, 0.8]], "n": 1, "steps": 2, "out_dir": str(out),
                  **layouts})
@@ -388,6 +402,9 @@ def test_sd2_sdxl_and_video_train_resume_and_sample(family, tiny_sd2, tiny_sdxl,
             sample.main({**sample.config, "model": str(model), "out_dir": str(out), **layouts, "frames": 8})
     else:
         assert Image.open(out / "000_00.png").size == (16, 16) and (out / "000_00_boxes.png").is_file()
+    if mode:
+        with pytest.raises(SystemExit, match="are inpainting adapters: give --inpaint_image"):
+            sample.main({**sample.config, "model": str(model), "adapters": str(tmp_path / "straight")})
 
 
 SHAPES = {1: ("red square", (220, 40, 40)), 2: ("blue circle", (40, 60, 220)), 3: ("green triangle", (40, 180, 60))}
@@ -604,10 +621,11 @@ def test_training_runs_on_v_prediction_model(tiny_sd2, tiny_data, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # (d) two processes under torchrun (gloo) give the same adapters as one process with the same global batch
-def test_two_processes_equal_one(tiny_sd, tiny_data, tmp_path):
+@pytest.mark.parametrize("mode", ["text-box", "inpaint"])
+def test_two_processes_equal_one(mode, tiny_sd, tiny_data, tmp_path):
     args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
             "--global_batch=4", "--micro_batch=2", "--max_steps=4", "--lr=1e-3", "--warmup_steps=2",
-            "--num_workers=1", "--val_every=0", "--log_every=2"]
+            "--num_workers=1", "--val_every=0", "--log_every=2", f"--inpaint={mode == 'inpaint'}"]
     # one CPU thread in each, as torchrun sets for its workers: float reductions then run in the same order
     one = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'one'}", OMP_NUM_THREADS="1")  # 1 process x 2 x 2
     two = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'two'}", torchrun=2, OMP_NUM_THREADS="1")  # 2 x 1 x 2
@@ -616,6 +634,7 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tmp_path):
     assert "2 processes x 1 micro-steps x 2 = 4 per step" in two.stdout
     a, b = adapters_of(tmp_path / "one"), adapters_of(tmp_path / "two")
     assert not torch.equal(a["position_net.null_positive_feature"], torch.zeros(32))  # they trained
+    assert ("conv_in.weight" in a) == (mode == "inpaint")
     # exact: the same samples, noise and timesteps per sample, and (g0 + g1) / 2 == g0 / 2 + g1 / 2 in floating point
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the logged loss is averaged over ranks (summed in another order than one process accumulates it)
@@ -703,6 +722,55 @@ def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tm
     assert np.array_equal(ours, pipeline(0.5))  # the same pixels
     assert np.abs(ours - pipeline(0.0)).max() > 10  # and the comparison can tell: no grounding,
     assert np.abs(ours - pipeline(1.0)).max() > 10  # or grounding in all 8 steps, gives another image
+
+
+def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, random_adapters, tmp_path, monkeypatch):
+    """Inpainting adapters (conv_in widened to 9 channels): sample.py keeps the photo outside the boxes and generates
+    inside them, and StableDiffusionGLIGENPipeline(gligen_inpaint_image=...) loaded from --export gives the same pixels.
+    That pipeline draws its first latents and each step's re-noising of the photo from torch's global generator
+    (randn_like, ignoring `generator`) and encodes the photo with a VAE sample; here it is handed sample.py's own
+    noise, in sample.py's order, and the VAE's mean, which is what sample.py uses."""
+    import sample
+    from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    sd = tg.load_adapters(str(random_adapters))
+    conv = tg.widen_conv_in(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")).conv_in.weight.detach()
+    sd["conv_in.weight"] = conv + torch.randn_like(conv) * 0.3  # the photo's channels count
+    save_file(sd, tmp_path / "inpaint.safetensors")
+    yy, xx = np.mgrid[0:16, 0:16]
+    photo = Image.fromarray(np.stack([xx * 16, yy * 16, 255 - xx * 8], -1).astype(np.uint8))  # a smooth gradient
+    photo.save(tmp_path / "photo.png")
+    phrases, boxes = ["a red square"], [[0.0, 0.0, 0.5, 1.0]]  # the left half is generated
+    sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "inpaint.safetensors"),
+                 "prompt": "a red square", "phrases": phrases, "boxes": boxes, "n": 2, "seed": 7, "steps": 8,
+                 "beta": 0.5, "out_dir": str(tmp_path / "samples"), "export": str(tmp_path / "pipe"),
+                 "inpaint_image": str(tmp_path / "photo.png")})
+    ours = np.stack([np.asarray(Image.open(tmp_path / "samples" / f"000_0{i}.png")) for i in range(2)]).astype(int)
+
+    pipe = StableDiffusionGLIGENPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.unet.config.in_channels == 9
+    g = torch.Generator().manual_seed(7)  # sample.py's draws: the first latents, then one re-noising per step
+    noise = [torch.randn(2, 4, 8, 8, generator=g)] + [torch.randn(1, 4, 8, 8, generator=g) for _ in range(8)]
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: noise.pop(0))
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    theirs = pipe("a red square", gligen_phrases=phrases, gligen_boxes=boxes, gligen_inpaint_image=photo,
+                  gligen_scheduled_sampling_beta=0.5, num_inference_steps=8, guidance_scale=7.5,
+                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), output_type="np").images
+    monkeypatch.undo()
+    assert not noise and np.array_equal(ours, (theirs * 255).round().astype(int))  # every draw used, same pixels
+
+    # in latent space: outside the box the photo's latent is kept, inside another is made
+    z = sample.photo_latent(tmp_path / "photo.png", pipe.vae, 16, 16)
+    final = []
+    decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda x, **kw: final.append(x * pipe.vae.config.scaling_factor) or decode(x))
+    tg.generate(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, "a red square", phrases, boxes,
+                seed=7, n=2, steps=8, beta=0.5, inpaint_latent=z)
+    outside, inside = (final[0] - z)[..., 4:].abs(), (final[0] - z)[..., :4].abs()  # the box: latent columns 0-3
+    assert outside.mean() < 0.05 and inside.mean() > 1.0, (outside.mean(), inside.mean())  # measured 0.031 and 5.94
 
 
 def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_data, random_adapters):
@@ -819,6 +887,7 @@ THIRTY_ONE = dict(phrases=[f"thing {i}" for i in range(31)], boxes=[[0.1, 0.1, 0
     ("sample", dict(adapters="./some/local/dir"), "adapters not found: ./some/local/dir"),
     ("sample", dict(adapters="out/run/adapters.safetensors"), "adapters not found: out/run/adapters.safetensors"),
     ("sample", dict(export="pipeline"), "--export needs --adapters"),
+    ("sample", dict(inpaint_image="photo.png"), "--inpaint_image needs inpainting adapters"),
     ("prep_latents", dict(resolution=12), "--resolution=12: must be a multiple of 8"),
     ("prep_latents", dict(batch_size=0), "--batch_size=0: must be at least 1"),
     ("prep_boxes", dict(nms=1.5), "--nms=1.5: must be in [0, 1]"),

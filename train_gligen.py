@@ -81,6 +81,7 @@ config = dict(
     flip=True,  # mirror half the samples, boxes too, where prep_latents.py stored flipped latents (--flip=True)
     seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
     dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
+    inpaint=False,  # GLIGEN's inpainting mode: conv_in also takes the image outside the boxes; conv_in.weight trains
     grad_checkpointing=False,  # recompute the UNet's activations in the backward pass: less memory (SDXL), slower
     compile="",  # torch.compile backend for the UNet's training step: "" off, "inductor" (compiles for minutes first)
     num_workers=4,  # data loader processes per GPU
@@ -266,6 +267,34 @@ def is_video(unet):
     return type(unet).__name__ == "UNet3DConditionModel"
 
 
+# GLIGEN's inpainting mode: the UNet also sees the image outside the boxes, and generates inside them.
+def widen_conv_in(unet):
+    """conv_in takes [noisy latent (4), masked image latent z * m (4), mask m (1)], GLIGEN's order (not SD-inpainting's:
+    mask last, 1 where the image is kept). The new input channels start at zero: the UNet starts equal to its base."""
+    old, c = unet.conv_in, unet.conv_in.in_channels
+    new = nn.Conv2d(2 * c + 1, old.out_channels, old.kernel_size, padding=old.padding).to(old.weight)
+    with torch.no_grad():
+        new.weight.zero_()[:, :c] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new.requires_grad_(False)
+    unet.register_to_config(in_channels=2 * c + 1)
+    return unet
+
+
+def is_inpaint(unet):
+    return unet.config.in_channels != unet.config.out_channels
+
+
+def inpaint_mask(boxes, masks, h, w):
+    """(B, 1, h, w): 1 where the image is kept, 0 inside any filled slot's box, on the latent grid with GLIGEN's and
+    diffusers' rounding (rows int(y0 * h) to int(y1 * h)). boxes (B, 30, 4) x0, y0, x1, y1; masks (B, 30)."""
+    b = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64, device=boxes.device)
+    b = b.floor()[..., None]  # (B, 30, 4, 1)
+    x, y = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
+    inside = ((y >= b[:, :, 1]) & (y < b[:, :, 3]))[..., :, None] & ((x >= b[:, :, 0]) & (x < b[:, :, 2]))[..., None, :]
+    return 1 - (inside & (masks[..., None, None] > 0)).any(1, keepdim=True).float()  # (B, 1, h, w)
+
+
 class SDXLTextEncoders(nn.Module):
     """SDXL's two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG) behind one CLIPTextModel-like call, on ids
     (B, 2, L) from both tokenizers. As SDXL: the context is both penultimate hidden states side by side (768 + 1280 =
@@ -295,12 +324,13 @@ def is_sdxl(unet):
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-def is_adapter(name):
-    return ".fuser." in name or name.startswith("position_net.")
+def is_adapter(name, inpaint=False):
+    """What trains and what a checkpoint holds: fusers, the position net, and in inpainting mode conv_in's weight."""
+    return ".fuser." in name or name.startswith("position_net.") or (inpaint and name == "conv_in.weight")
 
 
 def adapter_state(unet):
-    return {k: v for k, v in unet.state_dict().items() if is_adapter(k)}
+    return {k: v for k, v in unet.state_dict().items() if is_adapter(k, is_inpaint(unet))}
 
 
 def set_adapters(unet, sd, source):
@@ -338,10 +368,10 @@ def load_adapters(src):
     from diffusers import UNet2DConditionModel
 
     try:
-        sd = UNet2DConditionModel.from_pretrained(src, subfolder="unet").state_dict()
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
     except (OSError, ValueError) as e:
         fail(f"cannot read adapters from {src!r} (no checkpoint, .safetensors or diffusers GLIGEN model there): {e}")
-    sd = {k: v for k, v in sd.items() if is_adapter(k)}
+    sd = {k: v for k, v in unet.state_dict().items() if is_adapter(k, is_inpaint(unet))}
     if not sd:
         fail(f"{src}: its UNet has no GLIGEN adapters (it was not built with attention_type='gated')")
     return sd
@@ -371,6 +401,9 @@ def load_base(model, device, dtype):
         fail(f"cannot load the model {model!r} (not a local diffusers directory, and not loadable from the Hub): {e}")
     if getattr(unet.config, "attention_type", "default") != "default":
         fail(f"{model} is already a GLIGEN model: pass its base as --model and it as --init_from")
+    if is_inpaint(unet):
+        fail(f"{model}: its UNet takes {unet.config.in_channels} input channels (an inpainting or depth model?); GLIGEN "
+             f"trains on a text-to-image base (for inpainting: that base with --inpaint=True)")
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     return unet, text_encoder, tokenizer, scheduler
@@ -602,9 +635,11 @@ def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
     return xt, noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(), video=False):
+def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(), video=False,
+                    inpaint=False):
     """The GLIGEN loss of one micro-batch: caption and grounding drops, noise and timestep from the generator g; the
-    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled)."""
+    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled). inpaint: the UNet
+    also gets the latent outside the sample's boxes, and the mask (from all its boxes, even when grounding is dropped)."""
     device, T = alphas_cumprod.device, alphas_cumprod.shape[0]
     x0 = batch["latents"][:, 0].float()  # the VAE mean
     b = x0.shape[0]
@@ -617,6 +652,9 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
     if video:  # a video UNet trains on images as one-frame clips (b, 4, 1, h, w)
         x0, noise = x0[:, :, None], noise[:, :, None]
     xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
+    if inpaint:
+        m = inpaint_mask(batch["boxes"], batch["masks"], *x0.shape[-2:])
+        xt = torch.cat([xt, x0 * m, m], dim=1)  # (b, 9, h, w)
     with torch.no_grad(), autocast:
         keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
         encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
@@ -673,11 +711,13 @@ def optimizer_step(opt, params, grad_clip):
 # Sampling: the validation grid's images here, and sample.py's.
 @torch.no_grad()
 def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, boxes, seed, n=1, steps=25,
-             guidance=7.5, beta=1.0, height=None, width=None, frames=16, progress=False):
+             guidance=7.5, beta=1.0, height=None, width=None, frames=16, inpaint_latent=None, progress=False):
     """n images (uint8, (n, H, W, 3)) for one layout, as StableDiffusionGLIGENPipeline makes them: classifier-free
     guidance where the unconditional half gets null grounding, and fusers on for the first beta * steps steps.
     SDXL: the unconditional half has zero text features, and size conditioning (H, W, 0, 0, H, W), as its pipeline.
     Video UNets: n clips (n, frames, H, W, 3); boxes may be one list (still) or one list per frame (moving).
+    inpaint_latent (1, 4, h, w), for an inpainting UNet: that image is kept outside the boxes (noised to each step's
+    level and pasted in before it, as the pipeline does) and the phrases are generated inside them.
     progress: a tqdm bar over the denoising steps."""
     device, scale = unet.device, 2 ** (len(vae.config.block_out_channels) - 1)
     height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
@@ -703,14 +743,23 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, box
         kwargs = {"gligen": grounding(text_encoder, phrase_ids.to(device), phrase_mask.to(device),
                                       slot_phrase.to(device), bxs.to(device), masks.to(device, text.dtype))}
     g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same image on any device
-    shape = (n, unet.config.in_channels) + ((F_,) if is_video(unet) else ()) + (height // scale, width // scale)
+    shape = (n, unet.config.out_channels) + ((F_,) if is_video(unet) else ()) + (height // scale, width // scale)
     latents = torch.randn(shape, generator=g).to(device)
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
+    if inpaint_latent is not None:
+        z = inpaint_latent.to(device, torch.float32)
+        m = inpaint_mask(torch.tensor([boxes], dtype=torch.float64), torch.ones(1, len(boxes)), *z.shape[-2:]).to(device)
+        kept = torch.cat([z * m, m], dim=1).to(unet.dtype).expand(2 * n, -1, -1, -1)  # (2n, 5, h, w)
     extra = {k: v for k, v in dict(eta=0.0, generator=g).items() if k in inspect.signature(scheduler.step).parameters}
     n_grounded = int(beta * len(scheduler.timesteps))  # GLIGEN's scheduled sampling
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress)):
+        if inpaint_latent is not None:  # the image outside the boxes, at this step's noise level
+            noisy = scheduler.add_noise(z, torch.randn(z.shape, generator=g).to(device), t.reshape(1))
+            latents = noisy * m + latents * (1 - m)
         x = scheduler.scale_model_input(torch.cat([latents] * 2), t).to(unet.dtype)
+        if inpaint_latent is not None:
+            x = torch.cat([x, kept], dim=1)
         out = unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs if i < n_grounded else None, **added)
         uncond, cond = out.sample.float().chunk(2)
         latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, **extra).prev_sample
@@ -866,25 +915,28 @@ def restore(cfg, unet, resume):
     and the optimizer state to continue from (0 and None for a new run)."""
     if not resume:
         if cfg["init_from"]:
-            set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
+            sd = load_adapters(cfg["init_from"])
+            if cfg["inpaint"]:  # from a text-box model (the official's route): conv_in as widened, its new inputs zero
+                sd.setdefault("conv_in.weight", unet.conv_in.weight.detach().clone())
+            set_adapters(unet, sd, cfg["init_from"])
         return 0, None
     state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
-    for key in ("model", "resolution", "global_batch", "images"):  # what a checkpoint cannot carry over
-        if state["config"][key] != cfg[key]:
+    for key in ("model", "resolution", "global_batch", "images", "inpaint"):  # what a checkpoint cannot carry over
+        if state["config"].get(key, False) != cfg[key]:
             fail(f"{resume} was trained with {key}={state['config'][key]!r}, this run has {key}={cfg[key]!r}. "
                  f"Run with the same {key}, or start a new out_dir with --init_from={resume}")
     set_adapters(unet, load_file(resume / "adapters.safetensors"), resume)  # checks all, then loads
     return state["step"], state["optimizer"]
 
 
-def validation_grid(path, layouts, models, cfg, autocast):
+def validation_grid(path, layouts, models, cfg, autocast, **extra):
     """A row of images from fixed layouts and seed, with the boxes drawn on. models: unet, vae, text encoder,
-    tokenizer, scheduler."""
+    tokenizer, scheduler; extra: generate's (an inpainting model's image)."""
     images = []
     for l in layouts:
         with autocast:
             im = generate(*models, l["prompt"], l["phrases"], l["boxes"], seed=cfg["seed"], steps=cfg["val_steps"],
-                          frames=1)[0]
+                          frames=1, **extra)[0]
         im = im[0] if is_video(models[0]) else im  # a video model's one-frame clip
         images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
@@ -931,6 +983,10 @@ def main(cfg):
 
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
     unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, base_dtype)
+    if cfg["inpaint"]:
+        if is_sdxl(unet) or is_video(unet):
+            fail(f"--inpaint=True: inpainting is for SD1.x/2.x models, and {cfg['model']} is an SDXL or video model")
+        widen_conv_in(unet)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
     inject_gligen(unet)
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
@@ -941,7 +997,7 @@ def main(cfg):
     if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
         fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
     step, opt_state = restore(cfg, unet, resume[0])
-    params = [p.requires_grad_(True) for name, p in unet.named_parameters() if is_adapter(name)]
+    params = [p.requires_grad_(True) for name, p in unet.named_parameters() if is_adapter(name, cfg["inpaint"])]
     if cfg["grad_checkpointing"]:  # diffusers checkpoints each resnet and transformer block, fusers included
         unet.enable_gradient_checkpointing()
         unet.train()  # older diffusers checkpoint in training mode only; SD has no dropout, so nothing else changes
@@ -954,7 +1010,7 @@ def main(cfg):
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # (T,): the forward process's a_t
     empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
     loss_of = partial(micro_step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
-                      cfg=cfg, autocast=autocast, video=is_video(unet))  # loss_of(model, batch, g)
+                      cfg=cfg, autocast=autocast, video=is_video(unet), inpaint=cfg["inpaint"])  # (model, batch, g)
     # Each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step, cfg["flip"] and data.has_flipped),
@@ -988,10 +1044,13 @@ def main(cfg):
             val_batches = [{k: v.to(device) for k, v in collate(tokenizer, [data[(i, False)] for i in chunk]).items()}
                            for chunk in (pick[j:j + B] for j in range(0, len(pick), B))]
             val_loss_of = partial(loss_of, cfg={**cfg, "caption_keep": 1.0, "grounding_drop": 0.0})
+            # an inpainting model fills the validation layouts' boxes into a training image (the first of val_images)
+            extra = dict(inpaint_latent=data[(pick[0] if pick else 0, False)][0][:1].float(), height=data.resolution,
+                         width=data.resolution) if cfg["inpaint"] else {}
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
 
     def validate():  # rank 0: the grid, and the loss with the true boxes, mirrored ones and none, logged
-        validation_grid(out / f"val_{step:07d}.png", layouts, val_models, cfg, autocast)
+        validation_grid(out / f"val_{step:07d}.png", layouts, val_models, cfg, autocast, **extra)
         if val_batches:
             rec = dict(step=step, **box_use_losses(val_loss_of, unet, val_batches, cfg["seed"]))
             bar.write(f"val step {step} | loss with boxes {rec['val_loss_boxes']:.5f}, mirrored "
