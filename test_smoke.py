@@ -752,6 +752,15 @@ def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, ra
 
     pipe = StableDiffusionGLIGENPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.unet.config.in_channels == 9
+    rng = np.random.default_rng(0)  # the mask is the pipeline's, pixel for pixel, on square latent grids
+    for size in (8, 64):
+        for _ in range(20):
+            xy = rng.random((3, 2)) * 0.7
+            bx = np.concatenate([xy, xy + rng.random((3, 2)) * 0.3], 1).tolist()
+            want = pipe.draw_inpaint_mask_from_boxes(bx, (size, size))
+            assert torch.equal(tg.inpaint_mask(torch.tensor([bx]), torch.ones(1, 3), size, size)[0, 0], want)
+    # a diffusers inpainting model (as the official one) loads back as adapters + conv_in, for --init_from
+    assert_equal_adapters(tg.load_adapters(str(tmp_path / "pipe")), sd)
     g = torch.Generator().manual_seed(7)  # sample.py's draws: the first latents, then one re-noising per step
     noise = [torch.randn(2, 4, 8, 8, generator=g)] + [torch.randn(1, 4, 8, 8, generator=g) for _ in range(8)]
     monkeypatch.setattr(torch, "randn_like", lambda x, **kw: noise.pop(0))

@@ -402,8 +402,8 @@ def load_base(model, device, dtype):
     if getattr(unet.config, "attention_type", "default") != "default":
         fail(f"{model} is already a GLIGEN model: pass its base as --model and it as --init_from")
     if is_inpaint(unet):
-        fail(f"{model}: its UNet takes {unet.config.in_channels} input channels (an inpainting or depth model?); GLIGEN "
-             f"trains on a text-to-image base (for inpainting: that base with --inpaint=True)")
+        fail(f"{model}: its UNet takes {unet.config.in_channels} input channels (an inpainting or depth model?); "
+             f"GLIGEN trains on a text-to-image base (for inpainting: that base with --inpaint=True)")
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     return unet, text_encoder, tokenizer, scheduler
@@ -639,7 +639,7 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
                     inpaint=False):
     """The GLIGEN loss of one micro-batch: caption and grounding drops, noise and timestep from the generator g; the
     frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled). inpaint: the UNet
-    also gets the latent outside the sample's boxes, and the mask (from all its boxes, even when grounding is dropped)."""
+    also gets the latent outside the sample's boxes and the mask (from all its boxes, even with grounding dropped)."""
     device, T = alphas_cumprod.device, alphas_cumprod.shape[0]
     x0 = batch["latents"][:, 0].float()  # the VAE mean
     b = x0.shape[0]
@@ -749,7 +749,9 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, box
     latents = latents * scheduler.init_noise_sigma
     if inpaint_latent is not None:
         z = inpaint_latent.to(device, torch.float32)
-        m = inpaint_mask(torch.tensor([boxes], dtype=torch.float64), torch.ones(1, len(boxes)), *z.shape[-2:]).to(device)
+        m = inpaint_mask(torch.tensor(boxes, dtype=torch.float64).reshape(1, -1, 4), torch.ones(1, len(boxes)),
+                         *z.shape[-2:])
+        m = m.to(device)
         kept = torch.cat([z * m, m], dim=1).to(unet.dtype).expand(2 * n, -1, -1, -1)  # (2n, 5, h, w)
     extra = {k: v for k, v in dict(eta=0.0, generator=g).items() if k in inspect.signature(scheduler.step).parameters}
     n_grounded = int(beta * len(scheduler.timesteps))  # GLIGEN's scheduled sampling

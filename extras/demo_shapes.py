@@ -1,11 +1,12 @@
 """
 The shapes demo: a test, on a laptop CPU and with no download, of whether trained adapters put objects in their
-boxes. The quick run (the default) proves the pipeline in about 15 minutes but does not ground; the grounding
-recipe (second command) does, in about an hour on a 2-core CPU. The README has the measured tables.
+boxes. The quick run (the default) proves the pipeline in about 15 minutes but does not ground; the position
+recipe (second command), about an hour on a 2-core CPU, grounded in one run and only weakly in another (a long
+plateau whose end varies from run to run). The README has the measured tables.
 
     python extras/demo_shapes.py                    # the quick run, 14 to 16 minutes on a 2-core CPU; writes demo/
     python extras/demo_shapes.py --out=demo_full --positions=0.5 --prediction=v_prediction --base_steps=10000 \
-        --gligen_steps=10000                 # the grounding recipe: a base that knows positions, 10,000 GLIGEN steps
+        --gligen_steps=10000                 # the position recipe: a base that knows positions, 10,000 GLIGEN steps
 
 1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
    32 x 32 image, each with a caption ("a red circle and a blue square") and, per shape, its phrase and exact box,
@@ -18,7 +19,7 @@ recipe (second command) does, in about an hour on a 2-core CPU. The README has t
 4. The metric: each requested shape is found in the generated image by its colour, and its box is compared with the
    requested one (IoU). Reported for the base model (no grounding) and the adapters at beta = 1 and beta = 0.3.
    Also checked: with the fusers off (beta = 0) the images equal the base model's; and whether the adapters use the
-   boxes at all (training loss with the true boxes against the boxes mirrored left to right).
+   boxes at all (the trainer's last validation: loss with the true boxes against the boxes mirrored left to right).
 
 Each stage keeps its output in --out and is skipped when run again. Results: demo/results.json, demo/result.png.
 """
