@@ -32,6 +32,16 @@ never write the same file; rank 0 writes index.jsonl, meta.json and skipped.json
 
 IGLIGEN's published SA-1B latents and boxes convert to this format (plus <out>/boxes.jsonl) with
     python prep_latents.py --igligen=sa-1b_data --out=data/sa1b/latents --allow_pickle=True
+
+Box image features for GLIGEN's text-image mode (train_gligen.py --image_features), from the same images and boxes:
+    python prep_latents.py --image_encoder=openai/clip-vit-large-patch14 --images=coco/train2017 \
+        --boxes=data/coco/boxes.jsonl --out=data/coco/image-features
+Each box is cropped from the original image and goes through the CLIP image processor (resized, center-cropped to
+the encoder's size) and CLIPVisionModelWithProjection; its image_embeds are mapped into the phrase space by
+image_project and scaled to norm 28.7, as GLIGEN does. image_project is derived from the same CLIP model: the
+transpose of its text projection (GLIGEN's fixed matrix), or with --image_project=<diffusers text-image model> that
+model's own. Output in --out: <shard>.npy float16 (boxes, D), <shard>.json, index.jsonl (key, shard, row, boxes),
+meta.json, image_project.safetensors; resumable and under torchrun like the latents.
 """
 import gzip
 import io
@@ -52,7 +62,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import configure, fail, in_range, read_jsonl
+from train_gligen import check_layout, configure, fail, in_range, project_image_embeds, read_jsonl
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images
@@ -70,6 +80,9 @@ config = dict(
     igligen="",  # instead: convert IGLIGEN's shards (<dir>/latents/*.npy, <dir>/boxes/*.npy)
     allow_pickle=False,  # needed for --igligen: its files are pickles, and loading a pickle runs code from it
     igligen_threshold=0.25,  # IGLIGEN boxes with a lower GroundingDINO confidence are left out (IGLIGEN's value)
+    image_encoder="",  # instead: each box crop's CLIP image feature, for text-image training (a CLIP, Hub id or dir)
+    boxes="",  # with --image_encoder: prep_boxes.py's file, whose boxes are cropped from the same images
+    image_project="",  # with --image_encoder: a diffusers text-image GLIGEN model whose image_project to use
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -356,6 +369,117 @@ def start(out, settings):
     return rank, world, device
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# Box image features for text-image training: each box's crop through a CLIP image encoder.
+class Crops(Images):
+    """Decodes an image and cuts out its boxes (relative to the original image), through the CLIP image processor, in
+    the loader workers: (key, pixels (boxes, 3, S, S), error)."""
+
+    def __init__(self, items, boxes, processor):
+        super().__init__(items, 0, False)
+        self.boxes, self.processor = boxes, processor
+
+    def __getitem__(self, i):
+        key, file, offset, size, _ = self.items[i]
+        try:
+            with read_image(file, offset, size, self.handles) as im:
+                im = im.convert("RGB")
+            W, H = im.size
+            crops = [im.crop((round(x0 * W), round(y0 * H), max(round(x1 * W), round(x0 * W) + 1),
+                              max(round(y1 * H), round(y0 * H) + 1))) for x0, y0, x1, y1 in self.boxes[key]]
+            return key, self.processor(images=crops, return_tensors="pt")["pixel_values"] if crops else None, None
+        except Exception as e:  # a corrupt or truncated file: skipped, counted, named
+            return key, None, f"{type(e).__name__}: {e}"
+
+
+def image_project_weight(cfg):
+    """image_project's (D, D) weight: a diffusers text-image model's own, or the transpose of the CLIP model's text
+    projection, which maps CLIP's joint space back towards the pooled text features the phrases use (GLIGEN)."""
+    from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
+    from transformers import CLIPTextModelWithProjection
+
+    try:
+        if cfg["image_project"]:
+            return CLIPImageProjection.from_pretrained(cfg["image_project"], subfolder="image_project").project.weight
+        return CLIPTextModelWithProjection.from_pretrained(cfg["image_encoder"]).text_projection.weight.T.contiguous()
+    except (OSError, ValueError) as e:
+        fail(f"cannot load image_project from {cfg['image_project'] or cfg['image_encoder']!r}: {e}")
+
+
+@torch.no_grad()
+def embed_shard(encoder, weight, processor, boxes, cfg, out, name, source, root, device):
+    items, skipped, temp = shard_items(source, None, root, out, need_caption=False)
+    skipped = [dict(image=k, shard=name, reason=r) for k, r in skipped]
+    skipped += [dict(image=it[0], shard=name, reason="no record in --boxes") for it in items if it[0] not in boxes]
+    items = [it for it in items if it[0] in boxes]
+    loader = torch.utils.data.DataLoader(Crops(items, boxes, processor), batch_size=cfg["batch_size"],
+                                         num_workers=cfg["num_workers"], collate_fn=list)
+    index, feats, row = [], [], 0
+    for batch in loader:
+        skipped += [dict(image=key, shard=name, reason="unreadable", error=err) for key, _, err in batch if err]
+        for key, pixels, err in batch:
+            if err is None:
+                index.append(dict(key=key, shard=f"{name}.npy", row=row, boxes=len(boxes[key])))
+                row += len(boxes[key])
+                if pixels is not None:
+                    embeds = encoder(pixel_values=pixels.to(device, encoder.dtype)).image_embeds.float()
+                    feats.append(project_image_embeds(embeds, weight).cpu().numpy().astype(np.float16))
+    dim = weight.shape[0]
+    save_shard(out, name, np.concatenate(feats) if feats else np.zeros((0, dim), np.float16), index, skipped)
+    if temp:
+        temp.unlink()
+    return len(index)
+
+
+def embed_main(cfg):
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    out, root = Path(cfg["out"]), Path(cfg["images"])
+    if not cfg["boxes"]:
+        fail("--image_encoder needs --boxes: the boxes file whose boxes are cropped")
+    boxes = {}
+    for line, rec in read_jsonl(cfg["boxes"]):
+        check_layout(rec.get("phrases"), rec.get("boxes"), f"{cfg['boxes']}:{line} (image {rec.get('image')!r})",
+                     max_boxes=None)
+        boxes[rec["image"]] = rec["boxes"]
+    shards = input_shards(cfg)
+    settings = {k: cfg[k] for k in ("image_encoder", "image_project", "boxes", "images", "tars", "shard_size")}
+    settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)
+    rank, world, device = start(out, settings)
+    weight = image_project_weight(cfg).detach().float().to(device)
+    todo = [(n, s) for n, s in shards[rank::world] if not (out / f"{n}.json").is_file()]
+    print(f"rank {rank}: {len(todo)} of its {len(shards[rank::world])} shards to embed ({len(shards)} in all)")
+    if todo:
+        try:
+            processor = CLIPImageProcessor.from_pretrained(cfg["image_encoder"])
+            encoder = CLIPVisionModelWithProjection.from_pretrained(cfg["image_encoder"]).to(device).eval()
+        except (OSError, ValueError) as e:
+            fail(f"cannot load the image encoder {cfg['image_encoder']!r} (a CLIP model, Hub id or directory): {e}")
+        if encoder.config.projection_dim != weight.shape[1]:
+            fail(f"{cfg['image_encoder']}: image_embeds of {encoder.config.projection_dim}, image_project takes "
+                 f"{weight.shape[1]}")
+        for name, source in tqdm(todo, desc=f"rank {rank} shards", unit="shard", position=rank):
+            embed_shard(encoder, weight, processor, boxes, cfg, out, name, source, root, device)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        missing = [n for n, _ in shards if not (out / f"{n}.json").is_file()]
+        if missing:
+            fail(f"{len(missing)} shards are not embedded yet (e.g. {missing[:3]}); run the job again to finish them")
+        recs = [json.loads((out / f"{n}.json").read_text()) for n, _ in shards]
+        index, skipped = [r for rec in recs for r in rec["index"]], [r for rec in recs for r in rec["skipped"]]
+        save_file({"project.weight": weight.cpu().contiguous()}, out / "image_project.safetensors")
+        write_jsonl(out / "skipped.jsonl", skipped)
+        write_json(out / "meta.json", dict(settings, dim=weight.shape[0], images=len(index),
+                                           boxes=sum(r["boxes"] for r in index), norm=28.7), indent=1)
+        write_jsonl(out / "index.jsonl", index)  # last: it marks the end
+        print(f"{len(index)} images, {sum(r['boxes'] for r in index)} box features in {out}; skipped {len(skipped)}")
+        print_skipped([(r["image"], r["reason"]) for r in skipped])
+    if world > 1:
+        dist.destroy_process_group()
+
+
 def check_settings(cfg):
     """Stop on a setting that cannot work, before anything slow starts."""
     in_range(cfg, "resolution batch_size shard_size", 1)
@@ -371,6 +495,8 @@ def main(cfg):
     check_settings(cfg)
     if cfg["igligen"]:
         return import_igligen(cfg)
+    if cfg["image_encoder"]:
+        return embed_main(cfg)
     from diffusers import AutoencoderKL
 
     out, root = Path(cfg["out"]), Path(cfg["images"])

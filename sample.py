@@ -19,6 +19,7 @@ Inpainting adapters (train_gligen.py --inpaint=True) keep --inpaint_image outsid
 --export writes a directory that diffusers' StableDiffusionGLIGENPipeline.from_pretrained loads; with the same seed,
 scheduler and steps it gives the same images as this script (in fp32; half precision differs in the last bits).
 """
+import json
 import sys
 from pathlib import Path
 
@@ -27,8 +28,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import (check_layout, configure, draw_layout, fail, generate, in_range, inject_gligen, is_moving,
-                          is_sdxl, is_video, load_adapters, load_base, read_jsonl, set_adapters, widen_conv_in)
+from train_gligen import (adapters_file, check_layout, configure, draw_layout, fail, generate, in_range, inject_gligen,
+                          is_moving, is_sdxl, is_video, load_adapters, load_base, load_image_project,
+                          project_image_embeds, read_jsonl, set_adapters, widen_conv_in)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -51,22 +53,70 @@ config = dict(
     out_dir="samples",  # where the images go
     export="",  # also write a full diffusers StableDiffusionGLIGENPipeline directory here
     inpaint_image="",  # inpainting adapters (trained with --inpaint=True): the photo to keep outside the boxes
+    images=[],  # text-image adapters: one reference image path (or None) per box; a box's phrase may then be None
+    image_encoder="",  # text-image adapters: their CLIP image encoder; "" = the one they were trained with
 )
 DTYPES = dict(auto=None, fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # auto: fp16 on CUDA, else fp32
 SCHEDULERS = dict(ddim="DDIMScheduler", dpm="DPMSolverMultistepScheduler", euler="EulerDiscreteScheduler",
                   euler_a="EulerAncestralDiscreteScheduler", pndm="PNDMScheduler", ddpm="DDPMScheduler")
 
 
-def export(path, unet, vae, text_encoder, tokenizer, scheduler):
-    """Save a StableDiffusionGLIGENPipeline: the base model with diffusers' own gated UNet holding these adapters."""
-    from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
+def export(path, unet, vae, text_encoder, tokenizer, scheduler, image_tower=None):
+    """Save a StableDiffusionGLIGENPipeline: the base model with diffusers' own gated UNet holding these adapters.
+    Text-image adapters (image_tower: processor, image encoder, image_project weight): a
+    StableDiffusionGLIGENTextImagePipeline with a gated-text-image UNet."""
+    from diffusers import StableDiffusionGLIGENPipeline, StableDiffusionGLIGENTextImagePipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
+    from transformers import CLIPProcessor
 
-    gated = UNet2DConditionModel.from_config(unet.config, attention_type="gated")
+    gated = UNet2DConditionModel.from_config(unet.config, attention_type="gated-text-image" if image_tower else "gated")
     gated.load_state_dict(unet.state_dict())  # strict: every name of ours is diffusers' name
-    pipe = StableDiffusionGLIGENPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                         unet=gated.to(unet.dtype), scheduler=scheduler, safety_checker=None,
-                                         feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(path)
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=gated.to(unet.dtype),
+                 scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if image_tower is None:
+        return StableDiffusionGLIGENPipeline(**parts).save_pretrained(path)
+    processor, encoder, weight = image_tower
+    project = CLIPImageProjection(hidden_size=weight.shape[0])
+    project.project.weight.data.copy_(weight)
+    processor = CLIPProcessor(image_processor=processor, tokenizer=tokenizer)
+    StableDiffusionGLIGENTextImagePipeline(**parts, processor=processor, image_encoder=encoder,
+                                           image_project=project.to(unet.dtype)).save_pretrained(path)
+
+
+def load_image_tower(cfg, device, dtype):
+    """Text-image adapters' way from a reference image to its feature: (CLIP image processor, image encoder,
+    image_project weight), from --image_encoder or the encoder the adapters were trained with, or a diffusers
+    text-image model's own processor and image_encoder."""
+    from safetensors import safe_open
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    weight = load_image_project(cfg["adapters"]).to(device, torch.float32)
+    path, src, sub = adapters_file(cfg["adapters"]), cfg["image_encoder"], {}
+    if not src and path is not None:  # this project's adapters name their encoder in their config
+        with safe_open(path, "pt") as f:
+            src = json.loads((f.metadata() or {}).get("config", "{}")).get("image_encoder", "")
+    if not src and path is None:  # a diffusers text-image model
+        src, sub = cfg["adapters"], dict(processor="processor", encoder="image_encoder")
+    try:
+        processor = CLIPImageProcessor.from_pretrained(src, **({"subfolder": sub["processor"]} if sub else {}))
+        encoder = CLIPVisionModelWithProjection.from_pretrained(src, **({"subfolder": sub["encoder"]} if sub else {}))
+    except (OSError, ValueError) as e:
+        fail(f"cannot load the image encoder {src!r} of text-image adapters (give --image_encoder): {e}")
+    return processor, encoder.to(device, dtype).eval(), weight
+
+
+@torch.no_grad()
+def image_features(paths, image_tower):
+    """Each reference image's feature (D,) as the text-image pipeline makes it, or None where a box has none."""
+    processor, encoder, weight = image_tower
+    feats = []
+    for p in paths:
+        if p is not None:
+            x = processor(images=[Image.open(p).convert("RGB")], return_tensors="pt")["pixel_values"]
+            embeds = encoder(pixel_values=x.to(encoder.device, encoder.dtype)).image_embeds
+            p = project_image_embeds(embeds.float(), weight)[0]
+        feats.append(p)
+    return feats
 
 
 def photo_latent(path, vae, height, width):
@@ -105,17 +155,32 @@ def main(cfg):
     else:
         layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"])
         layouts = [("--prompt/--phrases/--boxes", layout)]
+    if not cfg["layouts"] and cfg["images"]:
+        layouts[0][1]["images"] = cfg["images"]
     for where, l in layouts:  # before the model loads (minutes for SDXL): a bad layout fails at once
         if not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string")
+        phrases = l.get("phrases")
+        if l.get("images"):  # text-image: a box has a phrase, a reference image, or both
+            if not isinstance(l["images"], list) or not isinstance(phrases, list) or len(l["images"]) != len(phrases):
+                fail(f"{where}: images must be a list with one path (or None) per phrase, got {l['images']!r}")
+            for k, (p, im) in enumerate(zip(phrases, l["images"])):
+                if im is not None and not Path(str(im)).is_file():
+                    fail(f"{where}: reference image not found: {im}")
+                if p is None and im is None:
+                    fail(f"{where}: box {k} has neither a phrase nor an image")
+            phrases = [p if p is not None else "(image)" for p in phrases]  # an image-only box passes as text
         moving = is_moving(l.get("boxes"))
         if moving and len(l["boxes"]) != cfg["frames"]:
             fail(f"{where}: {len(l['boxes'])} lists of boxes for --frames={cfg['frames']} "
                  "(one list per frame, for video models)")
         for f, frame_boxes in enumerate(l["boxes"] if moving else [l.get("boxes")]):
-            check_layout(l.get("phrases"), frame_boxes, where + (f" frame {f}" if moving else ""))
+            check_layout(phrases, frame_boxes, where + (f" frame {f}" if moving else ""))
     adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else None  # a bad path fails before the model loads
     inpaint = adapters is not None and "conv_in.weight" in adapters  # inpainting adapters carry conv_in
+    text_image = adapters is not None and "position_net.linears_text.0.weight" in adapters
+    if any(l.get("images") for _, l in layouts) and not text_image:
+        fail("reference images (--images, or \"images\" in --layouts) need text-image adapters")
     if inpaint != bool(cfg["inpaint_image"]):
         fail(f"--adapters={cfg['adapters']} are inpainting adapters: give --inpaint_image" if inpaint else
              "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")
@@ -137,10 +202,11 @@ def main(cfg):
     scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
     if inpaint and (is_sdxl(unet) or is_video(unet) or any(is_moving(l["boxes"]) for _, l in layouts)):
         fail("inpainting is for SD1.x/2.x image models")
+    image_tower = load_image_tower(cfg, device, dtype) if text_image else None
     if adapters is not None:
         if inpaint:
             widen_conv_in(unet)
-        inject_gligen(unet)
+        inject_gligen(unet, images=text_image)
         set_adapters(unet, adapters, cfg["adapters"])
         unet.to(dtype)
     else:
@@ -148,7 +214,7 @@ def main(cfg):
     if cfg["export"]:
         if is_sdxl(unet) or is_video(unet):
             fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
-        export(cfg["export"], unet, vae, text_encoder, tokenizer, scheduler)
+        export(cfg["export"], unet, vae, text_encoder, tokenizer, scheduler, image_tower)
         print(f"wrote a StableDiffusionGLIGENPipeline to {cfg['export']}")
 
     out = Path(cfg["out_dir"])
@@ -159,7 +225,9 @@ def main(cfg):
         images = generate(unet, vae, text_encoder, tokenizer, scheduler, l["prompt"],
                           l["phrases"] if cfg["adapters"] else [], l["boxes"], seed=cfg["seed"] + k, n=cfg["n"],
                           steps=cfg["steps"], guidance=cfg["guidance"], beta=cfg["beta"], height=height, width=width,
-                          frames=cfg["frames"], inpaint_latent=kept, progress=True)
+                          frames=cfg["frames"], inpaint_latent=kept, progress=True,
+                          images=image_features(l.get("images") or [None] * len(l["phrases"]), image_tower)
+                          if text_image else None)
         for i, im in enumerate(images):
             name = f"{k:03d}_{i:02d}"
             if is_video(unet):
@@ -167,7 +235,8 @@ def main(cfg):
                 continue
             im = Image.fromarray(im)
             im.save(out / f"{name}.png")
-            draw_layout(im, l["phrases"], l["boxes"]).save(out / f"{name}_boxes.png")
+            labels = [p if p is not None else "(image)" for p in l["phrases"]]
+            draw_layout(im, labels, l["boxes"]).save(out / f"{name}_boxes.png")
     what = "clips (frames, a GIF, a GIF with boxes)" if is_video(unet) else "images (and copies with boxes)"
     print(f"wrote {len(layouts) * cfg['n']} {what} to {out}")
 

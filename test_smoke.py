@@ -152,6 +152,26 @@ def make_tiny_video(path):
     return path
 
 
+def make_tiny_clip(path):
+    """A tiny CLIP (text and vision towers with their projections, 32 wide) and its image processor (32 px), as the
+    image encoder of the text-image mode."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    n_vocab = write_tokenizer(path / "_tok")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    CLIPModel(CLIPConfig(text_config=tiny_text_config(n_vocab, projection_dim=32).to_dict(), vision_config=vision.to_dict(),
+                         projection_dim=32)).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     return make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
@@ -172,35 +192,41 @@ def tiny_sd2(tmp_path_factory):
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd2"), prediction_type="v_prediction", sd2=True)
 
 
-def grounding_inputs(B=2, D=32, seed=1):
+def grounding_inputs(B=2, D=32, seed=1, images=False):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.5
     boxes = torch.cat([xy, xy + torch.rand(B, tg.N_SLOTS, 2, generator=g) * 0.5], dim=-1)
     masks = torch.zeros(B, tg.N_SLOTS)
     masks[0, :3] = 1
     masks[1, :1] = 1
+    if images:  # text-image: box 0 has both, box 1 only a phrase, box 2 only an image
+        phrases_masks, image_masks = masks * torch.tensor([1.0, 1, 0] + [1] * 27), masks * torch.tensor([1.0, 0] + [1] * 28)
+        return dict(boxes=boxes, masks=masks, phrases_masks=phrases_masks, image_masks=image_masks,
+                    phrases_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g),
+                    image_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g))
     return dict(boxes=boxes, masks=masks, positive_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # (a) the hand-written layers equal diffusers' gated UNet with the same weights; alpha = 0 equals the base
-@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl", "sd1-text-image"])
 def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_sdxl):
     from diffusers import UNet2DConditionModel
 
-    model = dict(sd1=tiny_sd, sd2=tiny_sd2, sdxl=tiny_sdxl)[variant]
+    model = dict(sd1=tiny_sd, sd2=tiny_sd2, sdxl=tiny_sdxl, **{"sd1-text-image": tiny_sd})[variant]
+    images = variant == "sd1-text-image"
     D = 64 if variant == "sdxl" else 32
     torch.manual_seed(0)
     base = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     # diffusers' own gated UNet on the same base. (from_pretrained(..., attention_type="gated") would leave the new
     # tensors uninitialised in diffusers 0.42.1, non-finite values included; from_config initialises them.)
-    gated = UNet2DConditionModel.from_config(base.config, attention_type="gated").eval()
+    gated = UNet2DConditionModel.from_config(base.config, attention_type="gated-text-image" if images else "gated").eval()
     assert gated.load_state_dict(base.state_dict(), strict=False).unexpected_keys == []
     with torch.no_grad():  # random adapters, gates open: every term of the fuser counts
         for name, p in gated.named_parameters():
             if tg.is_adapter(name):
                 p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
-    ours = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet")).eval()
+    ours = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"), images=images).eval()
     assert list(ours.state_dict()) == list(gated.state_dict())  # the same names, in the same order
     tg.set_adapters(ours, tg.adapter_state(gated), "diffusers")
     n_blocks = len([n for n in tg.adapter_state(ours) if n.endswith("fuser.alpha_attn")])
@@ -209,7 +235,7 @@ def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, D, generator=g)
     t = torch.tensor([10, 700])
-    kw = {"gligen": grounding_inputs(D=D)}
+    kw = {"gligen": grounding_inputs(D=D, images=images)}
     added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g),
                                    "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}} if variant == "sdxl" else {}
     with torch.no_grad():
@@ -219,7 +245,7 @@ def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_
     assert (got - want).abs().max() <= 1e-5
     assert (got - base_out).abs().max() > 1e-2  # the adapters do act
 
-    fresh = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
+    fresh = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"), images=images)
     with torch.no_grad():
         zero = fresh(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw, **added).sample
     assert torch.equal(zero, base_out)  # alphas at zero: exactly the base UNet
@@ -363,7 +389,10 @@ def test_sd2_sdxl_video_and_inpainting_train_resume_and_sample(family, tiny_sd, 
             seen.append(added_cond_kwargs["time_ids"].clone())
             return real(self, *args, added_cond_kwargs=added_cond_kwargs, **kw)
         monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
-    tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4, **mode), "model": str(model)})
+    val = dict(val_every=4, val_steps=1) if family != "sdxl" else {}  # validating in the straight run only (SDXL:
+    # its sampling's size conditioning would join the training's seen above)
+    tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4, **val, **mode),
+             "model": str(model)})
     if family == "sdxl":
         data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
         own = {tuple(map(float, data[(i, f)][4])) for i in range(len(data)) for f in (False, True)}
@@ -466,6 +495,50 @@ def tiny_data(tiny_sd, tmp_path_factory):
                 latents_log=latents.stdout)
 
 
+def embed_features(tiny_clip, tiny_data, out):
+    """prep_latents.py --image_encoder on the tiny data's images and boxes (in this process: cheaper than a new one)."""
+    import prep_latents as pl
+
+    pl.main({**pl.config, "image_encoder": str(tiny_clip), "images": str(tiny_data["root"] / "images"),
+             "boxes": str(tiny_data["boxes"]), "out": str(out), "batch_size": 3, "shard_size": 4, "num_workers": 0})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_clip, tiny_data):
+    """Each box's image feature, for the text-image mode."""
+    return embed_features(tiny_clip, tiny_data, tiny_data["root"] / "image-features")
+
+
+def test_prep_image_features_crop_each_box(tiny_clip, tiny_data, tiny_features, capsys):
+    """Each box's feature is CLIP's image_embeds of its crop (the CLIP processor's resize and center crop), through
+    image_project (the transpose of CLIP's text projection), scaled to norm 28.7; images that cannot be read are
+    named; the job run again has nothing left to do."""
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    index = {r["key"]: r for _, r in tg.read_jsonl(tiny_features / "index.jsonl")}
+    boxes = {r["image"]: r for _, r in tg.read_jsonl(tiny_data["boxes"])}
+    assert "broken.jpg" not in index and "broken.jpg" in (tiny_features / "skipped.jsonl").read_text()
+    assert all(index[k]["boxes"] == len(boxes[k]["boxes"]) for k in index) and len(index) >= 12
+    weight = load_file(tiny_features / "image_project.safetensors")["project.weight"]
+    assert torch.equal(weight, CLIPTextModelWithProjection.from_pretrained(tiny_clip).text_projection.weight.T)
+    key = next(k for k in index if len(boxes[k]["boxes"]) >= 2)
+    rec, (x0, y0, x1, y1) = index[key], boxes[key]["boxes"][1]
+    im = Image.open(tiny_data["root"] / "images" / key).convert("RGB")
+    W, H = im.size
+    crop = im.crop((round(x0 * W), round(y0 * H), round(x1 * W), round(y1 * H)))
+    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(images=[crop], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embeds = CLIPVisionModelWithProjection.from_pretrained(tiny_clip)(pixel_values=pixels).image_embeds
+    want = embeds @ weight.T / (embeds @ weight.T).norm() * 28.7
+    got = torch.from_numpy(np.load(tiny_features / rec["shard"])[rec["row"] + 1].astype(np.float32))
+    torch.testing.assert_close(got, want[0], atol=0.02, rtol=0.002)  # stored in float16
+    capsys.readouterr()
+    embed_features(tiny_clip, tiny_data, tiny_features)  # the same job again
+    assert "rank 0: 0 of its 4 shards to embed" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_forward_process_matches_diffusers(prediction_type):
     from diffusers import DDPMScheduler
@@ -556,7 +629,7 @@ def test_loader_maps_boxes_through_the_crop(tiny_data):
     data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"], max_boxes=2, min_box_area=0.01)
     assert len(data) == 12
     # a 48 x 32 image cropped to x 8..40: a box over x 0..16 of the image keeps x 8..16, a quarter of the crop
-    phrases, boxes = tg.GroundedLatents.crop_layout(
+    phrases, boxes, _ = tg.GroundedLatents.crop_layout(
         dict(width=48, height=32, phrases=["a", "b", "c"], boxes=[[0, 0, 16 / 48, 0.5], [0, 0, 4 / 48, 1], [0.5, 0.5, 1, 1]]),
         [8, 0, 40, 32], max_boxes=2, min_box_area=0.01)
     assert phrases == ["c", "a"]  # largest first; "b" lies outside the crop and is dropped
@@ -564,7 +637,7 @@ def test_loader_maps_boxes_through_the_crop(tiny_data):
     latent, caption, phrases, boxes, time_ids = data[(0, False)]
     assert latent.shape == (2, 4, 8, 8) and isinstance(caption, str) and len(phrases) == len(boxes) <= 2
     mirrored, _, same, flipped, _ = data[(0, True)]  # the mirrored image's latent, the boxes mirrored with it
-    shard = np.load(tiny_data["latents"] / data.items[0][0])
+    shard = np.load(data.items[0][0])
     assert torch.equal(mirrored, torch.from_numpy(shard[data.items[0][1], 1])) and same == phrases
     np.testing.assert_allclose(flipped, np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1))
 
@@ -621,11 +694,12 @@ def test_training_runs_on_v_prediction_model(tiny_sd2, tiny_data, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # (d) two processes under torchrun (gloo) give the same adapters as one process with the same global batch
-@pytest.mark.parametrize("mode", ["text-box", "inpaint"])
-def test_two_processes_equal_one(mode, tiny_sd, tiny_data, tmp_path):
+def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
+    """In the inpainting and text-image modes at once, so that every trainable tensor of every mode is in the
+    all-reduce (fusers, both position nets' parts, conv_in); text-box training is the same code less those."""
     args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
             "--global_batch=4", "--micro_batch=2", "--max_steps=4", "--lr=1e-3", "--warmup_steps=2",
-            "--num_workers=1", "--val_every=0", "--log_every=2", f"--inpaint={mode == 'inpaint'}"]
+            "--num_workers=1", "--val_every=0", "--log_every=2", "--inpaint=True", f"--image_features={tiny_features}"]
     # one CPU thread in each, as torchrun sets for its workers: float reductions then run in the same order
     one = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'one'}", OMP_NUM_THREADS="1")  # 1 process x 2 x 2
     two = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'two'}", torchrun=2, OMP_NUM_THREADS="1")  # 2 x 1 x 2
@@ -633,8 +707,8 @@ def test_two_processes_equal_one(mode, tiny_sd, tiny_data, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes x 1 micro-steps x 2 = 4 per step" in two.stdout
     a, b = adapters_of(tmp_path / "one"), adapters_of(tmp_path / "two")
-    assert not torch.equal(a["position_net.null_positive_feature"], torch.zeros(32))  # they trained
-    assert ("conv_in.weight" in a) == (mode == "inpaint")
+    assert not torch.equal(a["position_net.null_position_feature"], torch.zeros(64))  # they trained
+    assert "conv_in.weight" in a and "position_net.linears_image.0.weight" in a
     # exact: the same samples, noise and timesteps per sample, and (g0 + g1) / 2 == g0 / 2 + g1 / 2 in floating point
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the logged loss is averaged over ranks (summed in another order than one process accumulates it)
@@ -780,6 +854,105 @@ def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, ra
                 seed=7, n=2, steps=8, beta=0.5, inpaint_latent=z)
     outside, inside = (final[0] - z)[..., 4:].abs(), (final[0] - z)[..., :4].abs()  # the box: latent columns 0-3
     assert outside.mean() < 0.05 and inside.mean() > 1.0, (outside.mean(), inside.mean())  # measured 0.031 and 5.94
+
+
+def test_text_image_sample_equals_exported_pipeline(tiny_sd, tiny_clip, tiny_data, tiny_features, tmp_path):
+    """Text-image adapters exported with --export: sample.py (beta = 1) with that model as --adapters, and
+    StableDiffusionGLIGENTextImagePipeline loading it, give the same pixels for a box with a phrase and an image, a
+    phrase-only box and an image-only box. That pipeline always grounds (it ignores gligen_scheduled_sampling_beta) and
+    runs the UNet twice a step, the conditional half grounded and the unconditional half with all-null grounding: what
+    sample.py computes in one pass. The export holds the same adapters and image_project. (The run that exports reads
+    its image encoder from another file: the same weights at another memory offset, where the CPU's matrix kernel
+    rounds CLIP's projection differently in the last bit, and these strong random adapters amplify that to whole
+    pixel levels; so the pixels are compared for the same files.)"""
+    import sample
+    from diffusers import StableDiffusionGLIGENTextImagePipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(5)
+    sd = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"), images=True))
+    sd = {k: torch.full_like(v, 2.0) if ".alpha_" in k else v + torch.randn_like(v) * (0.5 if v.ndim < 2 else 0.3)
+          for k, v in sd.items()}
+    (tmp_path / "run").mkdir()
+    save_file(sd, tmp_path / "run" / "adapters.safetensors", metadata={"config": json.dumps({"image_encoder": str(tiny_clip)})})
+    weight = CLIPTextModelWithProjection.from_pretrained(tiny_clip).text_projection.weight.T.contiguous()
+    save_file({"project.weight": weight}, tmp_path / "run" / "image_project.safetensors")
+    rng = np.random.default_rng(1)
+    refs = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(2)]
+    for i, im in enumerate(refs):
+        im.save(tmp_path / f"ref{i}.png")
+    phrases, images = ["a red square", "a blue circle", None], [str(tmp_path / "ref0.png"), None, str(tmp_path / "ref1.png")]
+    boxes = [[0.1, 0.1, 0.5, 0.6], [0.55, 0.4, 0.95, 0.95], [0.5, 0.0, 1.0, 0.4]]
+    sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "run"), "prompt": "shapes",
+                 "phrases": phrases, "images": images, "boxes": boxes, "n": 2, "seed": 7, "steps": 6, "beta": 1.0,
+                 "out_dir": str(tmp_path / "samples"), "export": str(tmp_path / "pipe")})
+    sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "pipe"), "prompt": "shapes",
+                 "phrases": phrases, "images": images, "boxes": boxes, "n": 2, "seed": 7, "steps": 6, "beta": 1.0,
+                 "out_dir": str(tmp_path / "samples2")})
+    ours = np.stack([np.asarray(Image.open(tmp_path / "samples2" / f"000_0{i}.png")) for i in range(2)]).astype(int)
+    pipe = StableDiffusionGLIGENTextImagePipeline.from_pretrained(tmp_path / "pipe")
+
+    def pipeline(imgs):
+        out = pipe("shapes", gligen_phrases=phrases, gligen_images=imgs, gligen_boxes=boxes, num_inference_steps=6,
+                   guidance_scale=7.5, num_images_per_prompt=2, generator=torch.Generator().manual_seed(7),
+                   output_type="np").images
+        return (out * 255).round().astype(int)
+
+    theirs = pipeline([refs[0], None, refs[1]])
+    assert np.array_equal(ours, theirs)  # the same pixels
+    assert np.abs(ours - pipeline([refs[1], None, refs[0]])).max() > 10  # and the reference images count
+    assert_equal_adapters(tg.load_adapters(str(tmp_path / "pipe")), sd)
+    assert torch.equal(tg.load_image_project(str(tmp_path / "pipe")), weight)
+    # and it starts a text-image run (--init_from), bit for bit (one step at lr 0), with its image_project checked
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "init", image_features=str(tiny_features),
+                      init_from=str(tmp_path / "pipe"), max_steps=1, lr=0.0))
+    assert_equal_adapters(adapters_of(tmp_path / "init"), sd)
+
+
+def test_text_image_trains_resumes_and_samples(tiny_sd, tiny_data, tiny_features, tmp_path, monkeypatch):
+    """GLIGEN's text-image mode: fusers and both MLPs of the position net train on 60 grounding tokens, the base stays
+    bit-equal, a resumed run ends bit-equal, checkpoints keep image_project; each object loses its phrase or its
+    image half the time, never both; sample.py takes phrase-only, image-only and phrase-and-image boxes."""
+    import sample
+    from safetensors.torch import load_file
+
+    seen, real = [], tg.PositionNetTextImage.forward
+    monkeypatch.setattr(tg.PositionNetTextImage, "forward", lambda self, **kw: seen.append(
+        (kw["masks"], kw["phrases_masks"], kw["image_masks"])) or real(self, **kw))
+    mode = dict(image_features=str(tiny_features))
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "straight", max_steps=4, save_every=4, val_every=4, val_steps=1,
+                      **mode))  # validating (grid and losses) in the straight run only
+    assert sorted(p.name for p in (tmp_path / "straight").glob("val_*.png")) == ["val_0000000.png", "val_0000004.png"]
+    masks, phrases_masks, image_masks = (torch.cat(x) for x in zip(*seen))
+    both, filled = phrases_masks + image_masks, masks > 0
+    assert both[~filled].eq(0).all() and both[filled].ge(1).all()  # never neither
+    assert both[filled].eq(1).any() and both[filled].eq(2).any() and (phrases_masks[filled] == 0).any()
+    monkeypatch.undo()
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=2, save_every=2, **mode))
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=4, save_every=2, **mode))
+    straight = adapters_of(tmp_path / "straight")
+    assert_equal_adapters(adapters_of(tmp_path / "resumed"), straight)
+    base = tg.load_base(str(tiny_sd), "cpu", torch.float32)[0]
+    fresh = tg.adapter_state(tg.inject_gligen(copy.deepcopy(base), images=True))
+    assert straight.keys() == fresh.keys() and "position_net.linears_image.0.weight" in straight
+    assert all(not torch.equal(straight[k], fresh[k]) for k in straight if "alpha_attn" in k or "linears_" in k)
+    trained = tg.inject_gligen(copy.deepcopy(base), images=True)
+    tg.set_adapters(trained, straight, "straight")
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in trained.state_dict().items() if not tg.is_adapter(k))
+    ckpt = tg.checkpoints(tmp_path / "straight")[-1]
+    assert torch.equal(load_file(ckpt / "image_project.safetensors")["project.weight"],
+                       load_file(tiny_features / "image_project.safetensors")["project.weight"])
+    Image.new("RGB", (20, 30), (40, 60, 220)).save(tmp_path / "ref.png")
+    out = tmp_path / "samples"
+    sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "straight"), "prompt": "shapes",
+                 "phrases": ["a red square", "a blue circle", None], "images": [str(tmp_path / "ref.png"), None,
+                 str(tmp_path / "ref.png")], "boxes": [[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9], [0.5, 0, 1, 0.4]],
+                 "n": 1, "steps": 2, "out_dir": str(out)})
+    assert Image.open(out / "000_00.png").size == (16, 16) and (out / "000_00_boxes.png").is_file()
+    with pytest.raises(SystemExit, match="box 0 has neither a phrase nor an image"):
+        sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "straight"),
+                     "phrases": [None], "images": [None], "boxes": [[0.1, 0.1, 0.4, 0.4]]})
 
 
 def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_data, random_adapters):

@@ -82,6 +82,7 @@ config = dict(
     seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
     dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
     inpaint=False,  # GLIGEN's inpainting mode: conv_in also takes the image outside the boxes; conv_in.weight trains
+    image_features="",  # GLIGEN's text-image mode: prep_latents.py --image_encoder's output; boxes get images too
     grad_checkpointing=False,  # recompute the UNet's activations in the backward pass: less memory (SDXL), slower
     compile="",  # torch.compile backend for the UNet's training step: "" off, "inductor" (compiles for minutes first)
     num_workers=4,  # data loader processes per GPU
@@ -224,6 +225,29 @@ class PositionNet(nn.Module):
         return self.linears(torch.cat([phr, pos], dim=-1))  # (B, 30, D)
 
 
+class PositionNetTextImage(nn.Module):
+    """GLIGEN's text-image-box mode: each box may have a phrase, a reference image, or both. The same Fourier box code
+    goes to two MLPs, one with the phrase feature and one with the image feature (CLIP image embedding, projected into
+    the phrase space); 30 text tokens, then 30 image tokens. Empty slots, and each missing feature, take nulls."""
+
+    def __init__(self, dim, n_freqs=8):
+        super().__init__()
+        mlp = lambda: nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
+                                    nn.Linear(512, dim))
+        self.linears_text, self.linears_image = mlp(), mlp()
+        self.null_text_feature = nn.Parameter(torch.zeros(dim))
+        self.null_image_feature = nn.Parameter(torch.zeros(dim))
+        self.null_position_feature = nn.Parameter(torch.zeros(8 * n_freqs))
+
+    def forward(self, boxes, masks, phrases_masks, image_masks, phrases_embeddings, image_embeddings):  # diffusers'
+        pos = torch.where(masks[..., None] > 0, fourier_boxes(boxes).to(self.null_position_feature.dtype),
+                          self.null_position_feature)
+        phr = torch.where(phrases_masks[..., None] > 0, phrases_embeddings.to(pos.dtype), self.null_text_feature)
+        img = torch.where(image_masks[..., None] > 0, image_embeddings.to(pos.dtype), self.null_image_feature)
+        return torch.cat([self.linears_text(torch.cat([phr, pos], -1)), self.linears_image(torch.cat([img, pos], -1))],
+                         dim=1)  # (B, 60, D)
+
+
 class NoFuser(nn.Module):
     """The video UNet's temporal blocks get the grounding kwargs too, and are left as they are."""
 
@@ -239,14 +263,15 @@ def video_position_net(unet, args, kwargs):
     return args, kwargs
 
 
-def inject_gligen(unet):
+def inject_gligen(unet, images=False):
     """Give every spatial transformer block of a stock diffusers UNet a fresh fuser and the UNet a fresh position net.
     diffusers' BasicTransformerBlock already calls `self.fuser` between self- and cross-attention when
     cross_attention_kwargs holds "gligen", and the UNet turns {boxes, masks, positive_embeddings} into tokens with
     `self.position_net`; so injecting is attaching the modules. Pass grounding as
     unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes": ..., "masks": ..., "positive_embeddings": ...}}).
     Video UNets (UNet3DConditionModel): fusers in the spatial blocks only, one set of grounding tokens per frame
-    (boxes (batch x frames, 30, 4), frame-minor), temporal blocks untouched."""
+    (boxes (batch x frames, 30, 4), frame-minor), temporal blocks untouched. images=True: the text-image-box position
+    net (diffusers' attention_type="gated-text-image")."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -257,7 +282,7 @@ def inject_gligen(unet):
             a = block.attn1
             block.fuser = Fuser(a.query_dim, D, a.heads, a.inner_dim // a.heads).to(unet.device) \
                 if id(block) in spatial else NoFuser()
-    unet.position_net = PositionNet(D).to(unet.device)
+    unet.position_net = (PositionNetTextImage if images else PositionNet)(D).to(unet.device)
     if is_video(unet):
         unet.register_forward_pre_hook(video_position_net, with_kwargs=True)
     return unet
@@ -312,10 +337,22 @@ class SDXLTextEncoders(nn.Module):
                                pooler_output=torch.cat([o1.pooler_output, o2.text_embeds], -1), text_embeds=o2.text_embeds)
 
 
-def grounding(text_encoder, phrase_ids, phrase_mask, slot_phrase, boxes, masks):
-    """The UNet's "gligen" kwargs: each distinct phrase encoded alone (pooler_output), placed in its slots."""
+def project_image_embeds(image_embeds, weight, norm=28.7):
+    """Text-image mode: CLIP image embeddings (N, D) into the phrase space, through image_project's weight, then
+    scaled to norm 28.7 (a phrase's pooled text feature's), as GLIGEN and diffusers' text-image pipeline do."""
+    f = F.linear(image_embeds, weight)
+    return torch.stack([r / r.norm() * norm for r in f])  # row by row, as the pipeline: the same last bits
+
+
+def grounding(text_encoder, phrase_ids, phrase_mask, slot_phrase, boxes, masks, images=None):
+    """The UNet's "gligen" kwargs: each distinct phrase encoded alone (pooler_output), placed in its slots. Text-image
+    training, images = (image features (B, 30, D), phrases_masks, image_masks): each box may lose a phrase or image."""
     feats = text_encoder(phrase_ids, attention_mask=phrase_mask).pooler_output  # (U, D)
-    return {"boxes": boxes, "masks": masks, "positive_embeddings": feats[slot_phrase]}  # (B, 30, D)
+    if images is None:
+        return {"boxes": boxes, "masks": masks, "positive_embeddings": feats[slot_phrase]}  # (B, 30, D)
+    image_feats, phrases_masks, image_masks = images
+    return {"boxes": boxes, "masks": masks, "phrases_masks": phrases_masks, "image_masks": image_masks,
+            "phrases_embeddings": feats[slot_phrase], "image_embeddings": image_feats}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -353,9 +390,9 @@ def missing_local_path(src):
                                         or src.endswith(".safetensors"))
 
 
-def load_adapters(src):
-    """Adapter tensors from this project's adapters.safetensors, checkpoint or out_dir (its latest checkpoint),
-    or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model)."""
+def adapters_file(src):
+    """This project's adapters.safetensors for src (the file, a checkpoint, or an out_dir's latest checkpoint), or
+    None for a diffusers GLIGEN model (directory or Hub id)."""
     path = Path(src)
     if missing_local_path(src):
         fail(f"adapters not found: {src}")
@@ -363,7 +400,14 @@ def load_adapters(src):
         path = latest_good_checkpoint(path) or fail(f"{path}: none of its checkpoints is usable")
     if path.is_dir() and (path / "adapters.safetensors").exists():
         path = path / "adapters.safetensors"
-    if path.suffix == ".safetensors":
+    return path if path.suffix == ".safetensors" else None
+
+
+def load_adapters(src):
+    """Adapter tensors from this project's adapters.safetensors, checkpoint or out_dir (its latest checkpoint),
+    or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model)."""
+    path = adapters_file(src)
+    if path is not None:
         return load_file(path)
     from diffusers import UNet2DConditionModel
 
@@ -375,6 +419,22 @@ def load_adapters(src):
     if not sd:
         fail(f"{src}: its UNet has no GLIGEN adapters (it was not built with attention_type='gated')")
     return sd
+
+
+def load_image_project(src):
+    """A text-image model's image_project weight (D, D): beside this project's adapters.safetensors, or a diffusers
+    text-image model's own (its image_project folder)."""
+    from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
+
+    path = adapters_file(src)
+    if path is not None:
+        if not path.with_name("image_project.safetensors").is_file():
+            fail(f"{path.with_name('image_project.safetensors')} not found: text-image adapters keep it beside them")
+        return load_file(path.with_name("image_project.safetensors"))["project.weight"]
+    try:
+        return CLIPImageProjection.from_pretrained(src, subfolder="image_project").project.weight.detach()
+    except (OSError, ValueError) as e:
+        fail(f"{src}: no image_project (a diffusers GLIGEN text-image model has one): {e}")
 
 
 def load_base(model, device, dtype):
@@ -511,9 +571,11 @@ class GroundedLatents(torch.utils.data.Dataset):
     """Item (i, flip): image i's latent (stats, 4, h, w) (stats: mean, or mean and std), caption, and up to max_boxes
     (phrase, box) in its training crop, all mirrored if flip. Boxes are stored relative to the original image; they
     go through the crop that prep_latents.py took, are clipped to it, dropped under min_box_area of it, and kept
-    largest first. Shards are memmapped: a sample reads only its own rows, from any shard."""
+    largest first. Shards are memmapped: a sample reads only its own rows, from any shard. With image_features (the
+    text-image mode) an item also holds its kept boxes' image features (k, D), the same when mirrored (as GLIGEN's
+    precomputed ones)."""
 
-    def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01):
+    def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01, image_features=""):
         self.dir = Path(latents_dir)
         for f, script in ((self.dir / "meta.json", "prep_latents"), (self.dir / "index.jsonl", "prep_latents"),
                           (Path(boxes_path), "prep_boxes")):
@@ -528,9 +590,15 @@ class GroundedLatents(torch.utils.data.Dataset):
                 fail(f"{where}: a record needs image, width, height, phrases and boxes")
             check_layout(rec["phrases"], rec["boxes"], where, max_boxes=None)  # the largest max_boxes are kept
             layouts[rec["image"]] = (where, rec)
+        fdir, feats, shapes = Path(image_features), {}, {}
+        if image_features:
+            if not (fdir / "index.jsonl").is_file():
+                fail(f"data file not found: {fdir / 'index.jsonl'} (write it with prep_latents.py --image_encoder)")
+            feats = {r["key"]: (line, r) for line, r in read_jsonl(fdir / "index.jsonl")}
+            self.image_meta = json.loads((fdir / "meta.json").read_text())
         self.items, missing, rows = [], [], {}
         for line, rec in read_jsonl(self.dir / "index.jsonl"):
-            if rec["key"] not in layouts:
+            if rec["key"] not in layouts or (image_features and rec["key"] not in feats):
                 missing.append(rec["key"])
                 continue
             where, lay = layouts[rec["key"]]
@@ -538,25 +606,35 @@ class GroundedLatents(torch.utils.data.Dataset):
                 fail(f"{where}: image size {lay['width']}x{lay['height']} does not match "
                      f"{rec['width']}x{rec['height']} in {self.dir / 'index.jsonl'}:{line}: latents and boxes are "
                      f"of different images")
-            phrases, boxes = self.crop_layout(lay, rec["crop"], max_boxes, min_box_area)
-            self.items.append((rec["shard"], rec["row"], rec["caption"], phrases, boxes,
-                               self.time_ids(rec, self.resolution)))
-            rows[rec["shard"]] = max(rows.get(rec["shard"], 0), rec["row"] + 1)
+            phrases, boxes, keep = self.crop_layout(lay, rec["crop"], max_boxes, min_box_area)
+            feat = None
+            if image_features:
+                fline, f = feats[rec["key"]]
+                if f["boxes"] != len(lay["boxes"]):
+                    fail(f"{fdir / 'index.jsonl'}:{fline}: {f['boxes']} box features for image {rec['key']!r}, but "
+                         f"{where} has {len(lay['boxes'])} boxes: were the features made from another boxes file?")
+                feat = (fdir / f["shard"], f["row"] + np.asarray(keep, np.int64))
+                n = max(rows.get(feat[0], 0), f["row"] + f["boxes"])
+                rows[feat[0]], shapes[feat[0]] = n, (self.image_meta["dim"],)
+            self.items.append((self.dir / rec["shard"], rec["row"], rec["caption"], phrases, boxes,
+                               self.time_ids(rec, self.resolution), feat))
+            rows[self.dir / rec["shard"]] = max(rows.get(self.dir / rec["shard"], 0), rec["row"] + 1)
+            shapes[self.dir / rec["shard"]] = (len(meta["views"]), len(meta["stats"]), *meta["latent_shape"])
         if missing:
-            fail(f"{boxes_path} has no record for {len(missing)} of the images in {self.dir / 'index.jsonl'} "
-                 f"(e.g. {missing[:3]}): were both made from the same images?")
-        shape = (len(meta["views"]), len(meta["stats"]), *meta["latent_shape"])
-        for shard, n in rows.items():  # a shard cut short (a copy that stopped) fails here, not in a loader worker
+            fail(f"{boxes_path}" + (f" or {fdir / 'index.jsonl'}" if image_features else "") + f" has no record for "
+                 f"{len(missing)} of the images in {self.dir / 'index.jsonl'} (e.g. {missing[:3]}): were they made "
+                 f"from the same images?")
+        for path, n in rows.items():  # a shard cut short (a copy that stopped) fails here, not in a loader worker
             try:
-                got = np.load(self.dir / shard, mmap_mode="r").shape
-                problem = None if got[0] >= n and got[1:] == shape else f"its shape is {got}"
+                got = np.load(path, mmap_mode="r").shape
+                problem = None if got[0] >= n and got[1:] == shapes[path] else f"its shape is {got}"
             except (OSError, ValueError, EOFError) as e:
                 problem = f"it is unreadable ({e})"
             if problem:
-                fail(f"{self.dir / shard}: {problem}, and index.jsonl needs {n} rows of {shape}: cut short or from "
-                     f"another run? Copy it again, or delete it and {Path(shard).stem}.json and run the same "
-                     f"prep_latents.py command again: it re-encodes that shard alone")
-        self.shards = {}
+                fail(f"{path}: {problem}, and {path.parent / 'index.jsonl'} needs {n} rows of {shapes[path]}: cut "
+                     f"short or from another run? Copy it again, or delete it and {path.stem}.json and run the same "
+                     f"prep_latents.py command again: it redoes that shard alone")
+        self.arrays = {}
 
     @staticmethod
     def time_ids(rec, R):
@@ -575,30 +653,41 @@ class GroundedLatents(torch.utils.data.Dataset):
         b = ((b - [cx0, cy0, cx0, cy0]) / side).clip(0, 1)  # to the crop, clipped to it
         area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
         keep = [i for i in np.argsort(-area, kind="stable") if area[i] >= min_box_area][:max_boxes]
-        return [lay["phrases"][i] for i in keep], b[keep].astype(np.float32)
+        return [lay["phrases"][i] for i in keep], b[keep].astype(np.float32), keep
 
     def __len__(self):
         return len(self.items)
 
+    def array(self, path):
+        if path not in self.arrays:  # memmapped, opened once per worker process
+            self.arrays[path] = np.load(path, mmap_mode="r")
+        return self.arrays[path]
+
     def __getitem__(self, item):
         i, flip = item
-        shard, row, caption, phrases, boxes, (time_ids, flipped_left) = self.items[i]
-        if shard not in self.shards:  # memmapped, opened once per worker process
-            self.shards[shard] = np.load(self.dir / shard, mmap_mode="r")
+        shard, row, caption, phrases, boxes, (time_ids, flipped_left), feat = self.items[i]
         if flip:
             boxes = mirror(boxes)
             time_ids = (*time_ids[:3], flipped_left, *time_ids[4:])
-        latent = torch.from_numpy(np.array(self.shards[shard][row, int(flip)]))  # view 1: the mirrored image
-        return latent, caption, phrases, boxes, time_ids
+        latent = torch.from_numpy(np.array(self.array(shard)[row, int(flip)]))  # view 1: the mirrored image
+        if feat is None:
+            return latent, caption, phrases, boxes, time_ids
+        return latent, caption, phrases, boxes, time_ids, self.array(feat[0])[feat[1]].astype(np.float32)
 
 
 def collate(tokenizer, items):
     """Items -> a micro-batch of tensors. Strings are tokenized here, in the loader workers, not in the loop."""
-    latents, captions, phrases, boxes, time_ids = zip(*items)
+    latents, captions, phrases, boxes, time_ids, *feats = zip(*items)
     ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, list(zip(phrases, boxes)))
-    return dict(latents=torch.stack(latents), caption_ids=tokenize(tokenizer, list(captions))[0], phrase_ids=ids,
-                phrase_mask=mask, slot_phrase=slot_phrase, boxes=boxes, masks=masks,
-                time_ids=torch.tensor(time_ids, dtype=torch.float32))  # one call for the batch: cheaper than per item
+    batch = dict(latents=torch.stack(latents), caption_ids=tokenize(tokenizer, list(captions))[0], phrase_ids=ids,
+                 phrase_mask=mask, slot_phrase=slot_phrase, boxes=boxes, masks=masks,
+                 time_ids=torch.tensor(time_ids, dtype=torch.float32))  # one call for the batch: cheaper than per item
+    if feats:  # text-image: each box's image feature in its slot, (B, 30, D)
+        f = np.zeros((len(items), N_SLOTS, feats[0][0].shape[-1]), np.float32)
+        for i, x in enumerate(feats[0]):
+            f[i, :len(x)] = x
+        batch["image_feats"] = torch.from_numpy(f)
+    return batch
 
 
 def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step, flip=False):
@@ -663,8 +752,13 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
         if isinstance(text_encoder, SDXLTextEncoders):
             added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
         masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
+        images = None
+        if "image_feats" in batch:  # text-image: half the boxes lose their phrase or their image (never both)
+            drop = torch.rand(masks.shape, generator=g, device=device) < 0.5
+            image_side = torch.rand(masks.shape, generator=g, device=device) < 0.5
+            images = (batch["image_feats"], masks * ~(drop & ~image_side), masks * ~(drop & image_side))
         gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
-                           batch["boxes"], masks)
+                           batch["boxes"], masks, images)
     with autocast:
         pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}, **added).sample
     return F.mse_loss(pred.float(), target)
@@ -711,13 +805,15 @@ def optimizer_step(opt, params, grad_clip):
 # Sampling: the validation grid's images here, and sample.py's.
 @torch.no_grad()
 def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, boxes, seed, n=1, steps=25,
-             guidance=7.5, beta=1.0, height=None, width=None, frames=16, inpaint_latent=None, progress=False):
+             guidance=7.5, beta=1.0, height=None, width=None, frames=16, inpaint_latent=None, images=None,
+             progress=False):
     """n images (uint8, (n, H, W, 3)) for one layout, as StableDiffusionGLIGENPipeline makes them: classifier-free
     guidance where the unconditional half gets null grounding, and fusers on for the first beta * steps steps.
     SDXL: the unconditional half has zero text features, and size conditioning (H, W, 0, 0, H, W), as its pipeline.
     Video UNets: n clips (n, frames, H, W, 3); boxes may be one list (still) or one list per frame (moving).
     inpaint_latent (1, 4, h, w), for an inpainting UNet: that image is kept outside the boxes (noised to each step's
-    level and pasted in before it, as the pipeline does) and the phrases are generated inside them.
+    level and pasted in before it, as the pipeline does) and the phrases are generated inside them. images, for a
+    text-image UNet: per box its reference image's feature (project_image_embeds) or None; a phrase may be None.
     progress: a tqdm bar over the denoising steps."""
     device, scale = unet.device, 2 ** (len(vae.config.block_out_channels) - 1)
     height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
@@ -737,11 +833,25 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, box
         per_frame = boxes if is_moving(boxes) else [boxes] * F_
         if len(per_frame) != F_:
             fail(f"{len(per_frame)} lists of boxes for {F_} frames")
-        layouts = [(phrases, per_frame[f]) for _ in range(2 * n) for f in range(F_)]  # frame-minor, as the UNet
+        layouts = [([p or "" for p in phrases], per_frame[f]) for _ in range(2 * n) for f in range(F_)]  # frame-minor
         phrase_ids, phrase_mask, slot_phrase, bxs, masks = layout_tensors(tokenizer, layouts)
         masks[:n * F_] = 0  # the unconditional half: null grounding
-        kwargs = {"gligen": grounding(text_encoder, phrase_ids.to(device), phrase_mask.to(device),
-                                      slot_phrase.to(device), bxs.to(device), masks.to(device, text.dtype))}
+        if not hasattr(unet.position_net, "linears_text"):
+            kwargs = {"gligen": grounding(text_encoder, phrase_ids.to(device), phrase_mask.to(device),
+                                          slot_phrase.to(device), bxs.to(device), masks.to(device, text.dtype))}
+        else:  # text-image: a box has a phrase (not None), an image, or both
+            feats = torch.zeros(2, N_SLOTS, text.shape[-1], device=device, dtype=text.dtype)  # phrases, images
+            has = torch.zeros(2, N_SLOTS, device=device, dtype=text.dtype)
+            for k, (p, im) in enumerate(zip(phrases, images or [None] * len(phrases))):
+                if p is not None:  # each phrase encoded alone, as the text-image pipeline does: the same last bits
+                    ids, mask = (x.to(device) for x in tokenize_phrases(tokenizer, [p]))
+                    feats[0, k], has[0, k] = text_encoder(ids, attention_mask=mask).pooler_output[0], 1
+                if im is not None:
+                    feats[1, k], has[1, k] = im, 1
+            m = masks.to(device, text.dtype)
+            kwargs = {"gligen": {"boxes": bxs.to(device), "masks": m, "phrases_masks": m * has[0],
+                                 "image_masks": m * has[1], "phrases_embeddings": feats[0].expand(len(layouts), -1, -1),
+                                 "image_embeddings": feats[1].expand(len(layouts), -1, -1)}}
     g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same image on any device
     shape = (n, unet.config.out_channels) + ((F_,) if is_video(unet) else ()) + (height // scale, width // scale)
     latents = torch.randn(shape, generator=g).to(device)
@@ -841,9 +951,9 @@ def latest_good_checkpoint(out_dir, set_aside=False):
     return None
 
 
-def save_checkpoint(out_dir, step, unet, opt, cfg, data):
-    """Write out_dir/step_<step>. Returns None, or what went wrong (a full disk, say); the previous checkpoint is
-    then intact."""
+def save_checkpoint(out_dir, step, unet, opt, cfg, data, files=()):
+    """Write out_dir/step_<step>, with copies of files (a text-image model's image_project). Returns None, or what
+    went wrong (a full disk, say); the previous checkpoint is then intact."""
     final = Path(out_dir) / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet).items()}
@@ -855,6 +965,8 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, data):
         meta = {"format": "gligen-adapters", "config": json.dumps(cfg)}
         save_file(adapters, tmp / "adapters.safetensors", metadata=meta)
         torch.save({"step": step, "optimizer": opt.state_dict(), "config": cfg, "data": data}, tmp / "state.pt")
+        for f in files:
+            shutil.copyfile(f, tmp / Path(f).name)
         manifest = {}
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
@@ -918,6 +1030,12 @@ def restore(cfg, unet, resume):
     if not resume:
         if cfg["init_from"]:
             sd = load_adapters(cfg["init_from"])
+            if cfg["image_features"] and "position_net.linears_text.0.weight" in sd:  # a text-image model's own map
+                own = load_image_project(cfg["init_from"])
+                if not torch.equal(own.float(), load_file(Path(cfg["image_features"]) / "image_project.safetensors")[
+                        "project.weight"]):
+                    fail(f"{cfg['image_features']} was made with another image_project than {cfg['init_from']}'s: "
+                         f"run prep_latents.py --image_encoder with --image_project={cfg['init_from']}")
             if cfg["inpaint"]:  # from a text-box model (the official's route): conv_in as widened, its new inputs zero
                 sd.setdefault("conv_in.weight", unet.conv_in.weight.detach().clone())
             set_adapters(unet, sd, cfg["init_from"])
@@ -972,7 +1090,7 @@ def main(cfg):
                     for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     # Data: read and checked before the model loads, so bad data fails in seconds, not after minutes of loading.
-    data = GroundedLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
+    data = GroundedLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"], cfg["image_features"])
     n = len(data)
     if n < G:
         fail(f"{cfg['latents']} has {n} usable images, fewer than one global batch ({G})")
@@ -985,17 +1103,25 @@ def main(cfg):
 
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
     unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, base_dtype)
+    for mode, on in (("--inpaint=True", cfg["inpaint"]), ("--image_features", cfg["image_features"])):
+        if on and (is_sdxl(unet) or is_video(unet)):
+            fail(f"{mode} is for SD1.x/2.x models, and {cfg['model']} is an SDXL or video model")
+    if cfg["image_features"] and data.image_meta["dim"] != unet.config.cross_attention_dim:
+        fail(f"{cfg['image_features']}: image features of {data.image_meta['dim']}, but {cfg['model']} takes "
+             f"{unet.config.cross_attention_dim} (SD1.x: a CLIP ViT-L/14, SD2.x: an OpenCLIP ViT-H/14 image encoder)")
     if cfg["inpaint"]:
-        if is_sdxl(unet) or is_video(unet):
-            fail(f"--inpaint=True: inpainting is for SD1.x/2.x models, and {cfg['model']} is an SDXL or video model")
         widen_conv_in(unet)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
-    inject_gligen(unet)
+    inject_gligen(unet, images=bool(cfg["image_features"]))
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
         dist.broadcast_object_list(resume, src=0, group=cpu_group)
     cfg = {**cfg, "world_size": world, "grad_accum": accum, "resolution": data.resolution, "images": n,
            "prediction_type": noise_scheduler.config.prediction_type}
+    image_project = []  # text-image: the features' image_project, kept with the adapters for sampling and export
+    if cfg["image_features"]:
+        cfg["image_encoder"] = data.image_meta["image_encoder"]
+        image_project = [Path(cfg["image_features"]) / "image_project.safetensors"]
     if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
         fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
     step, opt_state = restore(cfg, unet, resume[0])
@@ -1136,7 +1262,7 @@ def main(cfg):
         t_io = time.perf_counter()
         if step % cfg["save_every"] == 0 or last or stop:
             position = dict(epoch=step // (n // G), batch_in_epoch=step % (n // G))  # where the data resumes
-            error = [save_checkpoint(out, step, unet, opt, cfg, position) if master else None]
+            error = [save_checkpoint(out, step, unet, opt, cfg, position, image_project) if master else None]
             if ddp:
                 dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a checkpoint
             if error[0]:
