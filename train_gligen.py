@@ -5,7 +5,8 @@ GLIGEN (Li et al., CVPR 2023) adds one gated self-attention layer ("fuser") to e
 frozen text-to-image UNet, fed by 30 grounding tokens made from each box (Fourier code) and its phrase (text
 encoder feature). Only the fusers and the position net train; the UNet and text encoder stay frozen. This one file
 is the whole trainer: config, the method (a block you can lift), the model, the data, the step, checkpoints, main.
-sample.py and the prep scripts import what they share from it.
+sample.py and the prep scripts import what they share from it. Two more of GLIGEN's modes: --image_features (boxes
+grounded by reference images too) and --inpaint=True (generation inside the boxes of a kept image).
 
 One process (CPU or one GPU):
     python train_gligen.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --latents=data/coco/latents \
