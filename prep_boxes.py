@@ -244,8 +244,7 @@ def detect_main(cfg):
                     isinstance(p, str) and p.strip() for p in rec["phrases"]):
                 fail(f"{cfg['phrases']}:{line}: a record needs an image path and a list of non-empty phrases")
             given[rec["image"]] = rec["phrases"]
-    todo = [(n, s) for n, s in shards[rank::world] if not (parts / f"{n}.jsonl").is_file()]
-    print(f"rank {rank}: {len(todo)} of its {len(shards[rank::world])} shards to detect ({len(shards)} in all)")
+    todo = pl.pending(shards, rank, world, lambda n: parts / f"{n}.jsonl", "detect")
     if todo:
         try:
             processor = AutoProcessor.from_pretrained(cfg["detector"])
@@ -295,9 +294,7 @@ def detect_shard(model, processor, cfg, parts, name, source, captions, given, de
 
 
 def join_parts(parts, shards, out):
-    missing = [n for n, _ in shards if not (parts / f"{n}.jsonl").is_file()]
-    if missing:
-        fail(f"{len(missing)} shards are not detected yet (e.g. {missing[:3]}); run the job again to finish them")
+    pl.all_done(shards, lambda n: parts / f"{n}.jsonl", "detected")
     records = [r for n, _ in shards for _, r in read_jsonl(parts / f"{n}.jsonl")]
     done, skipped = [r for r in records if "skipped" not in r], [r for r in records if "skipped" in r]
     pl.write_jsonl(out, done)

@@ -316,12 +316,26 @@ def encode_shard(vae, cfg, out, name, source, captions, root, dtype):
     return len(index), len(skipped)
 
 
+def pending(shards, rank, world, marker, verb):
+    """This rank's shards (r, r + world, ...) whose marker file, marker(name), is not written yet; said on stdout.
+    The same for every job here (encode, embed, detect): a job run again skips what is done."""
+    mine = shards[rank::world]
+    todo = [(n, s) for n, s in mine if not marker(n).is_file()]
+    print(f"rank {rank}: {len(todo)} of its {len(mine)} shards to {verb} ({len(shards)} in all, {world} processes)")
+    return todo
+
+
+def all_done(shards, marker, done):
+    """Stop, before joining, unless every shard's marker file is written (a rank's part was cut short)."""
+    missing = [n for n, _ in shards if not marker(n).is_file()]
+    if missing:
+        fail(f"{len(missing)} shards are not {done} yet (e.g. {missing[:3]}); run the job again to finish them")
+
+
 def finish(out, shards, settings, extra=None):
     """Join the shards' indexes into index.jsonl, skipped.jsonl and meta.json (index.jsonl last: it marks the end).
     Without a resolution in settings (IGLIGEN's shards) it is the latents' size x 8, as in every SD VAE."""
-    missing = [name for name, _ in shards if not (out / f"{name}.json").is_file()]
-    if missing:
-        fail(f"{len(missing)} shards are not encoded yet (e.g. {missing[:3]}); run the job again to finish them")
+    all_done(shards, lambda n: out / f"{n}.json", "encoded")
     index, skipped, boxes, seen, shape = [], [], [], {}, None
     for name, _ in shards:
         rec = json.loads((out / f"{name}.json").read_text())
@@ -448,8 +462,7 @@ def embed_main(cfg):
     settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)
     rank, world, device = start(out, settings)
     weight = image_project_weight(cfg).detach().float().to(device)
-    todo = [(n, s) for n, s in shards[rank::world] if not (out / f"{n}.json").is_file()]
-    print(f"rank {rank}: {len(todo)} of its {len(shards[rank::world])} shards to embed ({len(shards)} in all)")
+    todo = pending(shards, rank, world, lambda n: out / f"{n}.json", "embed")
     if todo:
         try:
             processor = CLIPImageProcessor.from_pretrained(cfg["image_encoder"])
@@ -464,9 +477,7 @@ def embed_main(cfg):
     if world > 1:
         dist.barrier()
     if rank == 0:
-        missing = [n for n, _ in shards if not (out / f"{n}.json").is_file()]
-        if missing:
-            fail(f"{len(missing)} shards are not embedded yet (e.g. {missing[:3]}); run the job again to finish them")
+        all_done(shards, lambda n: out / f"{n}.json", "embedded")
         recs = [json.loads((out / f"{n}.json").read_text()) for n, _ in shards]
         index, skipped = [r for rec in recs for r in rec["index"]], [r for rec in recs for r in rec["skipped"]]
         save_file({"project.weight": weight.cpu().contiguous()}, out / "image_project.safetensors")
@@ -510,9 +521,7 @@ def main(cfg):
     rank, world, device = start(out, dict(settings, scaling_factor=scaling))  # would shift the shards: refused
     captions = load_captions(cfg["captions"]) if cfg["captions"] else None
     dtype = torch.bfloat16 if cfg["dtype"] == "auto" and device.type == "cuda" else torch.float32
-    todo = [(n, s) for n, s in shards[rank::world] if not (out / f"{n}.json").is_file()]
-    print(f"rank {rank}: {len(todo)} of its {len(shards[rank::world])} shards to encode "
-          f"({len(shards)} in all, {world} processes)")
+    todo = pending(shards, rank, world, lambda n: out / f"{n}.json", "encode")
     if todo:
         try:
             vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
