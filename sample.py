@@ -215,7 +215,8 @@ def main(cfg):
         if is_sdxl(unet) or is_video(unet):
             fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
         export(cfg["export"], unet, vae, text_encoder, tokenizer, scheduler, image_tower)
-        print(f"wrote a StableDiffusionGLIGENPipeline to {cfg['export']}")
+        kind = "StableDiffusionGLIGENTextImagePipeline" if image_tower else "StableDiffusionGLIGENPipeline"
+        print(f"wrote a {kind} to {cfg['export']}")
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
