@@ -1416,28 +1416,59 @@ def test_shapes_world_metric_and_tokenizer(tmp_path):
 
 
 def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
-    """The demo's whole path (world, base model, prep, train_gligen, sample, metric, picture) with a few steps each,
-    as the grounding recipe runs it: captions that say where, a v-prediction base."""
+    """The demo's whole path with --train_base=True (world, base model with its where-am-I heads, prep, train_gligen,
+    sample, metric, picture) at a few steps each, with captions that say where."""
     import demo_shapes as ds
 
     out = tmp_path / "demo"
-    result = ds.main({**ds.config, "out": str(out), "train_images": 40, "test_layouts": 3, "vae_steps": 2,
-                      "base_steps": 2, "gligen_steps": 2, "sample_steps": 2, "positions": 0.5,
-                      "prediction": "v_prediction"})
+    cfg = {**ds.config, "out": str(out), "train_images": 40, "test_layouts": 3, "check_layouts": 2, "vae_steps": 2,
+           "base_steps": 2, "gligen_steps": 2, "sample_steps": 2, "positions": 0.5, "train_base": True}
+    result = ds.main(cfg)
     captions = [c["caption"] for c in json.loads((out / "world" / "captions.json").read_text())["annotations"]]
     said = [c for c in captions if " at the " in c or " in the center" in c]
     assert 0 < len(said) < len(captions)  # about half say where; held-out prompts never do
     assert not any(" the " in json.loads(l)["prompt"] for l in (out / "test_layouts.jsonl").read_text().splitlines())
     scheduler = json.loads((out / "base-model" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
-    assert result["fusers off equals base model"] is True
+    assert json.loads((out / "base-model" / "settings.json").read_text()) == {k: cfg[k] for k in ds.BASE_SETTINGS}
+    assert result["fusers off equals base model (2 layouts)"] is True
+    assert len(list((out / "samples" / "fusers-off").glob("*.png"))) == 2
     loss = result["training loss with"]  # the trainer's box-use losses at its last validation, the last step
     assert loss["step"] == 2 and set(loss) == {"step", "val_loss_boxes", "val_loss_mirrored", "val_loss_no_grounding"}
     assert all(np.isfinite(list(loss.values())))
-    for name in ("base model", "adapters, beta=1", "adapters, beta=0.3"):
+    for name in ("base model", "adapters, beta=1"):
         assert result[name]["objects"] == sum(len(l["phrases"]) for l in ds.test_layouts(3, np.random.default_rng(1)))
     assert (out / "result.png").is_file() and json.loads((out / "results.json").read_text()) == result
-    assert (out / "base-model" / "model_index.json").is_file() and tg.checkpoints(out / "gligen")
+    assert tg.checkpoints(out / "gligen")
+
+
+def test_shipped_shapes_base_is_what_train_base_builds(tmp_path):
+    """extras/shapes_base loads as a diffusers pipeline and is, part for part, the architecture that train_base
+    builds with the settings recorded beside it, which are the demo's defaults; the position code is sin/cos."""
+    import demo_shapes as ds
+    from diffusers import StableDiffusionPipeline
+
+    settings = json.loads((ds.SHIPPED_BASE / "settings.json").read_text())
+    assert settings == {k: ds.config[k] for k in ds.BASE_SETTINGS}  # --train_base=True remakes this base
+    pipe = StableDiffusionPipeline.from_pretrained(ds.SHIPPED_BASE, safety_checker=None)
+    tokenizer, text_encoder, unet, noise_scheduler = ds.build_denoiser(settings, tmp_path / "tok")
+    for built, shipped in ((ds.build_vae(), pipe.vae), (text_encoder, pipe.text_encoder), (unet, pipe.unet)):
+        assert type(built) is type(shipped)
+        assert {k: v.shape for k, v in built.state_dict().items()} == \
+               {k: v.shape for k, v in shipped.state_dict().items()}
+    skip = {"scaling_factor"}  # set from the trained latents' spread
+    for built, shipped in ((ds.build_vae(), pipe.vae), (unet, pipe.unet)):
+        assert {k: v for k, v in built.config.items() if k[0] != "_" and k not in skip} == \
+               {k: v for k, v in shipped.config.items() if k[0] != "_" and k not in skip}
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "eos_token_id"):
+        assert getattr(text_encoder.config, key) == getattr(pipe.text_encoder.config, key)
+    assert tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+    assert tokenizer.model_max_length == pipe.tokenizer.model_max_length
+    assert pipe.scheduler.config.prediction_type == noise_scheduler.config.prediction_type == settings["prediction"]
+    code = ds.position_code(4)  # rows then columns, token centres; sin/cos of pi*k*x, then of pi*k*y
+    assert code.shape == (16, 8)
+    assert torch.allclose(code[1, :2], torch.sin(torch.pi * torch.tensor([1.0, 2.0]) * 3 / 8))
+    assert torch.allclose(code[4, 4:6], torch.sin(torch.pi * torch.tensor([1.0, 2.0]) * 3 / 8))
 
 
 # ---------------------------------------------------------------------------------------------------------------
