@@ -1,7 +1,7 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 85 tests, 4.5 to 5.5 minutes on 2 CPU cores
+    pytest -q test_smoke.py        # 85 tests, 4.5 to 5.6 minutes on 2 CPU cores
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
