@@ -1452,12 +1452,13 @@ def test_shipped_shapes_base_is_what_train_base_builds(tmp_path):
     assert settings == {k: ds.config[k] for k in ds.BASE_SETTINGS}  # --train_base=True remakes this base
     pipe = StableDiffusionPipeline.from_pretrained(ds.SHIPPED_BASE, safety_checker=None)
     tokenizer, text_encoder, unet, noise_scheduler = ds.build_denoiser(settings, tmp_path / "tok")
-    for built, shipped in ((ds.build_vae(), pipe.vae), (text_encoder, pipe.text_encoder), (unet, pipe.unet)):
+    vae = ds.build_vae()
+    for built, shipped in ((vae, pipe.vae), (text_encoder, pipe.text_encoder), (unet, pipe.unet)):
         assert type(built) is type(shipped)
         assert {k: v.shape for k, v in built.state_dict().items()} == \
                {k: v.shape for k, v in shipped.state_dict().items()}
     skip = {"scaling_factor"}  # set from the trained latents' spread
-    for built, shipped in ((ds.build_vae(), pipe.vae), (unet, pipe.unet)):
+    for built, shipped in ((vae, pipe.vae), (unet, pipe.unet)):
         plain = lambda cfg: json.loads(json.dumps({k: v for k, v in cfg.items() if k[0] != "_" and k not in skip}))
         assert plain(built.config) == plain(shipped.config)  # (tuples and lists alike, as saved)
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "eos_token_id"):

@@ -243,9 +243,10 @@ def train_base(root, model_dir, cfg):
     The UNet is also taught where each of its tokens is. GLIGEN's fusers add no position code to the visual tokens:
     a token can only attend to the box it lies in if the base's features already say where the token is, as a large
     model's do. This tiny base, on a world where nothing depends on place, learns little (a ridge read-out of (x, y)
-    from the 8 x 8 features of a base taught places by its captions: R^2 0.15-0.49), and GLIGEN then plateaus for 8,000-10,000 steps. So a linear head
-    per transformer block (thrown away afterwards) reads position_code from the features the fusers will see (the
-    input of cross-attention), its error weighted by position_aux. The saved base is a plain diffusers model."""
+    from the 8 x 8 features of a base taught places by its captions: R^2 0.15-0.49), and GLIGEN then plateaus for
+    8,000-10,000 steps. So a linear head per transformer block (thrown away afterwards) reads position_code from the
+    features the fusers will see (the input of cross-attention), its error weighted by position_aux. The saved base
+    is a plain diffusers model."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(cfg["seed"])
@@ -298,8 +299,9 @@ def train_base(root, model_dir, cfg):
         loss = F.mse_loss(pred.sample, target)
         where = torch.zeros(())
         if hooks:
-            where = sum(F.mse_loss(head(F.layer_norm(h, h.shape[-1:])), codes[int(h.shape[1] ** 0.5)].expand(len(h), -1, -1))
-                        for head, h in zip(heads, (feats[j] for j in range(len(blocks))))) / len(blocks)
+            where = sum(F.mse_loss(head(F.layer_norm(feats[j], feats[j].shape[-1:])),
+                                   codes[int(feats[j].shape[1] ** 0.5)].expand(len(feats[j]), -1, -1))
+                        for j, head in enumerate(heads)) / len(blocks)
         (loss + cfg["position_aux"] * where).backward()
         feats.clear()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
