@@ -1419,6 +1419,7 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
     """The demo's whole path with --train_base=True (world, base model with its where-am-I heads, prep, train_gligen,
     sample, metric, picture) at a few steps each, with captions that say where."""
     import demo_shapes as ds
+    from safetensors import safe_open
 
     out = tmp_path / "demo"
     cfg = {**ds.config, "out": str(out), "train_images": 40, "test_layouts": 3, "check_layouts": 2, "vae_steps": 2,
@@ -1439,7 +1440,10 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
     for name in ("base model", "adapters, beta=1"):
         assert result[name]["objects"] == sum(len(l["phrases"]) for l in ds.test_layouts(3, np.random.default_rng(1)))
     assert (out / "result.png").is_file() and json.loads((out / "results.json").read_text()) == result
-    assert tg.checkpoints(out / "gligen")
+    ckpt = tg.checkpoints(out / "gligen")[-1]  # the demo's GLIGEN settings reached the trainer
+    trained = json.loads(safe_open(ckpt / "adapters.safetensors", "pt").metadata()["config"])
+    assert (trained["caption_keep"], trained["lr"], trained["max_steps"]) == \
+           (cfg["gligen_caption_keep"], cfg["gligen_lr"], cfg["gligen_steps"])
 
 
 def test_shipped_shapes_base_is_what_train_base_builds(tmp_path):
