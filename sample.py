@@ -21,6 +21,7 @@ scheduler and steps it gives the same images as this script (in fp32; half preci
 """
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import (adapters_file, check_layout, configure, draw_layout, fail, generate, in_range, inject_gligen,
-                          is_moving, is_sdxl, is_video, load_adapters, load_base, load_image_project,
-                          project_image_embeds, read_jsonl, set_adapters, widen_conv_in)
+from train_gligen import (adapters_file, check_layouts, choose_seams, configure, draw_layout, fail, family_of, in_range,
+                          is_moving, load_adapters, load_image_project, load_model, mode_of, project_image_embeds,
+                          read_jsonl, set_adapters)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -70,17 +71,17 @@ def export(path, unet, vae, text_encoder, tokenizer, scheduler, image_tower=None
     from transformers import CLIPProcessor
 
     gated = UNet2DConditionModel.from_config(unet.config, attention_type="gated-text-image" if image_tower else "gated")
-    gated.load_state_dict(unet.state_dict())  # strict: every name of ours is diffusers' name
-    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=gated.to(unet.dtype),
+    gated.load_state_dict(unet.state_dict(), assign=True)  # strict: every name of ours is diffusers' name; our dtype
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=gated,
                  scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if image_tower is None:
         return StableDiffusionGLIGENPipeline(**parts).save_pretrained(path)
     processor, encoder, weight = image_tower
     project = CLIPImageProjection(hidden_size=weight.shape[0])
-    project.project.weight.data.copy_(weight)
+    project.load_state_dict({"project.weight": weight.to(unet.dtype)}, assign=True)
     processor = CLIPProcessor(image_processor=processor, tokenizer=tokenizer)
     StableDiffusionGLIGENTextImagePipeline(**parts, processor=processor, image_encoder=encoder,
-                                           image_project=project.to(unet.dtype)).save_pretrained(path)
+                                           image_project=project).save_pretrained(path)
 
 
 def load_image_tower(cfg, device, dtype):
@@ -145,100 +146,86 @@ def check_settings(cfg):
         fail("--export needs --adapters: it writes the base model with them")
 
 
+def read_layouts(cfg):
+    """The layouts to sample: --layouts' lines, or the one that --prompt, --phrases, --boxes (and --images) give;
+    checked, before the model loads (minutes for SDXL): a bad layout fails at once."""
+    if cfg["layouts"]:
+        layouts = [(f"{cfg['layouts']}:{i}", r) for i, r in read_jsonl(cfg["layouts"])]
+        if not layouts:
+            fail(f"{cfg['layouts']}: no layouts in it (one JSON object a line: prompt, phrases, boxes)")
+    else:
+        layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"])
+        layouts = [("--prompt/--phrases/--boxes", {**layout, **({"images": cfg["images"]} if cfg["images"] else {})})]
+    check_layouts(layouts, cfg["frames"])  # boxes may be one list per frame: for a video model, checked later
+    return [l for _, l in layouts]
+
+
 def main(cfg):
     import diffusers
     from diffusers import AutoencoderKL
 
     check_settings(cfg)
-    if cfg["layouts"]:
-        layouts = [(f"{cfg['layouts']}:{i}", r) for i, r in read_jsonl(cfg["layouts"])]
-    else:
-        layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"])
-        layouts = [("--prompt/--phrases/--boxes", layout)]
-    if not cfg["layouts"] and cfg["images"]:
-        layouts[0][1]["images"] = cfg["images"]
-    for where, l in layouts:  # before the model loads (minutes for SDXL): a bad layout fails at once
-        if not isinstance(l.get("prompt"), str):
-            fail(f"{where}: a layout needs a prompt string")
-        phrases = l.get("phrases")
-        if l.get("images"):  # text-image: a box has a phrase, a reference image, or both
-            if not isinstance(l["images"], list) or not isinstance(phrases, list) or len(l["images"]) != len(phrases):
-                fail(f"{where}: images must be a list with one path (or None) per phrase, got {l['images']!r}")
-            for k, (p, im) in enumerate(zip(phrases, l["images"])):
-                if im is not None and not Path(str(im)).is_file():
-                    fail(f"{where}: reference image not found: {im}")
-                if p is None and im is None:
-                    fail(f"{where}: box {k} has neither a phrase nor an image")
-            phrases = [p if p is not None else "(image)" for p in phrases]  # an image-only box passes as text
-        moving = is_moving(l.get("boxes"))
-        if moving and len(l["boxes"]) != cfg["frames"]:
-            fail(f"{where}: {len(l['boxes'])} lists of boxes for --frames={cfg['frames']} "
-                 "(one list per frame, for video models)")
-        for f, frame_boxes in enumerate(l["boxes"] if moving else [l.get("boxes")]):
-            check_layout(phrases, frame_boxes, where + (f" frame {f}" if moving else ""))
-    adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else None  # a bad path fails before the model loads
-    inpaint = adapters is not None and "conv_in.weight" in adapters  # inpainting adapters carry conv_in
-    text_image = adapters is not None and "position_net.linears_text.0.weight" in adapters
-    if any(l.get("images") for _, l in layouts) and not text_image:
+    layouts = read_layouts(cfg)
+    adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else {}  # a bad path fails before the model loads
+    inpaint, text_image = mode_of(adapters)  # the mode: what the adapters were trained for
+    if any(l.get("images") for l in layouts) and not text_image:
         fail("reference images (--images, or \"images\" in --layouts) need text-image adapters")
     if inpaint != bool(cfg["inpaint_image"]):
         fail(f"--adapters={cfg['adapters']} are inpainting adapters: give --inpaint_image" if inpaint else
              "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")
     if inpaint and not Path(cfg["inpaint_image"]).is_file():
         fail(f"--inpaint_image: file not found: {cfg['inpaint_image']}")
+    seams = choose_seams(family_of(cfg["model"]), inpaint, text_image)
+    video = seams.family == "video"
+    if not video and any(is_moving(l["boxes"]) for l in layouts):
+        fail(f"one list of boxes per frame is for video models; {cfg['model']} makes images")
+    if cfg["export"] and seams.family != "sd":
+        fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else torch.float16 if device == "cuda" else torch.float32
-    unet, text_encoder, tokenizer, _ = load_base(cfg["model"], device, dtype)
-    for where, l in layouts:
-        if is_moving(l["boxes"]) and not is_video(unet):
-            fail(f"{where}: one list of boxes per frame is for video models; {cfg['model']} makes images")
+    unet, text_encoder, tokenizer, _ = seams.load(cfg["model"], device, dtype)
     # SDXL's VAE overflows in fp16: it decodes in fp32 there
-    vae_dtype = torch.float32 if is_sdxl(unet) and dtype == torch.float16 else dtype
-    vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
+    vae_dtype = torch.float32 if seams.family == "sdxl" and dtype == torch.float16 else dtype
+    vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     for k in ("height", "width"):
         if cfg[k] % scale:
             fail(f"--{k}={cfg[k]}: must be a multiple of {scale}, the VAE's downsampling factor")
     scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
-    if inpaint and (is_sdxl(unet) or is_video(unet) or any(is_moving(l["boxes"]) for _, l in layouts)):
-        fail("inpainting is for SD1.x/2.x image models")
-    image_tower = load_image_tower(cfg, device, dtype) if text_image else None
-    if adapters is not None:
-        if inpaint:
-            widen_conv_in(unet)
-        inject_gligen(unet, images=text_image)
-        set_adapters(unet, adapters, cfg["adapters"])
-        unet.to(dtype)
+    image_tower = load_image_tower(cfg, device, dtype) if seams.text_image else None
+    if adapters:
+        seams.add_adapters(unet)
+        set_adapters(unet, adapters, cfg["adapters"], seams.is_adapter)
+        for name, p in unet.named_parameters():  # the adapters in the sampling precision, as the base loaded
+            p.data = p.data.to(dtype) if seams.is_adapter(name) else p.data
     else:
         print("no --adapters: sampling the base model, boxes ignored")
     if cfg["export"]:
-        if is_sdxl(unet) or is_video(unet):
-            fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
-        export(cfg["export"], unet, vae, text_encoder, tokenizer, scheduler, image_tower)
+        export(cfg["export"], unet, vae, text_encoder, tokenizer.tokenizer, scheduler, image_tower)
         kind = "StableDiffusionGLIGENTextImagePipeline" if image_tower else "StableDiffusionGLIGENPipeline"
         print(f"wrote a {kind} to {cfg['export']}")
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     height, width = cfg["height"] or unet.config.sample_size * scale, cfg["width"] or unet.config.sample_size * scale
-    kept = photo_latent(cfg["inpaint_image"], vae, height, width) if inpaint else None
-    for k, (_, l) in enumerate(tqdm(layouts, desc="layouts", unit="layout", disable=len(layouts) == 1)):
-        images = generate(unet, vae, text_encoder, tokenizer, scheduler, l["prompt"],
-                          l["phrases"] if cfg["adapters"] else [], l["boxes"], seed=cfg["seed"] + k, n=cfg["n"],
-                          steps=cfg["steps"], guidance=cfg["guidance"], beta=cfg["beta"], height=height, width=width,
-                          frames=cfg["frames"], inpaint_latent=kept, progress=True,
-                          images=image_features(l.get("images") or [None] * len(l["phrases"]), image_tower)
-                          if text_image else None)
+    extra = {"frames": cfg["frames"]} if video else {}  # the video sampler's clip length; the inpainting one's photo
+    extra |= {"inpaint_latent": photo_latent(cfg["inpaint_image"], vae, height, width)} if inpaint else {}
+    draw = partial(seams.generate, unet, vae, text_encoder, tokenizer, scheduler, n=cfg["n"], steps=cfg["steps"],
+                   guidance=cfg["guidance"], beta=cfg["beta"], height=height, width=width, progress=True, **extra)
+    for k, l in enumerate(tqdm(layouts, desc="layouts", unit="layout", disable=len(layouts) == 1)):
+        refs = {"images": image_features(l.get("images") or [None] * len(l["phrases"]), image_tower)} \
+            if text_image else {}
+        images = draw({**l, "phrases": l["phrases"] if adapters else [], **refs}, seed=cfg["seed"] + k)
+        labels = [p if p is not None else "(image)" for p in l["phrases"]]
         for i, im in enumerate(images):
             name = f"{k:03d}_{i:02d}"
-            if is_video(unet):
-                write_clip(out, name, im, l["phrases"], l["boxes"], cfg["fps"])
+            if video:
+                write_clip(out, name, im, labels, l["boxes"], cfg["fps"])
                 continue
             im = Image.fromarray(im)
             im.save(out / f"{name}.png")
-            labels = [p if p is not None else "(image)" for p in l["phrases"]]
             draw_layout(im, labels, l["boxes"]).save(out / f"{name}_boxes.png")
-    what = "clips (frames, a GIF, a GIF with boxes)" if is_video(unet) else "images (and copies with boxes)"
+    what = "clips (frames, a GIF, a GIF with boxes)" if video else "images (and copies with boxes)"
     print(f"wrote {len(layouts) * cfg['n']} {what} to {out}")
 
 

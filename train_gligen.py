@@ -4,9 +4,13 @@ Train GLIGEN grounding adapters on a frozen Stable Diffusion UNet (SD1.x/2.x, SD
 GLIGEN (Li et al., CVPR 2023) adds one gated self-attention layer ("fuser") to every transformer block of a
 frozen text-to-image UNet, fed by 30 grounding tokens made from each box (Fourier code) and its phrase (text
 encoder feature). Only the fusers and the position net train; the UNet and text encoder stay frozen. This one file
-is the whole trainer: config, the method (a block you can lift), the model, the data, the step, checkpoints, main.
-sample.py and the prep scripts import what they share from it. Two more of GLIGEN's modes: --image_features (boxes
-grounded by reference images too) and --inpaint=True (generation inside the boxes of a kept image).
+is the whole trainer; sample.py and the prep scripts import what they share from it. Two more of GLIGEN's modes:
+--image_features (boxes grounded by reference images too) and --inpaint=True (generation inside the boxes of a
+kept image).
+
+How it reads: SD1.x/2.x with text boxes from top to bottom (config, the method, the model, the data, the step,
+sampling, checkpoints, main); then SDXL, video, inpainting and text-image, each a section of its own that replaces a
+few of that path's functions (the seams, listed in choose_seams and chosen there once).
 
 One process (CPU or one GPU):
     python train_gligen.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --latents=data/coco/latents \
@@ -32,7 +36,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,6 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -209,175 +214,165 @@ def fourier_boxes(boxes, n_freqs=8):
     return torch.cat([x.sin(), x.cos()], dim=-1).flatten(2)
 
 
+def or_null(masks, x, null):
+    """x (B, S, F) in the slots that masks (B, S) fills, the learned null feature (F,) in the others."""
+    return torch.where(masks[..., None] > 0, x.to(null.dtype), null)
+
+
+def position_mlp(dim, n_freqs=8):
+    """A grounding token from [phrase feature (D); Fourier box code (64)]: D + 64 -> 512 -> 512 -> D."""
+    return nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
+                         nn.Linear(512, dim))
+
+
 class PositionNet(nn.Module):
     """Grounding tokens from (phrase feature, Fourier box code); empty slots take learned null features."""
 
     def __init__(self, dim, n_freqs=8):
         super().__init__()
-        self.linears = nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
-                                     nn.Linear(512, dim))
+        self.linears = position_mlp(dim, n_freqs)
         self.null_positive_feature = nn.Parameter(torch.zeros(dim))
         self.null_position_feature = nn.Parameter(torch.zeros(8 * n_freqs))
 
     def forward(self, boxes, masks, positive_embeddings):  # (B, 30, 4), (B, 30), (B, 30, D): diffusers' names
-        filled = masks[..., None] > 0
-        pos = torch.where(filled, fourier_boxes(boxes).to(self.null_position_feature.dtype), self.null_position_feature)
-        phr = torch.where(filled, positive_embeddings.to(pos.dtype), self.null_positive_feature)
+        pos = or_null(masks, fourier_boxes(boxes), self.null_position_feature)  # (B, 30, 64)
+        phr = or_null(masks, positive_embeddings, self.null_positive_feature)  # (B, 30, D)
         return self.linears(torch.cat([phr, pos], dim=-1))  # (B, 30, D)
 
 
-class PositionNetTextImage(nn.Module):
-    """GLIGEN's text-image-box mode: each box may have a phrase, a reference image, or both. The same Fourier box code
-    goes to two MLPs, one with the phrase feature and one with the image feature (CLIP image embedding, projected into
-    the phrase space); 30 text tokens, then 30 image tokens. Empty slots, and each missing feature, take nulls."""
+def transformer_blocks(unet):
+    """The UNet's transformer blocks (diffusers' BasicTransformerBlock), in module order."""
+    from diffusers.models.attention import BasicTransformerBlock
 
-    def __init__(self, dim, n_freqs=8):
-        super().__init__()
-        mlp = lambda: nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
-                                    nn.Linear(512, dim))
-        self.linears_text, self.linears_image = mlp(), mlp()
-        self.null_text_feature = nn.Parameter(torch.zeros(dim))
-        self.null_image_feature = nn.Parameter(torch.zeros(dim))
-        self.null_position_feature = nn.Parameter(torch.zeros(8 * n_freqs))
-
-    def forward(self, boxes, masks, phrases_masks, image_masks, phrases_embeddings, image_embeddings):  # diffusers'
-        pos = torch.where(masks[..., None] > 0, fourier_boxes(boxes).to(self.null_position_feature.dtype),
-                          self.null_position_feature)
-        phr = torch.where(phrases_masks[..., None] > 0, phrases_embeddings.to(pos.dtype), self.null_text_feature)
-        img = torch.where(image_masks[..., None] > 0, image_embeddings.to(pos.dtype), self.null_image_feature)
-        return torch.cat([self.linears_text(torch.cat([phr, pos], -1)), self.linears_image(torch.cat([img, pos], -1))],
-                         dim=1)  # (B, 60, D)
+    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
 
 
-class NoFuser(nn.Module):
-    """The video UNet's temporal blocks get the grounding kwargs too, and are left as they are."""
-
-    def forward(self, x, objs):
-        return x
-
-
-def video_position_net(unet, args, kwargs):
-    """The video UNet does not make grounding tokens itself as the image UNet does: make them on the way in."""
-    gligen = (kwargs.get("cross_attention_kwargs") or {}).get("gligen")
-    if gligen is not None and "objs" not in gligen:
-        kwargs["cross_attention_kwargs"] = {**kwargs["cross_attention_kwargs"], "gligen": {"objs": unet.position_net(**gligen)}}
-    return args, kwargs
-
-
-def inject_gligen(unet, images=False):
-    """Give every spatial transformer block of a stock diffusers UNet a fresh fuser and the UNet a fresh position net.
+def inject_gligen(unet, position_net=PositionNet, blocks=transformer_blocks):
+    """Give the transformer blocks of a stock diffusers UNet fresh fusers, and the UNet a fresh position net.
     diffusers' BasicTransformerBlock already calls `self.fuser` between self- and cross-attention when
     cross_attention_kwargs holds "gligen", and the UNet turns {boxes, masks, positive_embeddings} into tokens with
     `self.position_net`; so injecting is attaching the modules. Pass grounding as
-    unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes": ..., "masks": ..., "positive_embeddings": ...}}).
-    Video UNets (UNet3DConditionModel): fusers in the spatial blocks only, one set of grounding tokens per frame
-    (boxes (batch x frames, 30, 4), frame-minor), temporal blocks untouched. images=True: the text-image-box position
-    net (diffusers' attention_type="gated-text-image")."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
+    unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes": ..., "masks": ..., "positive_embeddings": ...}})."""
     D = unet.config.cross_attention_dim
-    spatial = {id(b) for m in unet.modules() if isinstance(m, Transformer2DModel) for b in m.transformer_blocks}
-    for block in unet.modules():
-        if isinstance(block, BasicTransformerBlock):
-            a = block.attn1
-            block.fuser = Fuser(a.query_dim, D, a.heads, a.inner_dim // a.heads).to(unet.device) \
-                if id(block) in spatial else NoFuser()
-    unet.position_net = (PositionNetTextImage if images else PositionNet)(D).to(unet.device)
-    if is_video(unet):
-        unet.register_forward_pre_hook(video_position_net, with_kwargs=True)
+    for block in blocks(unet):
+        a = block.attn1
+        block.fuser = Fuser(a.query_dim, D, a.heads, a.inner_dim // a.heads).to(unet.device)
+    unet.position_net = position_net(D).to(unet.device)
     return unet
-
-
-def is_video(unet):
-    return type(unet).__name__ == "UNet3DConditionModel"
-
-
-# GLIGEN's inpainting mode: the UNet also sees the image outside the boxes, and generates inside them.
-def widen_conv_in(unet):
-    """conv_in takes [noisy latent (4), masked image latent z * m (4), mask m (1)], GLIGEN's order (not SD-inpainting's:
-    mask last, 1 where the image is kept). The new input channels start at zero: the UNet starts equal to its base."""
-    old, c = unet.conv_in, unet.conv_in.in_channels
-    new = nn.Conv2d(2 * c + 1, old.out_channels, old.kernel_size, padding=old.padding).to(old.weight)
-    with torch.no_grad():
-        new.weight.zero_()[:, :c] = old.weight
-        new.bias.copy_(old.bias)
-    unet.conv_in = new.requires_grad_(False)
-    unet.register_to_config(in_channels=2 * c + 1)
-    return unet
-
-
-def is_inpaint(unet):
-    return unet.config.in_channels != unet.config.out_channels
-
-
-def inpaint_mask(boxes, masks, h, w):
-    """(B, 1, h, w): 1 where the image is kept, 0 inside any filled slot's box, on the latent grid with GLIGEN's and
-    diffusers' rounding (rows int(y0 * h) to int(y1 * h)). boxes (B, 30, 4) x0, y0, x1, y1; masks (B, 30)."""
-    b = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64, device=boxes.device)
-    b = b.floor()[..., None]  # (B, 30, 4, 1)
-    x, y = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
-    inside = ((y >= b[:, :, 1]) & (y < b[:, :, 3]))[..., :, None] & ((x >= b[:, :, 0]) & (x < b[:, :, 2]))[..., None, :]
-    return 1 - (inside & (masks[..., None, None] > 0)).any(1, keepdim=True).float()  # (B, 1, h, w)
-
-
-class SDXLTextEncoders(nn.Module):
-    """SDXL's two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG) behind one CLIPTextModel-like call, on ids
-    (B, 2, L) from both tokenizers. As SDXL: the context is both penultimate hidden states side by side (768 + 1280 =
-    2048) and text_embeds is bigG's projected EOS feature. The phrase feature (pooler_output) is ViT-L's EOS feature
-    beside bigG's projected one: 768 + 1280 = 2048, the UNet's cross-attention width, as a phrase must be."""
-
-    def __init__(self, te1, te2):
-        super().__init__()
-        self.te1, self.te2 = te1, te2
-
-    def forward(self, ids, attention_mask=None):
-        o1 = self.te1(ids[:, 0], attention_mask=attention_mask, output_hidden_states=True)
-        o2 = self.te2(ids[:, 1], attention_mask=attention_mask, output_hidden_states=True)
-        return SimpleNamespace(last_hidden_state=torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1),
-                               pooler_output=torch.cat([o1.pooler_output, o2.text_embeds], -1), text_embeds=o2.text_embeds)
-
-
-def project_image_embeds(image_embeds, weight, norm=28.7):
-    """Text-image mode: CLIP image embeddings (N, D) into the phrase space, through image_project's weight, then
-    scaled to norm 28.7 (a phrase's pooled text feature's), as GLIGEN and diffusers' text-image pipeline do."""
-    f = F.linear(image_embeds, weight)
-    return torch.stack([r / r.norm() * norm for r in f])  # row by row, as the pipeline: the same last bits
-
-
-def grounding(text_encoder, phrase_ids, phrase_mask, slot_phrase, boxes, masks, images=None):
-    """The UNet's "gligen" kwargs: each distinct phrase encoded alone (pooler_output), placed in its slots. Text-image
-    training, images = (image features (B, 30, D), phrases_masks, image_masks): each box may lose a phrase or image."""
-    feats = text_encoder(phrase_ids, attention_mask=phrase_mask).pooler_output  # (U, D)
-    if images is None:
-        return {"boxes": boxes, "masks": masks, "positive_embeddings": feats[slot_phrase]}  # (B, 30, D)
-    image_feats, phrases_masks, image_masks = images
-    return {"boxes": boxes, "masks": masks, "phrases_masks": phrases_masks, "image_masks": image_masks,
-            "phrases_embeddings": feats[slot_phrase], "image_embeddings": image_feats}
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The model: the frozen base, and adapters from this project's checkpoints or from diffusers GLIGEN models.
-def is_sdxl(unet):
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+# The model: which family the base is, decided once with the mode (choose_seams); its frozen parts; the adapters,
+# from this project's checkpoints or from diffusers GLIGEN models.
+FAMILIES = {"sd": {}}  # family -> the seams that its section at the end of this file replaces; SD1.x/2.x: none
 
 
-def is_adapter(name, inpaint=False):
-    """What trains and what a checkpoint holds: fusers, the position net, and in inpainting mode conv_in's weight."""
-    return ".fuser." in name or name.startswith("position_net.") or (inpaint and name == "conv_in.weight")
+def family_of(model):
+    """"sd" (SD1.x/2.x), "sdxl" or "video", read from the model's UNet config (the weights load later). Stops on a
+    model GLIGEN cannot start from."""
+    from diffusers import UNet2DConditionModel
+
+    if missing_local_path(model):
+        fail(f"model directory not found: {model}")
+    with loading(model):
+        unet = UNet2DConditionModel.load_config(model, subfolder="unet")
+    if unet.get("attention_type", "default") != "default":
+        fail(f"{model} is already a GLIGEN model: pass its base as --model and it as --init_from")
+    if unet.get("in_channels") != unet.get("out_channels"):
+        fail(f"{model}: its UNet takes {unet['in_channels']} input channels (an inpainting or depth model?); "
+             f"GLIGEN trains on a text-to-image base (for inpainting: that base with --inpaint=True)")
+    if unet["_class_name"] == "UNet3DConditionModel":
+        return "video"
+    return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
 
 
-def adapter_state(unet):
-    return {k: v for k, v in unet.state_dict().items() if is_adapter(k, is_inpaint(unet))}
+def mode_of(adapters):
+    """(inpaint, text_image): the mode that adapter tensors were trained in, from their names."""
+    return "conv_in.weight" in adapters, "position_net.linears_text.0.weight" in adapters
 
 
-def set_adapters(unet, sd, source):
+def choose_seams(family, inpaint=False, text_image=False):
+    """The family and the mode, decided once: the function that fills each seam. The SD1.x/2.x text-box path is made
+    of the functions named here; another family or mode replaces a few (the dict at the end of its section):
+        load              model directory -> its frozen UNet, text encoder, tokenizer and noise scheduler
+        position_net      the position net's class
+        add_adapters      fresh fusers and a fresh position net on the UNet
+        is_adapter        which of the UNet's tensors train, and are saved
+        training_data     the settings -> the training set: its items, and how they batch
+        text_inputs       caption ids -> the UNet's text inputs (its keyword arguments)
+        noisy_input       the noised latent and the target -> the UNet's input and the target
+        grounding         a batch's boxes and phrases -> the UNet's "gligen" inputs
+        prompt_inputs     sampling: a prompt -> the text inputs of [unconditional; conditional]
+        layout_grounding  sampling: a layout -> the "gligen" inputs, the unconditional half null
+        generate          sampling: a layout -> images
+        val_options       the validation grid's extra inputs to generate
+    Returned with add_adapters, loss and generate bound to the seams they use. Two sections never replace the same
+    seam, so a family and modes combine (inpainting with text-image, say)."""
+    if (inpaint or text_image) and family != "sd":
+        fail(f"{'inpainting' if inpaint else 'text-image grounding'} is for SD1.x/2.x models; this is {family}")
+    seams = dict(load=load_base, position_net=PositionNet, add_adapters=inject_gligen, is_adapter=is_adapter,
+                 training_data=training_data, text_inputs=caption_inputs, noisy_input=as_is,
+                 grounding=text_box_grounding, prompt_inputs=prompt_inputs, layout_grounding=layout_grounding,
+                 generate=generate, val_options=lambda data, pick: {})
+    replaced = set()
+    for section in (FAMILIES[family], INPAINT if inpaint else {}, TEXT_IMAGE if text_image else {}):
+        assert not replaced & section.keys(), f"two sections replace {replaced & section.keys()}"
+        replaced |= section.keys()
+        seams.update(section)
+    seams["add_adapters"] = partial(seams["add_adapters"], position_net=seams["position_net"])
+    seams["loss"] = partial(micro_step_loss, text_inputs=seams["text_inputs"], noisy_input=seams["noisy_input"],
+                            grounding=seams["grounding"])
+    seams["generate"] = partial(seams["generate"], prompt_inputs=seams["prompt_inputs"],
+                                layout_grounding=seams["layout_grounding"])
+    return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image, **seams)
+
+
+@contextmanager
+def loading(model):
+    """A model that cannot be read (no such directory, no network for a Hub id, a broken file): one error line."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        fail(f"cannot load the model {model!r} (not a local diffusers directory, and not loadable from the Hub): {e}")
+
+
+def load_model(cls, model, **kwargs):
+    """A diffusers model class's from_pretrained, quietly: without accelerate, diffusers loads every model as with
+    low_cpu_mem_usage=False and prints advice to install accelerate; passing what it falls back to says it once."""
+    from diffusers.utils import is_accelerate_available
+
+    return cls.from_pretrained(model, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
+
+
+def load_base(model, device, dtype, unet_class="UNet2DConditionModel"):
+    """The frozen parts of a diffusers SD model (directory or Hub id): UNet, text encoder, tokenizer, scheduler."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with loading(model):
+        unet = load_model(getattr(diffusers, unet_class), model, subfolder="unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
+        tokenizer = Tokenizer(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"))
+        scheduler = diffusers.DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    return unet.to(device).requires_grad_(False), text_encoder.to(device).requires_grad_(False), tokenizer, scheduler
+
+
+def is_adapter(name):
+    """What trains and what a checkpoint holds: the fusers and the position net."""
+    return ".fuser." in name or name.startswith("position_net.")
+
+
+def adapter_state(unet, is_adapter=is_adapter):
+    return {k: v for k, v in unet.state_dict().items() if is_adapter(k)}
+
+
+def set_adapters(unet, sd, source, is_adapter=is_adapter):
     """Load adapter tensors into an injected UNet; every name and shape must match."""
-    own = adapter_state(unet)
-    missing, extra = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
-    if missing or extra:
+    own = adapter_state(unet, is_adapter)
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or unexpected:
         fail(f"{source}: adapters do not fit this UNet: {len(missing)} missing (e.g. {missing[:2]}), "
-             f"{len(extra)} unexpected (e.g. {extra[:2]})")
+             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     for k, v in sd.items():
         if v.shape != own[k].shape:
             fail(f"{source}: {k} has shape {tuple(v.shape)}, this UNet needs {tuple(own[k].shape)}")
@@ -404,106 +399,63 @@ def adapters_file(src):
     return path if path.suffix == ".safetensors" else None
 
 
+def read_safetensors(path):
+    """The tensors of a .safetensors file; a damaged or foreign file stops with its name."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        fail(f"{path}: not a readable safetensors file ({e}): damaged, or cut short in a copy?")
+
+
 def load_adapters(src):
     """Adapter tensors from this project's adapters.safetensors, checkpoint or out_dir (its latest checkpoint),
-    or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model)."""
+    or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model): its fusers and
+    position net, and an inpainting model's widened conv_in."""
     path = adapters_file(src)
     if path is not None:
-        return load_file(path)
+        return read_safetensors(path)
     from diffusers import UNet2DConditionModel
 
     try:
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+        unet = load_model(UNet2DConditionModel, src, subfolder="unet")
     except (OSError, ValueError) as e:
         fail(f"cannot read adapters from {src!r} (no checkpoint, .safetensors or diffusers GLIGEN model there): {e}")
-    sd = {k: v for k, v in unet.state_dict().items() if is_adapter(k, is_inpaint(unet))}
+    widened = unet.config.in_channels != unet.config.out_channels
+    sd = {k: v for k, v in unet.state_dict().items() if is_adapter(k) or (widened and k == "conv_in.weight")}
     if not sd:
         fail(f"{src}: its UNet has no GLIGEN adapters (it was not built with attention_type='gated')")
     return sd
 
 
-def load_image_project(src):
-    """A text-image model's image_project weight (D, D): beside this project's adapters.safetensors, or a diffusers
-    text-image model's own (its image_project folder)."""
-    from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
-
-    path = adapters_file(src)
-    if path is not None:
-        if not path.with_name("image_project.safetensors").is_file():
-            fail(f"{path.with_name('image_project.safetensors')} not found: text-image adapters keep it beside them")
-        return load_file(path.with_name("image_project.safetensors"))["project.weight"]
-    try:
-        return CLIPImageProjection.from_pretrained(src, subfolder="image_project").project.weight.detach()
-    except (OSError, ValueError) as e:
-        fail(f"{src}: no image_project (a diffusers GLIGEN text-image model has one): {e}")
-
-
-def load_base(model, device, dtype):
-    """The frozen parts of a diffusers SD model (directory or Hub id): UNet, text encoder, tokenizer, scheduler.
-    SDXL (its UNet takes "text_time" conditioning): both text encoders as one SDXLTextEncoders, a tokenizer pair.
-    ModelScope/Zeroscope: a UNet3DConditionModel."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet3DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    if missing_local_path(model):
-        fail(f"model directory not found: {model}")
-    try:
-        video = UNet2DConditionModel.load_config(model, subfolder="unet")["_class_name"] == "UNet3DConditionModel"
-        unet_class = UNet3DConditionModel if video else UNet2DConditionModel
-        unet = unet_class.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).to(device)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        if is_sdxl(unet):
-            te2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", torch_dtype=dtype)
-            text_encoder = SDXLTextEncoders(text_encoder, te2.to(device))
-            tokenizer = (tokenizer, CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
-        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        fail(f"cannot load the model {model!r} (not a local diffusers directory, and not loadable from the Hub): {e}")
-    if getattr(unet.config, "attention_type", "default") != "default":
-        fail(f"{model} is already a GLIGEN model: pass its base as --model and it as --init_from")
-    if is_inpaint(unet):
-        fail(f"{model}: its UNet takes {unet.config.in_channels} input channels (an inpainting or depth model?); "
-             f"GLIGEN trains on a text-to-image base (for inpainting: that base with --inpaint=True)")
-    unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    return unet, text_encoder, tokenizer, scheduler
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Text and layouts: tokenization, checks on phrases and boxes, and batching them into the 30 grounding slots.
-def side_by_side(pair):
-    """SDXL's two tokenizers' (ids, mask) as ids (B, 2, L) and one mask: same vocabulary, so the same lengths."""
-    return torch.stack([pair[0][0], pair[1][0]], 1), pair[0][1]
+class Tokenizer:
+    """CLIP's tokenizer as the trainer uses it: captions padded to 77, as SD expects; phrases padded to the longest
+    (CLIP is causal: the pooled feature equals the phrase's alone at 77), each tokenized once per process and kept:
+    phrases repeat across batches ("a man", "the table"), and the loader workers spend most of their time here."""
 
+    def __init__(self, tokenizer):
+        self.tokenizer, self.known = tokenizer, {}
 
-def tokenize(tokenizer, texts):
-    """Token ids and attention mask of captions, padded to 77 as SD expects. SDXL's pair of tokenizers gives ids
-    (B, 2, 77) (their pad tokens differ)."""
-    if isinstance(tokenizer, tuple):
-        return side_by_side([tokenize(t, texts) for t in tokenizer])
-    t = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                  truncation=True)  # lists, then one torch.tensor each: transformers' own conversion is 3x slower
-    return torch.tensor(t["input_ids"]), torch.tensor(t["attention_mask"])
+    def captions(self, texts):
+        """Token ids (B, 77). Lists, then one torch.tensor: transformers' own conversion is 3x slower."""
+        t = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True)
+        return torch.tensor(t["input_ids"])
 
-
-def tokenize_phrases(tokenizer, phrases):
-    """Phrases padded to the longest (CLIP is causal: the pooled feature equals the phrase alone at 77), each phrase
-    tokenized once per process and kept on the tokenizer: phrases repeat across batches ("a man", "the table"), and
-    the loader workers spend most of their time here."""
-    if isinstance(tokenizer, tuple):  # SDXL
-        return side_by_side([tokenize_phrases(t, phrases) for t in tokenizer])
-    known = tokenizer.__dict__.setdefault("gligen_phrase_ids", {})
-    new = [p for p in phrases if p not in known]
-    if new:
-        if len(known) > 200_000:
-            known.clear()
-        known.update(zip(new, tokenizer(new, max_length=tokenizer.model_max_length, truncation=True)["input_ids"]))
-    n = max(len(known[p]) for p in phrases)
-    ids, mask = np.full((len(phrases), n), tokenizer.pad_token_id, np.int64), np.zeros((len(phrases), n), np.int64)
-    for i, p in enumerate(phrases):
-        ids[i, :len(known[p])], mask[i, :len(known[p])] = known[p], 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    def phrases(self, phrases):
+        """Token ids (U, L) and attention mask of phrases, padded to the longest L."""
+        new = [p for p in phrases if p not in self.known]
+        if new:
+            if len(self.known) > 200_000:
+                self.known.clear()
+            ids = self.tokenizer(new, max_length=self.tokenizer.model_max_length, truncation=True)["input_ids"]
+            self.known.update(zip(new, ids))
+        n = max(len(self.known[p]) for p in phrases)
+        ids = np.full((len(phrases), n), self.tokenizer.pad_token_id, np.int64)
+        mask = np.zeros((len(phrases), n), np.int64)
+        for i, p in enumerate(phrases):
+            ids[i, :len(self.known[p])], mask[i, :len(self.known[p])] = self.known[p], 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
@@ -526,9 +478,36 @@ def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
             fail(f"{where}: box {b!r} for {p!r} has x1 < x0 or y1 < y0 (boxes are x0, y0, x1, y1)")
 
 
+def check_layouts(layouts, frames=None):
+    """Fail, naming the layout, unless each (where, layout) has a prompt string, and phrases and boxes that
+    check_layout accepts. A layout may also hold images: one reference image path or None per box (text-image
+    adapters; a box then needs a phrase or an image); and, where frames is a number (video), one list of boxes per
+    frame."""
+    for where, l in layouts:
+        if not isinstance(l, dict) or not isinstance(l.get("prompt"), str):
+            fail(f"{where}: a layout needs a prompt string, got {l!r}")
+        phrases, boxes, images = l.get("phrases"), l.get("boxes"), l.get("images")
+        if images:
+            if not isinstance(images, list) or not isinstance(phrases, list) or len(images) != len(phrases):
+                fail(f"{where}: images must be a list with one path (or None) per phrase, got {images!r}")
+            for k, (p, im) in enumerate(zip(phrases, images)):
+                if im is not None and not Path(str(im)).is_file():
+                    fail(f"{where}: reference image not found: {im}")
+                if p is None and im is None:
+                    fail(f"{where}: box {k} has neither a phrase nor an image")
+            phrases = [p if p is not None else "(image)" for p in phrases]  # an image-only box passes as text
+        per_frame = is_moving(boxes)
+        if per_frame and frames is None:
+            fail(f"{where}: one list of boxes per frame is for video models")
+        if per_frame and len(boxes) != frames:
+            fail(f"{where}: {len(boxes)} lists of boxes for --frames={frames} (one list per frame, for video models)")
+        for f, frame_boxes in enumerate(boxes if per_frame else [boxes]):
+            check_layout(phrases, frame_boxes, where + (f" frame {f}" if per_frame else ""))
+
+
 def is_moving(boxes):
     """Whether a video layout's boxes are one list per frame (they move) rather than one list for all frames."""
-    first = boxes[0] if boxes else None
+    first = boxes[0] if isinstance(boxes, list) and boxes else None
     return isinstance(first, (list, tuple)) and bool(first) and isinstance(first[0], (list, tuple))
 
 
@@ -540,9 +519,10 @@ def mirror(boxes):
 
 
 def layout_tensors(tokenizer, layouts):
-    """Batch of layouts -> phrase ids of the distinct phrases, slot->phrase index, boxes (B, 30, 4), masks (B, 30)."""
+    """Batch of (phrases, boxes) -> phrase ids of the distinct phrases, slot->phrase index, boxes (B, 30, 4), masks
+    (B, 30)."""
     phrases = list(dict.fromkeys(p for phr, _ in layouts for p in phr)) or [""]  # distinct, in order of appearance
-    ids, mask = tokenize_phrases(tokenizer, phrases)
+    ids, mask = tokenizer.phrases(phrases)
     row = {p: i for i, p in enumerate(phrases)}
     slot_phrase = np.zeros((len(layouts), N_SLOTS), np.int64)  # filled in numpy: a torch call per row costs more
     boxes, masks = np.zeros((len(layouts), N_SLOTS, 4), np.float32), np.zeros((len(layouts), N_SLOTS), np.float32)
@@ -572,18 +552,18 @@ class GroundedLatents(torch.utils.data.Dataset):
     """Item (i, flip): image i's latent (stats, 4, h, w) (stats: mean, or mean and std), caption, and up to max_boxes
     (phrase, box) in its training crop, all mirrored if flip. Boxes are stored relative to the original image; they
     go through the crop that prep_latents.py took, are clipped to it, dropped under min_box_area of it, and kept
-    largest first. Shards are memmapped: a sample reads only its own rows, from any shard. With image_features (the
-    text-image mode) an item also holds its kept boxes' image features (k, D), the same when mirrored (as GLIGEN's
-    precomputed ones)."""
+    largest first. Shards are memmapped: a sample reads only its own rows, from any shard."""
+    files = ()  # what a checkpoint copies beside the adapters (the text-image mode's image_project)
 
-    def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01, image_features=""):
-        self.dir = Path(latents_dir)
+    def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01):
+        self.dir, self.max_boxes, self.min_box_area = Path(latents_dir), max_boxes, min_box_area
         for f, script in ((self.dir / "meta.json", "prep_latents"), (self.dir / "index.jsonl", "prep_latents"),
                           (Path(boxes_path), "prep_boxes")):
             if not f.is_file():
                 fail(f"data file not found: {f} (write it with {script}.py)")
         meta = json.loads((self.dir / "meta.json").read_text())
         self.resolution, self.has_flipped = meta["resolution"], "flipped" in meta["views"]
+        self.row_shape = (len(meta["views"]), len(meta["stats"]), *meta["latent_shape"])
         layouts = {}
         for line, rec in read_jsonl(boxes_path):
             where = f"{boxes_path}:{line} (image {rec.get('image')!r})"
@@ -591,15 +571,9 @@ class GroundedLatents(torch.utils.data.Dataset):
                 fail(f"{where}: a record needs image, width, height, phrases and boxes")
             check_layout(rec["phrases"], rec["boxes"], where, max_boxes=None)  # the largest max_boxes are kept
             layouts[rec["image"]] = (where, rec)
-        fdir, feats, shapes = Path(image_features), {}, {}
-        if image_features:
-            if not (fdir / "index.jsonl").is_file():
-                fail(f"data file not found: {fdir / 'index.jsonl'} (write it with prep_latents.py --image_encoder)")
-            feats = {r["key"]: (line, r) for line, r in read_jsonl(fdir / "index.jsonl")}
-            self.image_meta = json.loads((fdir / "meta.json").read_text())
-        self.items, missing, rows = [], [], {}
+        self.items, self.rows, missing = [], {}, []  # rows: shard -> (rows the index needs, the shape of one)
         for line, rec in read_jsonl(self.dir / "index.jsonl"):
-            if rec["key"] not in layouts or (image_features and rec["key"] not in feats):
+            if rec["key"] not in layouts:
                 missing.append(rec["key"])
                 continue
             where, lay = layouts[rec["key"]]
@@ -607,44 +581,36 @@ class GroundedLatents(torch.utils.data.Dataset):
                 fail(f"{where}: image size {lay['width']}x{lay['height']} does not match "
                      f"{rec['width']}x{rec['height']} in {self.dir / 'index.jsonl'}:{line}: latents and boxes are "
                      f"of different images")
-            phrases, boxes, keep = self.crop_layout(lay, rec["crop"], max_boxes, min_box_area)
-            feat = None
-            if image_features:
-                fline, f = feats[rec["key"]]
-                if f["boxes"] != len(lay["boxes"]):
-                    fail(f"{fdir / 'index.jsonl'}:{fline}: {f['boxes']} box features for image {rec['key']!r}, but "
-                         f"{where} has {len(lay['boxes'])} boxes: were the features made from another boxes file?")
-                feat = (fdir / f["shard"], f["row"] + np.asarray(keep, np.int64))
-                n = max(rows.get(feat[0], 0), f["row"] + f["boxes"])
-                rows[feat[0]], shapes[feat[0]] = n, (self.image_meta["dim"],)
-            self.items.append((self.dir / rec["shard"], rec["row"], rec["caption"], phrases, boxes,
-                               self.time_ids(rec, self.resolution), feat))
-            rows[self.dir / rec["shard"]] = max(rows.get(self.dir / rec["shard"], 0), rec["row"] + 1)
-            shapes[self.dir / rec["shard"]] = (len(meta["views"]), len(meta["stats"]), *meta["latent_shape"])
+            self.items.append(self.item(rec, lay))
         if missing:
-            fail(f"{boxes_path}" + (f" or {fdir / 'index.jsonl'}" if image_features else "") + f" has no record for "
-                 f"{len(missing)} of the images in {self.dir / 'index.jsonl'} (e.g. {missing[:3]}): were they made "
-                 f"from the same images?")
-        for path, n in rows.items():  # a shard cut short (a copy that stopped) fails here, not in a loader worker
+            fail(f"{boxes_path} has no record for {len(missing)} of the images in {self.dir / 'index.jsonl'} "
+                 f"(e.g. {missing[:3]}): were they made from the same images?")
+        self.check_shards()
+        self.config = dict(resolution=self.resolution, images=len(self.items))  # joins the run's config
+        self.arrays = {}
+
+    def item(self, rec, lay):
+        """What an item keeps of its index record and layout: shard, row, caption, phrases and boxes in the crop."""
+        phrases, boxes, _ = self.crop_layout(lay, rec["crop"], self.max_boxes, self.min_box_area)
+        return self.need(self.dir / rec["shard"], rec["row"], self.row_shape) + (rec["caption"], phrases, boxes)
+
+    def need(self, shard, row, shape):
+        """(shard, row), noting that the shard must hold that row, of that shape."""
+        self.rows[shard] = (max(self.rows.get(shard, (0,))[0], row + 1), shape)
+        return shard, row
+
+    def check_shards(self):
+        """A shard cut short (a copy that stopped) fails here, not in a loader worker."""
+        for path, (n, shape) in self.rows.items():
             try:
                 got = np.load(path, mmap_mode="r").shape
-                problem = None if got[0] >= n and got[1:] == shapes[path] else f"its shape is {got}"
+                problem = None if got[0] >= n and got[1:] == shape else f"its shape is {got}"
             except (OSError, ValueError, EOFError) as e:
                 problem = f"it is unreadable ({e})"
             if problem:
-                fail(f"{path}: {problem}, and {path.parent / 'index.jsonl'} needs {n} rows of {shapes[path]}: cut "
+                fail(f"{path}: {problem}, and {path.parent / 'index.jsonl'} needs {n} rows of {shape}: cut "
                      f"short or from another run? Copy it again, or delete it and {path.stem}.json and run the same "
                      f"prep_latents.py command again: it redoes that shard alone")
-        self.arrays = {}
-
-    @staticmethod
-    def time_ids(rec, R):
-        """SDXL's size conditioning: original (height, width), the crop's top-left in the image resized to the crop
-        side R, the target (R, R); and the crop's left for the mirrored image."""
-        x0, y0, x1, _ = rec["crop"]
-        scale = R / (x1 - x0)
-        top, left, width = round(y0 * scale), round(x0 * scale), round(rec["width"] * scale)
-        return (rec["height"], rec["width"], top, left, R, R), width - left - R
 
     @staticmethod
     def crop_layout(lay, crop, max_boxes, min_box_area):
@@ -666,29 +632,21 @@ class GroundedLatents(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, flip = item
-        shard, row, caption, phrases, boxes, (time_ids, flipped_left), feat = self.items[i]
-        if flip:
-            boxes = mirror(boxes)
-            time_ids = (*time_ids[:3], flipped_left, *time_ids[4:])
+        shard, row, caption, phrases, boxes = self.items[i][:5]
         latent = torch.from_numpy(np.array(self.array(shard)[row, int(flip)]))  # view 1: the mirrored image
-        if feat is None:
-            return latent, caption, phrases, boxes, time_ids
-        return latent, caption, phrases, boxes, time_ids, self.array(feat[0])[feat[1]].astype(np.float32)
+        return dict(latent=latent, caption=caption, phrases=phrases, boxes=mirror(boxes) if flip else boxes)
+
+    def collate(self, tokenizer, items):
+        """Items -> a micro-batch of tensors. Strings are tokenized here, in the loader workers, not in the loop."""
+        ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, [(x["phrases"], x["boxes"]) for x in items])
+        return dict(latents=torch.stack([x["latent"] for x in items]),
+                    caption_ids=tokenizer.captions([x["caption"] for x in items]), phrase_ids=ids, phrase_mask=mask,
+                    slot_phrase=slot_phrase, boxes=boxes, masks=masks)
 
 
-def collate(tokenizer, items):
-    """Items -> a micro-batch of tensors. Strings are tokenized here, in the loader workers, not in the loop."""
-    latents, captions, phrases, boxes, time_ids, *feats = zip(*items)
-    ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, list(zip(phrases, boxes)))
-    batch = dict(latents=torch.stack(latents), caption_ids=tokenize(tokenizer, list(captions))[0], phrase_ids=ids,
-                 phrase_mask=mask, slot_phrase=slot_phrase, boxes=boxes, masks=masks,
-                 time_ids=torch.tensor(time_ids, dtype=torch.float32))  # one call for the batch: cheaper than per item
-    if feats:  # text-image: each box's image feature in its slot, (B, 30, D)
-        f = np.zeros((len(items), N_SLOTS, feats[0][0].shape[-1]), np.float32)
-        for i, x in enumerate(feats[0]):
-            f[i, :len(x)] = x
-        batch["image_feats"] = torch.from_numpy(f)
-    return batch
+def training_data(cfg, Latents=GroundedLatents):
+    """The training set the settings name: prep_latents.py's latents joined with prep_boxes.py's boxes."""
+    return Latents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
 
 
 def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step, flip=False):
@@ -725,11 +683,27 @@ def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
     return xt, noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(), video=False,
-                    inpaint=False):
+def caption_inputs(text_encoder, ids, batch):
+    """The UNet's text inputs for caption ids (B, 77): CLIP's last hidden state (B, 77, D)."""
+    return {"encoder_hidden_states": text_encoder(ids).last_hidden_state}
+
+
+def as_is(xt, target, x0, batch):
+    """The UNet's input and target: the noised latent (B, 4, h, w) and the target, as they are."""
+    return xt, target
+
+
+def text_box_grounding(text_encoder, batch, masks, g):
+    """The UNet's "gligen" inputs: each distinct phrase encoded alone (pooler_output), placed in its slots; masks
+    (B, 30) says which slots are filled. (g, the micro-batch's random stream, is for modes that draw here.)"""
+    feats = text_encoder(batch["phrase_ids"], attention_mask=batch["phrase_mask"]).pooler_output  # (U, D)
+    return {"boxes": batch["boxes"], "masks": masks, "positive_embeddings": feats[batch["slot_phrase"]]}  # (B, 30, D)
+
+
+def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(),
+                    text_inputs=caption_inputs, noisy_input=as_is, grounding=text_box_grounding):
     """The GLIGEN loss of one micro-batch: caption and grounding drops, noise and timestep from the generator g; the
-    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled). inpaint: the UNet
-    also gets the latent outside the sample's boxes and the mask (from all its boxes, even with grounding dropped)."""
+    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled)."""
     device, T = alphas_cumprod.device, alphas_cumprod.shape[0]
     x0 = batch["latents"][:, 0].float()  # the VAE mean
     b = x0.shape[0]
@@ -739,29 +713,14 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
     t = torch.randint(0, T, (b,), generator=g, device=device)
     if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
         x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
-    if video:  # a video UNet trains on images as one-frame clips (b, 4, 1, h, w)
-        x0, noise = x0[:, :, None], noise[:, :, None]
-    xt, target = forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"])
-    if inpaint:
-        m = inpaint_mask(batch["boxes"], batch["masks"], *x0.shape[-2:])
-        xt = torch.cat([xt, x0 * m, m], dim=1)  # (b, 9, h, w)
+    x, target = noisy_input(*forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"]), x0, batch)
     with torch.no_grad(), autocast:
-        keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))
-        encoded = text_encoder(torch.where(keep, batch["caption_ids"], empty_ids))
-        text = encoded.last_hidden_state  # (b, 77, D)
-        added = {}  # SDXL: its pooled text and size conditioning
-        if isinstance(text_encoder, SDXLTextEncoders):
-            added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
+        ids = torch.where(keep_caption.view(-1, *[1] * (empty_ids.dim() - 1)), batch["caption_ids"], empty_ids)
+        text = text_inputs(text_encoder, ids, batch)  # {"encoder_hidden_states": (b, 77, D)}
         masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
-        images = None
-        if "image_feats" in batch:  # text-image: half the boxes lose their phrase or their image (never both)
-            drop = torch.rand(masks.shape, generator=g, device=device) < 0.5
-            image_side = torch.rand(masks.shape, generator=g, device=device) < 0.5
-            images = (batch["image_feats"], masks * ~(drop & ~image_side), masks * ~(drop & image_side))
-        gligen = grounding(text_encoder, batch["phrase_ids"], batch["phrase_mask"], batch["slot_phrase"],
-                           batch["boxes"], masks, images)
+        gligen = grounding(text_encoder, batch, masks, g)
     with autocast:
-        pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}, **added).sample
+        pred = model(x, t, **text, cross_attention_kwargs={"gligen": gligen}).sample
     return F.mse_loss(pred.float(), target)
 
 
@@ -804,84 +763,74 @@ def optimizer_step(opt, params, grad_clip):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Sampling: the validation grid's images here, and sample.py's.
+def prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
+    """The UNet's text inputs for n x [unconditional; conditional]: the empty caption's features, then the prompt's,
+    (2n, 77, D)."""
+    ids = tokenizer.captions(["", prompt]).to(next(text_encoder.parameters()).device)
+    return {"encoder_hidden_states": text_encoder(ids).last_hidden_state.repeat_interleave(n, dim=0)}
+
+
+def layout_grounding(text_encoder, tokenizer, layout, rows):
+    """The UNet's "gligen" inputs for rows [(phrases, boxes)] of a layout, the first half unconditional: null."""
+    p = next(text_encoder.parameters())
+    ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, rows)
+    masks[:len(rows) // 2] = 0
+    batch = dict(phrase_ids=ids.to(p.device), phrase_mask=mask.to(p.device), slot_phrase=slot_phrase.to(p.device),
+                 boxes=boxes.to(p.device))
+    return text_box_grounding(text_encoder, batch, masks.to(p.device, p.dtype), None)
+
+
+def both_halves(scheduler, latents, t, g):
+    """The latents, and the UNet's input at step t: the latents twice, [unconditional; conditional], scaled."""
+    return latents, scheduler.scale_model_input(torch.cat([latents] * 2), t)
+
+
 @torch.no_grad()
-def generate(unet, vae, text_encoder, tokenizer, scheduler, prompt, phrases, boxes, seed, n=1, steps=25,
-             guidance=7.5, beta=1.0, height=None, width=None, frames=16, inpaint_latent=None, images=None,
-             progress=False):
-    """n images (uint8, (n, H, W, 3)) for one layout, as StableDiffusionGLIGENPipeline makes them: classifier-free
-    guidance where the unconditional half gets null grounding, and fusers on for the first beta * steps steps.
-    SDXL: the unconditional half has zero text features, and size conditioning (H, W, 0, 0, H, W), as its pipeline.
-    Video UNets: n clips (n, frames, H, W, 3); boxes may be one list (still) or one list per frame (moving).
-    inpaint_latent (1, 4, h, w), for an inpainting UNet: that image is kept outside the boxes (noised to each step's
-    level and pasted in before it, as the pipeline does) and the phrases are generated inside them. images, for a
-    text-image UNet: per box its reference image's feature (project_image_embeds) or None; a phrase may be None.
-    progress: a tqdm bar over the denoising steps."""
-    device, scale = unet.device, 2 ** (len(vae.config.block_out_channels) - 1)
+def generate(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, n=1, steps=25, guidance=7.5, beta=1.0,
+             height=None, width=None, progress=False, model_input=both_halves, prompt_inputs=prompt_inputs,
+             layout_grounding=layout_grounding):
+    """n images (uint8, (n, H, W, 3)) of a layout {prompt, phrases, boxes}, as StableDiffusionGLIGENPipeline makes
+    them: classifier-free guidance where the unconditional half gets null grounding, and the fusers on for the first
+    beta * steps steps. progress: a tqdm bar over the denoising steps. model_input: see denoise."""
+    scale = vae_scale(vae)
     height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
-    F_ = frames if is_video(unet) else 1
-    ids = torch.cat([tokenize(tokenizer, [""])[0], tokenize(tokenizer, [prompt])[0]]).to(device)
-    encoded = text_encoder(ids)
-    text, added = encoded.last_hidden_state, {}
-    if is_sdxl(unet):
-        text = torch.cat([torch.zeros_like(text[:1]), text[1:]])
-        pooled = torch.cat([torch.zeros_like(encoded.text_embeds[:1]), encoded.text_embeds[1:]])
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * 2, device=device, dtype=text.dtype)
-        added = {"added_cond_kwargs": {"text_embeds": pooled.repeat_interleave(n, dim=0),
-                                       "time_ids": time_ids.repeat_interleave(n, dim=0)}}
-    text = text.repeat_interleave(n, dim=0)  # (2n, 77, D): [uncond; cond]
-    kwargs = None
-    if phrases:
-        per_frame = boxes if is_moving(boxes) else [boxes] * F_
-        if len(per_frame) != F_:
-            fail(f"{len(per_frame)} lists of boxes for {F_} frames")
-        layouts = [([p or "" for p in phrases], per_frame[f]) for _ in range(2 * n) for f in range(F_)]  # frame-minor
-        phrase_ids, phrase_mask, slot_phrase, bxs, masks = layout_tensors(tokenizer, layouts)
-        masks[:n * F_] = 0  # the unconditional half: null grounding
-        if not hasattr(unet.position_net, "linears_text"):
-            kwargs = {"gligen": grounding(text_encoder, phrase_ids.to(device), phrase_mask.to(device),
-                                          slot_phrase.to(device), bxs.to(device), masks.to(device, text.dtype))}
-        else:  # text-image: a box has a phrase (not None), an image, or both
-            feats = torch.zeros(2, N_SLOTS, text.shape[-1], device=device, dtype=text.dtype)  # phrases, images
-            has = torch.zeros(2, N_SLOTS, device=device, dtype=text.dtype)
-            for k, (p, im) in enumerate(zip(phrases, images or [None] * len(phrases))):
-                if p is not None:  # each phrase encoded alone, as the text-image pipeline does: the same last bits
-                    ids, mask = (x.to(device) for x in tokenize_phrases(tokenizer, [p]))
-                    feats[0, k], has[0, k] = text_encoder(ids, attention_mask=mask).pooler_output[0], 1
-                if im is not None:
-                    feats[1, k], has[1, k] = im, 1
-            m = masks.to(device, text.dtype)
-            kwargs = {"gligen": {"boxes": bxs.to(device), "masks": m, "phrases_masks": m * has[0],
-                                 "image_masks": m * has[1], "phrases_embeddings": feats[0].expand(len(layouts), -1, -1),
-                                 "image_embeddings": feats[1].expand(len(layouts), -1, -1)}}
+    text = prompt_inputs(text_encoder, tokenizer, layout["prompt"], n, height, width)  # [unconditional; conditional]
+    rows = [(layout["phrases"], layout["boxes"])] * (2 * n)
+    gligen = {"gligen": layout_grounding(text_encoder, tokenizer, layout, rows)} if layout["phrases"] else None
     g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same image on any device
-    shape = (n, unet.config.out_channels) + ((F_,) if is_video(unet) else ()) + (height // scale, width // scale)
-    latents = torch.randn(shape, generator=g).to(device)
-    scheduler.set_timesteps(steps, device=device)
+    latents = torch.randn((n, unet.config.out_channels, height // scale, width // scale), generator=g)
+    latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, g, steps, guidance, beta, progress,
+                      model_input)
+    return decode(vae, latents)
+
+
+def denoise(unet, scheduler, latents, text, gligen, g, steps, guidance, beta, progress=False,
+            model_input=both_halves):
+    """The sampler's loop: the UNet on [unconditional; conditional], guided; grounding (gligen: the UNet's
+    cross_attention_kwargs) in the first beta * steps steps, GLIGEN's scheduled sampling. g: the sampler's random
+    stream. model_input(scheduler, latents, t, g) -> (latents, the UNet's input at step t)."""
+    scheduler.set_timesteps(steps, device=latents.device)
     latents = latents * scheduler.init_noise_sigma
-    if inpaint_latent is not None:
-        z = inpaint_latent.to(device, torch.float32)
-        m = inpaint_mask(torch.tensor(boxes, dtype=torch.float64).reshape(1, -1, 4), torch.ones(1, len(boxes)),
-                         *z.shape[-2:])
-        m = m.to(device)
-        kept = torch.cat([z * m, m], dim=1).to(unet.dtype).expand(2 * n, -1, -1, -1)  # (2n, 5, h, w)
     extra = {k: v for k, v in dict(eta=0.0, generator=g).items() if k in inspect.signature(scheduler.step).parameters}
-    n_grounded = int(beta * len(scheduler.timesteps))  # GLIGEN's scheduled sampling
+    n_grounded = int(beta * len(scheduler.timesteps))
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress)):
-        if inpaint_latent is not None:  # the image outside the boxes, at this step's noise level
-            noisy = scheduler.add_noise(z, torch.randn(z.shape, generator=g).to(device), t.reshape(1))
-            latents = noisy * m + latents * (1 - m)
-        x = scheduler.scale_model_input(torch.cat([latents] * 2), t).to(unet.dtype)
-        if inpaint_latent is not None:
-            x = torch.cat([x, kept], dim=1)
-        out = unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs if i < n_grounded else None, **added)
+        latents, x = model_input(scheduler, latents, t, g)
+        out = unet(x.to(unet.dtype), t, **text, cross_attention_kwargs=gligen if i < n_grounded else None)
         uncond, cond = out.sample.float().chunk(2)
         latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, **extra).prev_sample
-    if is_video(unet):  # (n, C, F, h, w) -> frames (n F, C, h, w)
-        latents = latents.transpose(1, 2).flatten(0, 1)
+    return latents
+
+
+def vae_scale(vae):
+    """Pixels per latent on a side: 8 for SD's VAE."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def decode(vae, latents):
+    """Latents (n, 4, h, w) -> images, uint8 (n, H, W, 3)."""
     image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
     image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    image = (image * 255).round().astype(np.uint8)
-    return image.reshape(n, F_, *image.shape[1:]) if is_video(unet) else image
+    return (image * 255).round().astype(np.uint8)
 
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#ffe119"]
@@ -904,8 +853,8 @@ def draw_layout(image, phrases, boxes):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config, data position)
-# and manifest.json (each file's size and sha256, written last). It is written as step_0002000.tmp and renamed when
+# Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config) and
+# manifest.json (each file's size and sha256, written last). It is written as step_0002000.tmp and renamed when
 # whole, so a kill while saving leaves the previous checkpoint the latest; one whose files do not match their
 # manifest (truncated, corrupted) is set aside, and the run resumes from the one before.
 def checkpoints(out_dir):
@@ -952,12 +901,12 @@ def latest_good_checkpoint(out_dir, set_aside=False):
     return None
 
 
-def save_checkpoint(out_dir, step, unet, opt, cfg, data, files=()):
+def save_checkpoint(out_dir, step, unet, opt, cfg, files=(), is_adapter=is_adapter):
     """Write out_dir/step_<step>, with copies of files (a text-image model's image_project). Returns None, or what
     went wrong (a full disk, say); the previous checkpoint is then intact."""
     final = Path(out_dir) / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet).items()}
+    adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet, is_adapter).items()}
     if not all(torch.isfinite(v).all() for v in adapters.values()):
         return f"the adapters hold NaN or Inf at step {step}: not saved"  # never let poisoned weights be resumed
     try:
@@ -965,7 +914,7 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, data, files=()):
         tmp.mkdir(parents=True)
         meta = {"format": "gligen-adapters", "config": json.dumps(cfg)}
         save_file(adapters, tmp / "adapters.safetensors", metadata=meta)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "config": cfg, "data": data}, tmp / "state.pt")
+        torch.save({"step": step, "optimizer": opt.state_dict(), "config": cfg}, tmp / "state.pt")
         for f in files:
             shutil.copyfile(f, tmp / Path(f).name)
         manifest = {}
@@ -1025,45 +974,176 @@ def setup_distributed(cuda):
     return rank, world, device, dist.new_group(backend="gloo") if cuda else dist.group.WORLD  # votes skip the GPU
 
 
-def restore(cfg, unet, resume):
+def validation_layouts(cfg):
+    """The validation grid's layouts: --val_layouts' (checked), or VAL_LAYOUTS."""
+    if not cfg["val_layouts"]:
+        return VAL_LAYOUTS
+    layouts = [r for _, r in read_jsonl(cfg["val_layouts"])]
+    check_layouts([(f"{cfg['val_layouts']}[{i}]", l) for i, l in enumerate(layouts)])
+    return layouts
+
+
+def restore(cfg, unet, resume, is_adapter=is_adapter):
     """Adapters from the checkpoint to resume (which must be of the same setup), or from init_from. Returns the step
     and the optimizer state to continue from (0 and None for a new run)."""
-    if not resume:
-        if cfg["init_from"]:
-            sd = load_adapters(cfg["init_from"])
-            if cfg["image_features"] and "position_net.linears_text.0.weight" in sd:  # a text-image model's own map
-                own = load_image_project(cfg["init_from"])
-                if not torch.equal(own.float(), load_file(Path(cfg["image_features"]) / "image_project.safetensors")[
-                        "project.weight"]):
-                    fail(f"{cfg['image_features']} was made with another image_project than {cfg['init_from']}'s: "
-                         f"run prep_latents.py --image_encoder with --image_project={cfg['init_from']}")
-            if cfg["inpaint"]:  # from a text-box model (the official's route): conv_in as widened, its new inputs zero
-                sd.setdefault("conv_in.weight", unet.conv_in.weight.detach().clone())
-            set_adapters(unet, sd, cfg["init_from"])
-        return 0, None
-    state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
-    for key in ("model", "resolution", "global_batch", "images", "inpaint"):  # what a checkpoint cannot carry over
-        if state["config"].get(key, False) != cfg[key]:
-            fail(f"{resume} was trained with {key}={state['config'][key]!r}, this run has {key}={cfg[key]!r}. "
-                 f"Run with the same {key}, or start a new out_dir with --init_from={resume}")
-    set_adapters(unet, load_file(resume / "adapters.safetensors"), resume)  # checks all, then loads
-    return state["step"], state["optimizer"]
+    if resume:
+        state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
+        for key in ("model", "resolution", "global_batch", "images", "inpaint"):  # what a checkpoint cannot carry over
+            if state["config"].get(key, False) != cfg[key]:  # (a setting newer than the checkpoint: its default)
+                fail(f"{resume} was trained with {key}={state['config'].get(key, False)!r}, this run has "
+                     f"{key}={cfg[key]!r}. Run with the same {key}, or start a new out_dir with --init_from={resume}")
+        set_adapters(unet, read_safetensors(resume / "adapters.safetensors"), resume, is_adapter)  # checks all first
+        return state["step"], state["optimizer"]
+    if cfg["init_from"]:
+        # adapters beyond the fusers and position net that init_from lacks keep their start (inpainting's conv_in
+        # weight, widened, its new inputs zero, when starting from a text-box model: the official route)
+        own = adapter_state(unet, is_adapter)
+        start = {k: own[k].detach().clone() for k in own.keys() - adapter_state(unet).keys()}
+        set_adapters(unet, {**start, **load_adapters(cfg["init_from"])}, cfg["init_from"], is_adapter)
+    return 0, None
 
 
-def validation_grid(path, layouts, models, cfg, autocast, **extra):
-    """A row of images from fixed layouts and seed, with the boxes drawn on. models: unet, vae, text encoder,
-    tokenizer, scheduler; extra: generate's (an inpainting model's image)."""
+def setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, loss_of, device, dtype):
+    """What each validation needs: the validation grid's sampler and layouts, and the box-use losses' fixed batches
+    (val_images training images, unflipped) and loss (every caption and box kept)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
+    ddim = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["val_images"]].tolist()
+    chunks = (pick[j:j + cfg["micro_batch"]] for j in range(0, len(pick), cfg["micro_batch"]))
+    return SimpleNamespace(
+        draw=partial(seams.generate, unet, vae, text_encoder, tokenizer, ddim, seed=cfg["seed"],
+                     steps=cfg["val_steps"], **seams.val_options(data, pick)),
+        layouts=layouts, seed=cfg["seed"],
+        batches=[{k: v.to(device) for k, v in data.collate(tokenizer, [data[(i, False)] for i in c]).items()}
+                 for c in chunks],
+        loss_of=partial(loss_of, cfg={**cfg, "caption_keep": 1.0, "grounding_drop": 0.0}))
+
+
+def validate(val, step, unet, out, autocast, bar):
+    """The grid of the validation layouts (out/val_<step>.png), and the loss with the true boxes, mirrored ones and
+    none (log.jsonl)."""
     images = []
-    for l in layouts:
+    for l in val.layouts:
         with autocast:
-            im = generate(*models, l["prompt"], l["phrases"], l["boxes"], seed=cfg["seed"], steps=cfg["val_steps"],
-                          frames=1, **extra)[0]
-        im = im[0] if is_video(models[0]) else im  # a video model's one-frame clip
+            im = val.draw(l)
+        im = im.reshape(-1, *im.shape[-3:])[0]  # the first image (a video model's: the first frame of its clip)
         images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
     for k, im in enumerate(images):
         grid.paste(im, (k * im.width, 0))
-    grid.save(path)
+    grid.save(out / f"val_{step:07d}.png")
+    if val.batches:
+        rec = dict(step=step, **box_use_losses(val.loss_of, unet, val.batches, val.seed))
+        bar.write(f"val step {step} | loss with boxes {rec['val_loss_boxes']:.5f}, mirrored "
+                  f"{rec['val_loss_mirrored']:.5f} (gap {rec['val_loss_mirrored'] - rec['val_loss_boxes']:+.5f}), "
+                  f"no grounding {rec['val_loss_no_grounding']:.5f}")
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+class Preemption:
+    """SIGTERM (SLURM, torchrun) and SIGUSR1 (SLURM's warning) ask to save and stop at a step boundary. Every rank
+    must stop at the same step: a vote on the CPU group (group; None in one process), started at one step and read at
+    the next, agrees on it without waiting for the GPU."""
+
+    def __init__(self, group):
+        self.group, self.signals, self.vote, self.work = group, [], None, None
+        self.handlers = {sig: signal.signal(sig, lambda num, frame: self.signals.append(signal.Signals(num).name))
+                         for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def stop(self):
+        """Whether every rank stops after this step."""
+        if self.group is None:
+            return bool(self.signals)
+        if self.work is not None:
+            self.work.wait()
+        stop = self.vote is not None and self.vote.item() > 0
+        self.vote = torch.tensor([float(bool(self.signals))])
+        self.work = dist.all_reduce(self.vote, group=self.group, async_op=True)
+        return stop
+
+    def close(self):
+        """Wait for the last vote; give the signals back."""
+        if self.work is not None:
+            self.work.wait()
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+
+class StepLog:
+    """The log line (step, loss, lr, images/s, MFU, peak memory) every log_every steps, also in log.jsonl. Between
+    lines the sums stay on the device, with no host sync per step: the loss of the steps taken, how many were taken,
+    and the longest run of skipped ones (a NaN or Inf on any rank: the update was not applied). The clock is stopped
+    while checkpoints and validation run (pause)."""
+
+    def __init__(self, cfg, out, world, master, flops_per_image, device, bar):
+        cuda = torch.cuda.is_available()
+        self.cfg, self.out, self.world, self.master, self.bar = cfg, out, world, master, bar
+        self.flops = flops_per_image
+        self.peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
+        zero = torch.zeros((), device=device)
+        self.loss, self.good, self.bad_run, self.worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, step_loss, ok):
+        self.loss += torch.where(ok, step_loss, torch.zeros_like(step_loss))
+        self.good += ok
+        self.bad_run = (self.bad_run + 1) * ~ok
+        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+        self.steps += 1
+
+    @contextmanager
+    def pause(self):
+        t = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - t
+
+    def write(self, step, lr):
+        cfg, G = self.cfg, self.cfg["global_batch"]
+        if self.world > 1:
+            dist.all_reduce(self.loss)
+        good = int(self.good.item())  # .item() waits for the GPU, so the clock below is right
+        loss = self.loss.item() / self.world / max(good, 1)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, in KiB on Linux
+        mem = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss
+        speed = self.steps * G / (time.perf_counter() - self.t0)
+        rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2),
+                   skipped=self.steps - good, tflop_per_image=round(self.flops / 1e12, 6))
+        if self.peak:  # model-FLOPs utilisation: the counted FLOPs at this speed over the GPUs' bf16 peak
+            rec["mfu"] = round(self.flops * speed / self.world / self.peak, 4)
+        if self.master:
+            skipped = f" | skipped {rec['skipped']} (NaN/Inf)" if rec["skipped"] else ""
+            mfu = f" | MFU {100 * rec['mfu']:.1f}%" if self.peak else ""
+            self.bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s{mfu} | peak "
+                           f"mem {rec['mem_gb']:.2f} GB{skipped}")
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if self.worst_run.item() >= cfg["max_bad_steps"]:
+            fail(f"{int(self.worst_run.item())} steps in a row had a NaN or Inf loss or gradient (by step {step}): "
+                 f"stopping. Skipped steps leave the adapters untouched, so nothing poisoned was saved; look for "
+                 f"bad latents in {cfg['latents']}, or lower lr")
+        self.loss.zero_(), self.good.zero_(), self.worst_run.zero_()
+        self.steps, self.t0 = 0, time.perf_counter()
+
+
+def print_header(cfg, out, step, resume, n_params):
+    """Versions, the resolved config, the batch's make-up; and log.jsonl cut back to the step resumed from."""
+    import diffusers
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if cuda else "CPU"
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+          f"{gpu}")
+    print(json.dumps(cfg))
+    print(f"{cfg['images']} images; {cfg['world_size']} processes x {cfg['grad_accum']} micro-steps x "
+          f"{cfg['micro_batch']} = {cfg['global_batch']} per step; {n_params / 1e6:.2f}M trainable parameters; "
+          + (f"resuming from {resume}" if resume else f"adapters from {cfg['init_from'] or 'a fresh init'}"))
+    if (out / "log.jsonl").exists():  # steps logged after the checkpoint resumed from run again: drop them
+        kept = [json.dumps(r) + "\n" for _, r in read_jsonl(out / "log.jsonl") if r["step"] <= step]
+        (out / "log.jsonl").write_text("".join(kept))
 
 
 def ignore_stop_signals(worker_id):
@@ -1074,217 +1154,510 @@ def ignore_stop_signals(worker_id):
 
 def main(cfg):
     check_settings(cfg)
-    # Setup: DDP when torchrun sets RANK, else one process; precision; preemption signals.
+    # Setup: DDP when torchrun sets RANK, else one process; the family and mode; precision; preemption signals.
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     rank, world, device, cpu_group = setup_distributed(cuda) if ddp else (0, 1, "cuda" if cuda else "cpu", None)
     master, G, B, out = rank == 0, cfg["global_batch"], cfg["micro_batch"], Path(cfg["out_dir"])
     if G % (B * world):
         fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
-    accum = G // (B * world)
+    seams = choose_seams(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]))
     bf16 = cfg["dtype"] == "auto" and cuda
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base; adapters stay fp32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # Preemption: SIGTERM (SLURM, torchrun) and SIGUSR1 (SLURM's warning) ask to save and stop at a step boundary.
-    signals = []
-    old_handlers = {sig: signal.signal(sig, lambda num, frame: signals.append(signal.Signals(num).name))
-                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    preemption = Preemption(cpu_group)
 
     # Data: read and checked before the model loads, so bad data fails in seconds, not after minutes of loading.
-    data = GroundedLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"], cfg["image_features"])
-    n = len(data)
-    if n < G:
-        fail(f"{cfg['latents']} has {n} usable images, fewer than one global batch ({G})")
-    layouts = [r for _, r in read_jsonl(cfg["val_layouts"])] if cfg["val_layouts"] else VAL_LAYOUTS
-    for i, l in enumerate(layouts):
-        where = f"{cfg['val_layouts'] or 'VAL_LAYOUTS'}[{i}]"
-        check_layout(l.get("phrases"), l.get("boxes"), where)
-        if not isinstance(l.get("prompt"), str):
-            fail(f"{where}: a layout needs a prompt string")
+    data = seams.training_data(cfg)
+    if len(data) < G:
+        fail(f"{cfg['latents']} has {len(data)} usable images, fewer than one global batch ({G})")
+    layouts = validation_layouts(cfg)
 
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
-    unet, text_encoder, tokenizer, noise_scheduler = load_base(cfg["model"], device, base_dtype)
-    for mode, on in (("--inpaint=True", cfg["inpaint"]), ("--image_features", cfg["image_features"])):
-        if on and (is_sdxl(unet) or is_video(unet)):
-            fail(f"{mode} is for SD1.x/2.x models, and {cfg['model']} is an SDXL or video model")
-    if cfg["image_features"] and data.image_meta["dim"] != unet.config.cross_attention_dim:
-        fail(f"{cfg['image_features']}: image features of {data.image_meta['dim']}, but {cfg['model']} takes "
-             f"{unet.config.cross_attention_dim} (SD1.x: a CLIP ViT-L/14, SD2.x: an OpenCLIP ViT-H/14 image encoder)")
-    if cfg["inpaint"]:
-        widen_conv_in(unet)
+    unet, text_encoder, tokenizer, noise_scheduler = seams.load(cfg["model"], device, base_dtype)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
-    inject_gligen(unet, images=bool(cfg["image_features"]))
+    seams.add_adapters(unet)
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
         dist.broadcast_object_list(resume, src=0, group=cpu_group)
-    cfg = {**cfg, "world_size": world, "grad_accum": accum, "resolution": data.resolution, "images": n,
+    cfg = {**cfg, "world_size": world, "grad_accum": G // (B * world), **data.config,
            "prediction_type": noise_scheduler.config.prediction_type}
-    image_project = []  # text-image: the features' image_project, kept with the adapters for sampling and export
-    if cfg["image_features"]:
-        cfg["image_encoder"] = data.image_meta["image_encoder"]
-        image_project = [Path(cfg["image_features"]) / "image_project.safetensors"]
     if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
         fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
-    step, opt_state = restore(cfg, unet, resume[0])
-    params = [p.requires_grad_(True) for name, p in unet.named_parameters() if is_adapter(name, cfg["inpaint"])]
+    step, opt_state = restore(cfg, unet, resume[0], seams.is_adapter)
+    params = [p.requires_grad_(True) for name, p in unet.named_parameters() if seams.is_adapter(name)]
     if cfg["grad_checkpointing"]:  # diffusers checkpoints each resnet and transformer block, fusers included
         unet.enable_gradient_checkpointing()
         unet.train()  # older diffusers checkpoint in training mode only; SD has no dropout, so nothing else changes
+    # what the step calls: the UNet, DDP-wrapped under torchrun (its adapters' gradients all-reduced), compiled
     device_ids = [torch.cuda.current_device()] if cuda else None
     model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=device_ids) if ddp else unet
-    step_model = torch.compile(model, backend=cfg["compile"]) if cfg["compile"] else model  # flags stay on model
+    model = torch.compile(model, backend=cfg["compile"]) if cfg["compile"] else model
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if opt_state:
         opt.load_state_dict(opt_state)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # (T,): the forward process's a_t
-    empty_ids = tokenize(tokenizer, [""])[0].to(device)  # the dropped caption
-    loss_of = partial(micro_step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
-                      cfg=cfg, autocast=autocast, video=is_video(unet), inpaint=cfg["inpaint"])  # (model, batch, g)
-    # Each rank loads its own micro-batches from the data position that the step implies.
-    loader = iter(torch.utils.data.DataLoader(
-        data, batch_sampler=rank_batches(n, G, B, world, rank, cfg["seed"], step, cfg["flip"] and data.has_flipped),
-        num_workers=cfg["num_workers"],
-        collate_fn=partial(collate, tokenizer), pin_memory=cuda, worker_init_fn=ignore_stop_signals))
+    loss_of = partial(seams.loss, text_encoder=text_encoder, alphas_cumprod=noise_scheduler.alphas_cumprod.to(device),
+                      empty_ids=tokenizer.captions([""]).to(device), cfg=cfg, autocast=autocast)  # (model, batch, g)
 
-    # Logging and validation, on rank 0.
+    # Logging and validation, on rank 0; the FLOPs of a step, counted once for the MFU.
     out.mkdir(parents=True, exist_ok=True)
     if master:
-        import diffusers
-        import transformers
-
-        gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if cuda else "CPU"
-        print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
-              f"transformers {transformers.__version__}, {gpu}")
-        print(json.dumps(cfg))
-        print(f"{n} images; {world} processes x {accum} micro-steps x {B} = {G} per step; "
-              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; "
-              + (f"resuming from {resume[0]}" if resume[0] else f"adapters from {cfg['init_from'] or 'a fresh init'}"))
-        if (out / "log.jsonl").exists():  # steps logged after the checkpoint we resume from run again: drop them
-            kept = [json.dumps(r) + "\n" for _, r in read_jsonl(out / "log.jsonl") if r["step"] <= step]
-            (out / "log.jsonl").write_text("".join(kept))
-        if cfg["val_every"]:
-            from diffusers import AutoencoderKL, DDIMScheduler
-
-            vae = AutoencoderKL.from_pretrained(cfg["model"], subfolder="vae", torch_dtype=base_dtype).to(device)
-            ddim = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
-            val_models = (unet, vae, text_encoder, tokenizer, ddim)
-            # the box-use losses: a fixed random set of training images, unflipped, every caption and box kept
-            pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["val_images"]].tolist()
-            val_batches = [{k: v.to(device) for k, v in collate(tokenizer, [data[(i, False)] for i in chunk]).items()}
-                           for chunk in (pick[j:j + B] for j in range(0, len(pick), B))]
-            val_loss_of = partial(loss_of, cfg={**cfg, "caption_keep": 1.0, "grounding_drop": 0.0})
-            # an inpainting model fills the validation layouts' boxes into a training image (the first of val_images)
-            extra = dict(inpaint_latent=data[(pick[0] if pick else 0, False)][0][:1].float(), height=data.resolution,
-                         width=data.resolution) if cfg["inpaint"] else {}
+        print_header(cfg, out, step, resume[0], sum(p.numel() for p in params))
+    val = setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, loss_of, device, base_dtype) \
+        if master and cfg["val_every"] else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
-
-    def validate():  # rank 0: the grid, and the loss with the true boxes, mirrored ones and none, logged
-        validation_grid(out / f"val_{step:07d}.png", layouts, val_models, cfg, autocast, **extra)
-        if val_batches:
-            rec = dict(step=step, **box_use_losses(val_loss_of, unet, val_batches, cfg["seed"]))
-            bar.write(f"val step {step} | loss with boxes {rec['val_loss_boxes']:.5f}, mirrored "
-                      f"{rec['val_loss_mirrored']:.5f} (gap {rec['val_loss_mirrored'] - rec['val_loss_boxes']:+.5f}), "
-                      f"no grounding {rec['val_loss_no_grounding']:.5f}")
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    if master and cfg["val_every"] and step == 0:
-        validate()  # the base model, before training: what the adapters start from
-    # FLOPs of one step per image, for the MFU in the log: counted once, on one image, in a pass of its own (a dispatch
-    # mode may pick other kernels: the counted pass must not be a training step)
-    probe = {k: v.to(device) for k, v in collate(tokenizer, [data[(0, False)]]).items()}
-    flops_per_image = count_flops(lambda: loss_of(unet, probe, torch.Generator(device).manual_seed(0)).backward())
+    if val and step == 0:
+        validate(val, step, unet, out, autocast, bar)  # the base model, before training: what the adapters start from
+    # counted on one image, in a pass of its own (a dispatch mode may pick other kernels: not a training step)
+    probe = {k: v.to(device) for k, v in data.collate(tokenizer, [data[(0, False)]]).items()}
+    flops = count_flops(lambda: loss_of(unet, probe, torch.Generator(device).manual_seed(0)).backward())
     opt.zero_grad(set_to_none=True)
-    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
+    log = StepLog(cfg, out, world, master, flops, device, bar)
     if master:
-        bar.write(f"one step: {flops_per_image / 1e12:.4g} TFLOP per image (model FLOPs, torch flop counter)"
-                  + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
+        bar.write(f"one step: {flops / 1e12:.4g} TFLOP per image (model FLOPs, torch flop counter)"
+                  + (f"; {log.peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if log.peak else ""))
 
-    # The loop: accumulate micro-batches, step, log, save, validate; stop at max_steps or on a signal.
-    zero = torch.zeros((), device=device)
-    loss_sum, n_good, bad_run, worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-    n_logged, t0, vote, vote_work = 0, time.perf_counter(), None, None
-    while step < cfg["max_steps"]:
-        lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        step_loss = zero.clone()
-        for micro in range(accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-            g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
-            if ddp:
-                model.require_backward_grad_sync = micro == accum - 1  # all-reduce on the last micro-step only
-            loss = loss_of(step_model, batch, g) / accum
-            loss.backward()
-            step_loss += loss.detach()
-        # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: the step is skipped.
-        ok = optimizer_step(opt, params, cfg["grad_clip"])
-        loss_sum += torch.where(ok, step_loss, zero)
-        n_good += ok
-        bad_run = (bad_run + 1) * ~ok
-        worst_run = torch.maximum(worst_run, bad_run)
-        step, n_logged = step + 1, n_logged + 1
-        bar.update()
-        # Preemption: every rank must stop at the same step. A vote on the CPU group, started here and read at the
-        # next step, agrees on it without waiting for the GPU.
-        stop = bool(signals)
-        if ddp:
-            if vote_work is not None:
-                vote_work.wait()
-            stop, vote = vote is not None and vote.item() > 0, torch.tensor([float(bool(signals))])
-            vote_work = dist.all_reduce(vote, group=cpu_group, async_op=True)
-
-        last = step == cfg["max_steps"]
-        if step % cfg["log_every"] == 0 or last or stop:
-            if ddp:
-                dist.all_reduce(loss_sum)
-            good = int(n_good.item())  # .item() waits for the GPU, so the clock below is right
-            loss = loss_sum.item() / world / max(good, 1)
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, in KiB on Linux
-            mem = torch.cuda.max_memory_allocated() if cuda else rss
-            speed = n_logged * G / (time.perf_counter() - t0)
-            rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2),
-                       skipped=n_logged - good, tflop_per_image=round(flops_per_image / 1e12, 6))
-            if peak:  # model-FLOPs utilisation: the counted FLOPs at this speed over the GPUs' bf16 peak
-                rec["mfu"] = round(flops_per_image * speed / world / peak, 4)
-            if master:
-                skipped = f" | skipped {rec['skipped']} (NaN/Inf)" if rec["skipped"] else ""
-                mfu = f" | MFU {100 * rec['mfu']:.1f}%" if peak else ""
-                bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s{mfu} | peak mem "
-                          f"{rec['mem_gb']:.2f} GB{skipped}")
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if worst_run.item() >= cfg["max_bad_steps"]:
-                fail(f"{int(worst_run.item())} steps in a row had a NaN or Inf loss or gradient (by step {step}): "
-                     f"stopping. Skipped steps leave the adapters untouched, so nothing poisoned was saved; look for "
-                     f"bad latents in {cfg['latents']}, or lower lr")
-            loss_sum.zero_(), n_good.zero_(), worst_run.zero_()
-            n_logged, t0 = 0, time.perf_counter()
-        t_io = time.perf_counter()
-        if step % cfg["save_every"] == 0 or last or stop:
-            position = dict(epoch=step // (n // G), batch_in_epoch=step % (n // G))  # where the data resumes
-            error = [save_checkpoint(out, step, unet, opt, cfg, position, image_project) if master else None]
-            if ddp:
-                dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a checkpoint
-            if error[0]:
-                fail(error[0])
-        if master and cfg["val_every"] and (step % cfg["val_every"] == 0 or last):
-            validate()
-        t0 += time.perf_counter() - t_io  # checkpoints and validation do not count against images/s
-        if stop:
-            bar.write(f"rank {rank}: {', '.join(signals) or 'another rank got a signal'}: stopped at step {step}, "
-                      f"saved {out / f'step_{step:07d}'}; run the same command to resume")
-            break
+    # The loop: accumulate micro-batches, step, log, save, validate; stop at max_steps or on a signal. Each rank loads
+    # its own micro-batches, from the data position that the step implies.
+    loader = iter(torch.utils.data.DataLoader(
+        data, batch_sampler=rank_batches(len(data), G, B, world, rank, cfg["seed"], step,
+                                         cfg["flip"] and data.has_flipped),
+        num_workers=cfg["num_workers"], collate_fn=partial(data.collate, tokenizer), pin_memory=cuda,
+        worker_init_fn=ignore_stop_signals))
+    try:
+        while step < cfg["max_steps"]:
+            lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))  # linear warmup, then constant
+            for group in opt.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg["grad_accum"]):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+                g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
+                with model.no_sync() if ddp and micro < cfg["grad_accum"] - 1 else nullcontext():  # all-reduce once
+                    loss = loss_of(model, batch, g) / cfg["grad_accum"]
+                    loss.backward()
+                step_loss += loss.detach()
+            # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: the step is
+            # skipped.
+            log.add(step_loss, optimizer_step(opt, params, cfg["grad_clip"]))
+            step += 1
+            bar.update()
+            stop, last = preemption.stop(), step == cfg["max_steps"]
+            if step % cfg["log_every"] == 0 or last or stop:
+                log.write(step, lr)
+            with log.pause():  # checkpoints and validation do not count against images/s
+                if step % cfg["save_every"] == 0 or last or stop:
+                    error = [save_checkpoint(out, step, unet, opt, cfg, data.files, seams.is_adapter)
+                             if master else None]
+                    if ddp:
+                        dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a save
+                    if error[0]:
+                        fail(error[0])
+                if val and (step % cfg["val_every"] == 0 or last):
+                    validate(val, step, unet, out, autocast, bar)
+            if stop:
+                why = ", ".join(preemption.signals) or "another rank got a signal"
+                bar.write(f"rank {rank}: {why}: stopped at step {step}, saved {out / f'step_{step:07d}'}; run the same "
+                          f"command to resume")
+                break
+    finally:  # the workers ignore SIGTERM, so the interpreter's exit could not stop them after an error: stop them
+        del loader
 
     # The exit: wait for the last vote, give the signals back, leave the process group.
     bar.close()
-    if vote_work is not None:
-        vote_work.wait()
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
+    preemption.close()
     if ddp:
         dist.destroy_process_group()
     return unet, text_encoder
+
+
+# =================================================================================================================
+# SDXL: two text encoders and size conditioning. Replaces load (both text encoders and tokenizers), training_data
+# (each item's size conditioning), text_inputs and prompt_inputs (the pooled text and size conditioning the UNet adds).
+class SDXLTextEncoders(nn.Module):
+    """SDXL's two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG) behind one CLIPTextModel-like call, on ids
+    (B, 2, L) from both tokenizers. As SDXL: the context is both penultimate hidden states side by side (768 + 1280 =
+    2048) and text_embeds is bigG's projected EOS feature. The phrase feature (pooler_output) is ViT-L's EOS feature
+    beside bigG's projected one: 768 + 1280 = 2048, the UNet's cross-attention width, as a phrase must be."""
+
+    def __init__(self, te1, te2):
+        super().__init__()
+        self.te1, self.te2 = te1, te2
+
+    def forward(self, ids, attention_mask=None):
+        o1 = self.te1(ids[:, 0], attention_mask=attention_mask, output_hidden_states=True)
+        o2 = self.te2(ids[:, 1], attention_mask=attention_mask, output_hidden_states=True)
+        return SimpleNamespace(last_hidden_state=torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1),
+                               pooler_output=torch.cat([o1.pooler_output, o2.text_embeds], -1),
+                               text_embeds=o2.text_embeds)
+
+
+class SDXLTokenizers:
+    """SDXL's two tokenizers behind Tokenizer's calls: ids (B, 2, L), one row from each (the same vocabulary, so the
+    same lengths; their pad tokens differ), and the first one's mask."""
+
+    def __init__(self, first, second):
+        self.pair = (first, second)
+
+    def captions(self, texts):
+        return torch.stack([t.captions(texts) for t in self.pair], 1)
+
+    def phrases(self, phrases):
+        (ids, mask), (ids2, _) = (t.phrases(phrases) for t in self.pair)
+        return torch.stack([ids, ids2], 1), mask
+
+
+def load_sdxl(model, device, dtype):
+    """SDXL's frozen parts: as SD's, with both text encoders as one SDXLTextEncoders and both tokenizers."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet, text_encoder, tokenizer, scheduler = load_base(model, device, dtype)
+    with loading(model):
+        te2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", torch_dtype=dtype)
+        tokenizer2 = Tokenizer(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
+    te2 = te2.to(device).requires_grad_(False)
+    return unet, SDXLTextEncoders(text_encoder, te2), SDXLTokenizers(tokenizer, tokenizer2), scheduler
+
+
+class SDXLLatents(GroundedLatents):
+    """SDXL's training items also carry their size conditioning (time ids), that of the mirrored image if flipped."""
+
+    def item(self, rec, lay):
+        return super().item(rec, lay) + (self.time_ids(rec, self.resolution),)
+
+    @staticmethod
+    def time_ids(rec, R):
+        """SDXL's size conditioning: original (height, width), the crop's top-left in the image resized to the crop
+        side R, the target (R, R); and the crop's left for the mirrored image."""
+        x0, y0, x1, _ = rec["crop"]
+        scale = R / (x1 - x0)
+        top, left, width = round(y0 * scale), round(x0 * scale), round(rec["width"] * scale)
+        return (rec["height"], rec["width"], top, left, R, R), width - left - R
+
+    def __getitem__(self, item):
+        x = super().__getitem__(item)
+        time_ids, flipped_left = self.items[item[0]][5]
+        x["time_ids"] = (*time_ids[:3], flipped_left, *time_ids[4:]) if item[1] else time_ids
+        return x
+
+    def collate(self, tokenizer, items):
+        batch = super().collate(tokenizer, items)
+        batch["time_ids"] = torch.tensor([x["time_ids"] for x in items], dtype=torch.float32)
+        return batch
+
+
+def sdxl_caption_inputs(text_encoder, ids, batch):
+    """SDXL's text inputs: the context, and its added conditioning: the pooled text and each sample's size."""
+    encoded = text_encoder(ids)
+    return {"encoder_hidden_states": encoded.last_hidden_state,
+            "added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
+
+
+def sdxl_prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
+    """As SDXL's pipeline: the unconditional half has zero text features, and size conditioning (H, W, 0, 0, H, W)."""
+    ids = tokenizer.captions(["", prompt]).to(next(text_encoder.parameters()).device)
+    encoded = text_encoder(ids)
+    text = torch.cat([torch.zeros_like(encoded.last_hidden_state[:1]), encoded.last_hidden_state[1:]])
+    pooled = torch.cat([torch.zeros_like(encoded.text_embeds[:1]), encoded.text_embeds[1:]])
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]] * 2, device=text.device, dtype=text.dtype)
+    return {"encoder_hidden_states": text.repeat_interleave(n, dim=0),
+            "added_cond_kwargs": {"text_embeds": pooled.repeat_interleave(n, dim=0),
+                                  "time_ids": time_ids.repeat_interleave(n, dim=0)}}
+
+
+FAMILIES["sdxl"] = dict(load=load_sdxl, training_data=partial(training_data, Latents=SDXLLatents),
+                        text_inputs=sdxl_caption_inputs, prompt_inputs=sdxl_prompt_inputs)
+
+
+# =================================================================================================================
+# Video (ModelScope/Zeroscope, a UNet3DConditionModel). Replaces load (the 3-D UNet), add_adapters (fusers in the
+# spatial blocks only, grounding tokens made on the way in), noisy_input (images train as one-frame clips) and
+# generate (clips; boxes one list for all frames, or one list per frame).
+class NoFuser(nn.Module):
+    """The video UNet's temporal blocks get the grounding kwargs too, and are left as they are."""
+
+    def forward(self, x, objs):
+        return x
+
+
+def spatial_blocks(unet):
+    """The transformer blocks of the UNet's spatial transformers (Transformer2DModel), in module order."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    return [b for m in unet.modules() if isinstance(m, Transformer2DModel) for b in m.transformer_blocks]
+
+
+def video_position_net(unet, args, kwargs):
+    """The video UNet does not make grounding tokens itself as the image UNet does: make them on the way in."""
+    gligen = (kwargs.get("cross_attention_kwargs") or {}).get("gligen")
+    if gligen is not None and "objs" not in gligen:
+        kwargs["cross_attention_kwargs"] = {**kwargs["cross_attention_kwargs"],
+                                            "gligen": {"objs": unet.position_net(**gligen)}}
+    return args, kwargs
+
+
+def inject_video(unet, position_net=PositionNet):
+    """Fusers in the spatial blocks only, one set of grounding tokens per frame (boxes (batch x frames, 30, 4),
+    frame-minor); the temporal blocks keep a NoFuser."""
+    for block in transformer_blocks(unet):
+        block.fuser = NoFuser()
+    inject_gligen(unet, position_net, blocks=spatial_blocks)
+    unet.register_forward_pre_hook(video_position_net, with_kwargs=True)
+    return unet
+
+
+def one_frame(xt, target, x0, batch):
+    """A video UNet trains on images as one-frame clips: (b, 4, h, w) -> (b, 4, 1, h, w)."""
+    return xt[:, :, None], target[:, :, None]
+
+
+@torch.no_grad()
+def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, n=1, steps=25, guidance=7.5, beta=1.0,
+                   height=None, width=None, progress=False, frames=1, prompt_inputs=prompt_inputs,
+                   layout_grounding=layout_grounding):
+    """n clips (uint8, (n, frames, H, W, 3)) of a layout whose boxes are one list (still) or one per frame (moving);
+    as generate, with one set of grounding tokens per frame."""
+    scale = vae_scale(vae)
+    height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
+    text = prompt_inputs(text_encoder, tokenizer, layout["prompt"], n, height, width)
+    per_frame = layout["boxes"] if is_moving(layout["boxes"]) else [layout["boxes"]] * frames
+    if len(per_frame) != frames:
+        fail(f"{len(per_frame)} lists of boxes for {frames} frames")
+    rows = [(layout["phrases"], per_frame[f]) for _ in range(2 * n) for f in range(frames)]  # frame-minor
+    gligen = {"gligen": layout_grounding(text_encoder, tokenizer, layout, rows)} if layout["phrases"] else None
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn((n, unet.config.out_channels, frames, height // scale, width // scale), generator=g)
+    latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, g, steps, guidance, beta, progress)
+    images = decode(vae, latents.transpose(1, 2).flatten(0, 1))  # (n, C, F, h, w) -> frames (n F, C, h, w)
+    return images.reshape(n, frames, *images.shape[1:])
+
+
+FAMILIES["video"] = dict(load=partial(load_base, unet_class="UNet3DConditionModel"), add_adapters=inject_video,
+                         noisy_input=one_frame, generate=generate_video)
+
+
+# =================================================================================================================
+# Inpainting, GLIGEN's mode: the UNet also sees the image outside the boxes, and generates inside them. Replaces
+# add_adapters (conv_in widened first), is_adapter (conv_in's weight trains too), noisy_input (the kept image and the
+# mask as extra input channels), generate (the image pasted back outside the boxes before each step) and val_options
+# (the validation grid's image: a training image).
+def widen_conv_in(unet):
+    """conv_in takes [noisy latent (4), masked image latent z * m (4), mask m (1)], GLIGEN's order (not SD-inpainting's:
+    mask last, 1 where the image is kept). The new input channels start at zero: the UNet starts equal to its base."""
+    old, c = unet.conv_in, unet.conv_in.in_channels
+    new = nn.Conv2d(2 * c + 1, old.out_channels, old.kernel_size, padding=old.padding, device="meta")
+    new = new.to_empty(device=old.weight.device).to(old.weight.dtype)  # no random init: every value is set here
+    with torch.no_grad():
+        new.weight.zero_()[:, :c] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new.requires_grad_(False)
+    unet.register_to_config(in_channels=2 * c + 1)
+    return unet
+
+
+def inpaint_mask(boxes, masks, h, w):
+    """(B, 1, h, w): 1 where the image is kept, 0 inside any filled slot's box, on the latent grid with GLIGEN's and
+    diffusers' rounding (rows int(y0 * h) to int(y1 * h)). boxes (B, 30, 4) x0, y0, x1, y1; masks (B, 30)."""
+    b = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64, device=boxes.device)
+    b = b.floor()[..., None]  # (B, 30, 4, 1)
+    x, y = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
+    inside = ((y >= b[:, :, 1]) & (y < b[:, :, 3]))[..., :, None] & ((x >= b[:, :, 0]) & (x < b[:, :, 2]))[..., None, :]
+    return 1 - (inside & (masks[..., None, None] > 0)).any(1, keepdim=True).float()  # (B, 1, h, w)
+
+
+def with_kept(x, z, m):
+    """The inpainting UNet's input: [x (4), the kept image's latent z * m (4), the mask m (1)]."""
+    return torch.cat([x, z * m, m], dim=1)
+
+
+def is_inpaint_adapter(name):
+    return is_adapter(name) or name == "conv_in.weight"
+
+
+def kept_image_input(xt, target, x0, batch):
+    """In training the kept image is the sample itself, the mask from all its boxes (even with grounding dropped)."""
+    return with_kept(xt, x0, inpaint_mask(batch["boxes"], batch["masks"], *x0.shape[-2:])), target
+
+
+@torch.no_grad()
+def generate_inpaint(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, inpaint_latent, **kwargs):
+    """As generate, keeping an image (inpaint_latent (1, 4, h, w)) outside the boxes: noised to each step's level and
+    pasted in before it, as StableDiffusionGLIGENPipeline does; the phrases are generated inside the boxes."""
+    z = inpaint_latent.to(unet.device, torch.float32)
+    boxes = torch.tensor(layout["boxes"], dtype=torch.float64).reshape(1, -1, 4)
+    m = inpaint_mask(boxes, torch.ones(1, len(layout["boxes"])), *z.shape[-2:]).to(unet.device)
+
+    def model_input(scheduler, latents, t, g):  # the image outside the boxes, at this step's noise level, pasted in
+        noisy = scheduler.add_noise(z, torch.randn(z.shape, generator=g).to(unet.device), t.reshape(1))
+        latents, x = both_halves(scheduler, noisy * m + latents * (1 - m), t, g)
+        kept = (v.to(unet.dtype).expand(len(x), -1, -1, -1) for v in (z, m))
+        return latents, with_kept(x.to(unet.dtype), *kept)
+
+    return generate(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, model_input=model_input, **kwargs)
+
+
+def inpaint_val_options(data, pick):
+    """The validation grid fills its layouts' boxes into a training image (the first of val_images)."""
+    return dict(inpaint_latent=data[(pick[0] if pick else 0, False)]["latent"][:1].float(), height=data.resolution,
+                width=data.resolution)
+
+
+def inject_inpaint(unet, position_net=PositionNet):
+    return inject_gligen(widen_conv_in(unet), position_net)
+
+
+INPAINT = dict(add_adapters=inject_inpaint, is_adapter=is_inpaint_adapter,
+               noisy_input=kept_image_input, generate=generate_inpaint, val_options=inpaint_val_options)
+
+
+# =================================================================================================================
+# Grounding by reference image, GLIGEN's text-image-box mode: each box may have a phrase, a reference image, or both.
+# Replaces position_net (two MLPs), training_data (each box's image feature, from prep_latents.py
+# --image_encoder), grounding (half the boxes lose their phrase or their image) and layout_grounding (a box's image).
+class PositionNetTextImage(nn.Module):
+    """The same Fourier box code goes to two MLPs, one with the phrase feature and one with the image feature (CLIP
+    image embedding, projected into the phrase space): 30 text tokens, then 30 image tokens. Empty slots, and each
+    missing feature, take nulls."""
+
+    def __init__(self, dim, n_freqs=8):
+        super().__init__()
+        self.linears_text, self.linears_image = position_mlp(dim, n_freqs), position_mlp(dim, n_freqs)
+        self.null_text_feature = nn.Parameter(torch.zeros(dim))
+        self.null_image_feature = nn.Parameter(torch.zeros(dim))
+        self.null_position_feature = nn.Parameter(torch.zeros(8 * n_freqs))
+
+    def forward(self, boxes, masks, phrases_masks, image_masks, phrases_embeddings, image_embeddings):  # diffusers'
+        pos = or_null(masks, fourier_boxes(boxes), self.null_position_feature)
+        phr = or_null(phrases_masks, phrases_embeddings, self.null_text_feature)
+        img = or_null(image_masks, image_embeddings, self.null_image_feature)
+        return torch.cat([self.linears_text(torch.cat([phr, pos], -1)), self.linears_image(torch.cat([img, pos], -1))],
+                         dim=1)  # (B, 60, D)
+
+
+def project_image_embeds(image_embeds, weight, norm=28.7):
+    """CLIP image embeddings (N, D) into the phrase space, through image_project's weight, then scaled to norm 28.7
+    (a phrase's pooled text feature's), as GLIGEN and diffusers' text-image pipeline do."""
+    f = F.linear(image_embeds, weight)
+    return torch.stack([r / r.norm() * norm for r in f])  # row by row, as the pipeline: the same last bits
+
+
+def load_image_project(src, required=True):
+    """A text-image model's image_project weight (D, D): beside this project's adapters.safetensors, or a diffusers
+    text-image model's own (its image_project folder). None where src has none and it is not required."""
+    from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
+
+    path = adapters_file(src)
+    if path is not None and path.with_name("image_project.safetensors").is_file():
+        return read_safetensors(path.with_name("image_project.safetensors"))["project.weight"]
+    if path is None:
+        try:
+            return load_model(CLIPImageProjection, src, subfolder="image_project").project.weight.detach()
+        except (OSError, ValueError):
+            pass
+    if required:
+        fail(f"{src}: no image_project (text-image adapters keep image_project.safetensors beside them; a diffusers "
+             f"text-image model, an image_project folder)")
+    return None
+
+
+class ImageFeatureLatents(GroundedLatents):
+    """Text-image training items also hold their kept boxes' image features (k, D), the same when mirrored (as GLIGEN's
+    precomputed ones), from prep_latents.py --image_encoder's output in image_features."""
+
+    def __init__(self, latents_dir, boxes_path, max_boxes, min_box_area, image_features):
+        self.features = Path(image_features)
+        if not (self.features / "index.jsonl").is_file():
+            fail(f"data file not found: {self.features / 'index.jsonl'} (write it with prep_latents.py "
+                 f"--image_encoder)")
+        self.feature_index = {r["key"]: (line, r) for line, r in read_jsonl(self.features / "index.jsonl")}
+        self.image_meta = json.loads((self.features / "meta.json").read_text())
+        super().__init__(latents_dir, boxes_path, max_boxes, min_box_area)
+        self.config["image_encoder"] = self.image_meta["image_encoder"]
+        self.files = [self.features / "image_project.safetensors"]  # kept with the adapters, for sampling and export
+
+    def item(self, rec, lay):
+        phrases, boxes, keep = self.crop_layout(lay, rec["crop"], self.max_boxes, self.min_box_area)
+        if rec["key"] not in self.feature_index:
+            fail(f"{self.features / 'index.jsonl'} has no record for image {rec['key']!r} of "
+                 f"{self.dir / 'index.jsonl'}: were the features made from the same images?")
+        line, f = self.feature_index[rec["key"]]
+        if f["boxes"] != len(lay["boxes"]):
+            fail(f"{self.features / 'index.jsonl'}:{line}: {f['boxes']} box features for image {rec['key']!r}, but "
+                 f"its boxes record has {len(lay['boxes'])} boxes: were the features made from another boxes file?")
+        shard, _ = self.need(self.features / f["shard"], f["row"] + f["boxes"] - 1, (self.image_meta["dim"],))
+        return (*self.need(self.dir / rec["shard"], rec["row"], self.row_shape), rec["caption"], phrases, boxes,
+                (shard, f["row"] + np.asarray(keep, np.int64)))
+
+    def __getitem__(self, item):
+        x = super().__getitem__(item)
+        shard, rows = self.items[item[0]][5]
+        x["image_feats"] = self.array(shard)[rows].astype(np.float32)
+        return x
+
+    def collate(self, tokenizer, items):
+        """... and each box's image feature in its slot, (B, 30, D)."""
+        batch = super().collate(tokenizer, items)
+        f = np.zeros((len(items), N_SLOTS, self.image_meta["dim"]), np.float32)
+        for i, x in enumerate(items):
+            f[i, :len(x["image_feats"])] = x["image_feats"]
+        batch["image_feats"] = torch.from_numpy(f)
+        return batch
+
+
+def text_image_training_data(cfg):
+    """The training set with each box's image feature; the features must fit the model, and come through the same
+    image_project as a text-image --init_from's."""
+    from diffusers import UNet2DConditionModel
+
+    data = ImageFeatureLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"],
+                               cfg["image_features"])
+    with loading(cfg["model"]):
+        D = UNet2DConditionModel.load_config(cfg["model"], subfolder="unet")["cross_attention_dim"]
+    if data.image_meta["dim"] != D:
+        fail(f"{cfg['image_features']}: image features of {data.image_meta['dim']}, but {cfg['model']} takes {D} "
+             f"(SD1.x: a CLIP ViT-L/14, SD2.x: an OpenCLIP ViT-H/14 image encoder)")
+    own = load_image_project(cfg["init_from"], required=False) if cfg["init_from"] else None  # a text-image model's
+    if own is not None and not torch.equal(own.float(), read_safetensors(data.files[0])["project.weight"]):
+        fail(f"{cfg['image_features']} was made with another image_project than {cfg['init_from']}'s: "
+             f"run prep_latents.py --image_encoder with --image_project={cfg['init_from']}")
+    return data
+
+
+def text_image_grounding(text_encoder, batch, masks, g):
+    """Text-image training: the phrases' features and the boxes' image features; half the boxes lose one of the two
+    (never both), drawn from g."""
+    drop = torch.rand(masks.shape, generator=g, device=masks.device) < 0.5
+    image_side = torch.rand(masks.shape, generator=g, device=masks.device) < 0.5
+    feats = text_encoder(batch["phrase_ids"], attention_mask=batch["phrase_mask"]).pooler_output  # (U, D)
+    return {"boxes": batch["boxes"], "masks": masks, "phrases_masks": masks * ~(drop & ~image_side),
+            "image_masks": masks * ~(drop & image_side), "phrases_embeddings": feats[batch["slot_phrase"]],
+            "image_embeddings": batch["image_feats"]}
+
+
+def text_image_layout_grounding(text_encoder, tokenizer, layout, rows):
+    """Text-image sampling: a box has a phrase (not None), a reference image's feature (layout["images"], from
+    project_image_embeds; or None), or both. Each phrase is encoded alone, as the text-image pipeline does: the same
+    last bits."""
+    p, phrases = next(text_encoder.parameters()), layout["phrases"]
+    _, _, _, boxes, masks = layout_tensors(tokenizer, [([q or "" for q in phr], b) for phr, b in rows])
+    masks[:len(rows) // 2] = 0
+    feats = torch.zeros(2, N_SLOTS, text_encoder.config.hidden_size, device=p.device, dtype=p.dtype)  # phrases, images
+    has = torch.zeros(2, N_SLOTS, device=p.device, dtype=p.dtype)
+    for k, (phrase, im) in enumerate(zip(phrases, layout.get("images") or [None] * len(phrases))):
+        if phrase is not None:
+            ids, mask = (x.to(p.device) for x in tokenizer.phrases([phrase]))
+            feats[0, k], has[0, k] = text_encoder(ids, attention_mask=mask).pooler_output[0], 1
+        if im is not None:
+            feats[1, k], has[1, k] = im, 1
+    m = masks.to(p.device, p.dtype)
+    return {"boxes": boxes.to(p.device), "masks": m, "phrases_masks": m * has[0], "image_masks": m * has[1],
+            "phrases_embeddings": feats[0].expand(len(rows), -1, -1),
+            "image_embeddings": feats[1].expand(len(rows), -1, -1)}
+
+
+TEXT_IMAGE = dict(position_net=PositionNetTextImage,
+                  training_data=text_image_training_data, grounding=text_image_grounding,
+                  layout_grounding=text_image_layout_grounding)
 
 
 if __name__ == "__main__":

@@ -110,14 +110,14 @@ def loader_benchmark(cfg):
     write_data(root, cfg["images"], cfg["resolution"], np.random.default_rng(0))
     if cfg["model"]:
         from transformers import CLIPTokenizer
-        tokenizer = CLIPTokenizer.from_pretrained(cfg["model"], subfolder="tokenizer")
+        tokenizer = tg.Tokenizer(CLIPTokenizer.from_pretrained(cfg["model"], subfolder="tokenizer"))
     else:
         from demo_shapes import write_tokenizer
-        tokenizer = write_tokenizer(root / "tokenizer", sorted(set(WORDS)), max_length=77)
+        tokenizer = tg.Tokenizer(write_tokenizer(root / "tokenizer", sorted(set(WORDS)), max_length=77))
     data = tg.GroundedLatents(root, root / "boxes.jsonl")
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=tg.rank_batches(len(data), cfg["batch"], cfg["batch"], 1, 0, 0, 0),
-        num_workers=cfg["workers"], collate_fn=partial(tg.collate, tokenizer), prefetch_factor=4 if cfg["workers"] else None,
+        num_workers=cfg["workers"], collate_fn=partial(data.collate, tokenizer), prefetch_factor=4 if cfg["workers"] else None,
         persistent_workers=False)
     it = iter(loader)
     for _ in range(cfg["warmup"]):
@@ -203,10 +203,11 @@ def recipe(name, unet_name, device, compile_=False):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
         cfg = dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon")
         alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        seams = tg.choose_seams("sdxl" if unet_name == "sdxl" else "sd")  # SDXL: its text inputs
 
         def loss(batch, i, model=model):
             g = tg.sample_generator(0, i, 0, device)
-            return tg.micro_step_loss(model, batch, g, te, alphas_cumprod, batch["empty_ids"], cfg, autocast)
+            return seams.loss(model, batch, g, te, alphas_cumprod, batch["empty_ids"], cfg, autocast)
 
         def step(batch, i):
             loss(batch, i).backward()
