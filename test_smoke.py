@@ -18,6 +18,7 @@ import tempfile
 import sys
 import tarfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def keep_signal_handlers():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tiny models and data
+# Helpers: tiny models and data, running the scripts, and one assertion per kind of equality
 def write_tokenizer(path):
     """A tiny CLIP BPE vocabulary: CLIP's byte alphabet, with and without the end-of-word mark, a few merges."""
     path.mkdir(parents=True, exist_ok=True)
@@ -167,29 +168,138 @@ def make_tiny_clip(path):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory):
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+def make_tiny_grounding_dino_vocab(path):
+    """An offline BERT vocabulary: a few words, then single letters for everything else."""
+    path.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", "a", "red", "blue", "square", "circle", "cat", "on",
+             "mat", "tall", "door", "five", "six"]
+    (path / "vocab.txt").write_text("\n".join(words + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
+    return path
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory):
-    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+def make_tiny_grounding_dino(path):
+    """A tiny random GroundingDINO (Swin backbone, BERT text encoder) with an offline BERT vocabulary."""
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    torch.manual_seed(0)
+    make_tiny_grounding_dino_vocab(path)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1],
+                                   window_size=4, out_features=["stage2", "stage3"]),
+        text_config=BertConfig(vocab_size=len((path / "vocab.txt").read_text().split()), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, num_queries=8, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=2, encoder_n_points=2,
+        decoder_n_points=2, max_text_len=32, use_timm_backbone=False, use_pretrained_backbone=False)
+    GroundingDinoForObjectDetection(config).save_pretrained(path)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}),
+                           tokenizer=BertTokenizer(str(path / "vocab.txt"))).save_pretrained(path)
+    return path
 
 
-@pytest.fixture(scope="session")
-def tiny_video(tmp_path_factory):
-    return make_tiny_video(tmp_path_factory.mktemp("tiny-video"))
+SHAPES = {1: ("red square", (220, 40, 40)), 2: ("blue circle", (40, 60, 220)), 3: ("green triangle", (40, 180, 60))}
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
-    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+def make_coco(root, n=12, seed=0):
+    """n images of coloured shapes (sizes vary, so crops differ) with COCO instances and captions JSON, plus the
+    quirks of the real files: a crowd box, a box reaching outside its image, a zero-area box, an image with no
+    annotations; and a corrupt JPEG and an image without a caption for prep_latents to skip."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    images, anns, caps = [], [], []
+    for i in range(n):
+        W, H = [(48, 32), (32, 48), (40, 40)][i % 3]
+        name = f"img_{i:03d}.{'jpg' if i % 2 else 'png'}"
+        arr = np.full((H, W, 3), 235, np.uint8)
+        k = 0 if i == 5 else 1 + i % 3  # image 5 has no annotations
+        for j in range(k):
+            cat = 1 + (i + j) % 3
+            w, h = int(rng.integers(8, W // 2)), int(rng.integers(8, H // 2))
+            x, y = int(rng.integers(0, W - w)), int(rng.integers(0, H - h))
+            arr[y:y + h, x:x + w] = SHAPES[cat][1]
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=cat, bbox=[x, y, w, h], iscrowd=0, area=w * h))
+        Image.fromarray(arr).save(root / "images" / name)
+        images.append(dict(id=i + 1, file_name=name, width=W, height=H))
+        caps += [dict(id=1000 + 2 * i + 1, image_id=i + 1, caption=f" second caption {i}"),
+                 dict(id=1000 + 2 * i, image_id=i + 1, caption=f"a picture of shapes number {i} ")]
+    anns += [dict(id=900, image_id=1, category_id=1, bbox=[0, 0, 20, 20], iscrowd=1, area=400),  # crowd
+             dict(id=901, image_id=2, category_id=2, bbox=[-4, 20, 16, 40], iscrowd=0, area=640),  # outside: clipped
+             dict(id=902, image_id=3, category_id=3, bbox=[5, 5, 0, 10], iscrowd=0, area=0)]  # zero area
+    images.append(dict(id=n + 1, file_name="broken.jpg", width=40, height=40))
+    caps.append(dict(id=5000, image_id=n + 1, caption="a broken file"))
+    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "images" / "uncaptioned.png")
+    cats = [dict(id=c, name=name) for c, (name, _) in SHAPES.items()]
+    (root / "instances.json").write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
+    (root / "captions.json").write_text(json.dumps(dict(images=images, annotations=caps)))
+    return root
 
 
-@pytest.fixture(scope="session")
-def tiny_sd2(tmp_path_factory):
-    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd2"), prediction_type="v_prediction", sd2=True)
+def jpeg_bytes(seed, size=(40, 28)):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path, members, gz=False):
+    with tarfile.open(path, "w:gz" if gz else "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_tars(root):
+    """Two SA-1B tars (jpg + masks json per image, captions in a separate JSON map) and a gzipped webdataset tar
+    (captions inside). Among them: a corrupt JPEG, an image without a caption, and a tar cut off inside an image."""
+    root.mkdir(parents=True)
+    masks = lambda i: json.dumps(dict(image=dict(image_id=i, width=40, height=28), annotations=[])).encode()
+    write_tar(root / "sa_000000.tar", [("sa_1.jpg", jpeg_bytes(1)), ("sa_1.json", masks(1)),
+                                       ("sa_2.jpg", jpeg_bytes(2, (28, 40))), ("sa_2.json", masks(2)),
+                                       ("sa_3.jpg", b"\xff\xd8\xff\xe0 not a jpeg"), ("sa_4.jpg", jpeg_bytes(4))])
+    write_tar(root / "sa_000001.tar", [("sa_5.jpg", jpeg_bytes(5)), ("sa_6.jpg", jpeg_bytes(6)),
+                                       ("sa_7.jpg", jpeg_bytes(7))])
+    data = (root / "sa_000001.tar").read_bytes()
+    cut = data.index(jpeg_bytes(7)) + 100
+    (root / "sa_000001.tar").write_bytes(data[:cut])  # the download broke inside sa_7.jpg
+    captions = {"sa_1": "a cat on a mat", "sa_2.jpg": "a tall red door", "sa_3": "broken", "sa_5": "five",
+                "sa_6": "six", "sa_7": "seven"}  # SAM-LLaVA style: names with or without the extension
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "wds").mkdir()
+    write_tar(root / "wds" / "part-000.tar.gz", [
+        ("000000.png", (lambda b: (Image.open(io.BytesIO(jpeg_bytes(8))).save(b, "PNG"), b.getvalue())[1])(io.BytesIO())),
+        ("000000.txt", b"a png with a txt caption"), ("000001.jpg", jpeg_bytes(9)),
+        ("000001.json", json.dumps(dict(caption="a jpg with a json caption")).encode()),
+        ("000002.jpg", jpeg_bytes(10))], gz=True)
+    return root
+
+
+def write_boxes(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def nan_latents(tiny_data, tmp_path, keys):
+    """A copy of the latents where the images `keys` are NaN."""
+    out = tmp_path / "latents"
+    shutil.copytree(tiny_data["latents"], out)
+    for rec in map(json.loads, (out / "index.jsonl").read_text().splitlines()):
+        if rec["key"] in keys:
+            shard = np.load(out / rec["shard"])
+            shard[rec["row"]] = np.nan
+            np.save(out / rec["shard"], shard)
+    return out
+
+
+def embed_features(tiny_clip, tiny_data, out):
+    """prep_latents.py --image_encoder on the tiny data's images and boxes (in this process: cheaper than a new one)."""
+    import prep_latents as pl
+
+    pl.main({**pl.config, "image_encoder": str(tiny_clip), "images": str(tiny_data["root"] / "images"),
+             "boxes": str(tiny_data["boxes"]), "out": str(out), "batch_size": 3, "shard_size": 4, "num_workers": 0})
+    return out
 
 
 def grounding_inputs(B=2, D=32, seed=1, images=False):
@@ -207,8 +317,198 @@ def grounding_inputs(B=2, D=32, seed=1, images=False):
     return dict(boxes=boxes, masks=masks, positive_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g))
 
 
+def run(script, *args, torchrun=0, timeout=None, **env):
+    """Run a project script as a user would; return its completed process (stdout and stderr as text)."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run(cmd + [str(HERE / script), *args], capture_output=True, text=True, env=env, cwd=HERE,
+                          timeout=timeout)
+
+
+def train_cfg(tiny_sd, tiny_data, out_dir, **over):
+    return {**tg.config, "model": str(tiny_sd), "latents": str(tiny_data["latents"]), "boxes": str(tiny_data["boxes"]),
+            "out_dir": str(out_dir), "global_batch": 4, "micro_batch": 2, "num_workers": 0, "log_every": 1,
+            "val_every": 0, "warmup_steps": 2, "lr": 1e-3, **over}
+
+
+def fault_args(tiny_sd, tiny_data, out_dir, *extra):
+    return [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
+            "--global_batch=4", "--micro_batch=2", "--max_steps=40", "--lr=1e-3", "--warmup_steps=2",
+            "--num_workers=0", "--val_every=0", "--log_every=1", "--save_every=10", f"--out_dir={out_dir}", *extra]
+
+
+ONE_THREAD = dict(OMP_NUM_THREADS="1")  # as torchrun sets for its workers: the same float reductions everywhere
+
+
+def adapters_of(run_dir):
+    return tg.load_adapters(str(run_dir))
+
+
+def losses(run_dir):
+    return [r["loss"] for _, r in tg.read_jsonl(Path(run_dir) / "log.jsonl") if "loss" in r]  # not the validations
+
+
+def wait_for(condition, timeout=120):
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, "timed out"
+        time.sleep(0.05)
+
+
+def assert_latents_of(tiny_sd, image, shard, row, resolution):
+    """Row `row` of `shard` holds the VAE mean and std of the image's center crop and its mirror, x scaling."""
+    from diffusers import AutoencoderKL
+
+    im = Image.open(image).convert("RGB")
+    m = min(im.size)
+    crop = ((im.width - m) // 2, (im.height - m) // 2, (im.width - m) // 2 + m, (im.height - m) // 2 + m)
+    x = torch.from_numpy(np.asarray(im.resize((resolution,) * 2, Image.Resampling.BICUBIC, box=crop), np.float32))
+    x = x.permute(2, 0, 1) / 127.5 - 1
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    with torch.no_grad():
+        d = vae.encode(torch.stack([x, x.flip(-1)])).latent_dist
+    want = torch.stack([d.mean, d.std], 1) * vae.config.scaling_factor  # (views, stats, 4, h, w)
+    got = np.load(shard, mmap_mode="r")[row]
+    assert got.dtype == np.float16 and got.shape == tuple(want.shape)
+    torch.testing.assert_close(torch.from_numpy(got.astype(np.float32)), want, atol=2e-3, rtol=2e-3)
+
+
+def assert_same_tensors(a, b):
+    """Two dicts of tensors (adapters, optimizer states) hold the same names and the same bits."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_base_untouched(unet, base, is_adapter=tg.is_adapter):
+    """Every tensor of a trained UNet but its adapters equals the frozen base's, bit for bit."""
+    for name, v in unet.state_dict().items():
+        if not is_adapter(name):
+            assert torch.equal(v, base.state_dict()[name]), f"frozen {name} changed"
+
+
+def pixels(images):
+    """A diffusers pipeline's images (output_type="np", floats in [0, 1]) as sample.py writes them: uint8 levels."""
+    return (images * 255).round().astype(int)
+
+
+def pngs(folder, n, layout=0):
+    """sample.py's first n images of a layout, (n, H, W, 3) ints."""
+    return np.stack([np.asarray(Image.open(folder / f"{layout:03d}_{i:02d}.png")) for i in range(n)]).astype(int)
+
+
+def optimizer_state(run_dir):
+    state = torch.load(tg.checkpoints(run_dir)[-1] / "state.pt", weights_only=True)["optimizer"]["state"]
+    return {f"{i}.{k}": v for i in state for k, v in state[i].items()}
+
+
+def random_adapters_of(seams, base, seed, path, **metadata):
+    """Adapters of a family and mode with wide-open gates (tanh(2)) and strong random weights, saved as a checkpoint
+    saves them (path/adapters.safetensors): strong enough that grounding in late denoising steps, and in the
+    unconditional half, shows in the pixels. Returns the tensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    sd = tg.adapter_state(seams.add_adapters(copy.deepcopy(base)), seams.is_adapter)
+    sd = {k: torch.full_like(v, 2.0) if ".alpha_" in k else v + torch.randn_like(v) * (0.5 if v.ndim < 2 else 0.3)
+          for k, v in sd.items()}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(sd, path / "adapters.safetensors", metadata={"config": json.dumps(metadata)})
+    return sd
+
 # ---------------------------------------------------------------------------------------------------------------
-# (a) the hand-written layers equal diffusers' gated UNet with the same weights; alpha = 0 equals the base
+# Fixtures: built once per session (the torchrun one per test)
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd2"), prediction_type="v_prediction", sd2=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tmp_path_factory):
+    return make_tiny_video(tmp_path_factory.mktemp("tiny-video"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_sd, tmp_path_factory):
+    root = make_coco(tmp_path_factory.mktemp("coco"))
+    boxes = run("prep_boxes.py", f"--instances={root / 'instances.json'}", f"--captions={root / 'captions.json'}",
+                f"--out={root / 'boxes.jsonl'}")
+    assert boxes.returncode == 0, boxes.stderr
+    latents = run("prep_latents.py", f"--model={tiny_sd}", f"--images={root / 'images'}",
+                  f"--captions={root / 'boxes.jsonl'}", f"--out={root / 'latents'}", "--resolution=16",
+                  "--batch_size=5", "--shard_size=4", "--num_workers=2", "--std=True", "--flip=True")
+    assert latents.returncode == 0, latents.stderr
+    return dict(root=root, boxes=root / "boxes.jsonl", latents=root / "latents", boxes_log=boxes.stdout,
+                latents_log=latents.stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_clip, tiny_data):
+    """Each box's image feature, for the text-image mode."""
+    return embed_features(tiny_clip, tiny_data, tiny_data["root"] / "image-features")
+
+
+@pytest.fixture(scope="session")
+def tars(tmp_path_factory):
+    return make_tars(tmp_path_factory.mktemp("data") / "tars")
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_sd, tiny_data, tmp_path_factory):
+    """The adapters after 40 steps without a fault."""
+    out = tmp_path_factory.mktemp("reference")
+    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return adapters_of(out)
+
+
+@pytest.fixture
+def torchrun():
+    """Start `torchrun --standalone` on train_gligen.py in the background; whatever happens, it is killed at the end."""
+    started = []
+
+    def start(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
+        started.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                                        env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"},
+                                        start_new_session=True))
+        return started[-1]
+
+    yield start
+    for p in started:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # torchrun and any worker left, even if torchrun itself has exited
+        except ProcessLookupError:
+            pass
+        p.communicate(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def random_adapters(tiny_sd, tmp_path_factory):
+    """Random strong SD1 text-box adapters (random_adapters_of), as an adapters.safetensors path."""
+    seams = tg.choose_seams("sd")
+    path = tmp_path_factory.mktemp("adapters")
+    random_adapters_of(seams, seams.load(str(tiny_sd), "cpu", torch.float32)[0], 3, path)
+    return path / "adapters.safetensors"
+
+# ---------------------------------------------------------------------------------------------------------------
+# The method: the hand-written layers equal diffusers' gated UNet with the same weights; fresh adapters leave the base
+# exactly; the text features and the forward process are diffusers' and SD's
 @pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl", "sd1-text-image"])
 def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_sdxl):
     from diffusers import UNet2DConditionModel
@@ -303,248 +603,6 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
     assert torch.allclose(boxes[2 * F_:, 0], torch.tensor([per_frame[f][0] for _ in range(2) for f in range(F_)]))
 
 
-def test_sdxl_text_features_and_size_conditioning(tiny_sdxl):
-    """SDXL: both tokenizers (their own pad tokens), the 2048-style phrase feature = ViT-L pooled beside bigG's
-    projected EOS feature, the context = both penultimate layers; time ids from the crop (mirrored for a flip)."""
-    _, te, tok, _ = tg.load_sdxl(str(tiny_sdxl), "cpu", torch.float32)
-    ids = tok.captions(["a red square"])
-    pads = [t.tokenizer.pad_token_id for t in tok.pair]
-    assert ids.shape == (1, 2, 77) and ids[0, 0, -1] == pads[0] and ids[0, 1, -1] == pads[1]
-    assert pads[0] != pads[1] and torch.equal(ids[0, 0, :5], ids[0, 1, :5])
-    with torch.no_grad():
-        out = te(ids)
-        o1 = te.te1(ids[:, 0], output_hidden_states=True)
-        o2 = te.te2(ids[:, 1], output_hidden_states=True)
-    assert torch.equal(out.pooler_output, torch.cat([o1.pooler_output, o2.text_embeds], -1))  # (1, 64)
-    assert torch.equal(out.last_hidden_state, torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1))
-    rec = dict(width=48, height=32, crop=[8, 0, 40, 32])  # resized to 16 on the short side: 24 x 16, crop left 4
-    assert tg.SDXLLatents.time_ids(rec, 16) == ((32, 48, 0, 4, 16, 16), 4)
-    rec = dict(width=51, height=32, crop=[9, 0, 41, 32])  # an odd margin: the mirrored crop starts one further
-    assert tg.SDXLLatents.time_ids(rec, 32) == ((32, 51, 0, 9, 32, 32), 10)
-
-
-def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_data, tmp_path, monkeypatch):
-    """With grad_checkpointing each fuser runs twice per micro-batch (forward, then again in backward), and the
-    adapters end bit-equal to a run without it."""
-    calls = []
-    real = tg.Fuser.forward
-    monkeypatch.setattr(tg.Fuser, "forward", lambda self, x, objs: calls.append(1) or real(self, x, objs))
-    runs = {}
-    for ckpt in (False, True):
-        calls.clear()
-        tg.main({**train_cfg(None, tiny_data, tmp_path / str(ckpt), max_steps=2, save_every=2), "model": str(tiny_sdxl),
-                 "grad_checkpointing": ckpt})
-        runs[ckpt] = (len(calls), adapters_of(tmp_path / str(ckpt)))
-    # 8 fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
-    assert runs[True][0] == 2 * runs[False][0] == 2 * 8 * (1 + 2 * 2)
-    assert_equal_adapters(runs[True][1], runs[False][1])
-
-
-def test_compile_setting_compiles_the_training_step_and_trains_the_same(tiny_sd, tiny_data, tmp_path):
-    """--compile=<backend> runs the training step through torch.compile, and the adapters are bit-equal to an eager run.
-    aot_eager (dynamo's graph capture and AOT autograd, eager kernels) compiles in seconds on a CPU; inductor, the
-    backend for GPUs, takes minutes here."""
-    import torch._dynamo
-
-    runs = {}
-    for backend in ("", "aot_eager"):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / (backend or "eager"), max_steps=2, save_every=2),
-                 "compile": backend})
-        runs[backend] = (torch._dynamo.utils.counters["stats"]["unique_graphs"], adapters_of(tmp_path / (backend or "eager")))
-    assert runs[""][0] == 0 and runs["aot_eager"][0] >= 1
-    eager, compiled = runs[""][1], runs["aot_eager"][1]
-    assert_equal_adapters(eager, compiled)
-
-
-def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
-    """generate() on SDXL without grounding gives the pixels of diffusers' StableDiffusionXLPipeline: the two text
-    encoders, zero unconditional features, size conditioning and VAE are used as SDXL's own pipeline uses them."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    seams = tg.choose_seams("sdxl")
-    unet, te, tok, _ = seams.load(str(tiny_sdxl), "cpu", torch.float32)
-    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
-    scheduler = EulerDiscreteScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")
-    with torch.no_grad():
-        ours = seams.generate(unet, vae, te, tok, scheduler, dict(prompt="a red square and a blue circle", phrases=[],
-                              boxes=[]), seed=3, n=2, steps=3)
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    want = pipe("a red square and a blue circle", num_inference_steps=3, guidance_scale=7.5, num_images_per_prompt=2,
-                generator=torch.Generator().manual_seed(3), output_type="np").images
-    assert ours.shape == (2, 16, 16, 3) and np.array_equal(ours, (want * 255).round().astype(np.uint8))
-
-
-@pytest.mark.parametrize("family", ["sd2", "sdxl", "video", "inpaint"])
-def test_sd2_sdxl_video_and_inpainting_train_resume_and_sample(family, tiny_sd, tiny_sd2, tiny_sdxl, tiny_video,
-                                                               tiny_data, tmp_path, monkeypatch):
-    """Each family trains, resumes bit-equal, and samples: SD2 (v-prediction) and SDXL images; video clips with
-    moving boxes, as GIFs; SD1 inpainting (conv_in widened and trained), keeping a photo outside the boxes."""
-    import sample
-
-    model = dict(sd2=tiny_sd2, sdxl=tiny_sdxl, video=tiny_video, inpaint=tiny_sd)[family]
-    mode = dict(inpaint=True) if family == "inpaint" else {}
-    seen = []  # SDXL: the size conditioning that reaches the UNet is each sample's own (original or mirrored)
-    if family == "sdxl":
-        from diffusers import UNet2DConditionModel
-        real = UNet2DConditionModel.forward
-
-        def forward(self, *args, added_cond_kwargs=None, **kw):
-            seen.append(added_cond_kwargs["time_ids"].clone())
-            return real(self, *args, added_cond_kwargs=added_cond_kwargs, **kw)
-        monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
-    val = dict(val_every=4, val_steps=1) if family != "sdxl" else {}  # validating in the straight run only (SDXL:
-    # its sampling's size conditioning would join the training's seen above)
-    tg.main({**train_cfg(None, tiny_data, tmp_path / "straight", max_steps=4, save_every=4, **val, **mode),
-             "model": str(model)})
-    if family == "sdxl":
-        data = tg.SDXLLatents(tiny_data["latents"], tiny_data["boxes"])
-        own = {tuple(map(float, data[(i, f)]["time_ids"])) for i in range(len(data)) for f in (False, True)}
-        rows = {tuple(r) for ids in seen for r in ids.tolist()}
-        assert rows <= own and len(rows) >= 2  # real per-image ids (the tiny data has 3 image sizes)
-        monkeypatch.undo()
-    tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=2, save_every=2, **mode), "model": str(model)})
-    tg.main({**train_cfg(None, tiny_data, tmp_path / "resumed", max_steps=4, save_every=2, **mode), "model": str(model)})
-    straight = adapters_of(tmp_path / "straight")
-    assert_equal_adapters(adapters_of(tmp_path / "resumed"), straight)
-    assert np.isfinite(losses(tmp_path / "straight")).all()
-    seams = tg.choose_seams(tg.family_of(str(model)), inpaint=bool(mode))
-    base = seams.load(str(model), "cpu", torch.float32)[0]
-    fresh = tg.adapter_state(seams.add_adapters(copy.deepcopy(base)), seams.is_adapter)
-    assert all(not torch.equal(straight[k], fresh[k]) for k in straight if k.endswith("alpha_attn"))  # it trained
-    if mode:  # all of conv_in's weight trains (the new channels too); its bias and the rest of the base stay
-        assert not torch.equal(straight["conv_in.weight"][:, :4], base.conv_in.weight)
-        assert straight["conv_in.weight"][:, 4:].abs().min() > 0 and straight["conv_in.weight"].shape[1] == 9
-        trained = seams.add_adapters(tg.load_base(str(model), "cpu", torch.float32)[0])
-        tg.set_adapters(trained, straight, "straight", seams.is_adapter)
-        for name, v in trained.state_dict().items():
-            if not tg.is_inpaint_adapter(name):
-                assert torch.equal(v, base.state_dict()[name]), f"frozen {name} changed"
-    out = tmp_path / "samples"
-    layouts = dict(layouts=str(HERE / "layouts" / "video.jsonl"), frames=16) if family == "video" else {}
-    if mode:
-        Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "photo.png")  # cropped and resized to 16 x 16
-        layouts = dict(inpaint_image=str(tmp_path / "photo.png"))
-    sample.main({**sample.config, "model": str(model), "adapters": str(tmp_path / "straight"), "prompt": "a red square",
-                 "phrases": ["a red square"], "boxes": [[0.1, 0.2, 0.5, 0.8]], "n": 1, "steps": 2, "out_dir": str(out),
-                 **layouts})
-    if family == "video":  # the shipped layouts: 16 frames, boxes moving
-        assert sorted(p.name for p in (out / "001_00").iterdir()) == [f"frame_{f:03d}.png" for f in range(16)]
-        with Image.open(out / "000_00_boxes.gif") as gif:
-            assert gif.n_frames == 16 and gif.size == (256, 256)  # enlarged to draw the boxes readably
-        with pytest.raises(SystemExit, match="16 lists of boxes for --frames=8"):
-            sample.main({**sample.config, "model": str(model), "out_dir": str(out), **layouts, "frames": 8})
-    else:
-        assert Image.open(out / "000_00.png").size == (16, 16) and (out / "000_00_boxes.png").is_file()
-    if mode:
-        with pytest.raises(SystemExit, match="are inpainting adapters: give --inpaint_image"):
-            sample.main({**sample.config, "model": str(model), "adapters": str(tmp_path / "straight")})
-
-
-SHAPES = {1: ("red square", (220, 40, 40)), 2: ("blue circle", (40, 60, 220)), 3: ("green triangle", (40, 180, 60))}
-
-
-def make_coco(root, n=12, seed=0):
-    """n images of coloured shapes (sizes vary, so crops differ) with COCO instances and captions JSON, plus the
-    quirks of the real files: a crowd box, a box reaching outside its image, a zero-area box, an image with no
-    annotations; and a corrupt JPEG and an image without a caption for prep_latents to skip."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    images, anns, caps = [], [], []
-    for i in range(n):
-        W, H = [(48, 32), (32, 48), (40, 40)][i % 3]
-        name = f"img_{i:03d}.{'jpg' if i % 2 else 'png'}"
-        arr = np.full((H, W, 3), 235, np.uint8)
-        k = 0 if i == 5 else 1 + i % 3  # image 5 has no annotations
-        for j in range(k):
-            cat = 1 + (i + j) % 3
-            w, h = int(rng.integers(8, W // 2)), int(rng.integers(8, H // 2))
-            x, y = int(rng.integers(0, W - w)), int(rng.integers(0, H - h))
-            arr[y:y + h, x:x + w] = SHAPES[cat][1]
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=cat, bbox=[x, y, w, h], iscrowd=0, area=w * h))
-        Image.fromarray(arr).save(root / "images" / name)
-        images.append(dict(id=i + 1, file_name=name, width=W, height=H))
-        caps += [dict(id=1000 + 2 * i + 1, image_id=i + 1, caption=f" second caption {i}"),
-                 dict(id=1000 + 2 * i, image_id=i + 1, caption=f"a picture of shapes number {i} ")]
-    anns += [dict(id=900, image_id=1, category_id=1, bbox=[0, 0, 20, 20], iscrowd=1, area=400),  # crowd
-             dict(id=901, image_id=2, category_id=2, bbox=[-4, 20, 16, 40], iscrowd=0, area=640),  # outside: clipped
-             dict(id=902, image_id=3, category_id=3, bbox=[5, 5, 0, 10], iscrowd=0, area=0)]  # zero area
-    images.append(dict(id=n + 1, file_name="broken.jpg", width=40, height=40))
-    caps.append(dict(id=5000, image_id=n + 1, caption="a broken file"))
-    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "images" / "uncaptioned.png")
-    cats = [dict(id=c, name=name) for c, (name, _) in SHAPES.items()]
-    (root / "instances.json").write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
-    (root / "captions.json").write_text(json.dumps(dict(images=images, annotations=caps)))
-    return root
-
-
-def run(script, *args, torchrun=0, **env):
-    """Run a project script as a user would; return its completed process (stdout and stderr as text)."""
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run(cmd + [str(HERE / script), *args], capture_output=True, text=True, env=env, cwd=HERE)
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tiny_sd, tmp_path_factory):
-    root = make_coco(tmp_path_factory.mktemp("coco"))
-    boxes = run("prep_boxes.py", f"--instances={root / 'instances.json'}", f"--captions={root / 'captions.json'}",
-                f"--out={root / 'boxes.jsonl'}")
-    assert boxes.returncode == 0, boxes.stderr
-    latents = run("prep_latents.py", f"--model={tiny_sd}", f"--images={root / 'images'}",
-                  f"--captions={root / 'boxes.jsonl'}", f"--out={root / 'latents'}", "--resolution=16",
-                  "--batch_size=5", "--shard_size=4", "--num_workers=2", "--std=True", "--flip=True")
-    assert latents.returncode == 0, latents.stderr
-    return dict(root=root, boxes=root / "boxes.jsonl", latents=root / "latents", boxes_log=boxes.stdout,
-                latents_log=latents.stdout)
-
-
-def embed_features(tiny_clip, tiny_data, out):
-    """prep_latents.py --image_encoder on the tiny data's images and boxes (in this process: cheaper than a new one)."""
-    import prep_latents as pl
-
-    pl.main({**pl.config, "image_encoder": str(tiny_clip), "images": str(tiny_data["root"] / "images"),
-             "boxes": str(tiny_data["boxes"]), "out": str(out), "batch_size": 3, "shard_size": 4, "num_workers": 0})
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_features(tiny_clip, tiny_data):
-    """Each box's image feature, for the text-image mode."""
-    return embed_features(tiny_clip, tiny_data, tiny_data["root"] / "image-features")
-
-
-def test_prep_image_features_crop_each_box(tiny_clip, tiny_data, tiny_features, capsys):
-    """Each box's feature is CLIP's image_embeds of its crop (the CLIP processor's resize and center crop), through
-    image_project (the transpose of CLIP's text projection), scaled to norm 28.7; images that cannot be read are
-    named; the job run again has nothing left to do."""
-    from safetensors.torch import load_file
-    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
-    index = {r["key"]: r for _, r in tg.read_jsonl(tiny_features / "index.jsonl")}
-    boxes = {r["image"]: r for _, r in tg.read_jsonl(tiny_data["boxes"])}
-    assert "broken.jpg" not in index and "broken.jpg" in (tiny_features / "skipped.jsonl").read_text()
-    assert all(index[k]["boxes"] == len(boxes[k]["boxes"]) for k in index) and len(index) >= 12
-    weight = load_file(tiny_features / "image_project.safetensors")["project.weight"]
-    assert torch.equal(weight, CLIPTextModelWithProjection.from_pretrained(tiny_clip).text_projection.weight.T)
-    key = next(k for k in index if len(boxes[k]["boxes"]) >= 2)
-    rec, (x0, y0, x1, y1) = index[key], boxes[key]["boxes"][1]
-    im = Image.open(tiny_data["root"] / "images" / key).convert("RGB")
-    W, H = im.size
-    crop = im.crop((round(x0 * W), round(y0 * H), round(x1 * W), round(y1 * H)))
-    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(images=[crop], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        embeds = CLIPVisionModelWithProjection.from_pretrained(tiny_clip)(pixel_values=pixels).image_embeds
-    want = embeds @ weight.T / (embeds @ weight.T).norm() * 28.7
-    got = torch.from_numpy(np.load(tiny_features / rec["shard"])[rec["row"] + 1].astype(np.float32))
-    torch.testing.assert_close(got, want[0], atol=0.02, rtol=0.002)  # stored in float16
-    capsys.readouterr()
-    embed_features(tiny_clip, tiny_data, tiny_features)  # the same job again
-    assert "rank 0: 0 of its 4 shards to embed" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_forward_process_matches_diffusers(prediction_type):
     from diffusers import DDPMScheduler
@@ -581,8 +639,23 @@ def test_phrases_padded_to_longest_equal_each_alone(tiny_sd):
     assert masks.sum(1).tolist() == [2, 1] and boxes[1, 0].tolist() == [0, 0, 0.5, 0.5]
 
 
+def test_sdxl_text_features(tiny_sdxl):
+    """SDXL: both tokenizers (their own pad tokens), the 2048-style phrase feature = ViT-L pooled beside bigG's
+    projected EOS feature, the context = both penultimate layers."""
+    _, te, tok, _ = tg.load_sdxl(str(tiny_sdxl), "cpu", torch.float32)
+    ids = tok.captions(["a red square"])
+    pads = [t.tokenizer.pad_token_id for t in tok.pair]
+    assert ids.shape == (1, 2, 77) and ids[0, 0, -1] == pads[0] and ids[0, 1, -1] == pads[1]
+    assert pads[0] != pads[1] and torch.equal(ids[0, 0, :5], ids[0, 1, :5])
+    with torch.no_grad():
+        out = te(ids)
+        o1 = te.te1(ids[:, 0], output_hidden_states=True)
+        o2 = te.te2(ids[:, 1], output_hidden_states=True)
+    assert torch.equal(out.pooler_output, torch.cat([o1.pooler_output, o2.text_embeds], -1))  # (1, 64)
+    assert torch.equal(out.last_hidden_state, torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1))
+
 # ---------------------------------------------------------------------------------------------------------------
-# (b) prep_boxes and prep_latents on generated images and a generated COCO JSON
+# Prep: boxes from COCO and GroundingDINO, latents from folders, tars and IGLIGEN's shards, box image features
 def test_prep_boxes_handles_coco_quirks(tiny_data):
     recs = {r["image"]: r for r in map(json.loads, tiny_data["boxes"].read_text().splitlines())}
     assert len(recs) == 13  # every listed image, the unannotated and the broken one included
@@ -614,24 +687,205 @@ def test_prep_latents_encodes_crops_and_names_skipped(tiny_sd, tiny_data):
     assert_latents_of(tiny_sd, tiny_data["root"] / "images" / "img_000.png", out / rec["shard"], rec["row"], 16)
 
 
-def assert_latents_of(tiny_sd, image, shard, row, resolution):
-    """Row `row` of `shard` holds the VAE mean and std of the image's center crop and its mirror, x scaling."""
-    from diffusers import AutoencoderKL
+def test_captions_from_a_coco_json_a_name_map_and_a_jsonl(tiny_data, tmp_path):
+    import prep_latents as pl
 
-    im = Image.open(image).convert("RGB")
-    m = min(im.size)
-    crop = ((im.width - m) // 2, (im.height - m) // 2, (im.width - m) // 2 + m, (im.height - m) // 2 + m)
-    x = torch.from_numpy(np.asarray(im.resize((resolution,) * 2, Image.Resampling.BICUBIC, box=crop), np.float32))
-    x = x.permute(2, 0, 1) / 127.5 - 1
-    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    coco = pl.load_captions(tiny_data["root"] / "captions.json")  # the first caption by id, as prep_boxes takes
+    assert coco["img_003.jpg"] == "a picture of shapes number 3" and len(coco) == 13
+    assert pl.load_captions(tiny_data["boxes"])["img_003.jpg"] == "a picture of shapes number 3"
+    assert pl.find_caption({"sa_9": "x"}, "sub/sa_9.jpg") == "x" and pl.find_caption({}, "a.jpg") is None
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="bad.json: neither a JSONL"):
+        pl.load_captions(tmp_path / "bad.json")
+
+
+def test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks(tiny_sd, tars, tmp_path):
+    out = tmp_path / "sa1b"
+    r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'sa_*.tar'}", f"--captions={tars / 'captions.json'}",
+            f"--out={out}", "--resolution=16", "--batch_size=2", "--num_workers=1", "--std=True", "--flip=True",
+            torchrun=2, **ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0: 1 of its 1 shards" in r.stdout and "rank 1: 1 of its 1 shards" in r.stdout  # one tar each
+    index = {rec["key"]: rec for _, rec in tg.read_jsonl(out / "index.jsonl")}
+    assert sorted(index) == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg", "sa_6.jpg"]
+    assert index["sa_2.jpg"]["caption"] == "a tall red door" and index["sa_6.jpg"]["shard"] == "sa_000001.npy"
+    skipped = {s["image"]: s["reason"] for _, s in tg.read_jsonl(out / "skipped.jsonl")}
+    assert (skipped["sa_3.jpg"], skipped["sa_4.jpg"], skipped["sa_7.jpg"]) == ("unreadable", "no caption", "truncated tar")
+    assert all(name in r.stdout for name in ("sa_3.jpg", "sa_4.jpg", "sa_7.jpg"))  # named in the summary
+    with tarfile.open(tars / "sa_000000.tar") as tar:
+        (tmp_path / "sa_2.jpg").write_bytes(tar.extractfile("sa_2.jpg").read())
+    rec = index["sa_2.jpg"]  # 28 x 40: the crop is y 6..34
+    assert (rec["width"], rec["height"], rec["crop"]) == (28, 40, [0, 6, 28, 34])
+    assert_latents_of(tiny_sd, tmp_path / "sa_2.jpg", out / rec["shard"], rec["row"], 16)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.plain"))
+
+    out = tmp_path / "wds"  # webdataset, gzipped, captions from inside the tar
+    r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'wds' / '*.tar.gz'}", f"--out={out}",
+            "--resolution=16", "--num_workers=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    index = {rec["key"]: rec["caption"] for _, rec in tg.read_jsonl(out / "index.jsonl")}
+    assert index == {"000000.png": "a png with a txt caption", "000001.jpg": "a jpg with a json caption"}
+    assert [s["image"] for _, s in tg.read_jsonl(out / "skipped.jsonl")] == ["000002.jpg"]
+    assert not list(out.glob(".*.plain"))  # the decompressed copy is gone
+
+
+def test_prep_latents_killed_and_restarted_equals_uninterrupted(tiny_sd, tiny_data, tmp_path):
+    out = tmp_path / "latents"
+    args = [f"--model={tiny_sd}", f"--images={tiny_data['root'] / 'images'}", f"--captions={tiny_data['boxes']}",
+            f"--out={out}", "--resolution=16", "--batch_size=5", "--shard_size=4", "--num_workers=2", "--std=True",
+            "--flip=True"]  # the command of the tiny_data fixture
+    # the real script, SIGKILLed halfway through writing its second shard
+    (tmp_path / "dies.py").write_text(
+        "import os, signal, sys, numpy as np\n"
+        "import prep_latents as pl\n"
+        "real, calls = np.save, []\n"
+        "def save(f, a, *args, **kw):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(f, a, *args, **kw)\n"
+        "np.save = save\n"
+        "pl.main(pl.configure(pl.config, sys.argv[1:]))\n")
+    r = run(tmp_path / "dies.py", *args, PYTHONPATH=str(HERE))
+    assert r.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in out.iterdir()) == ["images_00000.json", "images_00000.npy", "images_00001.npy.tmp",
+                                                     "job.json"]
+    r = run("prep_latents.py", *args)  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 of its 4 shards to encode" in r.stdout
+    want = tiny_data["latents"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in want.iterdir())
+    for f in want.iterdir():
+        assert f.read_bytes() == (out / f.name).read_bytes(), f.name
+    r = run("prep_latents.py", *args[:-1], "--flip=False")  # resuming with another setting is refused, and says why
+    assert r.returncode == 1 and "holds shards made with flip=True, this job has flip=False" in r.stderr
+
+
+def test_igligen_import_needs_opt_in_and_reads_its_pickles(tmp_path):
+    import prep_latents as pl
+
+    src, out = tmp_path / "igligen", tmp_path / "latents"
+    (src / "latents").mkdir(parents=True)
+    (src / "boxes").mkdir()
+    lat = np.random.default_rng(0).standard_normal((3, 4, 4, 4)).astype(np.float16)  # 32 px
+    np.save(src / "latents" / "sa_000000.npy", np.array(dict(indices=[12, 5, 7], latents=lat), dtype=object))
+    rows = [[5, "a dog and a ball", np.array([[0.5, 0.5, 0.4, 0.6], [0.1, 0.1, 0.4, 0.4]]), np.array([0.9, 0.1]),
+             ["a dog", "a ball"]],
+            [12, "a cat", np.array([[0.5, 0.5, 1.0, 1.0]]), np.array([0.5]), ["a cat"]]]  # image 7: no caption
+    rows_arr = np.empty(len(rows), dtype=object)
+    rows_arr[:] = [tuple(r) for r in rows]
+    np.save(src / "boxes" / "sa_000000.npy", rows_arr)
+    cfg = {**pl.config, "igligen": str(src), "out": str(out)}
+    with pytest.raises(SystemExit, match="loading a pickle runs whatever code the file holds"):
+        pl.main(cfg)
+    assert not out.exists()
+    pl.main({**cfg, "allow_pickle": True})
+    index = {r["key"]: r for _, r in tg.read_jsonl(out / "index.jsonl")}
+    assert sorted(index) == ["sa_12.jpg", "sa_5.jpg"] and index["sa_5.jpg"]["caption"] == "a dog and a ball"
+    assert [s["image"] for _, s in tg.read_jsonl(out / "skipped.jsonl")] == ["sa_7.jpg"]
+    boxes = {r["image"]: r for _, r in tg.read_jsonl(out / "boxes.jsonl")}
+    assert boxes["sa_5.jpg"]["phrases"] == ["a dog"]  # the ball's confidence 0.1 is under the threshold
+    np.testing.assert_allclose(boxes["sa_5.jpg"]["boxes"], [[0.3, 0.2, 0.7, 0.8]])  # cx, cy, w, h -> corners
+    assert boxes["sa_12.jpg"]["boxes"] == [[0.0, 0.0, 1.0, 1.0]]  # clipped
+    data = tg.GroundedLatents(out, out / "boxes.jsonl")
+    assert data.resolution == 32 and len(data) == 2
+    k = [i for i, it in enumerate(data.items) if it[2] == "a dog and a ball"][0]
+    assert torch.equal(data[(k, False)]["latent"][0], torch.from_numpy(lat[1]))  # image 5 is row 1 of IGLIGEN's shard
+
+
+def test_prep_image_features_crop_each_box(tiny_clip, tiny_data, tiny_features, capsys):
+    """Each box's feature is CLIP's image_embeds of its crop (the CLIP processor's resize and center crop), through
+    image_project (the transpose of CLIP's text projection), scaled to norm 28.7; images that cannot be read are
+    named; the job run again has nothing left to do."""
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    index = {r["key"]: r for _, r in tg.read_jsonl(tiny_features / "index.jsonl")}
+    boxes = {r["image"]: r for _, r in tg.read_jsonl(tiny_data["boxes"])}
+    assert "broken.jpg" not in index and "broken.jpg" in (tiny_features / "skipped.jsonl").read_text()
+    assert all(index[k]["boxes"] == len(boxes[k]["boxes"]) for k in index) and len(index) >= 12
+    weight = load_file(tiny_features / "image_project.safetensors")["project.weight"]
+    assert torch.equal(weight, CLIPTextModelWithProjection.from_pretrained(tiny_clip).text_projection.weight.T)
+    key = next(k for k in index if len(boxes[k]["boxes"]) >= 2)
+    rec, (x0, y0, x1, y1) = index[key], boxes[key]["boxes"][1]
+    im = Image.open(tiny_data["root"] / "images" / key).convert("RGB")
+    W, H = im.size
+    crop = im.crop((round(x0 * W), round(y0 * H), round(x1 * W), round(y1 * H)))
+    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(images=[crop], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        d = vae.encode(torch.stack([x, x.flip(-1)])).latent_dist
-    want = torch.stack([d.mean, d.std], 1) * vae.config.scaling_factor  # (views, stats, 4, h, w)
-    got = np.load(shard, mmap_mode="r")[row]
-    assert got.dtype == np.float16 and got.shape == tuple(want.shape)
-    torch.testing.assert_close(torch.from_numpy(got.astype(np.float32)), want, atol=2e-3, rtol=2e-3)
+        embeds = CLIPVisionModelWithProjection.from_pretrained(tiny_clip)(pixel_values=pixels).image_embeds
+    want = embeds @ weight.T / (embeds @ weight.T).norm() * 28.7
+    got = torch.from_numpy(np.load(tiny_features / rec["shard"])[rec["row"] + 1].astype(np.float32))
+    torch.testing.assert_close(got, want[0], atol=0.02, rtol=0.002)  # stored in float16
+    capsys.readouterr()
+    embed_features(tiny_clip, tiny_data, tiny_features)  # the same job again
+    assert "rank 0: 0 of its 4 shards to embed" in capsys.readouterr().out
 
 
+def test_phrase_spans_and_nms():
+    import prep_boxes as pb
+    from transformers import BertTokenizer
+
+    path = make_tiny_grounding_dino_vocab(Path(tempfile.mkdtemp()))
+    tok = BertTokenizer(str(path / "vocab.txt"))
+    phrases = ["a red square", "circle", "a blue circle"]
+    text, spans = pb.phrase_spans(tok, phrases)
+    ids = tok(text).input_ids
+    for p, span in zip(phrases, spans):  # each phrase's tokens sit where the span says
+        assert [ids[i] for i in span] == tok(p, add_special_tokens=False).input_ids
+    a, b = [0, 0, 0.5, 0.5], [0.05, 0, 0.55, 0.5]  # IoU 0.82
+    found = [("x", 0.5, b), ("x", 0.9, a), ("y", 0.4, a), ("x", 0.3, [0.6, 0.6, 1, 1])]
+    assert pb.nms(found, 0.5) == [("x", 0.9, a), ("y", 0.4, a), ("x", 0.3, [0.6, 0.6, 1, 1])]  # only within a phrase
+    assert len(pb.nms(found, 0.9)) == 4
+
+
+def test_prep_boxes_detects_with_grounding_dino_and_resumes(tars, tmp_path):
+    detector = make_tiny_grounding_dino(tmp_path / "detector")
+    out = tmp_path / "boxes.jsonl"
+    args = [f"--detector={detector}", f"--tars={tars / 'sa_*.tar'}", f"--captions={tars / 'captions.json'}",
+            f"--out={out}", "--box_threshold=0.0", "--text_threshold=0.0", "--nms=1.0", "--batch_size=3",
+            "--num_workers=1"]
+    r = run("prep_boxes.py", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {rec["image"]: rec for _, rec in tg.read_jsonl(out)}
+    assert sorted(recs) == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg", "sa_6.jpg"]
+    assert (recs["sa_2.jpg"]["width"], recs["sa_2.jpg"]["height"], recs["sa_2.jpg"]["caption"]) == (28, 40, "a tall red door")
+    for rec in recs.values():  # box threshold 0 and no NMS: every query is a box
+        assert len(rec["boxes"]) == len(rec["phrases"]) == len(rec["scores"]) == 8
+        assert all(0 <= v <= 1 for b in rec["boxes"] for v in b) and all(b[2] > b[0] and b[3] > b[1] for b in rec["boxes"])
+    assert recs["sa_1.jpg"]["phrases"][0] == "a cat on a mat"  # text threshold 0: all the caption's words, in order
+    skipped = {s["image"]: s["skipped"] for _, s in tg.read_jsonl(tmp_path / "boxes.skipped.jsonl")}
+    assert skipped["sa_3.jpg"] == "unreadable" and skipped["sa_4.jpg"] == "no caption" and "sa_7.jpg" in skipped
+    for i, (_, rec) in enumerate(tg.read_jsonl(out)):
+        tg.check_layout(rec["phrases"], rec["boxes"], f"{out}:{i + 1}")
+
+    parts = tmp_path / "boxes.jsonl.parts"
+    before = out.read_text()
+    (parts / "sa_000001.jsonl").unlink()  # as if killed while on the second tar
+    r = run("prep_boxes.py", *args)
+    assert r.returncode == 0 and "1 of its 2 shards to detect" in r.stdout, r.stderr[-3000:]
+    assert out.read_text() == before
+
+    # given phrases (a folder of images this time), and NMS: each box takes one of its image's phrases
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg_bytes(i, (48, 32)))
+    (tmp_path / "phrases.jsonl").write_text(json.dumps(dict(image="0.jpg", phrases=["a red square", "circle"])) + "\n"
+                                            + json.dumps(dict(image="1.jpg", phrases=["a blue circle"])) + "\n")
+    r = run("prep_boxes.py", f"--detector={detector}", f"--images={tmp_path / 'imgs'}",
+            f"--phrases={tmp_path / 'phrases.jsonl'}", f"--out={tmp_path / 'given.jsonl'}", "--box_threshold=0.0",
+            "--nms=0.3", "--num_workers=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {rec["image"]: rec for _, rec in tg.read_jsonl(tmp_path / "given.jsonl")}
+    assert sorted(recs) == ["0.jpg", "1.jpg"] and "2.jpg" in r.stdout  # 2.jpg has no phrases: skipped, named
+    assert set(recs["0.jpg"]["phrases"]) <= {"a red square", "circle"} and set(recs["1.jpg"]["phrases"]) == {"a blue circle"}
+    from prep_boxes import iou
+    for rec in recs.values():  # after NMS no two boxes of a phrase overlap by more than 0.3
+        for i, (p, a) in enumerate(zip(rec["phrases"], rec["boxes"])):
+            assert all(iou(a, b) <= 0.3 for q, b in zip(rec["phrases"][:i], rec["boxes"][:i]) if q == p)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the data, the step, what trains, the box-use losses, FLOPs
 def test_loader_maps_boxes_through_the_crop(tiny_data):
     data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"], max_boxes=2, min_box_area=0.01)
     assert len(data) == 12
@@ -649,22 +903,46 @@ def test_loader_maps_boxes_through_the_crop(tiny_data):
     np.testing.assert_allclose(flipped, np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1))
 
 
-def train_cfg(tiny_sd, tiny_data, out_dir, **over):
-    return {**tg.config, "model": str(tiny_sd), "latents": str(tiny_data["latents"]), "boxes": str(tiny_data["boxes"]),
-            "out_dir": str(out_dir), "global_batch": 4, "micro_batch": 2, "num_workers": 0, "log_every": 1,
-            "val_every": 0, "warmup_steps": 2, "lr": 1e-3, **over}
+def test_sdxl_items_carry_their_own_size_conditioning(tiny_sdxl, tiny_data):
+    """SDXL's time ids come from each image's crop (the mirrored crop's for a flip), and each sample's own reach the
+    UNet in the training step."""
+    rec = dict(width=48, height=32, crop=[8, 0, 40, 32])  # resized to 16 on the short side: 24 x 16, crop left 4
+    assert tg.SDXLLatents.time_ids(rec, 16) == ((32, 48, 0, 4, 16, 16), 4)
+    rec = dict(width=51, height=32, crop=[9, 0, 41, 32])  # an odd margin: the mirrored crop starts one further
+    assert tg.SDXLLatents.time_ids(rec, 32) == ((32, 51, 0, 9, 32, 32), 10)
+    seams = tg.choose_seams("sdxl")
+    unet, te, tok, scheduler = seams.load(str(tiny_sdxl), "cpu", torch.float32)
+    seams.add_adapters(unet)
+    data = seams.training_data(train_cfg(tiny_sdxl, tiny_data, "unused"))
+    items = [data[(i, i % 2 == 1)] for i in range(6)]  # three image sizes, mirrored or not
+    seen = []
+    unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
+    with torch.no_grad():
+        seams.loss(unet, data.collate(tok, items), torch.Generator().manual_seed(0), te, scheduler.alphas_cumprod,
+                   tok.captions([""]), dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon"))
+    want = [data.time_ids(r, 16) for r in (json.loads(l) for l in (tiny_data["latents"] / "index.jsonl").open())][:6]
+    want = [(*ids[:3], left, *ids[4:]) if i % 2 else ids for i, (ids, left) in enumerate(want)]
+    assert seen[0].tolist() == [list(map(float, w)) for w in want] and len({tuple(w) for w in want}) >= 3
 
 
-def adapters_of(run_dir):
-    return tg.load_adapters(str(run_dir))
+def test_text_image_drops_a_phrase_or_an_image_never_both(tiny_sd):
+    """Text-image training: per object, with p 0.5 its phrase or its image feature is dropped, never both; empty
+    slots have neither."""
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    masks = (torch.rand(64, tg.N_SLOTS, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    batch = dict(phrase_ids=torch.tensor([[0, 1, 2]]), phrase_mask=torch.ones(1, 3, dtype=torch.long),
+                 slot_phrase=torch.zeros(64, tg.N_SLOTS, dtype=torch.long), boxes=torch.rand(64, tg.N_SLOTS, 4),
+                 image_feats=torch.randn(64, tg.N_SLOTS, 32))
+    with torch.no_grad():
+        got = tg.text_image_grounding(te, batch, masks, torch.Generator().manual_seed(1))
+    both, filled = got["phrases_masks"] + got["image_masks"], masks > 0
+    assert both[~filled].eq(0).all() and both[filled].ge(1).all()  # never neither
+    kept_both = both[filled].eq(2).float().mean()  # 1 - 0.5: half keep both, a quarter each lose one
+    assert 0.4 < kept_both < 0.6 and (got["phrases_masks"][filled] == 0).any() and (got["image_masks"][filled] == 0).any()
 
 
-def losses(run_dir):
-    return [r["loss"] for _, r in tg.read_jsonl(Path(run_dir) / "log.jsonl") if "loss" in r]  # not the validations
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# (c) training: the loss is finite and falls when overfitting one batch; only adapter tensors change
 def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_data, tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -677,30 +955,163 @@ def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_dat
     assert len(log) == 60 and all(np.isfinite(log))
     assert np.mean(log[-10:]) < 0.8 * np.mean(log[:10]), log
 
-    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
-    torch.manual_seed(cfg["seed"])
-    fresh = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
-    for name, v in unet.state_dict().items():
-        if tg.is_adapter(name):
-            assert not torch.equal(v, fresh[name]), f"{name} did not train"
-        else:
-            assert torch.equal(v, base[name]), f"frozen {name} changed"
-    for name, v in CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").state_dict().items():
-        assert torch.equal(v, text_encoder.state_dict()[name]), f"text encoder {name} changed"
+    assert_base_untouched(unet, UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    assert_same_tensors(text_encoder.state_dict(), CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").state_dict())
     saved = adapters_of(tmp_path / "run")
-    assert saved.keys() == fresh.keys() and all(torch.equal(saved[k], unet.state_dict()[k]) for k in saved)
+    assert_same_tensors(saved, tg.adapter_state(unet))
     assert sorted(p.name for p in (tmp_path / "run").glob("val_*.png")) == ["val_0000000.png", "val_0000030.png", "val_0000060.png"]
 
 
-def test_training_runs_on_v_prediction_model(tiny_sd2, tiny_data, tmp_path):
-    """An SD2-shaped model (linear projections, per-block heads, v-prediction): the target follows its scheduler."""
-    tg.main(train_cfg(tiny_sd2, tiny_data, tmp_path / "run", max_steps=2))
-    state = torch.load(tmp_path / "run" / "step_0000002" / "state.pt", weights_only=True)
-    assert state["config"]["prediction_type"] == "v_prediction" and all(np.isfinite(losses(tmp_path / "run")))
+def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path):
+    """With the VAE's std stored, each step trains on mean + std x noise: zeroing the std changes the loss."""
+    latents = tmp_path / "latents"
+    shutil.copytree(tiny_data["latents"], latents)
+    for f in latents.glob("*.npy"):
+        shard = np.load(f)
+        shard[:, :, 1] = 0  # every view's std
+        np.save(f, shard)
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "with", max_steps=2))
+    tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "without", max_steps=2), "latents": str(latents)})
+    assert losses(tmp_path / "with") != losses(tmp_path / "without")
 
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_data, tmp_path, monkeypatch):
+    """With grad_checkpointing each fuser runs twice per micro-batch (forward, then again in backward), and the
+    adapters end bit-equal to a run without it."""
+    calls = []
+    real = tg.Fuser.forward
+    monkeypatch.setattr(tg.Fuser, "forward", lambda self, x, objs: calls.append(1) or real(self, x, objs))
+    runs = {}
+    for ckpt in (False, True):
+        calls.clear()
+        tg.main({**train_cfg(None, tiny_data, tmp_path / str(ckpt), max_steps=2, save_every=2), "model": str(tiny_sdxl),
+                 "grad_checkpointing": ckpt})
+        runs[ckpt] = (len(calls), adapters_of(tmp_path / str(ckpt)))
+    # 8 fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
+    assert runs[True][0] == 2 * runs[False][0] == 2 * 8 * (1 + 2 * 2)
+    assert_same_tensors(runs[True][1], runs[False][1])
+
+
+def test_compile_setting_compiles_the_training_step_and_trains_the_same(tiny_sd, tiny_data, tmp_path):
+    """--compile=<backend> runs the training step through torch.compile, and the adapters are bit-equal to an eager run.
+    aot_eager (dynamo's graph capture and AOT autograd, eager kernels) compiles in seconds on a CPU; inductor, the
+    backend for GPUs, takes minutes here."""
+    import torch._dynamo
+
+    runs = {}
+    for backend in ("", "aot_eager"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / (backend or "eager"), max_steps=2, save_every=2),
+                 "compile": backend})
+        runs[backend] = (torch._dynamo.utils.counters["stats"]["unique_graphs"], adapters_of(tmp_path / (backend or "eager")))
+    assert runs[""][0] == 0 and runs["aot_eager"][0] >= 1
+    eager, compiled = runs[""][1], runs["aot_eager"][1]
+    assert_same_tensors(eager, compiled)
+
+
+def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_data, random_adapters):
+    """The trainer's validation losses with true, mirrored and no boxes: with closed gates (fresh adapters) all three
+    equal; with open ones, three values, the mirrored one that of the boxes mirrored left to right."""
+    unet, te, tok, scheduler = tg.load_base(str(tiny_sd), "cpu", torch.float32)
+    tg.inject_gligen(unet)
+    data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
+    batch = data.collate(tok, [data[(i, False)] for i in range(4)])
+    loss_of = partial(tg.micro_step_loss, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
+                      empty_ids=tok.captions([""]),
+                      cfg=dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon"))
+    assert len(set(tg.box_use_losses(loss_of, unet, [batch], seed=5).values())) == 1
+    tg.set_adapters(unet, tg.load_adapters(str(random_adapters)), "random")
+    got = tg.box_use_losses(loss_of, unet, [batch], seed=5)
+    assert len(set(got.values())) == 3, got
+    b = batch["boxes"]
+    mirrored = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], -1)  # x -> 1 - x, x0 and x1 swapped
+    assert got["val_loss_mirrored"] == loss_of(unet, {**batch, "boxes": mirrored}, torch.Generator().manual_seed(5)).item()
+    assert got["val_loss_boxes"] == loss_of(unet, batch, torch.Generator().manual_seed(5)).item()
+
+
+def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
+    """The log carries the FLOPs of one step per image (torch's flop counter on a pass before training): the same
+    for micro-batches of 1 and 2, and at least the UNet's forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    per_image = []
+    for micro in (1, 2):
+        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / str(micro), max_steps=1, micro_batch=micro))
+        per_image.append(json.loads((tmp_path / str(micro) / "log.jsonl").read_text())["tflop_per_image"])
+    unet = tg.inject_gligen(tg.load_base(str(tiny_sd), "cpu", torch.float32)[0])
+    for p in tg.adapter_state(unet):
+        unet.get_parameter(p).requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        unet(torch.randn(2, 4, 8, 8), torch.tensor([5, 9]), encoder_hidden_states=torch.randn(2, 77, 32),
+             cross_attention_kwargs={"gligen": grounding_inputs()}).sample.square().mean().backward()
+    assert per_image[0] == per_image[1] and per_image[0] * 1e12 >= counter.get_total_flops() / 2 > 0
+    # model FLOPs of attention, on any device: Q K^T and A V, each 2 b h n m d = 640 FLOPs, are 1,280 forward and
+    # twice that backward (torch's counter gives the flash kernels' backward 2.5 times: it recomputes Q K^T; and on
+    # a CPU it counts no attention at all)
+    q, k, v = (torch.randn(1, 2, n, 4, requires_grad=True) for n in (8, 5, 5))
+    assert tg.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()) == 1280 * 3
+
+
+def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters, tmp_path):
+    """Fine-tuning starts from a diffusers GLIGEN directory's adapters (here one written by export, lr 0)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    import sample
+
+    unet = tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    want = tg.load_adapters(str(random_adapters))
+    tg.set_adapters(unet, want, "test")
+    sample.export(tmp_path / "gligen", unet, AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae"),
+                  CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder"),
+                  CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
+                  DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler"))
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "run", init_from=str(tmp_path / "gligen"), max_steps=1, lr=0.0))
+    got = adapters_of(tmp_path / "run")
+    assert_same_tensors(got, want)
 
 # ---------------------------------------------------------------------------------------------------------------
-# (d) two processes under torchrun (gloo) give the same adapters as one process with the same global batch
+# Determinism: a resumed run equals a straight one, for every family and mode; two processes equal one
+VARIANTS = dict(sd1=("tiny_sd", {}), sd2=("tiny_sd2", {}), sdxl=("tiny_sdxl", {}), video=("tiny_video", {}),
+                inpaint=("tiny_sd", dict(inpaint=True)), text_image=("tiny_sd", dict(image_features="tiny_features")))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resumed_equals_straight_and_the_base_stays(variant, request, tiny_data, tmp_path):
+    """Every family and mode: 4 steps straight (validating every 2 steps) equal 2 steps, a resume and 2 steps, across
+    an epoch boundary (12 images, 4 a step): the same adapters, optimizer state and logged losses (validation leaves
+    the training stream alone). Every adapter tensor trained; every tensor of the frozen base stayed bit-equal; the
+    checkpoints keep what the run's data names (text-image: image_project) and the base's prediction type."""
+    fixture, mode = VARIANTS[variant]
+    model = request.getfixturevalue(fixture)
+    mode = {k: str(request.getfixturevalue(v)) if k == "image_features" else v for k, v in mode.items()}
+    cfg = lambda out, **over: train_cfg(model, tiny_data, tmp_path / out, **mode, **over)
+    tg.main(cfg("straight", max_steps=4, save_every=4, val_every=2, val_steps=1))
+    tg.main(cfg("resumed", max_steps=2, save_every=2))
+    tg.main(cfg("resumed", max_steps=4, save_every=2))
+    straight = adapters_of(tmp_path / "straight")
+    assert_same_tensors(adapters_of(tmp_path / "resumed"), straight)
+    assert_same_tensors(optimizer_state(tmp_path / "resumed"), optimizer_state(tmp_path / "straight"))
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and np.isfinite(losses(tmp_path / "straight")).all()
+    val = [r["step"] for _, r in tg.read_jsonl(tmp_path / "straight" / "log.jsonl") if "val_loss_boxes" in r]
+    assert val == [0, 2, 4] and sorted(p.name for p in (tmp_path / "straight").glob("val_*.png"))[-1] == "val_0000004.png"
+
+    seams = tg.choose_seams(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode)
+    base, _, _, scheduler = seams.load(str(model), "cpu", torch.float32)
+    torch.manual_seed(0)
+    fresh = tg.adapter_state(seams.add_adapters(copy.deepcopy(base)), seams.is_adapter)
+    assert fresh.keys() == straight.keys() and all(not torch.equal(straight[k], fresh[k]) for k in fresh)  # trained
+    trained = seams.add_adapters(copy.deepcopy(base))
+    tg.set_adapters(trained, straight, "straight", seams.is_adapter)
+    assert_base_untouched(trained, base, seams.is_adapter)
+    ckpt = tg.checkpoints(tmp_path / "straight")[-1]
+    for f in seams.training_data(cfg("straight")).files:
+        assert (ckpt / f.name).read_bytes() == f.read_bytes()
+    config = torch.load(ckpt / "state.pt", weights_only=True)["config"]
+    assert config["prediction_type"] == scheduler.config.prediction_type
+
+
 def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     """In the inpainting and text-image modes at once, so that every trainable tensor of every mode is in the
     all-reduce (fusers, both position nets' parts, conv_in); text-box training is the same code less those."""
@@ -717,57 +1128,12 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     assert not torch.equal(a["position_net.null_position_feature"], torch.zeros(64))  # they trained
     assert "conv_in.weight" in a and "position_net.linears_image.0.weight" in a
     # exact: the same samples, noise and timesteps per sample, and (g0 + g1) / 2 == g0 / 2 + g1 / 2 in floating point
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(a, b)
     # the logged loss is averaged over ranks (summed in another order than one process accumulates it)
     np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=1e-5)
 
-
 # ---------------------------------------------------------------------------------------------------------------
-# (e) 2N steps straight equal N steps + resume + N steps, across an epoch boundary (12 images, 4 per step)
-def test_resume_equals_uninterrupted(tiny_sd, tiny_data, tmp_path):
-    import shutil
-
-    # the straight run validates every 2 steps, the resumed one never: validation leaves the training stream alone
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "straight", max_steps=8, save_every=4, val_every=2, val_steps=1))
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=6, save_every=4))
-    state = torch.load(tmp_path / "resumed" / "step_0000004" / "state.pt", weights_only=True)
-    assert state["step"] == 4
-    assert (state["config"]["images"], state["config"]["global_batch"], state["config"]["resolution"]) == (12, 4, 16)
-    # killed while saving step 6: its log lines are written, its checkpoint is a half-written temp directory
-    shutil.rmtree(tmp_path / "resumed" / "step_0000006")
-    (tmp_path / "resumed" / "step_0000006.tmp").mkdir()
-    (tmp_path / "resumed" / "step_0000006.tmp" / "adapters.safetensors").write_bytes(b"\x00" * 10)
-    assert len(losses(tmp_path / "resumed")) == 6
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=8, save_every=4))  # the same command again
-    a, b = adapters_of(tmp_path / "straight"), adapters_of(tmp_path / "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    oa = torch.load(tmp_path / "straight" / "step_0000008" / "state.pt", weights_only=True)["optimizer"]["state"]
-    ob = torch.load(tmp_path / "resumed" / "step_0000008" / "state.pt", weights_only=True)["optimizer"]["state"]
-    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # steps 5 and 6 logged once
-    val = [r for _, r in tg.read_jsonl(tmp_path / "straight" / "log.jsonl") if "val_loss_boxes" in r]
-    assert [r["step"] for r in val] == [0, 2, 4, 6, 8]
-    assert sorted(p.name for p in (tmp_path / "resumed").glob("step_*")) == ["step_0000004", "step_0000008"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# (f) sample.py and the exported diffusers pipeline give the same image for the same seed
-@pytest.fixture(scope="session")
-def random_adapters(tiny_sd, tmp_path_factory):
-    """Adapters with wide-open gates (tanh(2)) and strong random weights, saved like a checkpoint's: strong enough
-    that grounding in late denoising steps, and in the unconditional half, shows in the pixels."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-
-    torch.manual_seed(3)
-    sd = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
-    sd = {k: torch.full_like(v, 2.0) if ".alpha_" in k else v + torch.randn_like(v) * (0.5 if v.ndim < 2 else 0.3)
-          for k, v in sd.items()}
-    path = tmp_path_factory.mktemp("adapters") / "adapters.safetensors"
-    save_file(sd, path)
-    return path
-
-
+# Sampling: sample.py equals diffusers' pipelines (exported, or SDXL's own), pixel for pixel; every family samples
 LAYOUT = dict(prompt="a red square and a blue circle", phrases=["a red square", "a blue circle"],
               boxes=[[0.1, 0.1, 0.5, 0.6], [0.55, 0.4, 0.95, 0.95]])
 
@@ -786,7 +1152,7 @@ def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tm
     else:
         import sample
         sample.main(sample.configure(sample.config, args))
-    ours = np.stack([np.asarray(Image.open(tmp_path / "samples" / f"000_0{i}.png")) for i in range(2)]).astype(int)
+    ours = pngs(tmp_path / "samples", 2)
     assert ours.shape == (2, 32, 32, 3)
     for i in range(2):  # the copy with boxes drawn on differs from the image
         assert not np.array_equal(np.asarray(Image.open(tmp_path / "samples" / f"000_0{i}_boxes.png")), ours[i])
@@ -798,11 +1164,29 @@ def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tm
         images = pipe(LAYOUT["prompt"], gligen_phrases=LAYOUT["phrases"], gligen_boxes=LAYOUT["boxes"],
                       gligen_scheduled_sampling_beta=beta, num_inference_steps=8, guidance_scale=7.5, height=32,
                       width=32, num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), output_type="np")
-        return (images.images * 255).round().astype(int)
+        return pixels(images.images)
 
     assert np.array_equal(ours, pipeline(0.5))  # the same pixels
     assert np.abs(ours - pipeline(0.0)).max() > 10  # and the comparison can tell: no grounding,
     assert np.abs(ours - pipeline(1.0)).max() > 10  # or grounding in all 8 steps, gives another image
+
+
+def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
+    """generate() on SDXL without grounding gives the pixels of diffusers' StableDiffusionXLPipeline: the two text
+    encoders, zero unconditional features, size conditioning and VAE are used as SDXL's own pipeline uses them."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    seams = tg.choose_seams("sdxl")
+    unet, te, tok, _ = seams.load(str(tiny_sdxl), "cpu", torch.float32)
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    scheduler = EulerDiscreteScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")
+    with torch.no_grad():
+        ours = seams.generate(unet, vae, te, tok, scheduler, dict(prompt="a red square and a blue circle", phrases=[],
+                              boxes=[]), seed=3, n=2, steps=3)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    want = pipe("a red square and a blue circle", num_inference_steps=3, guidance_scale=7.5, num_images_per_prompt=2,
+                generator=torch.Generator().manual_seed(3), output_type="np").images
+    assert ours.shape == (2, 16, 16, 3) and np.array_equal(ours, pixels(want))
 
 
 def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, random_adapters, tmp_path, monkeypatch):
@@ -829,7 +1213,7 @@ def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, ra
                  "prompt": "a red square", "phrases": phrases, "boxes": boxes, "n": 2, "seed": 7, "steps": 8,
                  "beta": 0.5, "out_dir": str(tmp_path / "samples"), "export": str(tmp_path / "pipe"),
                  "inpaint_image": str(tmp_path / "photo.png")})
-    ours = np.stack([np.asarray(Image.open(tmp_path / "samples" / f"000_0{i}.png")) for i in range(2)]).astype(int)
+    ours = pngs(tmp_path / "samples", 2)
 
     pipe = StableDiffusionGLIGENPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.unet.config.in_channels == 9
@@ -841,7 +1225,7 @@ def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, ra
             want = pipe.draw_inpaint_mask_from_boxes(bx, (size, size))
             assert torch.equal(tg.inpaint_mask(torch.tensor([bx]), torch.ones(1, 3), size, size)[0, 0], want)
     # a diffusers inpainting model (as the official one) loads back as adapters + conv_in, for --init_from
-    assert_equal_adapters(tg.load_adapters(str(tmp_path / "pipe")), sd)
+    assert_same_tensors(tg.load_adapters(str(tmp_path / "pipe")), sd)
     g = torch.Generator().manual_seed(7)  # sample.py's draws: the first latents, then one re-noising per step
     noise = [torch.randn(2, 4, 8, 8, generator=g)] + [torch.randn(1, 4, 8, 8, generator=g) for _ in range(8)]
     monkeypatch.setattr(torch, "randn_like", lambda x, **kw: noise.pop(0))
@@ -850,7 +1234,7 @@ def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, ra
                   gligen_scheduled_sampling_beta=0.5, num_inference_steps=8, guidance_scale=7.5,
                   num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), output_type="np").images
     monkeypatch.undo()
-    assert not noise and np.array_equal(ours, (theirs * 255).round().astype(int))  # every draw used, same pixels
+    assert not noise and np.array_equal(ours, pixels(theirs))  # every draw used, same pixels
 
     # in latent space: outside the box the photo's latent is kept, inside another is made
     z = sample.photo_latent(tmp_path / "photo.png", pipe.vae, 16, 16)
@@ -899,119 +1283,94 @@ def test_text_image_sample_equals_exported_pipeline(tiny_sd, tiny_clip, tiny_dat
     sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "pipe"), "prompt": "shapes",
                  "phrases": phrases, "images": images, "boxes": boxes, "n": 2, "seed": 7, "steps": 6, "beta": 1.0,
                  "out_dir": str(tmp_path / "samples2")})
-    ours = np.stack([np.asarray(Image.open(tmp_path / "samples2" / f"000_0{i}.png")) for i in range(2)]).astype(int)
+    ours = pngs(tmp_path / "samples2", 2)
     pipe = StableDiffusionGLIGENTextImagePipeline.from_pretrained(tmp_path / "pipe")
 
     def pipeline(imgs):
         out = pipe("shapes", gligen_phrases=phrases, gligen_images=imgs, gligen_boxes=boxes, num_inference_steps=6,
                    guidance_scale=7.5, num_images_per_prompt=2, generator=torch.Generator().manual_seed(7),
                    output_type="np").images
-        return (out * 255).round().astype(int)
+        return pixels(out)
 
     theirs = pipeline([refs[0], None, refs[1]])
     assert np.array_equal(ours, theirs)  # the same pixels
     assert np.abs(ours - pipeline([refs[1], None, refs[0]])).max() > 10  # and the reference images count
-    assert_equal_adapters(tg.load_adapters(str(tmp_path / "pipe")), sd)
+    assert_same_tensors(tg.load_adapters(str(tmp_path / "pipe")), sd)
     assert torch.equal(tg.load_image_project(str(tmp_path / "pipe")), weight)
     # and it starts a text-image run (--init_from), bit for bit (one step at lr 0), with its image_project checked
     tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "init", image_features=str(tiny_features),
                       init_from=str(tmp_path / "pipe"), max_steps=1, lr=0.0))
-    assert_equal_adapters(adapters_of(tmp_path / "init"), sd)
+    assert_same_tensors(adapters_of(tmp_path / "init"), sd)
 
 
-def test_text_image_trains_resumes_and_samples(tiny_sd, tiny_data, tiny_features, tmp_path, monkeypatch):
-    """GLIGEN's text-image mode: fusers and both MLPs of the position net train on 60 grounding tokens, the base stays
-    bit-equal, a resumed run ends bit-equal, checkpoints keep image_project; each object loses its phrase or its
-    image half the time, never both; sample.py takes phrase-only, image-only and phrase-and-image boxes."""
-    import sample
-    from safetensors.torch import load_file
+def test_video_sampling_gives_each_frame_its_boxes(tiny_video):
+    """generate_video hands each frame its own boxes (frame-minor rows, as the UNet groups them) and null grounding to
+    the unconditional half; a layout's boxes are one list for all frames, or one list per frame."""
+    from diffusers import AutoencoderKL, DDIMScheduler
 
-    seen, real = [], tg.PositionNetTextImage.forward
-    monkeypatch.setattr(tg.PositionNetTextImage, "forward", lambda self, **kw: seen.append(
-        (kw["masks"], kw["phrases_masks"], kw["image_masks"])) or real(self, **kw))
-    mode = dict(image_features=str(tiny_features))
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "straight", max_steps=4, save_every=4, val_every=4, val_steps=1,
-                      **mode))  # validating (grid and losses) in the straight run only
-    assert sorted(p.name for p in (tmp_path / "straight").glob("val_*.png")) == ["val_0000000.png", "val_0000004.png"]
-    masks, phrases_masks, image_masks = (torch.cat(x) for x in zip(*seen))
-    both, filled = phrases_masks + image_masks, masks > 0
-    assert both[~filled].eq(0).all() and both[filled].ge(1).all()  # never neither
-    assert both[filled].eq(1).any() and both[filled].eq(2).any() and (phrases_masks[filled] == 0).any()
-    monkeypatch.undo()
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=2, save_every=2, **mode))
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "resumed", max_steps=4, save_every=2, **mode))
-    straight = adapters_of(tmp_path / "straight")
-    assert_equal_adapters(adapters_of(tmp_path / "resumed"), straight)
-    base = tg.load_base(str(tiny_sd), "cpu", torch.float32)[0]
-    fresh = tg.adapter_state(tg.inject_gligen(copy.deepcopy(base), position_net=tg.PositionNetTextImage))
-    assert straight.keys() == fresh.keys() and "position_net.linears_image.0.weight" in straight
-    assert all(not torch.equal(straight[k], fresh[k]) for k in straight if "alpha_attn" in k or "linears_" in k)
-    trained = tg.inject_gligen(copy.deepcopy(base), position_net=tg.PositionNetTextImage)
-    tg.set_adapters(trained, straight, "straight")
-    assert all(torch.equal(v, base.state_dict()[k]) for k, v in trained.state_dict().items() if not tg.is_adapter(k))
-    ckpt = tg.checkpoints(tmp_path / "straight")[-1]
-    assert torch.equal(load_file(ckpt / "image_project.safetensors")["project.weight"],
-                       load_file(tiny_features / "image_project.safetensors")["project.weight"])
-    Image.new("RGB", (20, 30), (40, 60, 220)).save(tmp_path / "ref.png")
-    out = tmp_path / "samples"
-    sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "straight"), "prompt": "shapes",
-                 "phrases": ["a red square", "a blue circle", None], "images": [str(tmp_path / "ref.png"), None,
-                 str(tmp_path / "ref.png")], "boxes": [[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9], [0.5, 0, 1, 0.4]],
-                 "n": 1, "steps": 2, "out_dir": str(out)})
-    assert Image.open(out / "000_00.png").size == (16, 16) and (out / "000_00_boxes.png").is_file()
-    with pytest.raises(SystemExit, match="box 0 has neither a phrase nor an image"):
-        sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "straight"),
-                     "phrases": [None], "images": [None], "boxes": [[0.1, 0.1, 0.4, 0.4]]})
+    seams = tg.choose_seams("video")
+    unet, te, tok, _ = seams.load(str(tiny_video), "cpu", torch.float32)
+    seams.add_adapters(unet)
+    seen = []
+    unet.position_net.register_forward_pre_hook(lambda m, args, kw: seen.append((kw["boxes"], kw["masks"])),
+                                                with_kwargs=True)
+    F_, per_frame = 3, [[[0.1 * f, 0.2, 0.1 * f + 0.3, 0.6]] for f in range(3)]
+    draw = partial(seams.generate, unet, AutoencoderKL.from_pretrained(tiny_video, subfolder="vae"), te, tok,
+                   DDIMScheduler.from_pretrained(tiny_video, subfolder="scheduler"), seed=0, n=2, steps=1, frames=F_)
+    clips = draw(dict(prompt="a red square", phrases=["a red square"], boxes=per_frame))
+    assert clips.shape == (2, F_, 16, 16, 3)
+    boxes, masks = seen[0]  # rows: (uncond, cond) x 2 clips x F frames
+    assert masks[:2 * F_].sum() == 0 and masks[2 * F_:, 0].tolist() == [1.0] * 2 * F_
+    assert torch.allclose(boxes[2 * F_:, 0], torch.tensor([per_frame[f][0] for _ in range(2) for f in range(F_)]))
+    draw(dict(prompt="a red square", phrases=["a red square"], boxes=per_frame[0]))  # still: every frame the same
+    assert torch.equal(seen[-1][0][2 * F_:, 0], torch.tensor([per_frame[0][0]] * 2 * F_))
 
 
-def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_data, random_adapters):
-    """The trainer's validation losses with true, mirrored and no boxes: with closed gates (fresh adapters) all three
-    equal; with open ones, three values, the mirrored one that of the boxes mirrored left to right."""
-    from functools import partial
-
-    unet, te, tok, scheduler = tg.load_base(str(tiny_sd), "cpu", torch.float32)
-    tg.inject_gligen(unet)
-    data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
-    batch = data.collate(tok, [data[(i, False)] for i in range(4)])
-    loss_of = partial(tg.micro_step_loss, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
-                      empty_ids=tok.captions([""]),
-                      cfg=dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon"))
-    assert len(set(tg.box_use_losses(loss_of, unet, [batch], seed=5).values())) == 1
-    tg.set_adapters(unet, tg.load_adapters(str(random_adapters)), "random")
-    got = tg.box_use_losses(loss_of, unet, [batch], seed=5)
-    assert len(set(got.values())) == 3, got
-    b = batch["boxes"]
-    mirrored = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], -1)  # x -> 1 - x, x0 and x1 swapped
-    assert got["val_loss_mirrored"] == loss_of(unet, {**batch, "boxes": mirrored}, torch.Generator().manual_seed(5)).item()
-    assert got["val_loss_boxes"] == loss_of(unet, batch, torch.Generator().manual_seed(5)).item()
-
-
-def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters, tmp_path):
-    """Fine-tuning starts from a diffusers GLIGEN directory's adapters (here one written by export, lr 0)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "video", "inpaint", "text_image"])
+def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_clip, tmp_path):
+    """sample.py on adapters of each family and mode: SD2 and SDXL images; video clips (PNG frames and GIFs, boxes
+    moving); inpainting keeps a photo (and asks for one); text-image boxes by phrase, image or both (and a box needs
+    one). Each also writes a copy with the boxes drawn on."""
     import sample
 
-    unet = tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
-    want = tg.load_adapters(str(random_adapters))
-    tg.set_adapters(unet, want, "test")
-    sample.export(tmp_path / "gligen", unet, AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae"),
-                  CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder"),
-                  CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
-                  DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler"))
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "run", init_from=str(tmp_path / "gligen"), max_steps=1, lr=0.0))
-    got = adapters_of(tmp_path / "run")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    fixture, mode = VARIANTS[family]
+    model = request.getfixturevalue(fixture)
+    seams = tg.choose_seams(tg.family_of(str(model)), "inpaint" in mode, "image_features" in mode)
+    random_adapters_of(seams, seams.load(str(model), "cpu", torch.float32)[0], 5, tmp_path / "run",
+                       image_encoder=str(tiny_clip))
+    out, cfg = tmp_path / "samples", {**sample.config, "model": str(model), "adapters": str(tmp_path / "run"),
+                                      "prompt": "a red square", "phrases": ["a red square"],
+                                      "boxes": [[0.1, 0.2, 0.5, 0.8]], "n": 1, "steps": 2, "out_dir": str(tmp_path / "samples")}
+    if family == "video":  # the shipped layouts: 16 frames, boxes moving
+        cfg.update(layouts=str(HERE / "layouts" / "video.jsonl"), frames=16)
+    if family == "inpaint":
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "photo.png")  # cropped and resized to 16 x 16
+        with pytest.raises(SystemExit, match="are inpainting adapters: give --inpaint_image"):
+            sample.main(cfg)
+        cfg["inpaint_image"] = str(tmp_path / "photo.png")
+    if family == "text_image":
+        from safetensors.torch import save_file
+        from transformers import CLIPTextModelWithProjection
 
+        weight = CLIPTextModelWithProjection.from_pretrained(tiny_clip).text_projection.weight.T.contiguous()
+        save_file({"project.weight": weight}, tmp_path / "run" / "image_project.safetensors")
+        Image.new("RGB", (20, 30), (40, 60, 220)).save(tmp_path / "ref.png")
+        with pytest.raises(SystemExit, match="box 0 has neither a phrase nor an image"):
+            sample.main({**cfg, "phrases": [None], "images": [None]})
+        cfg.update(phrases=["a red square", "a blue circle", None], images=[str(tmp_path / "ref.png"), None,
+                   str(tmp_path / "ref.png")], boxes=[[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9], [0.5, 0, 1, 0.4]])
+    sample.main(cfg)
+    if family == "video":
+        assert sorted(p.name for p in (out / "001_00").iterdir()) == [f"frame_{f:03d}.png" for f in range(16)]
+        with Image.open(out / "000_00_boxes.gif") as gif:
+            assert gif.n_frames == 16 and gif.size == (256, 256)  # enlarged to draw the boxes readably
+        with pytest.raises(SystemExit, match="16 lists of boxes for --frames=8"):
+            sample.main({**cfg, "frames": 8})
+    else:
+        assert Image.open(out / "000_00.png").size == (16, 16) and (out / "000_00_boxes.png").is_file()
 
 # ---------------------------------------------------------------------------------------------------------------
-# (g) bad inputs fail with a clear message that names the file and the record
-def write_boxes(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
+# Bad input: one error line that names the setting, file and record, before anything slow
 @pytest.mark.parametrize("change, message", [
     (dict(boxes=[[0.1, 0.1, 1.2, 0.5]]), "outside [0, 1]"),
     (dict(boxes=[[0.6, 0.1, 0.2, 0.5]]), "x1 < x0"),
@@ -1119,59 +1478,24 @@ def test_sample_size_must_fit_the_vae(tiny_sd, tmp_path):
         sample.main({**sample.config, "model": str(tiny_sd), "height": 13, "out_dir": str(tmp_path)})
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting_names_it(tiny_sd, tiny_data, tmp_path):
+    """A checkpoint written before a setting existed (its config lacks the key) is taken to have that setting's old
+    default; resumed with the setting on, the run stops with one line naming it (it raised a KeyError)."""
+    out = tmp_path / "run"
+    tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=1))
+    state_path = tg.checkpoints(out)[-1] / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["config"]["inpaint"]
+    torch.save(state, state_path)
+    manifest = json.loads((state_path.parent / "manifest.json").read_text())  # the checkpoint stays verified
+    manifest["state.pt"] = dict(bytes=state_path.stat().st_size, sha256=tg.sha256(state_path))
+    (state_path.parent / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match=r"^error: .* was trained with inpaint=False, this run has inpaint=True"):
+        tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=2, inpaint=True))
+
 # ---------------------------------------------------------------------------------------------------------------
-# Faults: preemption, kills, elastic restarts, corrupt checkpoints, NaN batches, a full disk, mismatched resumes.
-# Every recovery must end where an uninterrupted run ends, bit for bit.
-def fault_args(tiny_sd, tiny_data, out_dir, *extra):
-    return [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
-            "--global_batch=4", "--micro_batch=2", "--max_steps=40", "--lr=1e-3", "--warmup_steps=2",
-            "--num_workers=0", "--val_every=0", "--log_every=1", "--save_every=10", f"--out_dir={out_dir}", *extra]
-
-
-ONE_THREAD = dict(OMP_NUM_THREADS="1")  # as torchrun sets for its workers: the same float reductions everywhere
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_sd, tiny_data, tmp_path_factory):
-    """The adapters after 40 steps without a fault."""
-    out = tmp_path_factory.mktemp("reference")
-    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return adapters_of(out)
-
-
-def assert_equal_adapters(a, b):
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture
-def torchrun():
-    """Start `torchrun --standalone` on train_gligen.py in the background; whatever happens, it is killed at the end."""
-    started = []
-
-    def start(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
-        started.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
-                                        env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"},
-                                        start_new_session=True))
-        return started[-1]
-
-    yield start
-    for p in started:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # torchrun and any worker left, even if torchrun itself has exited
-        except ProcessLookupError:
-            pass
-        p.communicate(timeout=30)
-
-
-def wait_for(condition, timeout=120):
-    end = time.time() + timeout
-    while not condition():
-        assert time.time() < end, "timed out"
-        time.sleep(0.05)
-
-
+# Faults: preemption, kills, elastic restarts, corrupt checkpoints, NaN batches, a full disk, mismatched
+# resumes, errors. Every recovery ends where an uninterrupted run ends, bit for bit.
 def test_kill_9_in_the_middle_of_a_save(tiny_sd, tiny_data, reference, tmp_path):
     out = tmp_path / "run"
     # the real trainer, with torch.save writing half of the second checkpoint's state.pt and then SIGKILLing itself
@@ -1189,11 +1513,13 @@ def test_kill_9_in_the_middle_of_a_save(tiny_sd, tiny_data, reference, tmp_path)
     r = run(tmp_path / "dies_while_saving.py", *fault_args(tiny_sd, tiny_data, out), PYTHONPATH=str(HERE), **ONE_THREAD)
     assert r.returncode == -signal.SIGKILL
     assert [p.name for p in tg.checkpoints(out)] == ["step_0000010"] and (out / "step_0000020.tmp").is_dir()
+    assert [r["step"] for _, r in tg.read_jsonl(out / "log.jsonl")] == list(range(1, 21))  # logged past the save
     r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {out / 'step_0000010'}" in r.stdout
-    assert_equal_adapters(adapters_of(out), reference)
-    assert not list(out.glob("*.tmp"))
+    assert_same_tensors(adapters_of(out), reference)
+    assert not list(out.glob("*.tmp")) and [p.name for p in tg.checkpoints(out)] == ["step_0000030", "step_0000040"]
+    assert [r["step"] for _, r in tg.read_jsonl(out / "log.jsonl")] == list(range(1, 41))  # steps 11 to 20 once
 
 
 def test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal(tiny_sd, tiny_data, reference, tmp_path, torchrun):
@@ -1212,7 +1538,7 @@ def test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal(tiny_sd, tiny
     assert stdout.count(f"stopped at step {step}, saved {saved}") == 2  # at the same step
     r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)  # now one process, same batch
     assert r.returncode == 0 and f"resuming from {saved}" in r.stdout, r.stderr[-3000:]
-    assert_equal_adapters(adapters_of(out), reference)
+    assert_same_tensors(adapters_of(out), reference)
 
 
 def test_elastic_restart_after_a_worker_dies(tiny_sd, tiny_data, reference, tmp_path, torchrun):
@@ -1226,7 +1552,7 @@ def test_elastic_restart_after_a_worker_dies(tiny_sd, tiny_data, reference, tmp_
     stdout, stderr = p.communicate(timeout=180)
     assert p.returncode == 0, stderr[-3000:]
     assert stdout.count("resuming from") == 1, stdout[-3000:]
-    assert_equal_adapters(adapters_of(out), reference)
+    assert_same_tensors(adapters_of(out), reference)
 
 
 def test_corrupt_and_truncated_checkpoints_fall_back(tiny_sd, tiny_data, reference, tmp_path):
@@ -1244,19 +1570,7 @@ def test_corrupt_and_truncated_checkpoints_fall_back(tiny_sd, tiny_data, referen
     assert "step_0000020 is unusable: state.pt has 100 bytes" in r.stderr
     assert f"resuming from {out / 'step_0000010'}" in r.stdout
     assert (out / "step_0000030.corrupt").is_dir() and (out / "step_0000020.corrupt").is_dir()
-    assert_equal_adapters(adapters_of(out), reference)
-
-
-def nan_latents(tiny_data, tmp_path, keys):
-    """A copy of the latents where the images `keys` are NaN."""
-    out = tmp_path / "latents"
-    shutil.copytree(tiny_data["latents"], out)
-    for rec in map(json.loads, (out / "index.jsonl").read_text().splitlines()):
-        if rec["key"] in keys:
-            shard = np.load(out / rec["shard"])
-            shard[rec["row"]] = np.nan
-            np.save(out / rec["shard"], shard)
-    return out
+    assert_same_tensors(adapters_of(out), reference)
 
 
 def test_nan_batch_is_skipped_and_counted(tiny_sd, tiny_data, tmp_path):
@@ -1324,11 +1638,26 @@ def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_dat
     wider = tg.inject_gligen(UNet2DConditionModel.from_config({**base.config, "cross_attention_dim": 48}))
     with pytest.raises(SystemExit, match=r"fuser\.linear\.weight has shape \(32, 48\), this UNet needs \(32, 32\)"):
         tg.set_adapters(unet, tg.adapter_state(wider), "wider")
-    assert_equal_adapters(tg.adapter_state(unet), before)
+    assert_same_tensors(tg.adapter_state(unet), before)
 
+
+def test_an_error_in_the_loop_ends_the_run(tiny_sd, tiny_data, tmp_path):
+    """An exception in a training step (a CUDA out-of-memory, say) with loader workers running ends the process with
+    the traceback: the workers ignore SIGTERM (it is for the main process, which saves), so the interpreter's exit
+    could not stop them and the process hung until killed."""
+    (tmp_path / "fails.py").write_text(
+        "import sys\n"
+        "import train_gligen as tg\n"
+        "def step(*args):\n"
+        "    raise RuntimeError('out of memory (simulated)')\n"
+        "tg.optimizer_step = step\n"
+        "tg.main(tg.configure(tg.config, sys.argv[1:]))\n")
+    args = fault_args(tiny_sd, tiny_data, tmp_path / "run", "--num_workers=1", "--max_steps=2")
+    r = run(tmp_path / "fails.py", *args, PYTHONPATH=str(HERE), timeout=60)
+    assert r.returncode == 1 and "RuntimeError: out of memory (simulated)" in r.stderr
 
 # ---------------------------------------------------------------------------------------------------------------
-# The grounding metric for real models (score_grounding.py) and the shapes demo (demo_shapes.py)
+# Extras: the grounding metric for real models (score_grounding.py), the shapes demo, the benchmark
 def test_ap_and_mean_iou_on_known_detections():
     import score_grounding as sg
 
@@ -1346,36 +1675,6 @@ def test_ap_and_mean_iou_on_known_detections():
     assert sg.scores(layouts, [[("a cat", 0.9, box)]])["AP"] == 0.0  # another phrase's box counts for nothing
     two = sg.scores([(["a dog", "a cat"], [box, [0.6, 0.6, 0.9, 0.9]])], [[("a dog", 0.9, box)]])
     assert (two["AP50"], two["mean_iou"], two["classes"]) == (0.5, 0.5, 2)  # averaged over phrases
-
-
-def make_tiny_grounding_dino_vocab(path):
-    """An offline BERT vocabulary: a few words, then single letters for everything else."""
-    path.mkdir(parents=True, exist_ok=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", "a", "red", "blue", "square", "circle", "cat", "on",
-             "mat", "tall", "door", "five", "six"]
-    (path / "vocab.txt").write_text("\n".join(words + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
-    return path
-
-
-def make_tiny_grounding_dino(path):
-    """A tiny random GroundingDINO (Swin backbone, BERT text encoder) with an offline BERT vocabulary."""
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
-
-    torch.manual_seed(0)
-    make_tiny_grounding_dino_vocab(path)
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1],
-                                   window_size=4, out_features=["stage2", "stage3"]),
-        text_config=BertConfig(vocab_size=len((path / "vocab.txt").read_text().split()), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=64),
-        d_model=32, num_queries=8, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=2, encoder_n_points=2,
-        decoder_n_points=2, max_text_len=32, use_timm_backbone=False, use_pretrained_backbone=False)
-    GroundingDinoForObjectDetection(config).save_pretrained(path)
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}),
-                           tokenizer=BertTokenizer(str(path / "vocab.txt"))).save_pretrained(path)
-    return path
 
 
 def test_score_grounding_runs_a_detector_from_a_directory(tmp_path):
@@ -1484,258 +1783,6 @@ def test_shipped_shapes_base_is_what_train_base_builds(tmp_path):
     assert code.shape == (16, 8)
     assert torch.allclose(code[1, :2], torch.sin(torch.pi * torch.tensor([1.0, 2.0]) * 3 / 8))
     assert torch.allclose(code[4, 4:6], torch.sin(torch.pi * torch.tensor([1.0, 2.0]) * 3 / 8))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data at scale: tars (SA-1B, webdataset), ranks, restarts, IGLIGEN's pickles, GroundingDINO boxes
-def jpeg_bytes(seed, size=(40, 28)):
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def write_tar(path, members, gz=False):
-    with tarfile.open(path, "w:gz" if gz else "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def make_tars(root):
-    """Two SA-1B tars (jpg + masks json per image, captions in a separate JSON map) and a gzipped webdataset tar
-    (captions inside). Among them: a corrupt JPEG, an image without a caption, and a tar cut off inside an image."""
-    root.mkdir(parents=True)
-    masks = lambda i: json.dumps(dict(image=dict(image_id=i, width=40, height=28), annotations=[])).encode()
-    write_tar(root / "sa_000000.tar", [("sa_1.jpg", jpeg_bytes(1)), ("sa_1.json", masks(1)),
-                                       ("sa_2.jpg", jpeg_bytes(2, (28, 40))), ("sa_2.json", masks(2)),
-                                       ("sa_3.jpg", b"\xff\xd8\xff\xe0 not a jpeg"), ("sa_4.jpg", jpeg_bytes(4))])
-    write_tar(root / "sa_000001.tar", [("sa_5.jpg", jpeg_bytes(5)), ("sa_6.jpg", jpeg_bytes(6)),
-                                       ("sa_7.jpg", jpeg_bytes(7))])
-    data = (root / "sa_000001.tar").read_bytes()
-    cut = data.index(jpeg_bytes(7)) + 100
-    (root / "sa_000001.tar").write_bytes(data[:cut])  # the download broke inside sa_7.jpg
-    captions = {"sa_1": "a cat on a mat", "sa_2.jpg": "a tall red door", "sa_3": "broken", "sa_5": "five",
-                "sa_6": "six", "sa_7": "seven"}  # SAM-LLaVA style: names with or without the extension
-    (root / "captions.json").write_text(json.dumps(captions))
-    (root / "wds").mkdir()
-    write_tar(root / "wds" / "part-000.tar.gz", [
-        ("000000.png", (lambda b: (Image.open(io.BytesIO(jpeg_bytes(8))).save(b, "PNG"), b.getvalue())[1])(io.BytesIO())),
-        ("000000.txt", b"a png with a txt caption"), ("000001.jpg", jpeg_bytes(9)),
-        ("000001.json", json.dumps(dict(caption="a jpg with a json caption")).encode()),
-        ("000002.jpg", jpeg_bytes(10))], gz=True)
-    return root
-
-
-@pytest.fixture(scope="session")
-def tars(tmp_path_factory):
-    return make_tars(tmp_path_factory.mktemp("data") / "tars")
-
-
-def test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks(tiny_sd, tars, tmp_path):
-    out = tmp_path / "sa1b"
-    r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'sa_*.tar'}", f"--captions={tars / 'captions.json'}",
-            f"--out={out}", "--resolution=16", "--batch_size=2", "--num_workers=1", "--std=True", "--flip=True",
-            torchrun=2, **ONE_THREAD)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "rank 0: 1 of its 1 shards" in r.stdout and "rank 1: 1 of its 1 shards" in r.stdout  # one tar each
-    index = {rec["key"]: rec for _, rec in tg.read_jsonl(out / "index.jsonl")}
-    assert sorted(index) == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg", "sa_6.jpg"]
-    assert index["sa_2.jpg"]["caption"] == "a tall red door" and index["sa_6.jpg"]["shard"] == "sa_000001.npy"
-    skipped = {s["image"]: s["reason"] for _, s in tg.read_jsonl(out / "skipped.jsonl")}
-    assert (skipped["sa_3.jpg"], skipped["sa_4.jpg"], skipped["sa_7.jpg"]) == ("unreadable", "no caption", "truncated tar")
-    assert all(name in r.stdout for name in ("sa_3.jpg", "sa_4.jpg", "sa_7.jpg"))  # named in the summary
-    with tarfile.open(tars / "sa_000000.tar") as tar:
-        (tmp_path / "sa_2.jpg").write_bytes(tar.extractfile("sa_2.jpg").read())
-    rec = index["sa_2.jpg"]  # 28 x 40: the crop is y 6..34
-    assert (rec["width"], rec["height"], rec["crop"]) == (28, 40, [0, 6, 28, 34])
-    assert_latents_of(tiny_sd, tmp_path / "sa_2.jpg", out / rec["shard"], rec["row"], 16)
-    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.plain"))
-
-    out = tmp_path / "wds"  # webdataset, gzipped, captions from inside the tar
-    r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'wds' / '*.tar.gz'}", f"--out={out}",
-            "--resolution=16", "--num_workers=0")
-    assert r.returncode == 0, r.stderr[-3000:]
-    index = {rec["key"]: rec["caption"] for _, rec in tg.read_jsonl(out / "index.jsonl")}
-    assert index == {"000000.png": "a png with a txt caption", "000001.jpg": "a jpg with a json caption"}
-    assert [s["image"] for _, s in tg.read_jsonl(out / "skipped.jsonl")] == ["000002.jpg"]
-    assert not list(out.glob(".*.plain"))  # the decompressed copy is gone
-
-
-def test_captions_from_a_coco_json_a_name_map_and_a_jsonl(tiny_data, tmp_path):
-    import prep_latents as pl
-
-    coco = pl.load_captions(tiny_data["root"] / "captions.json")  # the first caption by id, as prep_boxes takes
-    assert coco["img_003.jpg"] == "a picture of shapes number 3" and len(coco) == 13
-    assert pl.load_captions(tiny_data["boxes"])["img_003.jpg"] == "a picture of shapes number 3"
-    assert pl.find_caption({"sa_9": "x"}, "sub/sa_9.jpg") == "x" and pl.find_caption({}, "a.jpg") is None
-    (tmp_path / "bad.json").write_text("[1, 2]")
-    with pytest.raises(SystemExit, match="bad.json: neither a JSONL"):
-        pl.load_captions(tmp_path / "bad.json")
-
-
-def test_prep_latents_killed_and_restarted_equals_uninterrupted(tiny_sd, tiny_data, tmp_path):
-    out = tmp_path / "latents"
-    args = [f"--model={tiny_sd}", f"--images={tiny_data['root'] / 'images'}", f"--captions={tiny_data['boxes']}",
-            f"--out={out}", "--resolution=16", "--batch_size=5", "--shard_size=4", "--num_workers=2", "--std=True",
-            "--flip=True"]  # the command of the tiny_data fixture
-    # the real script, SIGKILLed halfway through writing its second shard
-    (tmp_path / "dies.py").write_text(
-        "import os, signal, sys, numpy as np\n"
-        "import prep_latents as pl\n"
-        "real, calls = np.save, []\n"
-        "def save(f, a, *args, **kw):\n"
-        "    calls.append(1)\n"
-        "    if len(calls) == 2:\n"
-        "        f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(f, a, *args, **kw)\n"
-        "np.save = save\n"
-        "pl.main(pl.configure(pl.config, sys.argv[1:]))\n")
-    r = run(tmp_path / "dies.py", *args, PYTHONPATH=str(HERE))
-    assert r.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in out.iterdir()) == ["images_00000.json", "images_00000.npy", "images_00001.npy.tmp",
-                                                     "job.json"]
-    r = run("prep_latents.py", *args)  # the same command again
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "3 of its 4 shards to encode" in r.stdout
-    want = tiny_data["latents"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in want.iterdir())
-    for f in want.iterdir():
-        assert f.read_bytes() == (out / f.name).read_bytes(), f.name
-    r = run("prep_latents.py", *args[:-1], "--flip=False")  # resuming with another setting is refused, and says why
-    assert r.returncode == 1 and "holds shards made with flip=True, this job has flip=False" in r.stderr
-
-
-def test_igligen_import_needs_opt_in_and_reads_its_pickles(tmp_path):
-    import prep_latents as pl
-
-    src, out = tmp_path / "igligen", tmp_path / "latents"
-    (src / "latents").mkdir(parents=True)
-    (src / "boxes").mkdir()
-    lat = np.random.default_rng(0).standard_normal((3, 4, 4, 4)).astype(np.float16)  # 32 px
-    np.save(src / "latents" / "sa_000000.npy", np.array(dict(indices=[12, 5, 7], latents=lat), dtype=object))
-    rows = [[5, "a dog and a ball", np.array([[0.5, 0.5, 0.4, 0.6], [0.1, 0.1, 0.4, 0.4]]), np.array([0.9, 0.1]),
-             ["a dog", "a ball"]],
-            [12, "a cat", np.array([[0.5, 0.5, 1.0, 1.0]]), np.array([0.5]), ["a cat"]]]  # image 7: no caption
-    rows_arr = np.empty(len(rows), dtype=object)
-    rows_arr[:] = [tuple(r) for r in rows]
-    np.save(src / "boxes" / "sa_000000.npy", rows_arr)
-    cfg = {**pl.config, "igligen": str(src), "out": str(out)}
-    with pytest.raises(SystemExit, match="loading a pickle runs whatever code the file holds"):
-        pl.main(cfg)
-    assert not out.exists()
-    pl.main({**cfg, "allow_pickle": True})
-    index = {r["key"]: r for _, r in tg.read_jsonl(out / "index.jsonl")}
-    assert sorted(index) == ["sa_12.jpg", "sa_5.jpg"] and index["sa_5.jpg"]["caption"] == "a dog and a ball"
-    assert [s["image"] for _, s in tg.read_jsonl(out / "skipped.jsonl")] == ["sa_7.jpg"]
-    boxes = {r["image"]: r for _, r in tg.read_jsonl(out / "boxes.jsonl")}
-    assert boxes["sa_5.jpg"]["phrases"] == ["a dog"]  # the ball's confidence 0.1 is under the threshold
-    np.testing.assert_allclose(boxes["sa_5.jpg"]["boxes"], [[0.3, 0.2, 0.7, 0.8]])  # cx, cy, w, h -> corners
-    assert boxes["sa_12.jpg"]["boxes"] == [[0.0, 0.0, 1.0, 1.0]]  # clipped
-    data = tg.GroundedLatents(out, out / "boxes.jsonl")
-    assert data.resolution == 32 and len(data) == 2
-    k = [i for i, it in enumerate(data.items) if it[2] == "a dog and a ball"][0]
-    assert torch.equal(data[(k, False)]["latent"][0], torch.from_numpy(lat[1]))  # image 5 is row 1 of IGLIGEN's shard
-
-
-def test_phrase_spans_and_nms():
-    import prep_boxes as pb
-    from transformers import BertTokenizer
-
-    path = make_tiny_grounding_dino_vocab(Path(tempfile.mkdtemp()))
-    tok = BertTokenizer(str(path / "vocab.txt"))
-    phrases = ["a red square", "circle", "a blue circle"]
-    text, spans = pb.phrase_spans(tok, phrases)
-    ids = tok(text).input_ids
-    for p, span in zip(phrases, spans):  # each phrase's tokens sit where the span says
-        assert [ids[i] for i in span] == tok(p, add_special_tokens=False).input_ids
-    a, b = [0, 0, 0.5, 0.5], [0.05, 0, 0.55, 0.5]  # IoU 0.82
-    found = [("x", 0.5, b), ("x", 0.9, a), ("y", 0.4, a), ("x", 0.3, [0.6, 0.6, 1, 1])]
-    assert pb.nms(found, 0.5) == [("x", 0.9, a), ("y", 0.4, a), ("x", 0.3, [0.6, 0.6, 1, 1])]  # only within a phrase
-    assert len(pb.nms(found, 0.9)) == 4
-
-
-def test_prep_boxes_detects_with_grounding_dino_and_resumes(tars, tmp_path):
-    detector = make_tiny_grounding_dino(tmp_path / "detector")
-    out = tmp_path / "boxes.jsonl"
-    args = [f"--detector={detector}", f"--tars={tars / 'sa_*.tar'}", f"--captions={tars / 'captions.json'}",
-            f"--out={out}", "--box_threshold=0.0", "--text_threshold=0.0", "--nms=1.0", "--batch_size=3",
-            "--num_workers=1"]
-    r = run("prep_boxes.py", *args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = {rec["image"]: rec for _, rec in tg.read_jsonl(out)}
-    assert sorted(recs) == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg", "sa_6.jpg"]
-    assert (recs["sa_2.jpg"]["width"], recs["sa_2.jpg"]["height"], recs["sa_2.jpg"]["caption"]) == (28, 40, "a tall red door")
-    for rec in recs.values():  # box threshold 0 and no NMS: every query is a box
-        assert len(rec["boxes"]) == len(rec["phrases"]) == len(rec["scores"]) == 8
-        assert all(0 <= v <= 1 for b in rec["boxes"] for v in b) and all(b[2] > b[0] and b[3] > b[1] for b in rec["boxes"])
-    assert recs["sa_1.jpg"]["phrases"][0] == "a cat on a mat"  # text threshold 0: all the caption's words, in order
-    skipped = {s["image"]: s["skipped"] for _, s in tg.read_jsonl(tmp_path / "boxes.skipped.jsonl")}
-    assert skipped["sa_3.jpg"] == "unreadable" and skipped["sa_4.jpg"] == "no caption" and "sa_7.jpg" in skipped
-    for i, (_, rec) in enumerate(tg.read_jsonl(out)):
-        tg.check_layout(rec["phrases"], rec["boxes"], f"{out}:{i + 1}")
-
-    parts = tmp_path / "boxes.jsonl.parts"
-    before = out.read_text()
-    (parts / "sa_000001.jsonl").unlink()  # as if killed while on the second tar
-    r = run("prep_boxes.py", *args)
-    assert r.returncode == 0 and "1 of its 2 shards to detect" in r.stdout, r.stderr[-3000:]
-    assert out.read_text() == before
-
-    # given phrases (a folder of images this time), and NMS: each box takes one of its image's phrases
-    (tmp_path / "imgs").mkdir()
-    for i in range(3):
-        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg_bytes(i, (48, 32)))
-    (tmp_path / "phrases.jsonl").write_text(json.dumps(dict(image="0.jpg", phrases=["a red square", "circle"])) + "\n"
-                                            + json.dumps(dict(image="1.jpg", phrases=["a blue circle"])) + "\n")
-    r = run("prep_boxes.py", f"--detector={detector}", f"--images={tmp_path / 'imgs'}",
-            f"--phrases={tmp_path / 'phrases.jsonl'}", f"--out={tmp_path / 'given.jsonl'}", "--box_threshold=0.0",
-            "--nms=0.3", "--num_workers=0")
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = {rec["image"]: rec for _, rec in tg.read_jsonl(tmp_path / "given.jsonl")}
-    assert sorted(recs) == ["0.jpg", "1.jpg"] and "2.jpg" in r.stdout  # 2.jpg has no phrases: skipped, named
-    assert set(recs["0.jpg"]["phrases"]) <= {"a red square", "circle"} and set(recs["1.jpg"]["phrases"]) == {"a blue circle"}
-    from prep_boxes import iou
-    for rec in recs.values():  # after NMS no two boxes of a phrase overlap by more than 0.3
-        for i, (p, a) in enumerate(zip(rec["phrases"], rec["boxes"])):
-            assert all(iou(a, b) <= 0.3 for q, b in zip(rec["phrases"][:i], rec["boxes"][:i]) if q == p)
-
-
-def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path):
-    """With the VAE's std stored, each step trains on mean + std x noise: zeroing the std changes the loss."""
-    latents = tmp_path / "latents"
-    shutil.copytree(tiny_data["latents"], latents)
-    for f in latents.glob("*.npy"):
-        shard = np.load(f)
-        shard[:, :, 1] = 0  # every view's std
-        np.save(f, shard)
-    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "with", max_steps=2))
-    tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "without", max_steps=2), "latents": str(latents)})
-    assert losses(tmp_path / "with") != losses(tmp_path / "without")
-
-
-def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
-    """The log carries the FLOPs of one step per image (torch's flop counter on a pass before training): the same
-    for micro-batches of 1 and 2, and at least the UNet's forward and backward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    per_image = []
-    for micro in (1, 2):
-        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / str(micro), max_steps=1, micro_batch=micro))
-        per_image.append(json.loads((tmp_path / str(micro) / "log.jsonl").read_text())["tflop_per_image"])
-    unet = tg.inject_gligen(tg.load_base(str(tiny_sd), "cpu", torch.float32)[0])
-    for p in tg.adapter_state(unet):
-        unet.get_parameter(p).requires_grad_(True)
-    with FlopCounterMode(display=False) as counter:
-        unet(torch.randn(2, 4, 8, 8), torch.tensor([5, 9]), encoder_hidden_states=torch.randn(2, 77, 32),
-             cross_attention_kwargs={"gligen": grounding_inputs()}).sample.square().mean().backward()
-    assert per_image[0] == per_image[1] and per_image[0] * 1e12 >= counter.get_total_flops() / 2 > 0
-    # model FLOPs of attention, on any device: Q K^T and A V, each 2 b h n m d = 640 FLOPs, are 1,280 forward and
-    # twice that backward (torch's counter gives the flash kernels' backward 2.5 times: it recomputes Q K^T; and on
-    # a CPU it counts no attention at all)
-    q, k, v = (torch.randn(1, 2, n, 4, requires_grad=True) for n in (8, 5, 5))
-    assert tg.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()) == 1280 * 3
 
 
 def test_benchmark_times_both_recipes_on_a_tiny_unet(tmp_path, monkeypatch):
