@@ -40,7 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import prep_latents as pl
-from train_gligen import configure, fail, in_range, read_jsonl
+from train_gligen import check_out_dir, configure, fail, in_range, read_jsonl
 
 config = dict(
     instances="coco/annotations/instances_train2017.json",  # COCO-format instances JSON (without --detector)
@@ -74,19 +74,37 @@ def main(cfg):
     in_range(cfg, "batch_size shard_size", 1)  # a setting that cannot work stops here, before anything slow
     in_range(cfg, "num_workers", 0)
     in_range(cfg, "box_threshold text_threshold nms", 0, 1)
+    out = Path(cfg["out"])
+    if out.is_dir():
+        fail(f"--out={out} is a directory: give the path of the .jsonl file to write")
+    check_out_dir(out.parent, "out")
     if cfg["detector"]:
         return detect_main(cfg)
+    if cfg["images"] or cfg["tars"] or cfg["phrases"]:
+        fail("--images, --tars and --phrases are for detection: add --detector=<a GroundingDINO> (or, for COCO "
+             "annotations, give --instances alone)")
     coco = load_json(cfg["instances"])
     where = cfg["instances"]
     for key in ("images", "annotations", "categories"):
-        if key not in coco:
+        if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
             fail(f"{where}: no {key!r} list: not a COCO instances file")
     images = {}
     for im in coco["images"]:
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+            fail(f"{where}: image {im!r} has no integer id and file_name")
         if not all(isinstance(im.get(k), int) and im[k] > 0 for k in ("width", "height")):
             fail(f"{where}: image id {im.get('id')} ({im.get('file_name')}) has no positive integer width and height")
         images[im["id"]] = im
+    for c in coco["categories"]:
+        if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str):
+            fail(f"{where}: category {c!r} has no id and name")
     names = {c["id"]: c["name"] for c in coco["categories"]}
+    for ann in coco["annotations"]:
+        if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
+            fail(f"{where}: annotation {str(ann)[:200]} has no integer id")
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            fail(f"{where}: annotation id {ann['id']} has no bbox of four numbers [x, y, width, height]: {bbox!r}")
     counts, objects = Counter(), defaultdict(list)
     for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
         if ann.get("image_id") not in images:
@@ -110,10 +128,17 @@ def main(cfg):
         objects[im["id"]].append((names[ann["category_id"]], box))
     captions = {}
     if cfg["captions"]:
-        for ann in sorted(load_json(cfg["captions"]).get("annotations", []), key=lambda a: a["id"]):
-            captions.setdefault(ann["image_id"], ann["caption"].strip())
+        anns = load_json(cfg["captions"])
+        anns = anns.get("annotations") if isinstance(anns, dict) else None
+        if not isinstance(anns, list):
+            fail(f"{cfg['captions']}: no 'annotations' list: not a COCO captions file")
+        for ann in anns:
+            if not (isinstance(ann, dict) and isinstance(ann.get("id"), int) and isinstance(ann.get("caption"), str)):
+                fail(f"{cfg['captions']}: annotation {str(ann)[:200]} has no integer id and caption string"
+                     + (" (this is an instances file: give --captions a COCO captions file)" if "bbox" in ann else ""))
+        for ann in sorted(anns, key=lambda a: a["id"]):
+            captions.setdefault(ann.get("image_id"), ann["caption"].strip())
 
-    out = Path(cfg["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(out.name + ".tmp"), "w") as f:
         for im in sorted(images.values(), key=lambda im: im["id"]):

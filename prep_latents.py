@@ -26,7 +26,7 @@ Output in --out:
                     done. A job run again skips done shards: a killed job loses only the shard in flight.
     index.jsonl     one line per image: key, caption, shard, row, original width/height, crop (pixels)
     meta.json       model, resolution, scaling factor, latent shape, views, stats, counts
-    skipped.jsonl   every image not encoded (corrupt, truncated tar, no caption), and why
+    skipped.jsonl   every image not encoded (corrupt, truncated tar, no caption, too small), and why
 Under torchrun, rank r encodes input shards r, r + world, ...; output names come from the input shards, so ranks
 never write the same file; rank 0 writes index.jsonl, meta.json and skipped.jsonl when all are done.
 
@@ -46,6 +46,7 @@ meta.json, image_project.safetensors; resumable and under torchrun like the late
 import gzip
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -62,7 +63,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import check_layout, configure, fail, in_range, project_image_embeds, read_jsonl
+from train_gligen import (check_layout, check_out_dir, configure, fail, in_range, load_clip_tower,
+                          project_image_embeds, read_jsonl, sha256)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images
@@ -73,6 +75,7 @@ config = dict(
     resolution=512,  # training resolution in pixels; the latents are resolution/8 on a side
     std=False,  # also store the VAE's std, so training draws a new latent sample each time
     flip=False,  # also encode the horizontally flipped image, so training can flip (boxes flip with it)
+    max_upscale=4.0,  # images that must be enlarged more than this to reach --resolution are skipped: too small
     batch_size=16,  # images per VAE batch
     shard_size=4096,  # images per output shard, for --images (a tar is one shard)
     num_workers=4,  # image decoding processes
@@ -141,7 +144,7 @@ def input_shards(cfg):
         return list(zip(names, [Path(t) for t in tars]))
     root = Path(cfg["images"])
     if not root.is_dir():
-        fail(f"image folder not found: {root}")
+        fail(f"--images={root}: " + ("a file, not a folder of images" if root.is_file() else "folder not found"))
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         fail(f"no images in {root}")
@@ -233,10 +236,12 @@ def center_crop_box(width, height):
 
 
 class Images(torch.utils.data.Dataset):
-    """Decodes, crops and resizes in the loader workers: (key, pixels (views, 3, R, R) in [-1, 1], size, crop, error)."""
+    """Decodes, crops and resizes in the loader workers: (key, pixels (views, 3, R, R) in [-1, 1], size, crop, error);
+    error: None, or (reason, detail) for an image skipped."""
 
-    def __init__(self, items, resolution, flip):
+    def __init__(self, items, resolution, flip, max_upscale=math.inf):
         self.items, self.resolution, self.flip, self.handles = items, resolution, flip, {}
+        self.max_upscale = max_upscale
 
     def __len__(self):
         return len(self.items)
@@ -245,6 +250,8 @@ class Images(torch.utils.data.Dataset):
         key, file, offset, size, _ = self.items[i]
         try:
             with read_image(file, offset, size, self.handles) as im:
+                if min(im.size) * self.max_upscale < self.resolution:
+                    return key, None, None, None, ("too small", f"{im.width}x{im.height} px")
                 im = im.convert("RGB")
                 crop = center_crop_box(*im.size)
                 x = im.resize((self.resolution,) * 2, Image.Resampling.BICUBIC, box=crop)
@@ -252,7 +259,7 @@ class Images(torch.utils.data.Dataset):
             x = torch.stack([x, x.flip(-1)] if self.flip else [x])
             return key, x, im.size, crop, None
         except Exception as e:  # a corrupt or truncated file: skipped, counted, named
-            return key, None, None, None, f"{type(e).__name__}: {e}"
+            return key, None, None, None, ("unreadable", f"{type(e).__name__}: {e}")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -292,11 +299,12 @@ def save_shard(out, name, latents, index, skipped, boxes=None):
 def encode_shard(vae, cfg, out, name, source, captions, root, dtype):
     items, skipped, temp = shard_items(source, captions, root, out)
     skipped = [dict(image=k, shard=name, reason=r) for k, r in skipped]
-    loader = torch.utils.data.DataLoader(Images(items, cfg["resolution"], cfg["flip"]), batch_size=cfg["batch_size"],
-                                         num_workers=cfg["num_workers"], collate_fn=list)
+    images = Images(items, cfg["resolution"], cfg["flip"], cfg["max_upscale"])
+    loader = torch.utils.data.DataLoader(images, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+                                         collate_fn=list)
     index, latents, caption_of = [], [], {it[0]: it[4] for it in items}
     for batch in loader:
-        skipped += [dict(image=key, shard=name, reason="unreadable", error=err) for key, *_, err in batch if err]
+        skipped += [dict(image=key, shard=name, reason=err[0], error=err[1]) for key, *_, err in batch if err]
         batch = [b for b in batch if b[4] is None]
         if not batch:
             continue
@@ -348,14 +356,16 @@ def finish(out, shards, settings, extra=None):
         boxes += rec.get("boxes", [])
         if rec["index"] and shape is None:
             shape = np.load(out / f"{name}.npy", mmap_mode="r").shape[1:]
-    if not index:
-        fail(f"none of the images could be encoded (see {out / 'skipped.jsonl'})")
     write_jsonl(out / "skipped.jsonl", skipped)
+    if not index:
+        print_skipped([(s["image"], s["reason"]) for s in skipped])
+        fail(f"none of the {len(skipped)} images could be encoded (the reasons above, each image in "
+             f"{out / 'skipped.jsonl'})")
     if boxes:
         write_jsonl(out / "boxes.jsonl", boxes)
-    meta = dict({"resolution": shape[-1] * 8, **settings}, latent_shape=list(shape[2:]), views=["original", "flipped"][:shape[0]],
-                stats=["mean", "std"][:shape[1]], images=len(index), shards=len(shards), skipped=len(skipped),
-                **(extra or {}))
+    meta = dict({"resolution": shape[-1] * 8, **settings}, latent_shape=list(shape[2:]),
+                views=["original", "flipped"][:shape[0]], stats=["mean", "std"][:shape[1]], images=len(index),
+                shards=len(shards), skipped=len(skipped), **(extra or {}))
     write_json(out / "meta.json", meta, indent=1)
     write_jsonl(out / "index.jsonl", index)
     print(f"{len(index)} images in {len(shards)} shards in {out}; skipped {len(skipped)}")
@@ -370,13 +380,14 @@ def start(out, settings):
         dist.init_process_group("gloo", timeout=timedelta(days=7))
     out.mkdir(parents=True, exist_ok=True)
     job = out / "job.json"
-    if job.is_file():
+    done = [f for f in out.glob("*.json") if f.name not in ("job.json", "meta.json")]  # finished shards
+    if job.is_file() and done:
         old = json.loads(job.read_text())
         for k in settings:
             if old.get(k) != settings[k]:
                 fail(f"{out} holds shards made with {k}={old.get(k)!r}, this job has {k}={settings[k]!r}: "
                      f"run with the same setting, or choose another --out")
-    elif rank == 0:
+    elif rank == 0:  # a job that stopped before its first shard starts over with these settings
         write_json(job, settings, indent=1)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -415,7 +426,7 @@ def image_project_weight(cfg):
     try:
         if cfg["image_project"]:
             return CLIPImageProjection.from_pretrained(cfg["image_project"], subfolder="image_project").project.weight
-        return CLIPTextModelWithProjection.from_pretrained(cfg["image_encoder"]).text_projection.weight.T.contiguous()
+        return load_clip_tower(CLIPTextModelWithProjection, cfg["image_encoder"]).text_projection.weight.T.contiguous()
     except (OSError, ValueError) as e:
         fail(f"cannot load image_project from {cfg['image_project'] or cfg['image_encoder']!r}: {e}")
 
@@ -466,7 +477,7 @@ def embed_main(cfg):
     if todo:
         try:
             processor = CLIPImageProcessor.from_pretrained(cfg["image_encoder"])
-            encoder = CLIPVisionModelWithProjection.from_pretrained(cfg["image_encoder"]).to(device).eval()
+            encoder = load_clip_tower(CLIPVisionModelWithProjection, cfg["image_encoder"]).to(device).eval()
         except (OSError, ValueError) as e:
             fail(f"cannot load the image encoder {cfg['image_encoder']!r} (a CLIP model, Hub id or directory): {e}")
         if encoder.config.projection_dim != weight.shape[1]:
@@ -496,10 +507,12 @@ def check_settings(cfg):
     in_range(cfg, "resolution batch_size shard_size", 1)
     in_range(cfg, "num_workers", 0)
     in_range(cfg, "igligen_threshold", 0, 1)
+    in_range(cfg, "max_upscale", 1)
     if cfg["resolution"] % 8:
         fail(f"--resolution={cfg['resolution']}: must be a multiple of 8 (the VAE's downsampling factor)")
     if cfg["dtype"] not in ("auto", "fp32"):
         fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU) or fp32")
+    check_out_dir(cfg["out"], "out")
 
 
 def main(cfg):
@@ -517,6 +530,7 @@ def main(cfg):
     except (OSError, ValueError) as e:
         fail(f"cannot load the VAE of {cfg['model']!r}: {e}")
     settings = {k: cfg[k] for k in ("model", "resolution", "std", "flip", "images", "tars", "shard_size")}
+    settings["captions_sha256"] = sha256(cfg["captions"]) if Path(cfg["captions"]).is_file() else None  # new: refused
     settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)  # a changed folder
     rank, world, device = start(out, dict(settings, scaling_factor=scaling))  # would shift the shards: refused
     captions = load_captions(cfg["captions"]) if cfg["captions"] else None

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import (adapters_file, check_layouts, choose_seams, configure, draw_layout, fail, family_of, in_range,
-                          is_moving, load_adapters, load_image_project, load_model, mode_of, project_image_embeds,
-                          read_jsonl, set_adapters)
+from train_gligen import (adapters_file, check_image, check_layouts, check_out_dir, choose_seams, configure,
+                          draw_layout, fail, family_of, in_range, is_moving, load_adapters, load_clip_tower,
+                          load_image_project, load_model, mode_of, project_image_embeds, read_jsonl, set_adapters)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -100,7 +100,7 @@ def load_image_tower(cfg, device, dtype):
         src, sub = cfg["adapters"], dict(processor="processor", encoder="image_encoder")
     try:
         processor = CLIPImageProcessor.from_pretrained(src, **({"subfolder": sub["processor"]} if sub else {}))
-        encoder = CLIPVisionModelWithProjection.from_pretrained(src, **({"subfolder": sub["encoder"]} if sub else {}))
+        encoder = load_clip_tower(CLIPVisionModelWithProjection, src, **({"subfolder": sub["encoder"]} if sub else {}))
     except (OSError, ValueError) as e:
         fail(f"cannot load the image encoder {src!r} of text-image adapters (give --image_encoder): {e}")
     return processor, encoder.to(device, dtype).eval(), weight
@@ -144,6 +144,9 @@ def check_settings(cfg):
         fail(f"--dtype must be one of {', '.join(DTYPES)} and --scheduler one of {', '.join(SCHEDULERS)}")
     if cfg["export"] and not cfg["adapters"]:
         fail("--export needs --adapters: it writes the base model with them")
+    check_out_dir(cfg["out_dir"], "out_dir")
+    if cfg["export"]:
+        check_out_dir(cfg["export"], "export")
 
 
 def read_layouts(cfg):
@@ -173,14 +176,17 @@ def main(cfg):
     if inpaint != bool(cfg["inpaint_image"]):
         fail(f"--adapters={cfg['adapters']} are inpainting adapters: give --inpaint_image" if inpaint else
              "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")
-    if inpaint and not Path(cfg["inpaint_image"]).is_file():
-        fail(f"--inpaint_image: file not found: {cfg['inpaint_image']}")
+    if inpaint:
+        check_image(cfg["inpaint_image"], "--inpaint_image")
     seams = choose_seams(family_of(cfg["model"]), inpaint, text_image)
     video = seams.family == "video"
     if not video and any(is_moving(l["boxes"]) for l in layouts):
         fail(f"one list of boxes per frame is for video models; {cfg['model']} makes images")
     if cfg["export"] and seams.family != "sd":
         fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
+    scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
+    if cfg["steps"] > scheduler.config.num_train_timesteps:
+        fail(f"--steps={cfg['steps']}: at most {scheduler.config.num_train_timesteps}, the scheduler's timesteps")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else torch.float16 if device == "cuda" else torch.float32
     unet, text_encoder, tokenizer, _ = seams.load(cfg["model"], device, dtype)
@@ -191,7 +197,6 @@ def main(cfg):
     for k in ("height", "width"):
         if cfg[k] % scale:
             fail(f"--{k}={cfg[k]}: must be a multiple of {scale}, the VAE's downsampling factor")
-    scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
     image_tower = load_image_tower(cfg, device, dtype) if seams.text_image else None
     if adapters:
         seams.add_adapters(unet)

@@ -228,6 +228,9 @@ def make_coco(root, n=12, seed=0):
              dict(id=902, image_id=3, category_id=3, bbox=[5, 5, 0, 10], iscrowd=0, area=0)]  # zero area
     images.append(dict(id=n + 1, file_name="broken.jpg", width=40, height=40))
     caps.append(dict(id=5000, image_id=n + 1, caption="a broken file"))
+    images.append(dict(id=n + 2, file_name="small.png", width=3, height=2))  # under 16 / 4 px: too small to encode
+    caps.append(dict(id=5001, image_id=n + 2, caption="a thumbnail"))
+    Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(root / "images" / "small.png")
     (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "images" / "uncaptioned.png")
     cats = [dict(id=c, name=name) for c, (name, _) in SHAPES.items()]
@@ -333,8 +336,8 @@ def train_cfg(tiny_sd, tiny_data, out_dir, **over):
 
 def fault_args(tiny_sd, tiny_data, out_dir, *extra):
     return [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
-            "--global_batch=4", "--micro_batch=2", "--max_steps=40", "--lr=1e-3", "--warmup_steps=2",
-            "--num_workers=0", "--val_every=0", "--log_every=1", "--save_every=10", f"--out_dir={out_dir}", *extra]
+            "--global_batch=4", "--micro_batch=2", "--max_steps=20", "--lr=1e-3", "--warmup_steps=2",
+            "--num_workers=0", "--val_every=0", "--log_every=1", "--save_every=5", f"--out_dir={out_dir}", *extra]
 
 
 ONE_THREAD = dict(OMP_NUM_THREADS="1")  # as torchrun sets for its workers: the same float reductions everywhere
@@ -458,6 +461,18 @@ def tiny_data(tiny_sd, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_data(tiny_sdxl, tiny_data):
+    """The tiny data's images encoded by the tiny SDXL's VAE (its own scaling factor), for SDXL training."""
+    import prep_latents as pl
+
+    out = tiny_data["root"] / "latents-sdxl"
+    pl.main({**pl.config, "model": str(tiny_sdxl), "images": str(tiny_data["root"] / "images"),
+             "captions": str(tiny_data["boxes"]), "out": str(out), "resolution": 16, "batch_size": 5, "shard_size": 4,
+             "num_workers": 0, "std": True, "flip": True})
+    return {**tiny_data, "latents": out}
+
+
+@pytest.fixture(scope="session")
 def tiny_features(tiny_clip, tiny_data):
     """Each box's image feature, for the text-image mode."""
     return embed_features(tiny_clip, tiny_data, tiny_data["root"] / "image-features")
@@ -470,7 +485,7 @@ def tars(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(tiny_sd, tiny_data, tmp_path_factory):
-    """The adapters after 40 steps without a fault."""
+    """The adapters after 20 steps without a fault."""
     out = tmp_path_factory.mktemp("reference")
     r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -658,7 +673,7 @@ def test_sdxl_text_features(tiny_sdxl):
 # Prep: boxes from COCO and GroundingDINO, latents from folders, tars and IGLIGEN's shards, box image features
 def test_prep_boxes_handles_coco_quirks(tiny_data):
     recs = {r["image"]: r for r in map(json.loads, tiny_data["boxes"].read_text().splitlines())}
-    assert len(recs) == 13  # every listed image, the unannotated and the broken one included
+    assert len(recs) == 14  # every listed image, the unannotated, the broken and the too small one included
     assert recs["img_000.png"]["caption"] == "a picture of shapes number 0"  # first caption by id, stripped
     assert "red square" not in recs["img_000.png"]["phrases"][1:]  # the crowd box (id 900) is left out
     assert recs["img_005.jpg"]["phrases"] == [] and recs["img_005.jpg"]["boxes"] == []
@@ -666,7 +681,7 @@ def test_prep_boxes_handles_coco_quirks(tiny_data):
     assert recs["img_001.jpg"]["boxes"][-1] == [0.0, round(20 / h, 6), round(12 / w, 6), 1.0]  # clipped left and bottom
     assert len(recs["img_002.png"]["boxes"]) == 3  # its zero-area box is dropped
     log = tiny_data["boxes_log"]
-    for quirk in ("1 crowd annotations left out", "1 boxes clipped", "1 boxes of zero area dropped", "2 images without boxes"):
+    for quirk in ("1 crowd annotations left out", "1 boxes clipped", "1 boxes of zero area dropped", "3 images without boxes"):
         assert quirk in log, log
 
 
@@ -676,10 +691,10 @@ def test_prep_latents_encodes_crops_and_names_skipped(tiny_sd, tiny_data):
     index = [json.loads(l) for l in (out / "index.jsonl").read_text().splitlines()]
     assert meta["latent_shape"] == [4, 8, 8] and meta["resolution"] == 16 and meta["images"] == len(index) == 12
     assert (meta["views"], meta["stats"]) == (["original", "flipped"], ["mean", "std"])
-    assert sorted(p.name for p in out.glob("*.npy")) == [f"images_0000{i}.npy" for i in range(4)]  # 14 files, 4 a shard
+    assert sorted(p.name for p in out.glob("*.npy")) == [f"images_0000{i}.npy" for i in range(4)]  # 15 files, 4 a shard
     assert not list(out.glob("*.tmp"))
     skipped = {s["image"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
-    assert skipped == {"broken.jpg": "unreadable", "uncaptioned.png": "no caption"}
+    assert skipped == {"broken.jpg": "unreadable", "uncaptioned.png": "no caption", "small.png": "too small"}
     assert "broken.jpg" in tiny_data["latents_log"] and "uncaptioned.png" in tiny_data["latents_log"]
     # stored: the VAE mean and std of the center crop and of its mirror image, times the scaling factor
     rec = next(r for r in index if r["key"] == "img_000.png")  # 48 x 32: the crop is x 8..40
@@ -691,7 +706,7 @@ def test_captions_from_a_coco_json_a_name_map_and_a_jsonl(tiny_data, tmp_path):
     import prep_latents as pl
 
     coco = pl.load_captions(tiny_data["root"] / "captions.json")  # the first caption by id, as prep_boxes takes
-    assert coco["img_003.jpg"] == "a picture of shapes number 3" and len(coco) == 13
+    assert coco["img_003.jpg"] == "a picture of shapes number 3" and len(coco) == 14
     assert pl.load_captions(tiny_data["boxes"])["img_003.jpg"] == "a picture of shapes number 3"
     assert pl.find_caption({"sa_9": "x"}, "sub/sa_9.jpg") == "x" and pl.find_caption({}, "a.jpg") is None
     (tmp_path / "bad.json").write_text("[1, 2]")
@@ -759,6 +774,17 @@ def test_prep_latents_killed_and_restarted_equals_uninterrupted(tiny_sd, tiny_da
         assert f.read_bytes() == (out / f.name).read_bytes(), f.name
     r = run("prep_latents.py", *args[:-1], "--flip=False")  # resuming with another setting is refused, and says why
     assert r.returncode == 1 and "holds shards made with flip=True, this job has flip=False" in r.stderr
+    import prep_latents as pl
+
+    other = tmp_path / "captions.jsonl"  # captions mended: the shards hold the old ones, so the job is refused
+    other.write_text(tiny_data["boxes"].read_text().replace("a picture of", "a photo of"))
+    with pytest.raises(SystemExit, match="holds shards made with captions_sha256="):
+        pl.main(pl.configure(pl.config, [f"--captions={other}" if a.startswith("--captions") else a for a in args]))
+    (tmp_path / "bad.json").write_text("{")  # a job that stopped before its first shard: another setting is no conflict
+    for flip in ("True", "False"):
+        with pytest.raises(SystemExit, match="bad.json: not valid JSON"):
+            pl.main(pl.configure(pl.config, [*args[:2], f"--out={tmp_path / 'fresh'}", f"--captions={tmp_path / 'bad.json'}",
+                                             f"--flip={flip}"]))
 
 
 def test_igligen_import_needs_opt_in_and_reads_its_pickles(tmp_path):
@@ -903,7 +929,7 @@ def test_loader_maps_boxes_through_the_crop(tiny_data):
     np.testing.assert_allclose(flipped, np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1))
 
 
-def test_sdxl_items_carry_their_own_size_conditioning(tiny_sdxl, tiny_data):
+def test_sdxl_items_carry_their_own_size_conditioning(tiny_sdxl, tiny_sdxl_data):
     """SDXL's time ids come from each image's crop (the mirrored crop's for a flip), and each sample's own reach the
     UNet in the training step."""
     rec = dict(width=48, height=32, crop=[8, 0, 40, 32])  # resized to 16 on the short side: 24 x 16, crop left 4
@@ -913,16 +939,18 @@ def test_sdxl_items_carry_their_own_size_conditioning(tiny_sdxl, tiny_data):
     seams = tg.choose_seams("sdxl")
     unet, te, tok, scheduler = seams.load(str(tiny_sdxl), "cpu", torch.float32)
     seams.add_adapters(unet)
-    data = seams.training_data(train_cfg(tiny_sdxl, tiny_data, "unused"))
+    data = seams.training_data(train_cfg(tiny_sdxl, tiny_sdxl_data, "unused"))
     items = [data[(i, i % 2 == 1)] for i in range(6)]  # three image sizes, mirrored or not
     seen = []
     unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
     with torch.no_grad():
         seams.loss(unet, data.collate(tok, items), torch.Generator().manual_seed(0), te, scheduler.alphas_cumprod,
                    tok.captions([""]), dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon"))
-    want = [data.time_ids(r, 16) for r in (json.loads(l) for l in (tiny_data["latents"] / "index.jsonl").open())][:6]
+    want = [data.time_ids(r, 16) for _, r in tg.read_jsonl(tiny_sdxl_data["latents"] / "index.jsonl")][:6]
     want = [(*ids[:3], left, *ids[4:]) if i % 2 else ids for i, (ids, left) in enumerate(want)]
     assert seen[0].tolist() == [list(map(float, w)) for w in want] and len({tuple(w) for w in want}) >= 3
+    data.items[0] = (*data.items[0][:5], ((32, 51, 0, 9, 16, 16), 10))  # an odd margin: the mirrored crop starts at 10
+    assert data[(0, False)]["time_ids"][3] == 9 and data[(0, True)]["time_ids"][3] == 10
 
 
 def test_text_image_drops_a_phrase_or_an_image_never_both(tiny_sd):
@@ -949,7 +977,7 @@ def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_dat
 
     # the 12 images are one global batch, so every step sees the same batch (with new noise and timesteps)
     cfg = train_cfg(tiny_sd, tiny_data, tmp_path / "run", global_batch=12, micro_batch=6, max_steps=60, lr=3e-3,
-                    warmup_steps=0, caption_keep=1.0, grounding_drop=0.0, val_every=30, val_steps=3)
+                    warmup_steps=0, caption_keep=1.0, grounding_drop=0.0, val_every=30, val_steps=3, val_images=4)
     unet, text_encoder = tg.main(cfg)
     log = losses(tmp_path / "run")
     assert len(log) == 60 and all(np.isfinite(log))
@@ -975,7 +1003,7 @@ def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path
     assert losses(tmp_path / "with") != losses(tmp_path / "without")
 
 
-def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_data, tmp_path, monkeypatch):
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_sdxl_data, tmp_path, monkeypatch):
     """With grad_checkpointing each fuser runs twice per micro-batch (forward, then again in backward), and the
     adapters end bit-equal to a run without it."""
     calls = []
@@ -984,7 +1012,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_d
     runs = {}
     for ckpt in (False, True):
         calls.clear()
-        tg.main({**train_cfg(None, tiny_data, tmp_path / str(ckpt), max_steps=2, save_every=2), "model": str(tiny_sdxl),
+        tg.main({**train_cfg(None, tiny_sdxl_data, tmp_path / str(ckpt), max_steps=2, save_every=2), "model": str(tiny_sdxl),
                  "grad_checkpointing": ckpt})
         runs[ckpt] = (len(calls), adapters_of(tmp_path / str(ckpt)))
     # 8 fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
@@ -1078,7 +1106,7 @@ VARIANTS = dict(sd1=("tiny_sd", {}), sd2=("tiny_sd2", {}), sdxl=("tiny_sdxl", {}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_resumed_equals_straight_and_the_base_stays(variant, request, tiny_data, tmp_path):
+def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
     """Every family and mode: 4 steps straight (validating every 2 steps) equal 2 steps, a resume and 2 steps, across
     an epoch boundary (12 images, 4 a step): the same adapters, optimizer state and logged losses (validation leaves
     the training stream alone). Every adapter tensor trained; every tensor of the frozen base stayed bit-equal; the
@@ -1086,8 +1114,9 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tiny_data,
     fixture, mode = VARIANTS[variant]
     model = request.getfixturevalue(fixture)
     mode = {k: str(request.getfixturevalue(v)) if k == "image_features" else v for k, v in mode.items()}
-    cfg = lambda out, **over: train_cfg(model, tiny_data, tmp_path / out, **mode, **over)
-    tg.main(cfg("straight", max_steps=4, save_every=4, val_every=2, val_steps=1))
+    data = request.getfixturevalue("tiny_sdxl_data" if variant == "sdxl" else "tiny_data")  # its own VAE's latents
+    cfg = lambda out, **over: train_cfg(model, data, tmp_path / out, **mode, **over)
+    tg.main(cfg("straight", max_steps=4, save_every=4, val_every=2, val_steps=1, val_images=4))
     tg.main(cfg("resumed", max_steps=2, save_every=2))
     tg.main(cfg("resumed", max_steps=4, save_every=2))
     straight = adapters_of(tmp_path / "straight")
@@ -1377,6 +1406,7 @@ def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_cl
     (dict(boxes=[[0.1, float("nan"), 0.2, 0.5]]), "NaN"),
     (dict(phrases=["a", "b"], boxes=[[0.1, 0.1, 0.2, 0.5]]), "same length"),
     (dict(width=999), "latents and boxes are of different images"),
+    (dict(width="40"), "width and height must be positive whole numbers, got '40'"),
 ])
 def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
     recs = [json.loads(l) for l in tiny_data["boxes"].read_text().splitlines()]
@@ -1388,11 +1418,28 @@ def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
     assert message in str(e.value) and f"{path}:{bad + 1}" in str(e.value) and "img_004.png" in str(e.value)
 
 
-def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path, monkeypatch, capsys):
+def test_missing_records_and_models_are_named(tiny_sd, tiny_sdxl, tiny_data, tiny_features, tmp_path, monkeypatch,
+                                              capsys):
     recs = [json.loads(l) for l in tiny_data["boxes"].read_text().splitlines()]
     path = write_boxes(tmp_path / "boxes.jsonl", [r for r in recs if r["image"] != "img_007.jpg"])
     with pytest.raises(SystemExit, match=r"has no record for 1 of the images .*img_007\.jpg"):
         tg.GroundedLatents(tiny_data["latents"], path)
+    path = write_boxes(tmp_path / "twice.jsonl", recs + [recs[3]])
+    with pytest.raises(SystemExit, match=rf"twice.jsonl:{len(recs) + 1} .*a second record for this image \(the first: "):
+        tg.GroundedLatents(tiny_data["latents"], path)
+    latents = tmp_path / "latents"  # prep_latents.py run on the folder above the images: keys with its name
+    shutil.copytree(tiny_data["latents"], latents)
+    index = [json.loads(l) for l in (latents / "index.jsonl").read_text().splitlines()]
+    write_boxes(latents / "index.jsonl", [{**r, "key": "images/" + r["key"]} for r in index])
+    with pytest.raises(SystemExit, match=r"by file name alone: was --images of prep_latents.py the folder above"):
+        tg.GroundedLatents(latents, tiny_data["boxes"])
+    with pytest.raises(SystemExit, match=r"holds no latents .* box image features\? Those go in --image_features"):
+        tg.GroundedLatents(tiny_features, tiny_data["boxes"])
+    with pytest.raises(SystemExit, match=r"holds no box image features .* latents\? Those go in --latents"):
+        tg.ImageFeatureLatents(tiny_data["latents"], tiny_data["boxes"], 30, 0.01, tiny_data["latents"])
+    with pytest.raises(SystemExit, match=r"holds latents of .*tiny-sd.*'s VAE \(scaling factor, channels: \(0.18215, 4\)\), "
+                                         r"and .*tiny-sdxl.*'s VAE makes \(0.13025, 4\)"):
+        tg.training_data(train_cfg(tiny_sdxl, tiny_data, tmp_path / "run"))
     with pytest.raises(SystemExit, match="model directory not found: /no/such/model"):
         tg.family_of("/no/such/model")
     r = run("train_gligen.py", "--model=/no/such/model", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
@@ -1413,9 +1460,10 @@ def test_missing_records_and_models_are_named(tiny_sd, tiny_data, tmp_path, monk
 
 
 THIRTY_ONE = dict(phrases=[f"thing {i}" for i in range(31)], boxes=[[0.1, 0.1, 0.2, 0.2]] * 31)
+LAYOUT_LINE = json.dumps(dict(prompt="many things", **THIRTY_ONE))
 
 
-@pytest.mark.parametrize("script, change, message", [  # each stops before the model loads: it does not exist here
+@pytest.mark.parametrize("script, change, message", [  # "@text": the path of a file holding text
     ("train_gligen", dict(micro_batch=0), "--micro_batch=0: must be at least 1"),
     ("train_gligen", dict(save_every=0), "--save_every=0: must be at least 1"),
     ("train_gligen", dict(log_every=0), "--log_every=0: must be at least 1"),
@@ -1425,8 +1473,12 @@ THIRTY_ONE = dict(phrases=[f"thing {i}" for i in range(31)], boxes=[[0.1, 0.1, 0
     ("train_gligen", dict(dtype="fp16"), "--dtype=fp16: must be auto"),
     ("train_gligen", dict(compile="no_such_backend"), "--compile=no_such_backend: not a torch.compile backend"),
     ("train_gligen", dict(init_from="./no/such/adapters"), "--init_from=./no/such/adapters: adapters not found"),
+    ("train_gligen", dict(out_dir="@a file"), "is a file, not a directory"),
     ("train_gligen", dict(val_layouts="no/such/layouts.jsonl"), "file not found: no/such/layouts.jsonl"),
-    ("train_gligen", dict(val_layouts="THIRTY_ONE"), "VAL[0]: 31 phrases and boxes; a layout has at most 30"),
+    ("train_gligen", dict(val_layouts="@" + LAYOUT_LINE), "val_layouts:1: 31 phrases and boxes; a layout has at most 30"),
+    ("train_gligen", dict(val_layouts="@\n"), "no layouts in it"),
+    ("train_gligen", dict(val_layouts='@["a dog", [0, 0, 1, 1]]'), "val_layouts:1: a record is a JSON object {...}, this line is a list"),
+    ("train_gligen", dict(model="@{}"), "is a file: give the model's diffusers directory"),
     ("sample", dict(phrases=["a dog"], boxes=[[0.5, 0.5, 0.4, 0.9]]),
      "--prompt/--phrases/--boxes: box [0.5, 0.5, 0.4, 0.9] for 'a dog' has x1 < x0"),
     ("sample", dict(n=0), "--n=0: must be at least 1"),
@@ -1434,28 +1486,48 @@ THIRTY_ONE = dict(phrases=[f"thing {i}" for i in range(31)], boxes=[[0.1, 0.1, 0
     ("sample", dict(beta=1.5), "--beta=1.5: must be in [0, 1]"),
     ("sample", dict(frames=0), "--frames=0: must be at least 1"),
     ("sample", THIRTY_ONE, "--prompt/--phrases/--boxes: 31 phrases and boxes; a layout has at most 30"),
+    ("sample", dict(layouts="@"), "no layouts in it"),
+    ("sample", dict(layouts='@"a dog in a box"'), "layouts:1: a record is a JSON object {...}, this line is a str"),
+    ("sample", dict(phrases=["a dog"], images=["@not an image"]), "images is not a readable image"),
     ("sample", dict(adapters="./some/local/dir"), "adapters not found: ./some/local/dir"),
     ("sample", dict(adapters="out/run/adapters.safetensors"), "adapters not found: out/run/adapters.safetensors"),
+    ("sample", dict(adapters="@not safetensors"), "not a readable safetensors file"),
     ("sample", dict(export="pipeline"), "--export needs --adapters"),
     ("sample", dict(inpaint_image="photo.png"), "--inpaint_image needs inpainting adapters"),
+    ("sample", dict(out_dir="@a file"), "is a file, not a directory"),
+    ("sample", dict(steps=1001), "--steps=1001: at most 1000, the scheduler's timesteps"),
     ("prep_latents", dict(resolution=12), "--resolution=12: must be a multiple of 8"),
     ("prep_latents", dict(batch_size=0), "--batch_size=0: must be at least 1"),
+    ("prep_latents", dict(images="@a file"), "a file, not a folder of images"),
     ("prep_boxes", dict(nms=1.5), "--nms=1.5: must be in [0, 1]"),
+    ("prep_boxes", dict(images="photos"), "--images, --tars and --phrases are for detection: add --detector"),
     ("score_grounding", dict(n=0), "--n=0: must be at least 1"),
 ])
 def test_bad_settings_stop_with_one_error_line(script, change, message, tiny_sd, tiny_data, tmp_path):
-    """A setting that cannot work, or a path that is not there, stops with one error line naming it."""
+    """A setting that cannot work, a path that is not there or a file that is not what it should be stops with one
+    error line naming it, before any weights load: the model here is a directory of its configs alone."""
     import importlib
 
     module = importlib.import_module(script)
-    cfg = {**module.config, "model": "/no/such/model", **change}
-    if script == "train_gligen":  # a model of a UNet config alone: its weights cannot load, its family can be read
-        (tmp_path / "config-only" / "unet").mkdir(parents=True)
-        shutil.copy(tiny_sd / "unet" / "config.json", tmp_path / "config-only" / "unet")
-        cfg.update(model=str(tmp_path / "config-only"), latents=str(tiny_data["latents"]), boxes=str(tiny_data["boxes"]), out_dir=str(tmp_path / "run"),
-                   global_batch=4, micro_batch=change.get("micro_batch", 2), num_workers=0)
-        if change.get("val_layouts") == "THIRTY_ONE":
-            cfg["val_layouts"] = str(write_boxes(tmp_path / "VAL", [dict(prompt="many things", **THIRTY_ONE)]))
+    model = tmp_path / "configs-only"
+    for part in ("unet", "vae", "scheduler"):
+        (model / part).mkdir(parents=True)
+        shutil.copy(next((tiny_sd / part).glob("*config.json")), model / part)
+
+    def files(key, v):  # "@text" -> the path of a file named after the setting that holds text
+        if isinstance(v, list):
+            return [files(key, x) for x in v]
+        if isinstance(v, str) and v.startswith("@"):
+            path = tmp_path / (key + (".safetensors" if key == "adapters" else ""))  # as adapters are named
+            path.write_text(v[1:])
+            return str(path)
+        return v
+
+    cfg = {**module.config, "model": str(model)}
+    if script == "train_gligen":
+        cfg.update(latents=str(tiny_data["latents"]), boxes=str(tiny_data["boxes"]), out_dir=str(tmp_path / "run"),
+                   global_batch=4, micro_batch=2, num_workers=0)
+    cfg.update({k: files(k, v) for k, v in change.items()})
     with pytest.raises(SystemExit) as e:
         module.main(cfg)
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
@@ -1471,11 +1543,15 @@ def test_a_truncated_latent_shard_is_named_before_training(tiny_data, tmp_path):
         tg.GroundedLatents(tmp_path / "latents", tiny_data["boxes"])
 
 
-def test_sample_size_must_fit_the_vae(tiny_sd, tmp_path):
+def test_sizes_and_steps_must_fit_the_model(tiny_sd, tiny_data, tmp_path):
     import sample
 
     with pytest.raises(SystemExit, match=r"--height=13: must be a multiple of 2, the VAE's"):  # the tiny VAE: 2 levels
         sample.main({**sample.config, "model": str(tiny_sd), "height": 13, "out_dir": str(tmp_path)})
+    with pytest.raises(SystemExit, match=r"--steps=1001: at most 1000, the scheduler's timesteps"):
+        sample.main({**sample.config, "model": str(tiny_sd), "steps": 1001, "out_dir": str(tmp_path)})
+    with pytest.raises(SystemExit, match=r"--val_steps=1001: at most 1000, the scheduler's timesteps"):
+        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "run", val_every=1, val_steps=1001))
 
 
 def test_resume_of_a_checkpoint_older_than_a_setting_names_it(tiny_sd, tiny_data, tmp_path):
@@ -1504,7 +1580,7 @@ def test_kill_9_in_the_middle_of_a_save(tiny_sd, tiny_data, reference, tmp_path)
         "import train_gligen as tg\n"
         "real_save = torch.save\n"
         "def save(obj, path, *args, **kwargs):\n"
-        "    if 'step_0000020' in str(path):\n"
+        "    if 'step_0000010' in str(path):\n"
         "        open(path, 'wb').write(b'half a file')\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real_save(obj, path, *args, **kwargs)\n"
@@ -1512,14 +1588,14 @@ def test_kill_9_in_the_middle_of_a_save(tiny_sd, tiny_data, reference, tmp_path)
         "tg.main(tg.configure(tg.config, sys.argv[1:]))\n")
     r = run(tmp_path / "dies_while_saving.py", *fault_args(tiny_sd, tiny_data, out), PYTHONPATH=str(HERE), **ONE_THREAD)
     assert r.returncode == -signal.SIGKILL
-    assert [p.name for p in tg.checkpoints(out)] == ["step_0000010"] and (out / "step_0000020.tmp").is_dir()
-    assert [r["step"] for _, r in tg.read_jsonl(out / "log.jsonl")] == list(range(1, 21))  # logged past the save
+    assert [p.name for p in tg.checkpoints(out)] == ["step_0000005"] and (out / "step_0000010.tmp").is_dir()
+    assert [r["step"] for _, r in tg.read_jsonl(out / "log.jsonl")] == list(range(1, 11))  # logged past the save
     r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resuming from {out / 'step_0000010'}" in r.stdout
+    assert f"resuming from {out / 'step_0000005'}" in r.stdout
     assert_same_tensors(adapters_of(out), reference)
-    assert not list(out.glob("*.tmp")) and [p.name for p in tg.checkpoints(out)] == ["step_0000030", "step_0000040"]
-    assert [r["step"] for _, r in tg.read_jsonl(out / "log.jsonl")] == list(range(1, 41))  # steps 11 to 20 once
+    assert not list(out.glob("*.tmp")) and [p.name for p in tg.checkpoints(out)] == ["step_0000015", "step_0000020"]
+    assert [r["step"] for _, r in tg.read_jsonl(out / "log.jsonl")] == list(range(1, 21))  # steps 6 to 10 once
 
 
 def test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal(tiny_sd, tiny_data, reference, tmp_path, torchrun):
@@ -1532,7 +1608,7 @@ def test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal(tiny_sd, tiny
     assert p.returncode == 0, stderr[-3000:]
     saved = tg.checkpoints(out)[-1]
     step = int(saved.name.split("_")[1])
-    assert 3 <= step < 40 and tg.verify_checkpoint(saved) is None
+    assert 3 <= step < 20 and tg.verify_checkpoint(saved) is None
     said = sorted(line.split(": ", 2)[1] for line in stdout.splitlines() if line.startswith("rank "))
     assert said == ["SIGTERM", "another rank got a signal"], stdout[-3000:]  # both ranks stopped, with a message,
     assert stdout.count(f"stopped at step {step}, saved {saved}") == 2  # at the same step
@@ -1557,19 +1633,19 @@ def test_elastic_restart_after_a_worker_dies(tiny_sd, tiny_data, reference, tmp_
 
 def test_corrupt_and_truncated_checkpoints_fall_back(tiny_sd, tiny_data, reference, tmp_path):
     out = tmp_path / "run"
-    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out, "--max_steps=30", "--keep_last=3"), **ONE_THREAD)
-    assert r.returncode == 0 and [p.name for p in tg.checkpoints(out)] == ["step_0000010", "step_0000020", "step_0000030"]
-    with open(out / "step_0000030" / "adapters.safetensors", "r+b") as f:  # flip bytes inside the newest
+    r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out, "--max_steps=15", "--keep_last=3"), **ONE_THREAD)
+    assert r.returncode == 0 and [p.name for p in tg.checkpoints(out)] == ["step_0000005", "step_0000010", "step_0000015"]
+    with open(out / "step_0000015" / "adapters.safetensors", "r+b") as f:  # flip bytes inside the newest
         f.seek(5000)
         f.write(b"\xff" * 16)
-    with open(out / "step_0000020" / "state.pt", "r+b") as f:  # cut the one before short
+    with open(out / "step_0000010" / "state.pt", "r+b") as f:  # cut the one before short
         f.truncate(100)
     r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out), **ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step_0000030 is unusable: adapters.safetensors does not match its sha256 (corrupted)" in r.stderr
-    assert "step_0000020 is unusable: state.pt has 100 bytes" in r.stderr
-    assert f"resuming from {out / 'step_0000010'}" in r.stdout
-    assert (out / "step_0000030.corrupt").is_dir() and (out / "step_0000020.corrupt").is_dir()
+    assert "step_0000015 is unusable: adapters.safetensors does not match its sha256 (corrupted)" in r.stderr
+    assert "step_0000010 is unusable: state.pt has 100 bytes" in r.stderr
+    assert f"resuming from {out / 'step_0000005'}" in r.stdout
+    assert (out / "step_0000015.corrupt").is_dir() and (out / "step_0000010.corrupt").is_dir()
     assert_same_tensors(adapters_of(out), reference)
 
 
@@ -1616,11 +1692,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_sd, tiny_data
     assert tg.verify_checkpoint(out / "step_0000002") is None
 
 
-def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_data, tmp_path):
+def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_data, tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "run"
     tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=2))
+    tg.main(train_cfg(tiny_sd, tiny_data, out, max_steps=2))  # run again when done: says so
+    assert f"note: {out / 'step_0000002'} is at step 2, and --max_steps=2: nothing to train" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=rf"was trained with model='{tiny_sd}', this run has model='{tiny_sd2}'"):
         tg.main(train_cfg(tiny_sd2, tiny_data, out, max_steps=4))
     latents = tmp_path / "latents"
@@ -1638,6 +1716,14 @@ def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_dat
     wider = tg.inject_gligen(UNet2DConditionModel.from_config({**base.config, "cross_attention_dim": 48}))
     with pytest.raises(SystemExit, match=r"fuser\.linear\.weight has shape \(32, 48\), this UNet needs \(32, 32\)"):
         tg.set_adapters(unet, tg.adapter_state(wider), "wider")
+    text_image = tg.inject_gligen(copy.deepcopy(base), position_net=tg.PositionNetTextImage)
+    with pytest.raises(SystemExit, match=r"^error: ti: adapters do not fit this UNet \(text-image adapters, and this run "
+                                         r"is text-box\): 7 missing"):
+        tg.set_adapters(unet, tg.adapter_state(text_image), "ti")
+    sdxl_like = {k.replace("down_blocks.1", "down_blocks.3"): v for k, v in tg.adapter_state(unet).items()}
+    sdxl_like["mid_block.attentions.0.transformer_blocks.1.fuser.alpha_attn"] = torch.zeros(())
+    with pytest.raises(SystemExit, match=r"\(8 fusers, and this UNet has 7 transformer blocks: another model's\?\)"):
+        tg.set_adapters(unet, sdxl_like, "sdxl")
     assert_same_tensors(tg.adapter_state(unet), before)
 
 
@@ -1655,6 +1741,7 @@ def test_an_error_in_the_loop_ends_the_run(tiny_sd, tiny_data, tmp_path):
     args = fault_args(tiny_sd, tiny_data, tmp_path / "run", "--num_workers=1", "--max_steps=2")
     r = run(tmp_path / "fails.py", *args, PYTHONPATH=str(HERE), timeout=60)
     assert r.returncode == 1 and "RuntimeError: out of memory (simulated)" in r.stderr
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Extras: the grounding metric for real models (score_grounding.py), the shapes demo, the benchmark

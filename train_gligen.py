@@ -132,6 +132,16 @@ def configure(defaults, argv, doc=""):
     return cfg
 
 
+def check_out_dir(path, setting):
+    """Stop now, not after hours of work, if --setting=path cannot be (or become) a directory to write in."""
+    path = Path(path).absolute()
+    first = next(p for p in [path, *path.parents] if p.exists())
+    if not first.is_dir():
+        fail(f"--{setting}={path}: {first} is a file, not a directory")
+    if not os.access(first, os.W_OK):
+        fail(f"--{setting}={path}: {first} is not writable")
+
+
 def in_range(cfg, keys, low, high=math.inf):
     """Stop, naming the setting, unless each of the settings `keys` (space-separated) is in [low, high]."""
     for k in keys.split():
@@ -274,8 +284,13 @@ def family_of(model):
 
     if missing_local_path(model):
         fail(f"model directory not found: {model}")
+    if Path(model).is_file():
+        fail(f"{model} is a file: give the model's diffusers directory (model_index.json, unet/, vae/, ...)")
     with loading(model):
         unet = UNet2DConditionModel.load_config(model, subfolder="unet")
+    if unet.get("_class_name") not in ("UNet2DConditionModel", "UNet3DConditionModel"):
+        fail(f"{model}: not a Stable Diffusion model in diffusers' layout (its unet/config.json names "
+             f"{unet.get('_class_name')!r}, not a UNet2DConditionModel or UNet3DConditionModel)")
     if unet.get("attention_type", "default") != "default":
         fail(f"{model} is already a GLIGEN model: pass its base as --model and it as --init_from")
     if unet.get("in_channels") != unet.get("out_channels"):
@@ -302,6 +317,7 @@ def choose_seams(family, inpaint=False, text_image=False):
         text_inputs       caption ids -> the UNet's text inputs (its keyword arguments)
         noisy_input       the noised latent and the target -> the UNet's input and the target
         grounding         a batch's boxes and phrases -> the UNet's "gligen" inputs
+        step_loss         the loss of a micro-batch, made of the three above (a family with another objective: its own)
         prompt_inputs     sampling: a prompt -> the text inputs of [unconditional; conditional]
         layout_grounding  sampling: a layout -> the "gligen" inputs, the unconditional half null
         generate          sampling: a layout -> images
@@ -312,15 +328,15 @@ def choose_seams(family, inpaint=False, text_image=False):
         fail(f"{'inpainting' if inpaint else 'text-image grounding'} is for SD1.x/2.x models; this is {family}")
     seams = dict(load=load_base, position_net=PositionNet, add_adapters=inject_gligen, is_adapter=is_adapter,
                  training_data=training_data, text_inputs=caption_inputs, noisy_input=as_is,
-                 grounding=text_box_grounding, prompt_inputs=prompt_inputs, layout_grounding=layout_grounding,
-                 generate=generate, val_options=lambda data, pick: {})
+                 grounding=text_box_grounding, step_loss=micro_step_loss, prompt_inputs=prompt_inputs,
+                 layout_grounding=layout_grounding, generate=generate, val_options=lambda data, pick: {})
     replaced = set()
     for section in (FAMILIES[family], INPAINT if inpaint else {}, TEXT_IMAGE if text_image else {}):
         assert not replaced & section.keys(), f"two sections replace {replaced & section.keys()}"
         replaced |= section.keys()
         seams.update(section)
     seams["add_adapters"] = partial(seams["add_adapters"], position_net=seams["position_net"])
-    seams["loss"] = partial(micro_step_loss, text_inputs=seams["text_inputs"], noisy_input=seams["noisy_input"],
+    seams["loss"] = partial(seams["step_loss"], text_inputs=seams["text_inputs"], noisy_input=seams["noisy_input"],
                             grounding=seams["grounding"])
     seams["generate"] = partial(seams["generate"], prompt_inputs=seams["prompt_inputs"],
                                 layout_grounding=seams["layout_grounding"])
@@ -333,7 +349,8 @@ def loading(model):
     try:
         yield
     except (OSError, ValueError) as e:
-        fail(f"cannot load the model {model!r} (not a local diffusers directory, and not loadable from the Hub): {e}")
+        fail(f"cannot load the model {model!r} (not a local diffusers directory; as a Hub id it needs the network, or "
+             f"the Hugging Face cache where HF_HUB_OFFLINE=1): {e}")
 
 
 def load_model(cls, model, **kwargs):
@@ -371,7 +388,11 @@ def set_adapters(unet, sd, source, is_adapter=is_adapter):
     own = adapter_state(unet, is_adapter)
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     if missing or unexpected:
-        fail(f"{source}: adapters do not fit this UNet: {len(missing)} missing (e.g. {missing[:2]}), "
+        kind = lambda m: " and ".join(k for k, on in zip(("inpainting", "text-image"), mode_of(m)) if on) or "text-box"
+        fusers = lambda m: sum(k.endswith(".fuser.alpha_attn") for k in m)
+        why = f"{kind(sd)} adapters, and this run is {kind(own)}" if kind(sd) != kind(own) else \
+            f"{fusers(sd)} fusers, and this UNet has {fusers(own)} transformer blocks: another model's?"
+        fail(f"{source}: adapters do not fit this UNet ({why}): {len(missing)} missing (e.g. {missing[:2]}), "
              f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     for k, v in sd.items():
         if v.shape != own[k].shape:
@@ -421,7 +442,7 @@ def load_adapters(src):
     except (OSError, ValueError) as e:
         fail(f"cannot read adapters from {src!r} (no checkpoint, .safetensors or diffusers GLIGEN model there): {e}")
     widened = unet.config.in_channels != unet.config.out_channels
-    sd = {k: v for k, v in unet.state_dict().items() if is_adapter(k) or (widened and k == "conv_in.weight")}
+    sd = adapter_state(unet, is_inpaint_adapter if widened else is_adapter)
     if not sd:
         fail(f"{src}: its UNet has no GLIGEN adapters (it was not built with attention_type='gated')")
     return sd
@@ -491,8 +512,8 @@ def check_layouts(layouts, frames=None):
             if not isinstance(images, list) or not isinstance(phrases, list) or len(images) != len(phrases):
                 fail(f"{where}: images must be a list with one path (or None) per phrase, got {images!r}")
             for k, (p, im) in enumerate(zip(phrases, images)):
-                if im is not None and not Path(str(im)).is_file():
-                    fail(f"{where}: reference image not found: {im}")
+                if im is not None:
+                    check_image(im, f"{where}: reference image")
                 if p is None and im is None:
                     fail(f"{where}: box {k} has neither a phrase nor an image")
             phrases = [p if p is not None else "(image)" for p in phrases]  # an image-only box passes as text
@@ -503,6 +524,17 @@ def check_layouts(layouts, frames=None):
             fail(f"{where}: {len(boxes)} lists of boxes for --frames={frames} (one list per frame, for video models)")
         for f, frame_boxes in enumerate(boxes if per_frame else [boxes]):
             check_layout(phrases, frame_boxes, where + (f" frame {f}" if per_frame else ""))
+
+
+def check_image(path, what):
+    """Stop unless path is an image PIL can read (decoded whole: a file cut short fails here)."""
+    if not Path(str(path)).is_file():
+        fail(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        fail(f"{what} {path} is not a readable image ({e})")
 
 
 def is_moving(boxes):
@@ -543,9 +575,12 @@ def read_jsonl(path):
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield i, json.loads(line)
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     fail(f"{path}:{i}: not valid JSON ({e})")
+                if not isinstance(rec, dict):
+                    fail(f"{path}:{i}: a record is a JSON object {{...}}, this line is a {type(rec).__name__}")
+                yield i, rec
 
 
 class GroundedLatents(torch.utils.data.Dataset):
@@ -561,7 +596,10 @@ class GroundedLatents(torch.utils.data.Dataset):
                           (Path(boxes_path), "prep_boxes")):
             if not f.is_file():
                 fail(f"data file not found: {f} (write it with {script}.py)")
-        meta = json.loads((self.dir / "meta.json").read_text())
+        meta = self.meta = json.loads((self.dir / "meta.json").read_text())
+        if "latent_shape" not in meta:
+            fail(f"{self.dir} holds no latents (its meta.json is not prep_latents.py's for latents: box image "
+                 f"features? Those go in --image_features)")
         self.resolution, self.has_flipped = meta["resolution"], "flipped" in meta["views"]
         self.row_shape = (len(meta["views"]), len(meta["stats"]), *meta["latent_shape"])
         layouts = {}
@@ -569,7 +607,12 @@ class GroundedLatents(torch.utils.data.Dataset):
             where = f"{boxes_path}:{line} (image {rec.get('image')!r})"
             if not all(k in rec for k in ("image", "width", "height", "phrases", "boxes")):
                 fail(f"{where}: a record needs image, width, height, phrases and boxes")
+            size = (rec["width"], rec["height"])
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 and v % 1 == 0 for v in size):
+                fail(f"{where}: width and height must be positive whole numbers, got {size[0]!r} and {size[1]!r}")
             check_layout(rec["phrases"], rec["boxes"], where, max_boxes=None)  # the largest max_boxes are kept
+            if rec["image"] in layouts:
+                fail(f"{where}: a second record for this image (the first: {layouts[rec['image']][0]})")
             layouts[rec["image"]] = (where, rec)
         self.items, self.rows, missing = [], {}, []  # rows: shard -> (rows the index needs, the shape of one)
         for line, rec in read_jsonl(self.dir / "index.jsonl"):
@@ -583,8 +626,11 @@ class GroundedLatents(torch.utils.data.Dataset):
                      f"of different images")
             self.items.append(self.item(rec, lay))
         if missing:
+            named = {Path(k).name for k in layouts}
+            hint = " (the boxes file names them by file name alone: was --images of prep_latents.py the folder " \
+                   "above the images'?)" if all(Path(k).name in named for k in missing[:100]) else ""
             fail(f"{boxes_path} has no record for {len(missing)} of the images in {self.dir / 'index.jsonl'} "
-                 f"(e.g. {missing[:3]}): were they made from the same images?")
+                 f"(e.g. {missing[:3]}): were they made from the same images?{hint}")
         self.check_shards()
         self.config = dict(resolution=self.resolution, images=len(self.items))  # joins the run's config
         self.arrays = {}
@@ -645,8 +691,19 @@ class GroundedLatents(torch.utils.data.Dataset):
 
 
 def training_data(cfg, Latents=GroundedLatents):
-    """The training set the settings name: prep_latents.py's latents joined with prep_boxes.py's boxes."""
-    return Latents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
+    """The training set the settings name: prep_latents.py's latents joined with prep_boxes.py's boxes; the latents
+    must be of this model's VAE (its scaling factor and channels: SD1.x's and SD2.x's VAEs are the same)."""
+    from diffusers import AutoencoderKL
+
+    data = Latents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
+    with loading(cfg["model"]):
+        vae = AutoencoderKL.load_config(cfg["model"], subfolder="vae")
+    made = (data.meta.get("scaling_factor"), data.meta["latent_shape"][0])  # (scaling factor, channels)
+    ours = (vae.get("scaling_factor", 0.18215), vae.get("latent_channels", 4))
+    if made != ours:
+        fail(f"{cfg['latents']} holds latents of {data.meta.get('model')!r}'s VAE (scaling factor, channels: {made}), "
+             f"and {cfg['model']}'s VAE makes {ours}: encode the images with prep_latents.py --model={cfg['model']}")
+    return data
 
 
 def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step, flip=False):
@@ -959,6 +1016,7 @@ def check_settings(cfg):
         fail(f"--init_from={cfg['init_from']}: adapters not found")
     if cfg["compile"] and cfg["compile"] not in torch._dynamo.list_backends(exclude_tags=()):
         fail(f"--compile={cfg['compile']}: not a torch.compile backend (e.g. inductor, aot_eager)")
+    check_out_dir(cfg["out_dir"], "out_dir")
 
 
 def setup_distributed(cuda):
@@ -978,9 +1036,11 @@ def validation_layouts(cfg):
     """The validation grid's layouts: --val_layouts' (checked), or VAL_LAYOUTS."""
     if not cfg["val_layouts"]:
         return VAL_LAYOUTS
-    layouts = [r for _, r in read_jsonl(cfg["val_layouts"])]
-    check_layouts([(f"{cfg['val_layouts']}[{i}]", l) for i, l in enumerate(layouts)])
-    return layouts
+    layouts = [(f"{cfg['val_layouts']}:{line}", l) for line, l in read_jsonl(cfg["val_layouts"])]
+    if not layouts:
+        fail(f"--val_layouts={cfg['val_layouts']}: no layouts in it (one JSON object a line: prompt, phrases, boxes)")
+    check_layouts(layouts)
+    return [l for _, l in layouts]
 
 
 def restore(cfg, unet, resume, is_adapter=is_adapter):
@@ -1010,6 +1070,8 @@ def setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, l
 
     vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
     ddim = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
+    if cfg["val_steps"] > ddim.config.num_train_timesteps:
+        fail(f"--val_steps={cfg['val_steps']}: at most {ddim.config.num_train_timesteps}, the scheduler's timesteps")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["val_images"]].tolist()
     chunks = (pick[j:j + cfg["micro_batch"]] for j in range(0, len(pick), cfg["micro_batch"]))
     return SimpleNamespace(
@@ -1141,6 +1203,9 @@ def print_header(cfg, out, step, resume, n_params):
     print(f"{cfg['images']} images; {cfg['world_size']} processes x {cfg['grad_accum']} micro-steps x "
           f"{cfg['micro_batch']} = {cfg['global_batch']} per step; {n_params / 1e6:.2f}M trainable parameters; "
           + (f"resuming from {resume}" if resume else f"adapters from {cfg['init_from'] or 'a fresh init'}"))
+    if step >= cfg["max_steps"]:
+        print(f"note: {resume} is at step {step}, and --max_steps={cfg['max_steps']}: nothing to train (raise "
+              f"--max_steps to train on)")
     if (out / "log.jsonl").exists():  # steps logged after the checkpoint resumed from run again: drop them
         kept = [json.dumps(r) + "\n" for _, r in read_jsonl(out / "log.jsonl") if r["step"] <= step]
         (out / "log.jsonl").write_text("".join(kept))
@@ -1560,6 +1625,19 @@ def load_image_project(src, required=True):
     return None
 
 
+def load_clip_tower(cls, src, **kwargs):
+    """One tower of a CLIP model (CLIPVisionModelWithProjection, CLIPTextModelWithProjection), quietly: from a whole
+    CLIP checkpoint, transformers would list each tensor of the other tower, which is not needed, as unexpected."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(src, **kwargs)
+    finally:
+        logging.set_verbosity(level)
+
+
 class ImageFeatureLatents(GroundedLatents):
     """Text-image training items also hold their kept boxes' image features (k, D), the same when mirrored (as GLIGEN's
     precomputed ones), from prep_latents.py --image_encoder's output in image_features."""
@@ -1569,8 +1647,11 @@ class ImageFeatureLatents(GroundedLatents):
         if not (self.features / "index.jsonl").is_file():
             fail(f"data file not found: {self.features / 'index.jsonl'} (write it with prep_latents.py "
                  f"--image_encoder)")
-        self.feature_index = {r["key"]: (line, r) for line, r in read_jsonl(self.features / "index.jsonl")}
         self.image_meta = json.loads((self.features / "meta.json").read_text())
+        if "dim" not in self.image_meta:
+            fail(f"{self.features} holds no box image features (its meta.json is not prep_latents.py "
+                 f"--image_encoder's: latents? Those go in --latents)")
+        self.feature_index = {r["key"]: (line, r) for line, r in read_jsonl(self.features / "index.jsonl")}
         super().__init__(latents_dir, boxes_path, max_boxes, min_box_area)
         self.config["image_encoder"] = self.image_meta["image_encoder"]
         self.files = [self.features / "image_project.safetensors"]  # kept with the adapters, for sampling and export
@@ -1609,8 +1690,7 @@ def text_image_training_data(cfg):
     image_project as a text-image --init_from's."""
     from diffusers import UNet2DConditionModel
 
-    data = ImageFeatureLatents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"],
-                               cfg["image_features"])
+    data = training_data(cfg, partial(ImageFeatureLatents, image_features=cfg["image_features"]))
     with loading(cfg["model"]):
         D = UNet2DConditionModel.load_config(cfg["model"], subfolder="unet")["cross_attention_dim"]
     if data.image_meta["dim"] != D:
@@ -1623,15 +1703,21 @@ def text_image_training_data(cfg):
     return data
 
 
+def text_image_inputs(boxes, masks, has_phrase, has_image, phrase_feats, image_feats):
+    """The text-image position net's inputs, under diffusers' names: a box's phrase (image) counts where its slot is
+    filled and it has one. boxes (B, 30, 4), masks and has_* (B, 30) or (30,), features (B, 30, D)."""
+    return {"boxes": boxes, "masks": masks, "phrases_masks": masks * has_phrase, "image_masks": masks * has_image,
+            "phrases_embeddings": phrase_feats, "image_embeddings": image_feats}
+
+
 def text_image_grounding(text_encoder, batch, masks, g):
     """Text-image training: the phrases' features and the boxes' image features; half the boxes lose one of the two
     (never both), drawn from g."""
     drop = torch.rand(masks.shape, generator=g, device=masks.device) < 0.5
     image_side = torch.rand(masks.shape, generator=g, device=masks.device) < 0.5
     feats = text_encoder(batch["phrase_ids"], attention_mask=batch["phrase_mask"]).pooler_output  # (U, D)
-    return {"boxes": batch["boxes"], "masks": masks, "phrases_masks": masks * ~(drop & ~image_side),
-            "image_masks": masks * ~(drop & image_side), "phrases_embeddings": feats[batch["slot_phrase"]],
-            "image_embeddings": batch["image_feats"]}
+    return text_image_inputs(batch["boxes"], masks, ~(drop & ~image_side), ~(drop & image_side),
+                             feats[batch["slot_phrase"]], batch["image_feats"])
 
 
 def text_image_layout_grounding(text_encoder, tokenizer, layout, rows):
@@ -1649,10 +1735,8 @@ def text_image_layout_grounding(text_encoder, tokenizer, layout, rows):
             feats[0, k], has[0, k] = text_encoder(ids, attention_mask=mask).pooler_output[0], 1
         if im is not None:
             feats[1, k], has[1, k] = im, 1
-    m = masks.to(p.device, p.dtype)
-    return {"boxes": boxes.to(p.device), "masks": m, "phrases_masks": m * has[0], "image_masks": m * has[1],
-            "phrases_embeddings": feats[0].expand(len(rows), -1, -1),
-            "image_embeddings": feats[1].expand(len(rows), -1, -1)}
+    return text_image_inputs(boxes.to(p.device), masks.to(p.device, p.dtype), has[0], has[1],
+                             feats[0].expand(len(rows), -1, -1), feats[1].expand(len(rows), -1, -1))
 
 
 TEXT_IMAGE = dict(position_net=PositionNetTextImage,
