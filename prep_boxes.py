@@ -90,8 +90,8 @@ def main(cfg):
             fail(f"{where}: no {key!r} list: not a COCO instances file")
     images = {}
     for im in coco["images"]:
-        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
-            fail(f"{where}: image {im!r} has no integer id and file_name")
+        if not (isinstance(im, dict) and isinstance(im.get("id"), (int, str)) and isinstance(im.get("file_name"), str)):
+            fail(f"{where}: image {str(im)[:200]} has no id and file_name")
         if not all(isinstance(im.get(k), int) and im[k] > 0 for k in ("width", "height")):
             fail(f"{where}: image id {im.get('id')} ({im.get('file_name')}) has no positive integer width and height")
         images[im["id"]] = im
@@ -100,11 +100,8 @@ def main(cfg):
             fail(f"{where}: category {c!r} has no id and name")
     names = {c["id"]: c["name"] for c in coco["categories"]}
     for ann in coco["annotations"]:
-        if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
-            fail(f"{where}: annotation {str(ann)[:200]} has no integer id")
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-            fail(f"{where}: annotation id {ann['id']} has no bbox of four numbers [x, y, width, height]: {bbox!r}")
+        if not isinstance(ann, dict) or not isinstance(ann.get("id"), (int, str)):
+            fail(f"{where}: annotation {str(ann)[:200]} has no id")
     counts, objects = Counter(), defaultdict(list)
     for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
         if ann.get("image_id") not in images:
@@ -117,7 +114,10 @@ def main(cfg):
         if ann.get("iscrowd", 0) and not cfg["crowd"]:
             counts["crowd annotations left out"] += 1
             continue
-        x, y, w, h = ann["bbox"]
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            fail(f"{where}: annotation id {ann['id']} has no bbox of four numbers [x, y, width, height]: {bbox!r}")
+        x, y, w, h = bbox
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             counts["boxes clipped to the image"] += 1
@@ -133,9 +133,11 @@ def main(cfg):
         if not isinstance(anns, list):
             fail(f"{cfg['captions']}: no 'annotations' list: not a COCO captions file")
         for ann in anns:
-            if not (isinstance(ann, dict) and isinstance(ann.get("id"), int) and isinstance(ann.get("caption"), str)):
-                fail(f"{cfg['captions']}: annotation {str(ann)[:200]} has no integer id and caption string"
-                     + (" (this is an instances file: give --captions a COCO captions file)" if "bbox" in ann else ""))
+            ok = isinstance(ann, dict) and isinstance(ann.get("id"), (int, str)) and isinstance(ann.get("caption"), str)
+            if not ok:
+                instances = isinstance(ann, dict) and "bbox" in ann
+                fail(f"{cfg['captions']}: annotation {str(ann)[:200]} has no id and caption string"
+                     + (" (this is an instances file: give --captions a COCO captions file)" if instances else ""))
         for ann in sorted(anns, key=lambda a: a["id"]):
             captions.setdefault(ann.get("image_id"), ann["caption"].strip())
 

@@ -383,8 +383,8 @@ def start(out, settings):
     done = [f for f in out.glob("*.json") if f.name not in ("job.json", "meta.json")]  # finished shards
     if job.is_file() and done:
         old = json.loads(job.read_text())
-        for k in settings:
-            if old.get(k) != settings[k]:
+        for k in settings.keys() & old.keys():  # (a setting newer than the job's shards: not held to it)
+            if old[k] != settings[k]:
                 fail(f"{out} holds shards made with {k}={old.get(k)!r}, this job has {k}={settings[k]!r}: "
                      f"run with the same setting, or choose another --out")
     elif rank == 0:  # a job that stopped before its first shard starts over with these settings
@@ -529,10 +529,12 @@ def main(cfg):
         scaling = AutoencoderKL.load_config(cfg["model"], subfolder="vae").get("scaling_factor", 0.18215)
     except (OSError, ValueError) as e:
         fail(f"cannot load the VAE of {cfg['model']!r}: {e}")
-    settings = {k: cfg[k] for k in ("model", "resolution", "std", "flip", "images", "tars", "shard_size")}
-    settings["captions_sha256"] = sha256(cfg["captions"]) if Path(cfg["captions"]).is_file() else None  # new: refused
-    settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)  # a changed folder
-    rank, world, device = start(out, dict(settings, scaling_factor=scaling))  # would shift the shards: refused
+    # what the shards depend on: another value on a job with shards is refused (a changed folder would shift them)
+    keys = ("model", "resolution", "std", "flip", "max_upscale", "images", "tars", "shard_size")
+    settings = {k: cfg[k] for k in keys}
+    settings["captions_sha256"] = sha256(cfg["captions"]) if Path(cfg["captions"]).is_file() else None
+    settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)
+    rank, world, device = start(out, dict(settings, scaling_factor=scaling))
     captions = load_captions(cfg["captions"]) if cfg["captions"] else None
     dtype = torch.bfloat16 if cfg["dtype"] == "auto" and device.type == "cuda" else torch.float32
     todo = pending(shards, rank, world, lambda n: out / f"{n}.json", "encode")

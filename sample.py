@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from train_gligen import (adapters_file, check_image, check_layouts, check_out_dir, choose_seams, configure,
                           draw_layout, fail, family_of, in_range, is_moving, load_adapters, load_clip_tower,
-                          load_image_project, load_model, mode_of, project_image_embeds, read_jsonl, set_adapters)
+                          load_image_project, load_model, mode_of, native_size, project_image_embeds, read_jsonl,
+                          set_adapters, vae_scale)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -159,7 +160,7 @@ def read_layouts(cfg):
     else:
         layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"])
         layouts = [("--prompt/--phrases/--boxes", {**layout, **({"images": cfg["images"]} if cfg["images"] else {})})]
-    check_layouts(layouts, cfg["frames"])  # boxes may be one list per frame: for a video model, checked later
+    check_layouts(layouts, cfg["frames"], images=True)  # boxes per frame: whether the model makes video, checked later
     return [l for _, l in layouts]
 
 
@@ -169,6 +170,7 @@ def main(cfg):
 
     check_settings(cfg)
     layouts = read_layouts(cfg)
+    family = family_of(cfg["model"])  # from its config: a wrong --model fails at once
     adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else {}  # a bad path fails before the model loads
     inpaint, text_image = mode_of(adapters)  # the mode: what the adapters were trained for
     if any(l.get("images") for l in layouts) and not text_image:
@@ -178,11 +180,11 @@ def main(cfg):
              "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")
     if inpaint:
         check_image(cfg["inpaint_image"], "--inpaint_image")
-    seams = choose_seams(family_of(cfg["model"]), inpaint, text_image)
-    video = seams.family == "video"
+    seams = choose_seams(family, inpaint, text_image)
+    video = family == "video"
     if not video and any(is_moving(l["boxes"]) for l in layouts):
         fail(f"one list of boxes per frame is for video models; {cfg['model']} makes images")
-    if cfg["export"] and seams.family != "sd":
+    if cfg["export"] and family != "sd":
         fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
     scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
     if cfg["steps"] > scheduler.config.num_train_timesteps:
@@ -191,13 +193,13 @@ def main(cfg):
     dtype = DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else torch.float16 if device == "cuda" else torch.float32
     unet, text_encoder, tokenizer, _ = seams.load(cfg["model"], device, dtype)
     # SDXL's VAE overflows in fp16: it decodes in fp32 there
-    vae_dtype = torch.float32 if seams.family == "sdxl" and dtype == torch.float16 else dtype
+    vae_dtype = torch.float32 if family == "sdxl" and dtype == torch.float16 else dtype
     vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_scale(vae)
     for k in ("height", "width"):
         if cfg[k] % scale:
             fail(f"--{k}={cfg[k]}: must be a multiple of {scale}, the VAE's downsampling factor")
-    image_tower = load_image_tower(cfg, device, dtype) if seams.text_image else None
+    image_tower = load_image_tower(cfg, device, dtype) if text_image else None
     if adapters:
         seams.add_adapters(unet)
         set_adapters(unet, adapters, cfg["adapters"], seams.is_adapter)
@@ -212,7 +214,7 @@ def main(cfg):
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    height, width = cfg["height"] or unet.config.sample_size * scale, cfg["width"] or unet.config.sample_size * scale
+    height, width = cfg["height"] or native_size(unet, vae), cfg["width"] or native_size(unet, vae)
     extra = {"frames": cfg["frames"]} if video else {}  # the video sampler's clip length; the inpainting one's photo
     extra |= {"inpaint_latent": photo_latent(cfg["inpaint_image"], vae, height, width)} if inpaint else {}
     draw = partial(seams.generate, unet, vae, text_encoder, tokenizer, scheduler, n=cfg["n"], steps=cfg["steps"],

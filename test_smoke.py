@@ -652,6 +652,10 @@ def test_phrases_padded_to_longest_equal_each_alone(tiny_sd):
                 alone = te(tg.Tokenizer(tok).captions([p])).pooler_output[0]  # padded to 77
                 torch.testing.assert_close(feats[i, k], alone, atol=1e-5, rtol=1e-5)
     assert masks.sum(1).tolist() == [2, 1] and boxes[1, 0].tolist() == [0, 0, 0.5, 0.5]
+    full = tg.Tokenizer(tok)  # past its bound the cache starts over, phrases it knew included
+    full.phrases(["a dog"])
+    full.known.update({f"phrase {i}": [0] for i in range(200_001)})
+    assert torch.equal(full.phrases(["a dog", "a cat"])[0], tg.Tokenizer(tok).phrases(["a dog", "a cat"])[0])
 
 
 def test_sdxl_text_features(tiny_sdxl):
@@ -780,6 +784,9 @@ def test_prep_latents_killed_and_restarted_equals_uninterrupted(tiny_sd, tiny_da
     other.write_text(tiny_data["boxes"].read_text().replace("a picture of", "a photo of"))
     with pytest.raises(SystemExit, match="holds shards made with captions_sha256="):
         pl.main(pl.configure(pl.config, [f"--captions={other}" if a.startswith("--captions") else a for a in args]))
+    job = json.loads((out / "job.json").read_text())  # as a job started before a setting existed: not held to it
+    (out / "job.json").write_text(json.dumps({k: v for k, v in job.items() if k != "captions_sha256"}))
+    pl.main(pl.configure(pl.config, args))
     (tmp_path / "bad.json").write_text("{")  # a job that stopped before its first shard: another setting is no conflict
     for flip in ("True", "False"):
         with pytest.raises(SystemExit, match="bad.json: not valid JSON"):
@@ -944,7 +951,7 @@ def test_sdxl_items_carry_their_own_size_conditioning(tiny_sdxl, tiny_sdxl_data)
     seen = []
     unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
     with torch.no_grad():
-        seams.loss(unet, data.collate(tok, items), torch.Generator().manual_seed(0), te, scheduler.alphas_cumprod,
+        seams.step_loss(unet, data.collate(tok, items), torch.Generator().manual_seed(0), te, scheduler.alphas_cumprod,
                    tok.captions([""]), dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon"))
     want = [data.time_ids(r, 16) for _, r in tg.read_jsonl(tiny_sdxl_data["latents"] / "index.jsonl")][:6]
     want = [(*ids[:3], left, *ids[4:]) if i % 2 else ids for i, (ids, left) in enumerate(want)]
@@ -1003,7 +1010,8 @@ def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path
     assert losses(tmp_path / "with") != losses(tmp_path / "without")
 
 
-def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_sdxl_data, tmp_path, monkeypatch):
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_sdxl_data, tiny_data, tmp_path,
+                                                               monkeypatch, request):
     """With grad_checkpointing each fuser runs twice per micro-batch (forward, then again in backward), and the
     adapters end bit-equal to a run without it."""
     calls = []
@@ -1018,6 +1026,8 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_s
     # 8 fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
     assert runs[True][0] == 2 * runs[False][0] == 2 * 8 * (1 + 2 * 2)
     assert_same_tensors(runs[True][1], runs[False][1])
+    with pytest.raises(SystemExit, match="--grad_checkpointing=True: diffusers' UNet3DConditionModel does not support it"):
+        tg.main(train_cfg(request.getfixturevalue("tiny_video"), tiny_data, tmp_path / "video", grad_checkpointing=True))
 
 
 def test_compile_setting_compiles_the_training_step_and_trains_the_same(tiny_sd, tiny_data, tmp_path):
@@ -1478,6 +1488,8 @@ LAYOUT_LINE = json.dumps(dict(prompt="many things", **THIRTY_ONE))
     ("train_gligen", dict(val_layouts="@" + LAYOUT_LINE), "val_layouts:1: 31 phrases and boxes; a layout has at most 30"),
     ("train_gligen", dict(val_layouts="@\n"), "no layouts in it"),
     ("train_gligen", dict(val_layouts='@["a dog", [0, 0, 1, 1]]'), "val_layouts:1: a record is a JSON object {...}, this line is a list"),
+    ("train_gligen", dict(val_layouts='@{"prompt": "a", "phrases": [null], "boxes": [[0, 0, 1, 1]], "images": ["a.png"]}'),
+     "val_layouts:1: phrase None is not a non-empty string"),  # reference images are for sample.py
     ("train_gligen", dict(model="@{}"), "is a file: give the model's diffusers directory"),
     ("sample", dict(phrases=["a dog"], boxes=[[0.5, 0.5, 0.4, 0.9]]),
      "--prompt/--phrases/--boxes: box [0.5, 0.5, 0.4, 0.9] for 'a dog' has x1 < x0"),
@@ -1727,20 +1739,22 @@ def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_dat
     assert_same_tensors(tg.adapter_state(unet), before)
 
 
-def test_an_error_in_the_loop_ends_the_run(tiny_sd, tiny_data, tmp_path):
-    """An exception in a training step (a CUDA out-of-memory, say) with loader workers running ends the process with
-    the traceback: the workers ignore SIGTERM (it is for the main process, which saves), so the interpreter's exit
-    could not stop them and the process hung until killed."""
+@pytest.mark.parametrize("where", ["step", "worker"])
+def test_an_error_in_the_loop_ends_the_run(where, tiny_sd, tiny_data, tmp_path):
+    """An exception in a training step (a CUDA out-of-memory, say) or in a loader worker ends the process with the
+    traceback: the workers ignore SIGTERM (it is for the main process, which saves), so the interpreter's exit could
+    not stop them and the process hung until killed."""
+    broken = dict(step="tg.optimizer_step = fails", worker="tg.GroundedLatents.collate = fails")[where]
     (tmp_path / "fails.py").write_text(
         "import sys\n"
         "import train_gligen as tg\n"
-        "def step(*args):\n"
+        "def fails(*args):\n"
         "    raise RuntimeError('out of memory (simulated)')\n"
-        "tg.optimizer_step = step\n"
-        "tg.main(tg.configure(tg.config, sys.argv[1:]))\n")
+        f"{broken}\n"
+        "tg.cli()\n")
     args = fault_args(tiny_sd, tiny_data, tmp_path / "run", "--num_workers=1", "--max_steps=2")
     r = run(tmp_path / "fails.py", *args, PYTHONPATH=str(HERE), timeout=60)
-    assert r.returncode == 1 and "RuntimeError: out of memory (simulated)" in r.stderr
+    assert r.returncode == 1 and "RuntimeError: out of memory (simulated)" in r.stderr, r.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
 import resource
@@ -292,8 +293,9 @@ def family_of(model):
         fail(f"{model}: not a Stable Diffusion model in diffusers' layout (its unet/config.json names "
              f"{unet.get('_class_name')!r}, not a UNet2DConditionModel or UNet3DConditionModel)")
     if unet.get("attention_type", "default") != "default":
-        fail(f"{model} is already a GLIGEN model: pass its base as --model and it as --init_from")
-    if unet.get("in_channels") != unet.get("out_channels"):
+        fail(f"{model} is already a GLIGEN model: pass its base as --model, and it as --init_from (train_gligen.py) "
+             f"or --adapters (sample.py)")
+    if unet.get("in_channels", 4) != unet.get("out_channels", 4):
         fail(f"{model}: its UNet takes {unet['in_channels']} input channels (an inpainting or depth model?); "
              f"GLIGEN trains on a text-to-image base (for inpainting: that base with --inpaint=True)")
     if unet["_class_name"] == "UNet3DConditionModel":
@@ -322,8 +324,8 @@ def choose_seams(family, inpaint=False, text_image=False):
         layout_grounding  sampling: a layout -> the "gligen" inputs, the unconditional half null
         generate          sampling: a layout -> images
         val_options       the validation grid's extra inputs to generate
-    Returned with add_adapters, loss and generate bound to the seams they use. Two sections never replace the same
-    seam, so a family and modes combine (inpainting with text-image, say)."""
+    Returned with add_adapters, step_loss and generate bound to the seams they use. Sections that combine (a family
+    and modes, inpainting with text-image) never replace the same seam; the others are refused here."""
     if (inpaint or text_image) and family != "sd":
         fail(f"{'inpainting' if inpaint else 'text-image grounding'} is for SD1.x/2.x models; this is {family}")
     seams = dict(load=load_base, position_net=PositionNet, add_adapters=inject_gligen, is_adapter=is_adapter,
@@ -336,8 +338,8 @@ def choose_seams(family, inpaint=False, text_image=False):
         replaced |= section.keys()
         seams.update(section)
     seams["add_adapters"] = partial(seams["add_adapters"], position_net=seams["position_net"])
-    seams["loss"] = partial(seams["step_loss"], text_inputs=seams["text_inputs"], noisy_input=seams["noisy_input"],
-                            grounding=seams["grounding"])
+    seams["step_loss"] = partial(seams["step_loss"], text_inputs=seams["text_inputs"],
+                                 noisy_input=seams["noisy_input"], grounding=seams["grounding"])
     seams["generate"] = partial(seams["generate"], prompt_inputs=seams["prompt_inputs"],
                                 layout_grounding=seams["layout_grounding"])
     return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image, **seams)
@@ -441,8 +443,8 @@ def load_adapters(src):
         unet = load_model(UNet2DConditionModel, src, subfolder="unet")
     except (OSError, ValueError) as e:
         fail(f"cannot read adapters from {src!r} (no checkpoint, .safetensors or diffusers GLIGEN model there): {e}")
-    widened = unet.config.in_channels != unet.config.out_channels
-    sd = adapter_state(unet, is_inpaint_adapter if widened else is_adapter)
+    widened = unet.config.in_channels != unet.config.out_channels  # an inpainting model's conv_in trained too
+    sd = adapter_state(unet, lambda k: is_adapter(k) or (widened and k == "conv_in.weight"))
     if not sd:
         fail(f"{src}: its UNet has no GLIGEN adapters (it was not built with attention_type='gated')")
     return sd
@@ -465,10 +467,10 @@ class Tokenizer:
 
     def phrases(self, phrases):
         """Token ids (U, L) and attention mask of phrases, padded to the longest L."""
+        if len(self.known) > 200_000:  # a bound on memory, over a long run's many phrases
+            self.known.clear()
         new = [p for p in phrases if p not in self.known]
         if new:
-            if len(self.known) > 200_000:
-                self.known.clear()
             ids = self.tokenizer(new, max_length=self.tokenizer.model_max_length, truncation=True)["input_ids"]
             self.known.update(zip(new, ids))
         n = max(len(self.known[p]) for p in phrases)
@@ -499,15 +501,15 @@ def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
             fail(f"{where}: box {b!r} for {p!r} has x1 < x0 or y1 < y0 (boxes are x0, y0, x1, y1)")
 
 
-def check_layouts(layouts, frames=None):
+def check_layouts(layouts, frames=None, images=False):
     """Fail, naming the layout, unless each (where, layout) has a prompt string, and phrases and boxes that
-    check_layout accepts. A layout may also hold images: one reference image path or None per box (text-image
-    adapters; a box then needs a phrase or an image); and, where frames is a number (video), one list of boxes per
-    frame."""
+    check_layout accepts. Where images (sample.py), a layout may also hold images: one reference image path or None
+    per box (text-image adapters; a box then needs a phrase or an image); where frames is a number (video), one list
+    of boxes per frame."""
     for where, l in layouts:
         if not isinstance(l, dict) or not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string, got {l!r}")
-        phrases, boxes, images = l.get("phrases"), l.get("boxes"), l.get("images")
+        phrases, boxes, images = l.get("phrases"), l.get("boxes"), l.get("images") if images else None
         if images:
             if not isinstance(images, list) or not isinstance(phrases, list) or len(images) != len(phrases):
                 fail(f"{where}: images must be a list with one path (or None) per phrase, got {images!r}")
@@ -752,7 +754,7 @@ def as_is(xt, target, x0, batch):
 
 def text_box_grounding(text_encoder, batch, masks, g):
     """The UNet's "gligen" inputs: each distinct phrase encoded alone (pooler_output), placed in its slots; masks
-    (B, 30) says which slots are filled. (g, the micro-batch's random stream, is for modes that draw here.)"""
+    (B, 30) says which slots are filled. g: the micro-batch's random stream (unused here)."""
     feats = text_encoder(batch["phrase_ids"], attention_mask=batch["phrase_mask"]).pooler_output  # (U, D)
     return {"boxes": batch["boxes"], "masks": masks, "positive_embeddings": feats[batch["slot_phrase"]]}  # (B, 30, D)
 
@@ -772,7 +774,8 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
         x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
     x, target = noisy_input(*forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"]), x0, batch)
     with torch.no_grad(), autocast:
-        ids = torch.where(keep_caption.view(-1, *[1] * (empty_ids.dim() - 1)), batch["caption_ids"], empty_ids)
+        keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))  # (b, 1): per sample, whatever the ids' shape
+        ids = torch.where(keep, batch["caption_ids"], empty_ids)
         text = text_inputs(text_encoder, ids, batch)  # {"encoder_hidden_states": (b, 77, D)}
         masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
         gligen = grounding(text_encoder, batch, masks, g)
@@ -827,14 +830,15 @@ def prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
     return {"encoder_hidden_states": text_encoder(ids).last_hidden_state.repeat_interleave(n, dim=0)}
 
 
-def layout_grounding(text_encoder, tokenizer, layout, rows):
-    """The UNet's "gligen" inputs for rows [(phrases, boxes)] of a layout, the first half unconditional: null."""
-    p = next(text_encoder.parameters())
+def layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
+    """The UNet's "gligen" inputs for rows [(phrases, boxes)] of a layout, the first half unconditional: null. dtype:
+    the text features' (under autocast, not the encoder's)."""
+    device = next(text_encoder.parameters()).device
     ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, rows)
     masks[:len(rows) // 2] = 0
-    batch = dict(phrase_ids=ids.to(p.device), phrase_mask=mask.to(p.device), slot_phrase=slot_phrase.to(p.device),
-                 boxes=boxes.to(p.device))
-    return text_box_grounding(text_encoder, batch, masks.to(p.device, p.dtype), None)
+    batch = dict(phrase_ids=ids.to(device), phrase_mask=mask.to(device), slot_phrase=slot_phrase.to(device),
+                 boxes=boxes.to(device))
+    return text_box_grounding(text_encoder, batch, masks.to(device, dtype), None)
 
 
 def both_halves(scheduler, latents, t, g):
@@ -850,10 +854,11 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, n=1, s
     them: classifier-free guidance where the unconditional half gets null grounding, and the fusers on for the first
     beta * steps steps. progress: a tqdm bar over the denoising steps. model_input: see denoise."""
     scale = vae_scale(vae)
-    height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
+    height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     text = prompt_inputs(text_encoder, tokenizer, layout["prompt"], n, height, width)  # [unconditional; conditional]
     rows = [(layout["phrases"], layout["boxes"])] * (2 * n)
-    gligen = {"gligen": layout_grounding(text_encoder, tokenizer, layout, rows)} if layout["phrases"] else None
+    dtype = text["encoder_hidden_states"].dtype
+    gligen = {"gligen": layout_grounding(text_encoder, tokenizer, layout, rows, dtype)} if layout["phrases"] else None
     g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same image on any device
     latents = torch.randn((n, unet.config.out_channels, height // scale, width // scale), generator=g)
     latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, g, steps, guidance, beta, progress,
@@ -881,6 +886,11 @@ def denoise(unet, scheduler, latents, text, gligen, g, steps, guidance, beta, pr
 def vae_scale(vae):
     """Pixels per latent on a side: 8 for SD's VAE."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def native_size(unet, vae):
+    """The image side the model was made for, in pixels (512 for SD1.5)."""
+    return unet.config.sample_size * vae_scale(vae)
 
 
 def decode(vae, latents):
@@ -1049,7 +1059,7 @@ def restore(cfg, unet, resume, is_adapter=is_adapter):
     if resume:
         state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
         for key in ("model", "resolution", "global_batch", "images", "inpaint"):  # what a checkpoint cannot carry over
-            if state["config"].get(key, False) != cfg[key]:  # (a setting newer than the checkpoint: its default)
+            if state["config"].get(key, False) != cfg[key]:  # a setting newer than the checkpoint: False, inpaint's
                 fail(f"{resume} was trained with {key}={state['config'].get(key, False)!r}, this run has "
                      f"{key}={cfg[key]!r}. Run with the same {key}, or start a new out_dir with --init_from={resume}")
         set_adapters(unet, read_safetensors(resume / "adapters.safetensors"), resume, is_adapter)  # checks all first
@@ -1070,8 +1080,6 @@ def setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, l
 
     vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
     ddim = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
-    if cfg["val_steps"] > ddim.config.num_train_timesteps:
-        fail(f"--val_steps={cfg['val_steps']}: at most {ddim.config.num_train_timesteps}, the scheduler's timesteps")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["val_images"]].tolist()
     chunks = (pick[j:j + cfg["micro_batch"]] for j in range(0, len(pick), cfg["micro_batch"]))
     return SimpleNamespace(
@@ -1249,9 +1257,14 @@ def main(cfg):
            "prediction_type": noise_scheduler.config.prediction_type}
     if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
         fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
+    if cfg["val_every"] and cfg["val_steps"] > noise_scheduler.config.num_train_timesteps:
+        fail(f"--val_steps={cfg['val_steps']}: at most {noise_scheduler.config.num_train_timesteps}, the scheduler's "
+             f"timesteps")
     step, opt_state = restore(cfg, unet, resume[0], seams.is_adapter)
     params = [p.requires_grad_(True) for name, p in unet.named_parameters() if seams.is_adapter(name)]
     if cfg["grad_checkpointing"]:  # diffusers checkpoints each resnet and transformer block, fusers included
+        if not getattr(unet, "_supports_gradient_checkpointing", False):
+            fail(f"--grad_checkpointing=True: diffusers' {type(unet).__name__} does not support it")
         unet.enable_gradient_checkpointing()
         unet.train()  # older diffusers checkpoint in training mode only; SD has no dropout, so nothing else changes
     # what the step calls: the UNet, DDP-wrapped under torchrun (its adapters' gradients all-reduced), compiled
@@ -1261,8 +1274,15 @@ def main(cfg):
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if opt_state:
         opt.load_state_dict(opt_state)
-    loss_of = partial(seams.loss, text_encoder=text_encoder, alphas_cumprod=noise_scheduler.alphas_cumprod.to(device),
-                      empty_ids=tokenizer.captions([""]).to(device), cfg=cfg, autocast=autocast)  # (model, batch, g)
+    alphas_cumprod, empty_ids = noise_scheduler.alphas_cumprod.to(device), tokenizer.captions([""]).to(device)
+    loss_of = partial(seams.step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
+                      cfg=cfg, autocast=autocast)  # (model, batch, g); empty_ids: the dropped caption
+    # Each rank loads its own micro-batches from the data position that the step implies.
+    loader = iter(torch.utils.data.DataLoader(
+        data, batch_sampler=rank_batches(len(data), G, B, world, rank, cfg["seed"], step,
+                                         cfg["flip"] and data.has_flipped),
+        num_workers=cfg["num_workers"], collate_fn=partial(data.collate, tokenizer), pin_memory=cuda,
+        worker_init_fn=ignore_stop_signals))
 
     # Logging and validation, on rank 0; the FLOPs of a step, counted once for the MFU.
     out.mkdir(parents=True, exist_ok=True)
@@ -1282,51 +1302,42 @@ def main(cfg):
         bar.write(f"one step: {flops / 1e12:.4g} TFLOP per image (model FLOPs, torch flop counter)"
                   + (f"; {log.peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if log.peak else ""))
 
-    # The loop: accumulate micro-batches, step, log, save, validate; stop at max_steps or on a signal. Each rank loads
-    # its own micro-batches, from the data position that the step implies.
-    loader = iter(torch.utils.data.DataLoader(
-        data, batch_sampler=rank_batches(len(data), G, B, world, rank, cfg["seed"], step,
-                                         cfg["flip"] and data.has_flipped),
-        num_workers=cfg["num_workers"], collate_fn=partial(data.collate, tokenizer), pin_memory=cuda,
-        worker_init_fn=ignore_stop_signals))
-    try:
-        while step < cfg["max_steps"]:
-            lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))  # linear warmup, then constant
-            for group in opt.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg["grad_accum"]):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-                g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
-                with model.no_sync() if ddp and micro < cfg["grad_accum"] - 1 else nullcontext():  # all-reduce once
-                    loss = loss_of(model, batch, g) / cfg["grad_accum"]
-                    loss.backward()
-                step_loss += loss.detach()
-            # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: the step is
-            # skipped.
-            log.add(step_loss, optimizer_step(opt, params, cfg["grad_clip"]))
-            step += 1
-            bar.update()
-            stop, last = preemption.stop(), step == cfg["max_steps"]
-            if step % cfg["log_every"] == 0 or last or stop:
-                log.write(step, lr)
-            with log.pause():  # checkpoints and validation do not count against images/s
-                if step % cfg["save_every"] == 0 or last or stop:
-                    error = [save_checkpoint(out, step, unet, opt, cfg, data.files, seams.is_adapter)
-                             if master else None]
-                    if ddp:
-                        dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a save
-                    if error[0]:
-                        fail(error[0])
-                if val and (step % cfg["val_every"] == 0 or last):
-                    validate(val, step, unet, out, autocast, bar)
-            if stop:
-                why = ", ".join(preemption.signals) or "another rank got a signal"
-                bar.write(f"rank {rank}: {why}: stopped at step {step}, saved {out / f'step_{step:07d}'}; run the same "
-                          f"command to resume")
-                break
-    finally:  # the workers ignore SIGTERM, so the interpreter's exit could not stop them after an error: stop them
-        del loader
+    # The loop: accumulate micro-batches, step, log, save, validate; stop at max_steps or on a signal.
+    while step < cfg["max_steps"]:
+        lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))  # linear warmup, then constant
+        for group in opt.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for micro in range(cfg["grad_accum"]):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+            g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
+            with model.no_sync() if ddp and micro < cfg["grad_accum"] - 1 else nullcontext():  # all-reduce once
+                loss = loss_of(model, batch, g) / cfg["grad_accum"]
+                loss.backward()
+            step_loss += loss.detach()
+        # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: the step is
+        # skipped.
+        log.add(step_loss, optimizer_step(opt, params, cfg["grad_clip"]))
+        step += 1
+        bar.update()
+        stop, last = preemption.stop(), step == cfg["max_steps"]
+        if step % cfg["log_every"] == 0 or last or stop:
+            log.write(step, lr)
+        with log.pause():  # checkpoints and validation do not count against images/s
+            if step % cfg["save_every"] == 0 or last or stop:
+                error = [save_checkpoint(out, step, unet, opt, cfg, data.files, seams.is_adapter)
+                         if master else None]
+                if ddp:
+                    dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a save
+                if error[0]:
+                    fail(error[0])
+            if val and (step % cfg["val_every"] == 0 or last):
+                validate(val, step, unet, out, autocast, bar)
+        if stop:
+            why = ", ".join(preemption.signals) or "another rank got a signal"
+            bar.write(f"rank {rank}: {why}: stopped at step {step}, saved {out / f'step_{step:07d}'}; run the same "
+                      f"command to resume")
+            break
 
     # The exit: wait for the last vote, give the signals back, leave the process group.
     bar.close()
@@ -1483,13 +1494,14 @@ def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, 
     """n clips (uint8, (n, frames, H, W, 3)) of a layout whose boxes are one list (still) or one per frame (moving);
     as generate, with one set of grounding tokens per frame."""
     scale = vae_scale(vae)
-    height, width = height or unet.config.sample_size * scale, width or unet.config.sample_size * scale
+    height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     text = prompt_inputs(text_encoder, tokenizer, layout["prompt"], n, height, width)
     per_frame = layout["boxes"] if is_moving(layout["boxes"]) else [layout["boxes"]] * frames
     if len(per_frame) != frames:
         fail(f"{len(per_frame)} lists of boxes for {frames} frames")
     rows = [(layout["phrases"], per_frame[f]) for _ in range(2 * n) for f in range(frames)]  # frame-minor
-    gligen = {"gligen": layout_grounding(text_encoder, tokenizer, layout, rows)} if layout["phrases"] else None
+    dtype = text["encoder_hidden_states"].dtype
+    gligen = {"gligen": layout_grounding(text_encoder, tokenizer, layout, rows, dtype)} if layout["phrases"] else None
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn((n, unet.config.out_channels, frames, height // scale, width // scale), generator=g)
     latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, g, steps, guidance, beta, progress)
@@ -1614,14 +1626,15 @@ def load_image_project(src, required=True):
     path = adapters_file(src)
     if path is not None and path.with_name("image_project.safetensors").is_file():
         return read_safetensors(path.with_name("image_project.safetensors"))["project.weight"]
+    why = ""
     if path is None:
         try:
             return load_model(CLIPImageProjection, src, subfolder="image_project").project.weight.detach()
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as e:
+            why = f": {e}"
     if required:
         fail(f"{src}: no image_project (text-image adapters keep image_project.safetensors beside them; a diffusers "
-             f"text-image model, an image_project folder)")
+             f"text-image model, an image_project folder){why}")
     return None
 
 
@@ -1651,6 +1664,9 @@ class ImageFeatureLatents(GroundedLatents):
         if "dim" not in self.image_meta:
             fail(f"{self.features} holds no box image features (its meta.json is not prep_latents.py "
                  f"--image_encoder's: latents? Those go in --latents)")
+        if not (self.features / "image_project.safetensors").is_file():
+            fail(f"data file not found: {self.features / 'image_project.safetensors'} (prep_latents.py "
+                 f"--image_encoder writes it with the features)")
         self.feature_index = {r["key"]: (line, r) for line, r in read_jsonl(self.features / "index.jsonl")}
         super().__init__(latents_dir, boxes_path, max_boxes, min_box_area)
         self.config["image_encoder"] = self.image_meta["image_encoder"]
@@ -1720,22 +1736,22 @@ def text_image_grounding(text_encoder, batch, masks, g):
                              feats[batch["slot_phrase"]], batch["image_feats"])
 
 
-def text_image_layout_grounding(text_encoder, tokenizer, layout, rows):
+def text_image_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
     """Text-image sampling: a box has a phrase (not None), a reference image's feature (layout["images"], from
     project_image_embeds; or None), or both. Each phrase is encoded alone, as the text-image pipeline does: the same
     last bits."""
-    p, phrases = next(text_encoder.parameters()), layout["phrases"]
+    device, phrases = next(text_encoder.parameters()).device, layout["phrases"]
     _, _, _, boxes, masks = layout_tensors(tokenizer, [([q or "" for q in phr], b) for phr, b in rows])
     masks[:len(rows) // 2] = 0
-    feats = torch.zeros(2, N_SLOTS, text_encoder.config.hidden_size, device=p.device, dtype=p.dtype)  # phrases, images
-    has = torch.zeros(2, N_SLOTS, device=p.device, dtype=p.dtype)
+    feats = torch.zeros(2, N_SLOTS, text_encoder.config.hidden_size, device=device, dtype=dtype)  # phrases, images
+    has = torch.zeros(2, N_SLOTS, device=device, dtype=dtype)
     for k, (phrase, im) in enumerate(zip(phrases, layout.get("images") or [None] * len(phrases))):
         if phrase is not None:
-            ids, mask = (x.to(p.device) for x in tokenizer.phrases([phrase]))
+            ids, mask = (x.to(device) for x in tokenizer.phrases([phrase]))
             feats[0, k], has[0, k] = text_encoder(ids, attention_mask=mask).pooler_output[0], 1
         if im is not None:
             feats[1, k], has[1, k] = im, 1
-    return text_image_inputs(boxes.to(p.device), masks.to(p.device, p.dtype), has[0], has[1],
+    return text_image_inputs(boxes.to(device), masks.to(device, dtype), has[0], has[1],
                              feats[0].expand(len(rows), -1, -1), feats[1].expand(len(rows), -1, -1))
 
 
@@ -1744,8 +1760,16 @@ TEXT_IMAGE = dict(position_net=PositionNetTextImage,
                   layout_grounding=text_image_layout_grounding)
 
 
-if __name__ == "__main__":
-    main(configure(config, sys.argv[1:], __doc__))
+def cli():
+    """The script: main with the command line's settings, and the process's exit."""
+    try:
+        main(configure(config, sys.argv[1:], __doc__))
+    except BaseException:
+        # The loader workers ignore SIGTERM (it is for this process, which saves first), so after an error, in this
+        # process or a worker, the interpreter's exit would wait for them forever: stop them.
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        raise
     if "RANK" in os.environ:
         # DDP keeps its process group alive after destroy_process_group (a torch leak), so gloo's threads would be
         # torn down by C++ exit handlers, which now and then abort a finished run (SIGABRT, "terminate called without
@@ -1753,3 +1777,7 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+if __name__ == "__main__":
+    cli()

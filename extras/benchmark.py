@@ -207,7 +207,7 @@ def recipe(name, unet_name, device, compile_=False):
 
         def loss(batch, i, model=model):
             g = tg.sample_generator(0, i, 0, device)
-            return seams.loss(model, batch, g, te, alphas_cumprod, batch["empty_ids"], cfg, autocast)
+            return seams.step_loss(model, batch, g, te, alphas_cumprod, batch["empty_ids"], cfg, autocast)
 
         def step(batch, i):
             loss(batch, i).backward()
