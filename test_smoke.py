@@ -1,10 +1,30 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 85 tests, 4.2 to 5.6 minutes on 2 CPU cores
+    pytest -q test_smoke.py        # 109 tests, 3.5 to 6 minutes on 2 CPU cores (this machine's speed varies)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
+The file reads: helpers and fixtures, then the method, prep, training, determinism, sampling, bad input, faults,
+extras.
+
+`pytest --durations=15` on 2026-12-01 (2-core x86 CPU; 109 passed in 326.7 s; the 85 tests before this layout, run
+just before on the same machine: 375.0 s):
+    39.25s call     test_shapes_demo_runs_end_to_end_at_tiny_scale
+    19.32s call     test_elastic_restart_after_a_worker_dies
+    19.13s call     test_prep_boxes_detects_with_grounding_dino_and_resumes
+    18.93s call     test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal
+    18.59s call     test_prep_latents_killed_and_restarted_equals_uninterrupted
+    16.24s call     test_compile_setting_compiles_the_training_step_and_trains_the_same
+    16.11s call     test_kill_9_in_the_middle_of_a_save
+    16.02s call     test_corrupt_and_truncated_checkpoints_fall_back
+    15.69s call     test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks
+    13.79s call     test_two_processes_equal_one
+    13.12s call     test_training_overfits_one_batch_and_changes_only_adapters
+     9.48s setup    test_kill_9_in_the_middle_of_a_save
+     8.97s setup    test_prep_boxes_handles_coco_quirks
+     8.74s call     test_score_grounding_runs_a_detector_from_a_directory
+     8.45s call     test_sample_equals_exported_pipeline[ddim]
 """
 import copy
 import errno
