@@ -87,7 +87,7 @@ config = dict(
     min_box_area=0.01,  # boxes under this fraction of the training crop are dropped
     flip=True,  # mirror half the samples, boxes too, where prep_latents.py stored flipped latents (--flip=True)
     seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
-    dtype="auto",  # "auto": bf16 autocast with a bf16 frozen base on CUDA, fp32 on CPU; or "fp32"
+    dtype="auto",  # "bf16": a bf16 frozen base, fp32 adapters, bf16 autocast; "fp32"; "auto": bf16 on CUDA, else fp32
     inpaint=False,  # GLIGEN's inpainting mode: conv_in also takes the image outside the boxes; conv_in.weight trains
     image_features="",  # GLIGEN's text-image mode: prep_latents.py --image_encoder's output; boxes get images too
     grad_checkpointing=False,  # recompute the UNet's activations in the backward pass: less memory (SDXL), slower
@@ -1020,8 +1020,8 @@ def check_settings(cfg):
     in_range(cfg, "max_boxes", 1, N_SLOTS)
     if not cfg["grad_clip"] > 0:
         fail(f"--grad_clip={cfg['grad_clip']}: must be above 0 (at 0 every gradient is clipped to nothing)")
-    if cfg["dtype"] not in ("auto", "fp32"):
-        fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU) or fp32")
+    if cfg["dtype"] not in ("auto", "bf16", "fp32"):
+        fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
     if cfg["init_from"] and missing_local_path(cfg["init_from"]):
         fail(f"--init_from={cfg['init_from']}: adapters not found")
     if cfg["compile"] and cfg["compile"] not in torch._dynamo.list_backends(exclude_tags=()):
@@ -1234,9 +1234,9 @@ def main(cfg):
     if G % (B * world):
         fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
     seams = choose_seams(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]))
-    bf16 = cfg["dtype"] == "auto" and cuda
+    bf16 = cfg["dtype"] == "bf16" or cfg["dtype"] == "auto" and cuda
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base; adapters stay fp32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     preemption = Preemption(cpu_group)
 
@@ -1250,6 +1250,8 @@ def main(cfg):
     unet, text_encoder, tokenizer, noise_scheduler = seams.load(cfg["model"], device, base_dtype)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
     seams.add_adapters(unet)
+    for name, p in unet.named_parameters():  # adapters in fp32 whatever the base's dtype (inpainting's conv_in: from it)
+        p.data = p.data.float() if seams.is_adapter(name) else p.data
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
         dist.broadcast_object_list(resume, src=0, group=cpu_group)

@@ -81,8 +81,8 @@ WORDS = ("a the dog cat red blue car tree man woman sitting standing on in near 
          "house street table chair with and of photo image bowl person bicycle grass sky white black").split()
 
 
-def write_data(root, n, resolution, rng):
-    """prep_latents.py's output format, and a boxes file, for n random images."""
+def write_data(root, n, resolution, rng, scaling_factor=0.18215):
+    """prep_latents.py's output format, and a boxes file, for n random images (as if made by a VAE of this scaling)."""
     if (root / "index.jsonl").is_file() and json.loads((root / "meta.json").read_text())["images"] == n:
         return
     root.mkdir(parents=True, exist_ok=True)
@@ -99,8 +99,8 @@ def write_data(root, n, resolution, rng):
             b = np.concatenate([xy, xy + rng.uniform(0.15, 0.4, (k, 2))], 1).clip(0, 1).round(4)
             boxes.append(dict(image=key, width=640, height=480, phrases=[" ".join(rng.choice(WORDS, 2)) for _ in range(k)],
                               boxes=b.tolist()))
-    (root / "meta.json").write_text(json.dumps(dict(resolution=resolution, latent_shape=[4, h, h], views=["original"],
-                                                    stats=["mean"], images=n)))
+    (root / "meta.json").write_text(json.dumps(dict(model="synthetic", resolution=resolution, scaling_factor=scaling_factor,
+                                                    latent_shape=[4, h, h], views=["original"], stats=["mean"], images=n)))
     (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
     (root / "boxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in boxes))
 
