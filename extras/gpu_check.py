@@ -47,7 +47,7 @@ from benchmark import UNETS, WORDS, write_data
 from demo_shapes import write_tokenizer
 
 config = dict(
-    out="gpu_check",  # results.json, log.txt, and the models and data built here (about 12 GB; --dry_run: 5 MB)
+    out="gpu_check",  # results.json, log.txt, the models built here (10 GB) and runs (up to 22 GB at a time)
     dry_run=False,  # tiny models on the CPU: the same code, in under a minute
     budget_s=330,  # a stage starts only while the time spent is under this (the longest, compile, takes about 150 s)
     steps=30,  # training steps of a speed measurement on SD1.5 (SDXL: a third): the speed of the second half
@@ -133,9 +133,9 @@ def launch(script, args, gpus, log, in_process=False):
     return wall
 
 
-def train(cfg, name, model, data, micro, log, gpus, *extra, steps=None, fresh=True):
+def train(cfg, name, model, data, micro, log, gpus, *extra, steps=None, fresh=True, keep=False):
     """A train_gligen.py run (fresh: in an emptied out_dir, else resuming); its last logged speed, MFU and peak
-    memory, and its wall time."""
+    memory, and its wall time. Its out_dir is deleted unless kept: checkpoints are 2.5 GB (SD1.5) to 22 GB (SDXL)."""
     out = Path(cfg["out"]) / "runs" / name
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
@@ -146,6 +146,8 @@ def train(cfg, name, model, data, micro, log, gpus, *extra, steps=None, fresh=Tr
             f"--num_workers={0 if cfg['dry_run'] else 4}", *extra]
     wall = launch("train_gligen.py", args, gpus, log, cfg["dry_run"])
     rec = [r for _, r in tg.read_jsonl(out / "log.jsonl") if "img_per_s" in r][-1]
+    if not keep:
+        shutil.rmtree(out)
     return out, dict(micro_batch=micro, img_per_s=rec["img_per_s"], mfu=rec.get("mfu"), peak_mem_gb=rec["mem_gb"],
                      tflop_per_image=rec["tflop_per_image"], wall_s=round(wall, 1))
 
@@ -236,21 +238,24 @@ def main(cfg):
 
     def sd15():
         rows = []
-        for m in micro:
-            runs[m], row = train(cfg, f"sd15-mb{m}", *built["sd15"], m, log, gpus)
+        for m in micro:  # the first is the straight run of resume, and its adapters are sample's
+            runs[m], row = train(cfg, f"sd15-mb{m}", *built["sd15"], m, log, gpus, keep=m == micro[0])
             rows.append(row)
         return dict(rows=rows)
 
     def resume():
         m = micro[0]
-        stopped, _ = train(cfg, "resume", *built["sd15"], m, log, gpus, steps=steps // 2)
-        train(cfg, "resume", *built["sd15"], m, log, gpus, fresh=False)  # the full length: it resumes halfway
-        a, b = tg.load_adapters(str(stopped)), tg.load_adapters(str(runs[m]))
+        resumed, _ = train(cfg, "resume", *built["sd15"], m, log, gpus, steps=steps // 2, keep=True)
+        train(cfg, "resume", *built["sd15"], m, log, gpus, fresh=False, keep=True)  # the full length: resumes halfway
+        a, b = tg.load_adapters(str(resumed)), tg.load_adapters(str(runs[m]))
+        shutil.rmtree(resumed)
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
         return dict(steps=steps, stopped_at=steps // 2, max_abs_diff=diff, bit_equal=diff == 0.0)
 
     def sample():
-        return sample_vs_pipeline(cfg, built["sd15"][0], runs[micro[0]], log, device)
+        result = sample_vs_pipeline(cfg, built["sd15"][0], runs[micro[0]], log, device)
+        shutil.rmtree(out / "runs")
+        return result
 
     def benchmark():
         bench = out / "benchmark.json"
@@ -262,7 +267,6 @@ def main(cfg):
     def sdxl():
         rows = [train(cfg, f"sdxl-mb{m}", *built["sdxl"], m, log, gpus, "--grad_checkpointing=True",
                       steps=max(4, steps // 3))[1] for m in ([1] if tiny else [2, 4])]
-        shutil.rmtree(out / "runs", ignore_errors=True)  # SDXL's checkpoints are about 22 GB each
         return dict(rows=rows)
 
     def compiled():
