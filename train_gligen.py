@@ -1250,7 +1250,7 @@ def main(cfg):
     unet, text_encoder, tokenizer, noise_scheduler = seams.load(cfg["model"], device, base_dtype)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
     seams.add_adapters(unet)
-    for name, p in unet.named_parameters():  # adapters in fp32 whatever the base's dtype (inpainting's conv_in: from it)
+    for name, p in unet.named_parameters():  # adapters in fp32 whatever the base's dtype (inpainting's conv_in too)
         p.data = p.data.float() if seams.is_adapter(name) else p.data
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
@@ -1317,8 +1317,7 @@ def main(cfg):
                 loss = loss_of(model, batch, g) / cfg["grad_accum"]
                 loss.backward()
             step_loss += loss.detach()
-        # A NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: the step is
-        # skipped.
+        # a NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: a skipped step
         log.add(step_loss, optimizer_step(opt, params, cfg["grad_clip"]))
         step += 1
         bar.update()
