@@ -1,30 +1,30 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 109 tests, 3.5 to 6 minutes on 2 CPU cores (this machine's speed varies)
+    pytest -q test_smoke.py        # 114 tests, 4 to 7 minutes on 2 CPU cores (this machine's speed varies)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
 The file reads: helpers and fixtures, then the method, prep, training, determinism, sampling, bad input, faults,
 extras.
 
-`pytest --durations=15` on 2026-12-01 (2-core x86 CPU; 109 passed in 326.7 s; the 85 tests before this layout, run
-just before on the same machine: 375.0 s):
-    39.25s call     test_shapes_demo_runs_end_to_end_at_tiny_scale
-    19.32s call     test_elastic_restart_after_a_worker_dies
-    19.13s call     test_prep_boxes_detects_with_grounding_dino_and_resumes
-    18.93s call     test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal
-    18.59s call     test_prep_latents_killed_and_restarted_equals_uninterrupted
-    16.24s call     test_compile_setting_compiles_the_training_step_and_trains_the_same
-    16.11s call     test_kill_9_in_the_middle_of_a_save
-    16.02s call     test_corrupt_and_truncated_checkpoints_fall_back
-    15.69s call     test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks
-    13.79s call     test_two_processes_equal_one
-    13.12s call     test_training_overfits_one_batch_and_changes_only_adapters
-     9.48s setup    test_kill_9_in_the_middle_of_a_save
-     8.97s setup    test_prep_boxes_handles_coco_quirks
-     8.74s call     test_score_grounding_runs_a_detector_from_a_directory
-     8.45s call     test_sample_equals_exported_pipeline[ddim]
+`pytest --durations=15` on 2026-12-02 (2-core x86 CPU; 114 passed in 372.6 s; the 85 tests of ba458ac, run just
+before on the same machine: 354.5 s):
+    36.79s call     test_smoke.py::test_shapes_demo_runs_end_to_end_at_tiny_scale
+    22.32s call     test_smoke.py::test_gpu_check_dry_run_runs_every_stage
+    20.85s call     test_smoke.py::test_corrupt_and_truncated_checkpoints_fall_back
+    20.73s call     test_smoke.py::test_two_processes_equal_one
+    18.76s call     test_smoke.py::test_prep_boxes_detects_with_grounding_dino_and_resumes
+    17.47s call     test_smoke.py::test_compile_setting_compiles_the_training_step_and_trains_the_same
+    17.15s call     test_smoke.py::test_prep_latents_killed_and_restarted_equals_uninterrupted
+    16.72s call     test_smoke.py::test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal
+    16.15s call     test_smoke.py::test_kill_9_in_the_middle_of_a_save
+    15.74s call     test_smoke.py::test_elastic_restart_after_a_worker_dies
+    12.88s call     test_smoke.py::test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks
+    11.73s call     test_smoke.py::test_training_overfits_one_batch_and_changes_only_adapters
+    9.65s call     test_smoke.py::test_score_grounding_runs_a_detector_from_a_directory
+    9.65s setup    test_smoke.py::test_kill_9_in_the_middle_of_a_save
+    9.47s call     test_smoke.py::test_sample_equals_exported_pipeline[ddim]
 """
 import copy
 import errno
