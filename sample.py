@@ -21,7 +21,6 @@ scheduler and steps it gives the same images as this script (in fp32; half preci
 """
 import json
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -164,76 +163,134 @@ def read_layouts(cfg):
     return [l for _, l in layouts]
 
 
-def main(cfg):
-    import diffusers
-    from diffusers import AutoencoderKL
+class Sampler:
+    """A base model and its adapters, loaded once, ready to draw layouts: what main below runs, and what
+    extras/app.py serves. Sampler(cfg) reads the model's config and the adapters (fast, so bad settings fail before
+    anything slow); load() loads the model; draw(layout, seed, ...) makes one layout's images."""
 
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.family = family_of(cfg["model"])  # from its config: a wrong --model fails at once
+        self.adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else {}  # a bad path fails here too
+        self.inpaint, self.text_image = mode_of(self.adapters)  # the mode: what the adapters were trained for
+        self.seams = choose_seams(self.family, self.inpaint, self.text_image)
+        self.video = self.family == "video"
+        if cfg["export"] and self.family != "sd":
+            fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
+        self.schedulers = {}
+
+    def check(self, layouts, inpaint_image):
+        """Stop unless these layouts and photo suit the adapters' mode and the model's family."""
+        if any(l.get("images") for l in layouts) and not self.text_image:
+            fail("reference images (--images, or \"images\" in --layouts) need text-image adapters")
+        if self.inpaint != bool(inpaint_image):
+            fail(f"--adapters={self.cfg['adapters']} are inpainting adapters: give --inpaint_image" if self.inpaint
+                 else "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")
+        if self.inpaint:
+            check_image(inpaint_image, "--inpaint_image")
+        if not self.video and any(is_moving(l["boxes"]) for l in layouts):
+            fail(f"one list of boxes per frame is for video models; {self.cfg['model']} makes images")
+
+    def scheduler(self, name, steps):
+        """The named scheduler from the model's config (loaded once), checked against --steps."""
+        import diffusers
+
+        if name not in self.schedulers:
+            cls = getattr(diffusers, SCHEDULERS[name])
+            self.schedulers[name] = cls.from_pretrained(self.cfg["model"], subfolder="scheduler")
+        if steps > self.schedulers[name].config.num_train_timesteps:
+            fail(f"--steps={steps}: at most {self.schedulers[name].config.num_train_timesteps}, the scheduler's "
+                 "timesteps")
+        return self.schedulers[name]
+
+    def load(self):
+        from diffusers import AutoencoderKL
+
+        cfg, seams = self.cfg, self.seams
+        self.scheduler(cfg["scheduler"], cfg["steps"])  # --steps checked before the model loads
+        self.device = device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = dtype = DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else \
+            torch.float16 if device == "cuda" else torch.float32
+        self.unet, self.text_encoder, self.tokenizer, _ = seams.load(cfg["model"], device, dtype)
+        # SDXL's VAE overflows in fp16: it decodes in fp32 there
+        vae_dtype = torch.float32 if self.family == "sdxl" and dtype == torch.float16 else dtype
+        self.vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
+        scale = vae_scale(self.vae)
+        for k in ("height", "width"):
+            if cfg[k] % scale:
+                fail(f"--{k}={cfg[k]}: must be a multiple of {scale}, the VAE's downsampling factor")
+        self.image_tower = load_image_tower(cfg, device, dtype) if self.text_image else None
+        if self.adapters:
+            seams.add_adapters(self.unet)
+            set_adapters(self.unet, self.adapters, cfg["adapters"], seams.is_adapter)
+            for name, p in self.unet.named_parameters():  # the adapters in the sampling precision, as the base
+                p.data = p.data.to(dtype) if seams.is_adapter(name) else p.data
+        else:
+            print("no --adapters: sampling the base model, boxes ignored")
+        size = native_size(self.unet, self.vae)
+        self.height, self.width = cfg["height"] or size, cfg["width"] or size
+        return self
+
+    def draw(self, layout, seed, n=None, steps=None, guidance=None, beta=None, scheduler=None, inpaint_image=None,
+             progress=True):
+        """One layout's n images (H, W, 3) uint8, or for a video model n clips (F, H, W, 3); each setting left None
+        is cfg's."""
+        cfg = self.cfg
+        n, steps, guidance, beta = (cfg[k] if v is None else v for k, v in
+                                    (("n", n), ("steps", steps), ("guidance", guidance), ("beta", beta)))
+        inpaint_image = inpaint_image or cfg["inpaint_image"]
+        sched = self.scheduler(scheduler or cfg["scheduler"], steps)
+        extra = {"frames": cfg["frames"]} if self.video else {}  # the video sampler's clip length
+        if self.inpaint:  # the inpainting sampler's photo
+            extra["inpaint_latent"] = photo_latent(inpaint_image, self.vae, self.height, self.width)
+        if self.text_image:
+            paths = layout.get("images") or [None] * len(layout["phrases"])
+            extra_layout = {"images": image_features(paths, self.image_tower)}
+        else:
+            extra_layout = {}
+        phrases = layout["phrases"] if self.adapters else []
+        return self.seams.generate(self.unet, self.vae, self.text_encoder, self.tokenizer, sched,
+                                   {**layout, "phrases": phrases, **extra_layout}, seed=seed, n=n, steps=steps,
+                                   guidance=guidance, beta=beta, height=self.height, width=self.width,
+                                   progress=progress, **extra)
+
+
+def main(cfg):
     check_settings(cfg)
     layouts = read_layouts(cfg)
-    family = family_of(cfg["model"])  # from its config: a wrong --model fails at once
-    adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else {}  # a bad path fails before the model loads
-    inpaint, text_image = mode_of(adapters)  # the mode: what the adapters were trained for
-    if any(l.get("images") for l in layouts) and not text_image:
-        fail("reference images (--images, or \"images\" in --layouts) need text-image adapters")
-    if inpaint != bool(cfg["inpaint_image"]):
-        fail(f"--adapters={cfg['adapters']} are inpainting adapters: give --inpaint_image" if inpaint else
-             "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")
-    if inpaint:
-        check_image(cfg["inpaint_image"], "--inpaint_image")
-    seams = choose_seams(family, inpaint, text_image)
-    video = family == "video"
-    if not video and any(is_moving(l["boxes"]) for l in layouts):
-        fail(f"one list of boxes per frame is for video models; {cfg['model']} makes images")
-    if cfg["export"] and family != "sd":
-        fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
-    scheduler = getattr(diffusers, SCHEDULERS[cfg["scheduler"]]).from_pretrained(cfg["model"], subfolder="scheduler")
-    if cfg["steps"] > scheduler.config.num_train_timesteps:
-        fail(f"--steps={cfg['steps']}: at most {scheduler.config.num_train_timesteps}, the scheduler's timesteps")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else torch.float16 if device == "cuda" else torch.float32
-    unet, text_encoder, tokenizer, _ = seams.load(cfg["model"], device, dtype)
-    # SDXL's VAE overflows in fp16: it decodes in fp32 there
-    vae_dtype = torch.float32 if family == "sdxl" and dtype == torch.float16 else dtype
-    vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
-    scale = vae_scale(vae)
-    for k in ("height", "width"):
-        if cfg[k] % scale:
-            fail(f"--{k}={cfg[k]}: must be a multiple of {scale}, the VAE's downsampling factor")
-    image_tower = load_image_tower(cfg, device, dtype) if text_image else None
-    if adapters:
-        seams.add_adapters(unet)
-        set_adapters(unet, adapters, cfg["adapters"], seams.is_adapter)
-        for name, p in unet.named_parameters():  # the adapters in the sampling precision, as the base loaded
-            p.data = p.data.to(dtype) if seams.is_adapter(name) else p.data
-    else:
-        print("no --adapters: sampling the base model, boxes ignored")
+    sampler = Sampler(cfg)
+    sampler.check(layouts, cfg["inpaint_image"])  # before the model loads (minutes for SDXL)
+    sampler.load()
     if cfg["export"]:
-        export(cfg["export"], unet, vae, text_encoder, tokenizer.tokenizer, scheduler, image_tower)
-        kind = "StableDiffusionGLIGENTextImagePipeline" if image_tower else "StableDiffusionGLIGENPipeline"
+        export(cfg["export"], sampler.unet, sampler.vae, sampler.text_encoder, sampler.tokenizer.tokenizer,
+               sampler.scheduler(cfg["scheduler"], cfg["steps"]), sampler.image_tower)
+        kind = "StableDiffusionGLIGENTextImagePipeline" if sampler.image_tower else "StableDiffusionGLIGENPipeline"
         print(f"wrote a {kind} to {cfg['export']}")
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    height, width = cfg["height"] or native_size(unet, vae), cfg["width"] or native_size(unet, vae)
-    extra = {"frames": cfg["frames"]} if video else {}  # the video sampler's clip length; the inpainting one's photo
-    extra |= {"inpaint_latent": photo_latent(cfg["inpaint_image"], vae, height, width)} if inpaint else {}
-    draw = partial(seams.generate, unet, vae, text_encoder, tokenizer, scheduler, n=cfg["n"], steps=cfg["steps"],
-                   guidance=cfg["guidance"], beta=cfg["beta"], height=height, width=width, progress=True, **extra)
     for k, l in enumerate(tqdm(layouts, desc="layouts", unit="layout", disable=len(layouts) == 1)):
-        refs = {"images": image_features(l.get("images") or [None] * len(l["phrases"]), image_tower)} \
-            if text_image else {}
-        images = draw({**l, "phrases": l["phrases"] if adapters else [], **refs}, seed=cfg["seed"] + k)
-        labels = [p if p is not None else "(image)" for p in l["phrases"]]
-        for i, im in enumerate(images):
-            name = f"{k:03d}_{i:02d}"
-            if video:
-                write_clip(out, name, im, labels, l["boxes"], cfg["fps"])
-                continue
-            im = Image.fromarray(im)
-            im.save(out / f"{name}.png")
-            draw_layout(im, labels, l["boxes"]).save(out / f"{name}_boxes.png")
-    what = "clips (frames, a GIF, a GIF with boxes)" if video else "images (and copies with boxes)"
+        images = sampler.draw(l, seed=cfg["seed"] + k)
+        write_images(out, f"{k:03d}", images, l, sampler.video, cfg["fps"])
+    what = "clips (frames, a GIF, a GIF with boxes)" if sampler.video else "images (and copies with boxes)"
     print(f"wrote {len(layouts) * cfg['n']} {what} to {out}")
+
+
+def write_images(out, prefix, images, layout, video, fps):
+    """A layout's images as <prefix>_<i>.png with a copy <prefix>_<i>_boxes.png (clips: write_clip); the paths of the
+    plain and boxed files."""
+    labels = [p if p is not None else "(image)" for p in layout["phrases"]]
+    paths = []
+    for i, im in enumerate(images):
+        name = f"{prefix}_{i:02d}"
+        if video:
+            paths.append(write_clip(out, name, im, labels, layout["boxes"], fps))
+            continue
+        im = Image.fromarray(im)
+        im.save(out / f"{name}.png")
+        draw_layout(im, labels, layout["boxes"]).save(out / f"{name}_boxes.png")
+        paths.append((out / f"{name}.png", out / f"{name}_boxes.png"))
+    return paths
 
 
 def write_clip(out, name, frames, phrases, boxes, fps):
@@ -246,6 +303,7 @@ def write_clip(out, name, frames, phrases, boxes, fps):
         im.save(out / name / f"frame_{f:03d}.png")
     for path, ims in ((out / f"{name}.gif", plain), (out / f"{name}_boxes.gif", drawn)):
         ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
+    return out / f"{name}.gif", out / f"{name}_boxes.gif"
 
 
 if __name__ == "__main__":

@@ -1975,3 +1975,270 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     assert any("scaled_dot_product" in op["name"] for op in prof["top_ops"])  # SDPA, forward and backward
     r = gpu_check.main({**gpu_check.config, "dry_run": True, "budget_s": 0, "out": str(tmp_path / "late")})
     assert all("out of time" in v["skipped"] for v in r["stages"].values())
+
+# ---------------------------------------------------------------------------------------------------------------
+# The app (extras/app.py): its layout and log reading, then the launched app through gradio_client and in a browser.
+# Its packages are optional (extras/requirements.txt, and Debian's chromium for the browser): without them these
+# tests skip, saying why; under CI (GLIGEN_CI=1, set by .ci/run, which installs them) a skip is a failure.
+def app_extras(browser=False):
+    import importlib.util
+
+    missing = [m for m in ("gradio", "gradio_client", "gradio_image_annotation", "pandas") + ("playwright",) * browser
+               if importlib.util.find_spec(m) is None]
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser and not chromium:
+        missing.append("a system chromium (apt-get install chromium)")
+    if missing:
+        why = f"the app's extras are missing ({', '.join(missing)}): pip install -r extras/requirements.txt"
+        (pytest.fail if os.environ.get("GLIGEN_CI") else pytest.skip)(why)
+    return chromium
+
+
+@pytest.fixture
+def launch_app(tmp_path, monkeypatch):
+    """launch_app(*argv) -> the URL of extras/app.py started in this process with those arguments (closed after)."""
+    for k, v in dict(no_proxy="localhost,127.0.0.1", NO_PROXY="localhost,127.0.0.1", HF_HUB_OFFLINE="1",
+                     GRADIO_TEMP_DIR=str(tmp_path / "gradio"), GRADIO_ANALYTICS_ENABLED="False").items():
+        monkeypatch.setenv(k, v)
+    apps = []
+
+    def launch(*argv):
+        import app
+
+        a = app.main(tg.configure(app.config, list(argv)), list(argv))
+        apps.append(a)
+        return a.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, show_error=True)[1]
+
+    yield launch
+    for a in apps:
+        a.close()
+
+
+def write_log(path, half=True):
+    """A run's log.jsonl as the trainer writes it, grounding arriving (the demo's seed-0 gaps), cut mid-line."""
+    val = [(0, 0.1995, 0.1995, 0.1995), (500, 0.1970, 0.1969, 0.2114), (1000, 0.1500, 0.1523, 0.1800),
+           (1500, 0.1300, 0.1490, 0.1700)]
+    lines = [json.dumps(dict(step=s, val_loss_boxes=b, val_loss_mirrored=m, val_loss_no_grounding=n)) + "\n"
+             for s, b, m, n in val]
+    lines += [json.dumps(dict(step=s, loss=0.25 - s / 1e4, lr=1e-3, img_per_s=170.0, max_steps=4000,
+                              left_s=(4000 - s) * 32 // 170)) + "\n" for s in range(100, 1600, 100)]
+    lines.sort(key=lambda l: json.loads(l)["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines) + ('{"step": 1600, "loss": 0.2' if half else ""))
+
+
+def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_them(tmp_path):
+    """extras/app.py's pure parts, without its extras: the table gives sample.py's layout (numbers typed as text,
+    blank rows dropped, a phrase twice kept twice) and a bad one the error sample.py gives; the canvas and the table
+    round-trip; the command shown parses (through sample.py's own configure) to the same layout and settings; a saved
+    layout is a line sample.py --layouts reads; log.jsonl is read while being written (the half-written last line
+    and a broken line skipped); the verdict follows the box-use gap."""
+    import app
+    import sample
+
+    shared = set(app.config) & set(sample.config) - {"model", "adapters"}  # the controls start at sample.py's defaults
+    assert len(shared) == 10 and {k: app.config[k] for k in shared} == {k: sample.config[k] for k in shared}
+    rows = [["a dog", "0.1", 0.2, 0.4, "0.5"], ["", "", "", "", ""], ["a dog", 0.5, 0.2, 0.9, 0.6]]
+    layout = app.table_to_layout("two dogs", rows)
+    assert layout == dict(prompt="two dogs", phrases=["a dog", "a dog"], boxes=[[0.1, 0.2, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6]])
+    for bad in ([["a dog", 0.1, 0.2, 1.4, 0.5]], [["a dog", 0.5, 0.2, 0.1, 0.5]], [["", 0.1, 0.2, 0.4, 0.5]],
+                [["a dog", 0.1, 0.1, 0.2, 0.2]] * 31):  # outside the image, x1 < x0, no phrase, too many boxes
+        with pytest.raises(SystemExit) as ours:
+            app.table_to_layout("x", bad)
+        with pytest.raises(SystemExit) as theirs:
+            sample.read_layouts({**sample.config, "prompt": "x", "phrases": [r[0] for r in bad],
+                                 "boxes": [r[1:] for r in bad]})
+        assert str(ours.value).startswith("error: the table: ")  # the same message; the table named
+        assert str(ours.value).removeprefix("error: the table: ") == \
+               str(theirs.value).removeprefix("error: --prompt/--phrases/--boxes: ")
+    with pytest.raises(SystemExit, match="row 1: x0, y0, x1, y1 must be numbers"):
+        app.table_to_layout("x", [["a dog", "left", 0.2, 0.4, 0.5]])
+
+    canvas = app.rows_to_canvas(rows, None)  # a blank 512 x 512 canvas; the blank row skipped
+    assert canvas["image"].shape == (512, 512, 3) and [b["xmin"] for b in canvas["boxes"]] == [51, 256]
+    kept = [r for r in rows if r[0]]
+    assert app.canvas_to_rows(canvas, kept) == kept  # the canvas redrawn from the table: its numbers stay as typed
+    moved = {**canvas, "boxes": [canvas["boxes"][0], {**canvas["boxes"][1], "xmax": 500, "label": "a cat"}]}
+    assert app.canvas_to_rows(moved, kept) == [kept[0], ["a cat", 0.5, 0.1992, 0.9766, 0.5996]]  # 102/512, 307/512
+    assert app.canvas_to_rows(moved, []) == [["a dog", 0.0996, 0.1992, 0.4004, 0.5], ["a cat", 0.5, 0.1992, 0.9766,
+                                                                                          0.5996]]
+    assert app.blank_canvas(32, 64).shape == (256, 512, 3)
+
+    layout["prompt"] = "a dog's \"ball\" -- and $HOME"
+    opts = dict(n=2, seed=7, steps=12, guidance=4.5, beta=0.6, scheduler="euler_a")
+    command = app.sample_command({**app.config, "model": "m", "adapters": "a b"}, layout, opts)
+    argv = __import__("shlex").split(command.replace("\\\n", ""))
+    assert argv[:2] == ["python", "sample.py"]
+    cfg = tg.configure(sample.config, argv[2:])
+    assert {k: cfg[k] for k in ("prompt", "phrases", "boxes")} == layout and cfg["adapters"] == "a b"
+    assert {k: cfg[k] for k in opts} == opts
+    saved = app.save_layout(layout["prompt"], rows, None, tmp_path)
+    assert sample.read_layouts({**sample.config, "layouts": saved}) == [layout]
+    assert app.load_layout(saved) == (layout["prompt"], [["a dog", 0.1, 0.2, 0.4, 0.5], ["a dog", 0.5, 0.2, 0.9, 0.6]],
+                                      "loaded line 1 of 1 from layout.jsonl")
+    (tmp_path / "moving.jsonl").write_text(json.dumps(dict(prompt="x", phrases=["a"], boxes=[[[0, 0, 1, 1]]] * 2)))
+    with pytest.raises(SystemExit, match="moving boxes"):
+        app.load_layout(tmp_path / "moving.jsonl")
+
+    write_log(tmp_path / "run" / "log.jsonl")
+    with open(tmp_path / "run" / "log.jsonl", "r+") as f:  # a broken line in the middle, too
+        text = f.read().replace('{"step": 700,', '{"step": 700,,', 1)
+        f.seek(0), f.write(text)
+    records, skipped = app.read_log(tmp_path / "run" / "log.jsonl")
+    assert len(records) == 4 + 15 - 1 and skipped == 2 and records[-1]["step"] == 1500
+    assert app.read_log(tmp_path / "nothing.jsonl") == ([], 0)
+    val = [r for r in records if "val_loss_boxes" in r]
+    assert app.boxes_verdict([]).startswith("No box-use validation yet")
+    assert "Not yet" in app.boxes_verdict(val[:1]) and "Not yet" in app.boxes_verdict(val[:2])
+    assert "Arriving" in app.boxes_verdict(val[:3]) and "+0.00230" in app.boxes_verdict(val[:3])
+    assert "Yes, the boxes count" in app.boxes_verdict(val)
+
+
+def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_path):
+    """`python extras/app.py` with no arguments (the shipped shapes base and adapters), through gradio_client: a
+    layout typed in the table gives, pixel for pixel, the PNGs that the sample.py command it shows writes; a bad
+    layout gives sample.py's error line and the app answers the next request; the training tab's endpoint reads a run
+    being written (its half-written last line skipped)."""
+    app_extras()
+    import sample
+    from gradio_client import Client
+
+    client = Client(launch_app(), verbose=False)
+    rows = {"headers": ["phrase", "x0", "y0", "x1", "y1"],
+            "data": [["a red circle", 0.1, 0.1, 0.45, 0.45], ["a blue square", 0.55, 0.5, 0.95, 0.9]]}
+    args = ("a red circle and a blue square", rows, 2, 3, 6, 7.5, 1.0, "ddim", None, [])
+    boxed, plain, command = client.predict(*args, api_name="/generate")
+    argv = __import__("shlex").split(command.replace("\\\n", ""))[2:]
+    assert f"--adapters={HERE / 'extras' / 'shapes_adapters'}" in argv and "--steps=6" in argv
+    sample.main(tg.configure(sample.config, argv + [f"--out_dir={tmp_path / 'cli'}"]))
+    read = lambda gallery: np.stack([np.asarray(Image.open(im["image"])) for im in gallery]).astype(int)
+    assert read(plain).shape == (2, 32, 32, 3) and np.array_equal(read(plain), pngs(tmp_path / "cli", 2))
+    assert Image.open(boxed[0]["image"]).size == (256, 256)  # enlarged, the boxes and phrases drawn on
+    from gradio_client.exceptions import AppError
+
+    for bad, message in ((["a red circle", 0.1, 0.1, 1.45, 0.45], "is outside [0, 1]"),
+                         (["", 0.1, 0.1, 0.45, 0.45], "phrase '' is not a non-empty string")):
+        with pytest.raises(AppError, match=r"^error: the table: .*" + __import__("re").escape(message)):
+            client.predict("x", {**rows, "data": [bad]}, *args[2:], api_name="/generate")
+    with pytest.raises(AppError, match="a layout has at most 30"):
+        client.predict("x", {**rows, "data": rows["data"] * 16}, *args[2:], api_name="/generate")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    with pytest.raises(AppError, match="a photo is for inpainting adapters"):
+        client.predict(*args[:8], __import__("gradio_client").handle_file(tmp_path / "photo.png"), [],
+                       api_name="/generate")
+    again = client.predict(*args, api_name="/generate")[1]  # still serving, and the same seed gives the same pixels
+    assert np.array_equal(read(again), pngs(tmp_path / "cli", 2))
+
+    write_log(tmp_path / "run" / "log.jsonl")
+    Image.new("RGB", (8, 8)).save(tmp_path / "run" / "val_0001000.png")
+    (tmp_path / "run" / "val_0001500.png").write_bytes(b"\x89PNG\r\n")  # being written: passed over
+    status, verdict, loss, speed, use, gaps, grid = client.predict(str(tmp_path / "run"), api_name="/watch")
+    assert status.startswith("step 1500 of 4000 · 170.0 images/s · loss 0.1000 · about 0h 07m left")
+    assert "val_0001000.png" in status and "1 line(s) skipped" in status and "Yes, the boxes count" in verdict
+    assert len(loss["data"]) == len(speed["data"]) == 15 and len(use["data"]) == 3 * 4 and len(gaps["data"]) == 2 * 4
+    assert grid is not None and Image.open(grid).size == (8, 8)
+
+
+def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny_clip, tmp_path):
+    """The app on adapters that inpaint and take reference images (a photo uploaded, a reference image named in the
+    table's image column, a box with an image and no phrase) and on a video model (GIFs): sample.py's pixels."""
+    app_extras()
+    import sample
+    from gradio_client import Client, handle_file
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModelWithProjection
+
+    seams = tg.choose_seams("sd", True, True)
+    random_adapters_of(seams, seams.load(str(tiny_sd), "cpu", torch.float32)[0], 5, tmp_path / "run", gate=0.3,
+                       noise=0.05, image_encoder=str(tiny_clip))
+    weight = CLIPTextModelWithProjection.from_pretrained(tiny_clip).text_projection.weight.T.contiguous()
+    save_file({"project.weight": weight}, tmp_path / "run" / "image_project.safetensors")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "photo.png")
+    Image.new("RGB", (20, 30), (40, 60, 220)).save(tmp_path / "ref.png")
+    client = Client(launch_app(f"--model={tiny_sd}", f"--adapters={tmp_path / 'run'}"), verbose=False)
+    rows = {"headers": ["phrase", "x0", "y0", "x1", "y1", "image"],
+            "data": [["a red square", 0.1, 0.1, 0.4, 0.4, ""], ["", 0.5, 0.5, 0.9, 0.9, "ref.png"]]}
+    _, plain, command = client.predict("a room", rows, 1, 0, 2, 7.5, 0.3, "ddim", handle_file(tmp_path / "photo.png"),
+                                       [handle_file(tmp_path / "ref.png")], api_name="/generate")
+    sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "run"), "prompt": "a room",
+                 "phrases": ["a red square", None], "images": [None, str(tmp_path / "ref.png")], "n": 1, "steps": 2,
+                 "boxes": [r[1:5] for r in rows["data"]], "inpaint_image": str(tmp_path / "photo.png"),
+                 "out_dir": str(tmp_path / "cli")})
+    assert "--inpaint_image=" in command and "--images=" in command
+    (tmp_path / "cut.png").write_bytes((tmp_path / "photo.png").read_bytes()[:40])  # a photo cut short
+    with pytest.raises(__import__("gradio_client").exceptions.AppError, match="is not a readable image"):
+        client.predict("a room", rows, 1, 0, 2, 7.5, 0.3, "ddim", handle_file(tmp_path / "cut.png"),
+                       [handle_file(tmp_path / "ref.png")], api_name="/generate")
+    assert np.array_equal(np.asarray(Image.open(plain[0]["image"])), pngs(tmp_path / "cli", 1)[0])
+
+    seams = tg.choose_seams("video")
+    random_adapters_of(seams, seams.load(str(tiny_video), "cpu", torch.float32)[0], 5, tmp_path / "vrun")
+    client = Client(launch_app(f"--model={tiny_video}", f"--adapters={tmp_path / 'vrun'}", "--frames=3"), verbose=False)
+    rows = {"headers": ["phrase", "x0", "y0", "x1", "y1"], "data": [["a red square", 0.1, 0.1, 0.5, 0.5]]}
+    boxed, plain, _ = client.predict("a red square", rows, 1, 0, 2, 7.5, 0.3, "ddim", None, [], api_name="/generate")
+    sample.main({**sample.config, "model": str(tiny_video), "adapters": str(tmp_path / "vrun"), "frames": 3,
+                 "prompt": "a red square", "phrases": ["a red square"], "boxes": [[0.1, 0.1, 0.5, 0.5]], "n": 1,
+                 "steps": 2, "out_dir": str(tmp_path / "vcli")})
+    assert Path(plain[0]["image"]).read_bytes() == (tmp_path / "vcli" / "000_00.gif").read_bytes()
+    with Image.open(boxed[0]["image"]) as gif:
+        assert gif.n_frames == 3
+
+def test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine(launch_app, tmp_path):
+    """The app in headless Chromium (the system's, through Playwright; nothing downloaded): drag a box on the canvas,
+    type its phrase, write the caption, press Generate and get the images with the box drawn on; the training tab
+    shows a run's verdict. Every request the page makes is recorded: any to another host fails the test (no CDN, no
+    web fonts, no analytics). GLIGEN_APP_SCREENSHOTS=folder also saves the two screenshots there (the README's)."""
+    chromium = app_extras(browser=True)
+    from urllib.parse import urlparse
+
+    from playwright.sync_api import expect, sync_playwright
+
+    run = tmp_path / "run"  # the shipped adapters' own run, being written
+    shutil.copytree(HERE / "extras" / "shapes_adapters", run)
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 4100, "lo')
+    url, outside, seen = launch_app(f"--watch={run}"), [], []
+
+    def route(r):
+        seen.append(r.request.url)
+        if urlparse(r.request.url).hostname in ("127.0.0.1", "localhost"):
+            return r.continue_()
+        outside.append(r.request.url)
+        r.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.route("**/*", route)
+            page = context.new_page()
+            page.goto(url)
+            expect(page.locator("#generate")).to_be_visible(timeout=60_000)
+            canvas = page.locator("#canvas canvas").first
+            wait_for(lambda: (canvas.bounding_box() or {}).get("height", 0) > 100, 30)  # sized once its image loads
+            canvas = canvas.bounding_box()
+            at = lambda fx, fy: (canvas["x"] + fx * canvas["width"], canvas["y"] + fy * canvas["height"])
+            page.mouse.move(*at(0.2, 0.2))
+            page.mouse.down()
+            page.mouse.move(*at(0.5, 0.6), steps=10)
+            page.mouse.up()
+            page.locator('#model-box-edit input[aria-label="Label"]').fill("a red circle")
+            page.locator("#model-box-edit button", has_text="OK").click()
+            expect(page.locator("#table")).to_contain_text("a red circle", timeout=20_000)  # the canvas -> the table
+            page.locator("#caption textarea").fill("a red circle")
+            page.locator("#generate").click()
+            expect(page.locator("#boxed img")).to_have_count(4, timeout=120_000)
+            page.screenshot(path=tmp_path / "app.png", full_page=True)
+            page.get_by_role("tab", name="Training").click()
+            expect(page.locator("#verdict")).to_contain_text("Yes, the boxes count", timeout=20_000)
+            expect(page.locator("#status")).to_contain_text("step 4000", timeout=20_000)
+            for plot in ("#loss_plot", "#gap_plot"):  # the curves drawn
+                expect(page.locator(f"{plot} canvas, {plot} svg").first).to_be_visible(timeout=20_000)
+            expect(page.locator("#grid img")).to_be_visible(timeout=20_000)
+            page.screenshot(path=tmp_path / "app_training.png", full_page=True)
+        finally:
+            browser.close()
+    for name in ("app.png", "app_training.png") if os.environ.get("GLIGEN_APP_SCREENSHOTS") else ():
+        shutil.copy(tmp_path / name, Path(os.environ["GLIGEN_APP_SCREENSHOTS"]) / name)
+    assert not outside, f"the page asked other hosts for: {outside}"
+    assert len(seen) > 10 and Image.open(tmp_path / "app.png").size[0] == 1400

@@ -1180,7 +1180,8 @@ class StepLog:
         mem = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss
         speed = self.steps * G / (time.perf_counter() - self.t0)
         rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2),
-                   skipped=self.steps - good, tflop_per_image=round(self.flops / 1e12, 6))
+                   skipped=self.steps - good, tflop_per_image=round(self.flops / 1e12, 6), max_steps=cfg["max_steps"],
+                   left_s=round((cfg["max_steps"] - step) * G / speed))  # at this speed, without validations
         if self.peak:  # model-FLOPs utilisation: the counted FLOPs at this speed over the GPUs' bf16 peak
             rec["mfu"] = round(self.flops * speed / self.world / self.peak, 4)
         if self.master:
