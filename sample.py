@@ -177,7 +177,7 @@ class Sampler:
         self.video = self.family == "video"
         if cfg["export"] and self.family != "sd":
             fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
-        self.schedulers = {}
+        self.schedulers, self.photos = {}, {}  # loaded by name; inpainting photos' latents by path
 
     def check(self, layouts, inpaint_image):
         """Stop unless these layouts and photo suit the adapters' mode and the model's family."""
@@ -204,6 +204,7 @@ class Sampler:
         return self.schedulers[name]
 
     def load(self):
+        """The model in the sampling precision on the GPU if there is one, with the adapters; the output size."""
         from diffusers import AutoencoderKL
 
         cfg, seams = self.cfg, self.seams
@@ -241,8 +242,10 @@ class Sampler:
         inpaint_image = inpaint_image or cfg["inpaint_image"]
         sched = self.scheduler(scheduler or cfg["scheduler"], steps)
         extra = {"frames": cfg["frames"]} if self.video else {}  # the video sampler's clip length
-        if self.inpaint:  # the inpainting sampler's photo
-            extra["inpaint_latent"] = photo_latent(inpaint_image, self.vae, self.height, self.width)
+        if self.inpaint:  # the inpainting sampler's photo, encoded once
+            if inpaint_image not in self.photos:
+                self.photos[inpaint_image] = photo_latent(inpaint_image, self.vae, self.height, self.width)
+            extra["inpaint_latent"] = self.photos[inpaint_image]
         if self.text_image:
             paths = layout.get("images") or [None] * len(layout["phrases"])
             extra_layout = {"images": image_features(paths, self.image_tower)}

@@ -1070,22 +1070,35 @@ def test_compile_setting_compiles_the_training_step_and_trains_the_same(tiny_sd,
 
 def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_data, random_adapters):
     """The trainer's validation losses with true, mirrored and no boxes: with closed gates (fresh adapters) all three
-    equal; with open ones, three values, the mirrored one that of the boxes mirrored left to right."""
+    equal and the gap's standard error 0; with open ones, three values, the mirrored one that of the boxes mirrored
+    left to right; the gap's bootstrap standard error and the gap on the high-noise images are those of each image's
+    loss."""
     unet, te, tok, scheduler = tg.load_base(str(tiny_sd), "cpu", torch.float32)
     tg.inject_gligen(unet)
     data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
-    batch = data.collate(tok, [data[(i, False)] for i in range(4)])
+    batch = data.collate(tok, [data[(i, False)] for i in range(8)])
     loss_of = partial(tg.micro_step_loss, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
                       empty_ids=tok.captions([""]),
                       cfg=dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon"))
-    assert len(set(tg.box_use_losses(loss_of, unet, [batch], seed=5).values())) == 1
+    losses = lambda rec: {k: v for k, v in rec.items() if k.startswith("val_loss_")}  # noqa: E731
+    closed = tg.box_use_losses(loss_of, unet, [batch], seed=5)
+    assert len(set(losses(closed).values())) == 1 and closed["val_gap_se"] == 0 == closed["val_gap_high_noise_se"]
     tg.set_adapters(unet, tg.load_adapters(str(random_adapters)), "random")
     got = tg.box_use_losses(loss_of, unet, [batch], seed=5)
-    assert len(set(got.values())) == 3, got
+    assert len(set(losses(got).values())) == 3, got
     b = batch["boxes"]
     mirrored = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], -1)  # x -> 1 - x, x0 and x1 swapped
     assert got["val_loss_mirrored"] == loss_of(unet, {**batch, "boxes": mirrored}, torch.Generator().manual_seed(5)).item()
     assert got["val_loss_boxes"] == loss_of(unet, batch, torch.Generator().manual_seed(5)).item()
+    with torch.no_grad():
+        (loss, true, t), (_, wrong, _) = (loss_of(unet, x, torch.Generator().manual_seed(5), per_image=True)
+                                          for x in (batch, {**batch, "boxes": mirrored}))
+    assert torch.allclose(true.mean(), loss) and t.shape == (8,) and (0 <= t).all() and (t < 1).all()
+    gap = (wrong.double() - true.double()).numpy()
+    high = gap[t.numpy() >= 0.5]
+    assert 2 <= len(high) < 8 and got["val_gap_high_noise"] == float(high.mean())
+    resample = np.random.default_rng(5).integers(0, 8, (1000, 8))  # the bootstrap, redone
+    assert got["val_gap_se"] == float(gap[resample].mean(1).std()) > 0
 
 
 def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
@@ -2036,8 +2049,8 @@ def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_
     import app
     import sample
 
-    shared = set(app.config) & set(sample.config) - {"model", "adapters"}  # the controls start at sample.py's defaults
-    assert len(shared) == 10 and {k: app.config[k] for k in shared} == {k: sample.config[k] for k in shared}
+    shared = set(app.config) & set(sample.config)  # --model, --adapters and the controls: sample.py's defaults
+    assert len(shared) == 12 and {k: app.config[k] for k in shared} == {k: sample.config[k] for k in shared}
     rows = [["a dog", "0.1", 0.2, 0.4, "0.5"], ["", "", "", "", ""], ["a dog", 0.5, 0.2, 0.9, 0.6]]
     layout = app.table_to_layout("two dogs", rows)
     assert layout == dict(prompt="two dogs", phrases=["a dog", "a dog"], boxes=[[0.1, 0.2, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6]])
@@ -2062,6 +2075,19 @@ def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_
     assert app.canvas_to_rows(moved, kept) == [kept[0], ["a cat", 0.5, 0.1992, 0.9766, 0.5996]]  # 102/512, 307/512
     assert app.canvas_to_rows(moved, []) == [["a dog", 0.0996, 0.1992, 0.4004, 0.5], ["a cat", 0.5, 0.1992, 0.9766,
                                                                                           0.5996]]
+    typing = kept + [["a cat", "", "", "", ""], ["a cow", 0.1, 0.1, 1.2, 0.5]]  # a row being typed; one off the image
+    assert app.canvas_to_rows(app.rows_to_canvas(typing, None), typing) == typing  # both stay, off the canvas
+    drawn = {**canvas, "boxes": canvas["boxes"] + [dict(xmin=0, ymin=0, xmax=128, ymax=64, label="a cow")]}
+    assert app.canvas_to_rows(drawn, typing) == typing + [["a cow", 0.0, 0.0, 0.25, 0.125]]  # a new box: a new row
+    start = dict(xmin=10, ymin=20, xmax=10, ymax=20, label="")  # a box being dragged out, then labelled
+    dragged = app.canvas_to_rows({**canvas, "boxes": [start]}, [])
+    assert app.canvas_to_rows({**canvas, "boxes": [{**start, "xmax": 100, "ymax": 80, "label": "a cow"}]}, dragged) == \
+           [["a cow", 0.0195, 0.0391, 0.1953, 0.1562]]
+    refs = [["a", 0.1, 0.1, 0.2, 0.2, "a.png"], ["b", 0.3, 0.3, 0.4, 0.4, "b.png"], ["c", 0.5, 0.5, 0.6, 0.6, "c.png"]]
+    three = app.rows_to_canvas(refs, None)
+    assert app.canvas_to_rows({**three, "boxes": three["boxes"][1:]}, refs, 6) == refs[1:]  # images stay with boxes
+    nudged = [three["boxes"][0], {**three["boxes"][1], "xmin": 160}, three["boxes"][2]]
+    assert app.canvas_to_rows({**three, "boxes": nudged}, refs, 6)[1] == ["b", 0.3125, 0.3008, 0.4004, 0.4004, "b.png"]
     assert app.blank_canvas(32, 64).shape == (256, 512, 3)
 
     layout["prompt"] = "a dog's \"ball\" -- and $HOME"
@@ -2072,6 +2098,11 @@ def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_
     cfg = tg.configure(sample.config, argv[2:])
     assert {k: cfg[k] for k in ("prompt", "phrases", "boxes")} == layout and cfg["adapters"] == "a b"
     assert {k: cfg[k] for k in opts} == opts
+    with_refs = {**layout, "phrases": ["a dog", None], "images": [None, "/my refs/dog.png"]}  # an image-only box
+    command = app.sample_command(app.config, with_refs, opts, photo="/my photos/room.png")
+    cfg = tg.configure(sample.config, __import__("shlex").split(command.split("\n", 1)[1].replace("\\\n", ""))[2:])
+    assert {k: cfg[k] for k in ("phrases", "images", "inpaint_image")} == \
+           {"phrases": ["a dog", None], "images": [None, "/my refs/dog.png"], "inpaint_image": "/my photos/room.png"}
     saved = app.save_layout(layout["prompt"], rows, None, tmp_path)
     assert sample.read_layouts({**sample.config, "layouts": saved}) == [layout]
     assert app.load_layout(saved) == (layout["prompt"], [["a dog", 0.1, 0.2, 0.4, 0.5], ["a dog", 0.5, 0.2, 0.9, 0.6]],
@@ -2079,19 +2110,33 @@ def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_
     (tmp_path / "moving.jsonl").write_text(json.dumps(dict(prompt="x", phrases=["a"], boxes=[[[0, 0, 1, 1]]] * 2)))
     with pytest.raises(SystemExit, match="moving boxes"):
         app.load_layout(tmp_path / "moving.jsonl")
+    (tmp_path / "refs.jsonl").write_text(json.dumps(with_refs) + "\n")  # as the app saves a text-image layout
+    assert app.load_layout(tmp_path / "refs.jsonl", 6)[1:] == ([["a dog", 0.1, 0.2, 0.4, 0.5, ""],
+                                                                 ["", 0.5, 0.2, 0.9, 0.6, "dog.png"]],
+        "loaded line 1 of 1 from refs.jsonl; upload its reference images again (the table's image column names them)")
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)))
+    with pytest.raises(SystemExit, match="binary.jsonl: not a text file"):
+        app.load_layout(tmp_path / "binary.jsonl")
 
     write_log(tmp_path / "run" / "log.jsonl")
     with open(tmp_path / "run" / "log.jsonl", "r+") as f:  # a broken line in the middle, too
         text = f.read().replace('{"step": 700,', '{"step": 700,,', 1)
         f.seek(0), f.write(text)
-    records, skipped = app.read_log(tmp_path / "run" / "log.jsonl")
-    assert len(records) == 4 + 15 - 1 and skipped == 2 and records[-1]["step"] == 1500
-    assert app.read_log(tmp_path / "nothing.jsonl") == ([], 0)
+    records, partial, bad = app.read_log(tmp_path / "run" / "log.jsonl")
+    assert len(records) == 4 + 15 - 1 and partial and bad == 1 and records[-1]["step"] == 1500
+    assert app.read_log(tmp_path / "nothing.jsonl") == ([], False, 0)
     val = [r for r in records if "val_loss_boxes" in r]
     assert app.boxes_verdict([]).startswith("No box-use validation yet")
     assert "Not yet" in app.boxes_verdict(val[:1]) and "Not yet" in app.boxes_verdict(val[:2])
     assert "Arriving" in app.boxes_verdict(val[:3]) and "+0.00230" in app.boxes_verdict(val[:3])
     assert "Yes, the boxes count" in app.boxes_verdict(val)
+    assert "the gates are closed" in app.boxes_verdict(val[:1])  # step 0 of a fresh run
+    grounded = dict(step=0, val_loss_boxes=0.1, val_loss_mirrored=0.3, val_loss_no_grounding=0.2)  # --init_from
+    assert "Yes, the boxes count" in app.boxes_verdict([grounded])
+    assert "Starting" in app.boxes_verdict([{**grounded, "val_loss_mirrored": 0.105}])
+    noisy = {**grounded, "val_loss_mirrored": 0.1025, "val_gap_se": 0.001}  # with the trainer's standard error
+    assert "under 3 standard errors (0.00100)" in app.boxes_verdict([noisy])
+    assert "5.0 standard errors" in app.boxes_verdict([{**noisy, "val_loss_mirrored": 0.105}])
 
 
 def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_path):
@@ -2123,7 +2168,7 @@ def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_pat
     with pytest.raises(AppError, match="a layout has at most 30"):
         client.predict("x", {**rows, "data": rows["data"] * 16}, *args[2:], api_name="/generate")
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
-    with pytest.raises(AppError, match="a photo is for inpainting adapters"):
+    with pytest.raises(AppError, match="--inpaint_image needs inpainting adapters"):
         client.predict(*args[:8], __import__("gradio_client").handle_file(tmp_path / "photo.png"), [],
                        api_name="/generate")
     again = client.predict(*args, api_name="/generate")[1]  # still serving, and the same seed gives the same pixels
@@ -2134,7 +2179,8 @@ def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_pat
     (tmp_path / "run" / "val_0001500.png").write_bytes(b"\x89PNG\r\n")  # being written: passed over
     status, verdict, loss, speed, use, gaps, grid = client.predict(str(tmp_path / "run"), api_name="/watch")
     assert status.startswith("step 1500 of 4000 · 170.0 images/s · loss 0.1000 · about 0h 07m left")
-    assert "val_0001000.png" in status and "1 line(s) skipped" in status and "Yes, the boxes count" in verdict
+    assert "val_0001000.png" in status and "the last line is being written" in status
+    assert "Yes, the boxes count" in verdict
     assert len(loss["data"]) == len(speed["data"]) == 15 and len(use["data"]) == 3 * 4 and len(gaps["data"]) == 2 * 4
     assert grid is not None and Image.open(grid).size == (8, 8)
 

@@ -760,9 +760,10 @@ def text_box_grounding(text_encoder, batch, masks, g):
 
 
 def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(),
-                    text_inputs=caption_inputs, noisy_input=as_is, grounding=text_box_grounding):
+                    text_inputs=caption_inputs, noisy_input=as_is, grounding=text_box_grounding, per_image=False):
     """The GLIGEN loss of one micro-batch: caption and grounding drops, noise and timestep from the generator g; the
-    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled)."""
+    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled). per_image (the
+    box-use validation): also each image's loss (b,) and its timestep as a share of T (b,)."""
     device, T = alphas_cumprod.device, alphas_cumprod.shape[0]
     x0 = batch["latents"][:, 0].float()  # the VAE mean
     b = x0.shape[0]
@@ -781,23 +782,41 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
         gligen = grounding(text_encoder, batch, masks, g)
     with autocast:
         pred = model(x, t, **text, cross_attention_kwargs={"gligen": gligen}).sample
-    return F.mse_loss(pred.float(), target)
+    loss = F.mse_loss(pred.float(), target)
+    if per_image:
+        return loss, F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1), t.float() / T
+    return loss
 
 
 @torch.no_grad()
-def box_use_losses(loss_of, unet, batches, seed):
+def box_use_losses(loss_of, unet, batches, seed, resamples=1000):
     """Do the adapters use the boxes? The loss on fixed batches of training images (noise and timesteps fixed by seed;
     loss_of keeps every caption and all grounding) three ways: with their true boxes, with the boxes mirrored left to
     right, and with no grounding. Once the adapters place objects by their boxes, the true boxes give a clearly lower
-    loss than the mirrored ones, long before a picture shows it."""
+    loss than the mirrored ones (the gap), long before a picture shows it. From each image's gap: the gap's standard
+    error (a bootstrap over the images: a gap under about 3 of them is noise), and the gap on the images drawn at high
+    noise (the upper half of the timesteps, where layout is decided), with its standard error."""
     losses, n = dict(boxes=0.0, mirrored=0.0, no_grounding=0.0), sum(len(b["latents"]) for b in batches)
+    each, level = dict(boxes=[], mirrored=[]), []
     for k, b in enumerate(batches):
         variants = dict(boxes=b, mirrored={**b, "boxes": mirror(b["boxes"])},
                         no_grounding={**b, "masks": torch.zeros_like(b["masks"])})
         for name, batch in variants.items():  # the same noise and timesteps for each
             g = torch.Generator(b["latents"].device).manual_seed(seed + k)
-            losses[name] += loss_of(unet, batch, g).item() * len(b["latents"]) / n
-    return {f"val_loss_{k}": v for k, v in losses.items()}
+            loss, per_image, t = loss_of(unet, batch, g, per_image=True)
+            losses[name] += loss.item() * len(b["latents"]) / n
+            if name in each:
+                each[name].append(per_image.double().cpu())
+        level.append(t.cpu())
+    gap = (torch.cat(each["mirrored"]) - torch.cat(each["boxes"])).numpy()
+    high = gap[torch.cat(level).numpy() >= 0.5]
+    rng = np.random.default_rng(seed)
+
+    def se(x):  # the bootstrap standard error of x's mean
+        return float(x[rng.integers(0, len(x), (resamples, len(x)))].mean(1).std()) if len(x) > 1 else None
+
+    return {**{f"val_loss_{k}": v for k, v in losses.items()}, "val_gap_se": se(gap),
+            "val_gap_high_noise": float(high.mean()) if len(high) else None, "val_gap_high_noise_se": se(high)}
 
 
 def count_flops(fn):
@@ -1106,9 +1125,12 @@ def validate(val, step, unet, out, autocast, bar):
     grid.save(out / f"val_{step:07d}.png")
     if val.batches:
         rec = dict(step=step, **box_use_losses(val.loss_of, unet, val.batches, val.seed))
+        pm = {k: f" +- {v:.5f}" if v is not None else "" for k, v in rec.items() if k.endswith("_se")}
+        high = f"; high noise {rec['val_gap_high_noise']:+.5f}{pm['val_gap_high_noise_se']}" \
+            if rec["val_gap_high_noise"] is not None else ""
         bar.write(f"val step {step} | loss with boxes {rec['val_loss_boxes']:.5f}, mirrored "
-                  f"{rec['val_loss_mirrored']:.5f} (gap {rec['val_loss_mirrored'] - rec['val_loss_boxes']:+.5f}), "
-                  f"no grounding {rec['val_loss_no_grounding']:.5f}")
+                  f"{rec['val_loss_mirrored']:.5f} (gap {rec['val_loss_mirrored'] - rec['val_loss_boxes']:+.5f}"
+                  f"{pm['val_gap_se']}{high}), no grounding {rec['val_loss_no_grounding']:.5f}")
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 

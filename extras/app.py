@@ -24,7 +24,9 @@ way out. One generation runs at a time; a bad layout shows sample.py's error mes
 Settings: python extras/app.py --help. The controls start at sample.py's defaults, and on the shipped shapes model
 at the demo's (25 DDIM steps, beta 1, as its held-out score was measured).
 """
+import ast
 import atexit
+import functools
 import json
 import os
 import shlex
@@ -47,8 +49,8 @@ from train_gligen import check_image, check_layouts, configure, fail, is_moving 
 SHAPES = dict(model=str(ROOT / "extras" / "shapes_base"), adapters=str(ROOT / "extras" / "shapes_adapters"),
               steps=25, beta=1.0)  # the shipped demo: its base, its trained adapters, the settings it was scored with
 config = dict(
-    model=SHAPES["model"],  # base model, as sample.py's --model (default: the shapes demo's shipped base)
-    adapters=SHAPES["adapters"],  # as sample.py's --adapters (default: the demo's shipped adapters); "" = none
+    model=sample.config["model"],  # base model, as sample.py's --model (given neither this nor --adapters: SHAPES)
+    adapters="",  # as sample.py's --adapters; "" = the base model alone
     watch="demo/gligen",  # the training tab's run (out_dir); another can be typed in the page
     # the controls' starting values: sample.py's defaults (with no --model and --adapters, the demo's steps and beta)
     n=4,  # images per layout
@@ -74,20 +76,29 @@ REFRESH_S = 3  # the training tab's refresh interval
 
 # -----------------------------------------------------------------------------------------------------------------
 # Layouts: the table (the source of truth) <-> the canvas <-> the JSONL line sample.py reads.
+def cell(v):
+    """A table cell as text ("" for an empty one)."""
+    return "" if v is None else str(v).strip()
+
+
 def table_to_layout(caption, rows, refs=None):
     """(prompt, table rows [phrase, x0, y0, x1, y1(, image name)], uploaded reference images) -> a sample.py layout;
     numbers typed as text are read, blank rows dropped; checked as sample.py checks --layouts."""
     phrases, boxes, images = [], [], []
-    refs = {Path(p).name: p for p in refs or []}
+    names = [Path(p).name for p in refs or []]
+    if len(set(names)) < len(names):
+        fail(f"two reference images have the same name ({sorted(n for n in names if names.count(n) > 1)[0]!r}): "
+             "rename one, the table names them")
+    refs = dict(zip(names, refs or []))
     for i, row in enumerate(rows or []):
-        row = list(row) + [""] * (len(HEADERS) + 1 - len(row))
-        if all(v in ("", None) for v in row):
+        row = [cell(v) for v in row] + [""] * (len(HEADERS) + 1 - len(row))
+        if not any(row):
             continue
         try:
             box = [float(v) for v in row[1:5]]
-        except (TypeError, ValueError):
+        except ValueError:
             fail(f"the table: row {i + 1}: x0, y0, x1, y1 must be numbers, got {row[1:5]!r}")
-        phrase, image = (row[0] or "").strip() or None, (row[5] or "").strip() if len(row) > 5 else ""
+        phrase, image = row[0] or None, row[5]
         if image and image not in refs:
             fail(f"the table: row {i + 1}: no reference image named {image!r} was uploaded")
         phrases.append(phrase if phrase is not None or image else "")
@@ -105,39 +116,58 @@ def layout_to_rows(layout, columns=len(HEADERS)):
     return [[p or "", *b, n][:columns] for p, b, n in zip(layout["phrases"], layout["boxes"], names)]
 
 
+def pixel_box(row, w, h):
+    """A table row's box in canvas pixels (xmin, ymin, xmax, ymax), or None where it cannot be drawn (not four
+    numbers x0 <= x1, y0 <= y1 in [0, 1]: a row being typed, or one sample.py would refuse). A box of no size is
+    drawn: the canvas reports one while a box is being dragged out."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in row[1:5])
+    except (TypeError, ValueError):
+        return None
+    if not (all(0 <= v <= 1 for v in (x0, y0, x1, y1)) and x1 >= x0 and y1 >= y0):
+        return None
+    return round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)
+
+
 def canvas_to_rows(value, old_rows, columns=len(HEADERS)):
-    """The canvas's boxes (pixels of its image) -> table rows, relative and rounded to 4 places; an image name typed
-    in the table (text-image adapters' 6th column) stays with its box."""
+    """The table after a change on the canvas. Each canvas box finds its row: the row it was drawn from (its typed
+    numbers, phrase and image name kept), else the row of a box just moved or resized (image name kept, the numbers
+    from the canvas, relative, to 4 places), else a new row at the end. Rows of deleted boxes go; rows that cannot be
+    drawn (being typed) stay where they are."""
     if not value or value.get("image") is None:
         return old_rows
     h, w = np.asarray(value["image"]).shape[:2]
-    old_rows = [list(r) + [""] * (6 - len(r)) for r in old_rows or []]
-    old_boxes = rows_to_canvas(old_rows, value)["boxes"] if len(old_rows) == len(value["boxes"]) else []
+    old = [list(r) + [""] * (6 - len(r)) for r in old_rows or []]
+    drawn = [pixel_box(r, w, h) for r in old]
+    boxes = [((b["xmin"], b["ymin"], b["xmax"], b["ymax"]), b.get("label") or "") for b in value["boxes"]]
+    row_of = {}  # canvas box -> its old row
+    for i, (box, _) in enumerate(boxes):
+        row_of[i] = next((j for j, d in enumerate(drawn) if d == box and j not in row_of.values()), None)
+    left = iter(j for j, d in enumerate(drawn) if d is not None and j not in row_of.values())
+    for i in [i for i, j in row_of.items() if j is None]:  # moved or resized: the next row whose box is gone
+        row_of[i] = next(left, None)
+    new_of_row = {j: i for i, j in row_of.items() if j is not None}
     rows = []
-    for i, b in enumerate(value["boxes"]):
-        b = {k: b.get(k) for k in ("xmin", "ymin", "xmax", "ymax", "label")}
-        b["label"] = b["label"] or ""
-        if i < len(old_boxes) and old_boxes[i] == b:  # this box as typed in the table: keep its exact numbers
-            rows.append(old_rows[i])
-            continue
-        rows.append([b["label"], round(b["xmin"] / w, 4), round(b["ymin"] / h, 4), round(b["xmax"] / w, 4),
-                     round(b["ymax"] / h, 4), old_rows[i][5] if i < len(old_rows) else ""])
+    for j, r in enumerate(old):
+        if drawn[j] is None:
+            rows.append(r)
+        elif j in new_of_row:
+            box, label = boxes[new_of_row[j]]
+            numbers = r[1:5] if drawn[j] == box else [round(v / d, 4) for v, d in zip(box, (w, h, w, h))]
+            rows.append([label, *numbers, r[5]])
+    for i, j in row_of.items():
+        if j is None:
+            box, label = boxes[i]
+            rows.append([label, *[round(v / d, 4) for v, d in zip(box, (w, h, w, h))], ""])
     return [r[:columns] for r in rows]
 
 
 def rows_to_canvas(rows, value):
-    """Table rows -> the canvas's boxes on its current image (rows that are not four numbers in [0, 1] skipped)."""
+    """Table rows -> the canvas's boxes on its current image (rows that cannot be drawn are left off)."""
     image = np.asarray(value["image"]) if value and value.get("image") is not None else blank_canvas()
     h, w = image.shape[:2]
-    boxes = []
-    for row in rows or []:
-        try:
-            x0, y0, x1, y1 = (float(v) for v in row[1:5])
-        except (TypeError, ValueError):
-            continue
-        if all(0 <= v <= 1 for v in (x0, y0, x1, y1)) and x1 > x0 and y1 > y0:
-            boxes.append(dict(xmin=round(x0 * w), ymin=round(y0 * h), xmax=round(x1 * w), ymax=round(y1 * h),
-                              label=str(row[0] or "")))
+    boxes = [dict(zip(("xmin", "ymin", "xmax", "ymax"), b), label=cell(r[0]))
+             for r in rows or [] if (b := pixel_box(r, w, h)) is not None]
     return dict(image=image, boxes=boxes)
 
 
@@ -157,17 +187,29 @@ def photo_canvas(path, height, width):
     return np.asarray(im.crop((left, top, left + width * s, top + height * s)).resize(size, Image.Resampling.LANCZOS))
 
 
+def literal(value):
+    """value as a Python literal for a --key=value argument: JSON where it reads back the same (lists of strings and
+    numbers), else Python's own (None, in image-only boxes)."""
+    text = json.dumps(value)
+    try:
+        return text if ast.literal_eval(text) == value else repr(value)
+    except (ValueError, SyntaxError):
+        return repr(value)
+
+
 def sample_command(cfg, layout, opts, photo=None):
     """The sample.py command that makes the same images."""
     q = shlex.quote
     args = [f"--model={q(cfg['model'])}"] + ([f"--adapters={q(cfg['adapters'])}"] if cfg["adapters"] else [])
-    args += [f"--prompt={q(layout['prompt'])}", f"--phrases={q(json.dumps(layout['phrases']))}",
-             f"--boxes={q(json.dumps(layout['boxes']))}"]  # JSON lists of strings and numbers are Python literals
-    args += [f"--images={q(repr(layout['images']))}"] if layout.get("images") else []
+    args += [f"--prompt={q(layout['prompt'])}", f"--phrases={q(literal(layout['phrases']))}",
+             f"--boxes={q(literal(layout['boxes']))}"]
+    args += [f"--images={q(literal(layout['images']))}"] if layout.get("images") else []
     args += [f"--inpaint_image={q(photo)}"] if photo else []
     args += [f"--{k}={opts[k]}" for k in ("n", "seed", "steps", "guidance", "beta", "scheduler")]
     args += [f"--{k}={cfg[k]}" for k in ("dtype", "frames", "image_encoder") if cfg[k] != sample.config[k]]
-    return "python sample.py " + " \\\n    ".join(args)
+    uploads = "# the photo and reference images above are the app's copies of your uploads: give your files\n" \
+        if photo or layout.get("images") else ""
+    return uploads + "python sample.py " + " \\\n    ".join(args)
 
 
 def save_layout(caption, rows, refs, folder):
@@ -178,36 +220,48 @@ def save_layout(caption, rows, refs, folder):
 
 
 def load_layout(path, columns=len(HEADERS)):
-    """The first layout of a JSONL file (sample.py --layouts), checked: (caption, rows, a note)."""
-    lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
+    """The first layout of a JSONL file (sample.py --layouts), checked: (caption, rows, a note). Reference images are
+    named in the rows (columns=6), for the user to upload again."""
+    name = Path(path).name
+    try:
+        lines = [l for l in Path(path).read_bytes().decode("utf-8").splitlines() if l.strip()]
+    except UnicodeDecodeError:
+        fail(f"{name}: not a text file (a layout file has one JSON object a line: prompt, phrases, boxes)")
     if not lines:
-        fail(f"{Path(path).name}: no layout in it (one JSON object a line: prompt, phrases, boxes)")
+        fail(f"{name}: no layout in it (one JSON object a line: prompt, phrases, boxes)")
     try:
         layout = json.loads(lines[0])
     except json.JSONDecodeError as e:
-        fail(f"{Path(path).name}:1: not JSON ({e})")
+        fail(f"{name}:1: not JSON ({e})")
     if isinstance(layout, dict) and is_moving(layout.get("boxes")):
-        fail(f"{Path(path).name}:1: moving boxes (one list per frame) are not drawn here; sample.py --layouts takes "
-             "them")
-    check_layouts([(f"{Path(path).name}:1", layout)])
-    note = f"loaded line 1 of {len(lines)} from {Path(path).name}" + (
-        "; its reference images are not loaded: upload them and name them in the table" if layout.get("images") else "")
+        fail(f"{name}:1: moving boxes (one list per frame) are not drawn here; sample.py --layouts takes them")
+    images = layout.get("images") if isinstance(layout, dict) else None
+    checked = layout
+    if isinstance(images, list) and isinstance(layout.get("phrases"), list) and len(images) == len(layout["phrases"]):
+        # an image-only box passes as text here: its image is named in the table, not opened
+        checked = {**layout, "phrases": [p if p is not None or im is None else "(image)"
+                                         for p, im in zip(layout["phrases"], images)]}
+    check_layouts([(f"{name}:1", checked)])
+    note = f"loaded line 1 of {len(lines)} from {name}"
+    if images and columns > len(HEADERS):
+        note += "; upload its reference images again (the table's image column names them)"
+    elif images:
+        note += "; its reference images are left out: these adapters take none"
     return layout["prompt"], layout_to_rows(layout, columns), note
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # The training tab: read a run's log.jsonl and validation grids, never write.
 def read_log(path):
-    """The records of a log.jsonl that may be being written: a last line without its newline is skipped (the trainer
-    is mid-write), as are lines that are not JSON objects. (records, lines skipped)."""
+    """The records of a log.jsonl that may be being written: (records, whether a last line without its newline was
+    left out (the trainer mid-write), how many other lines were not records and were skipped)."""
     try:
-        data = Path(path).read_bytes()
+        lines = Path(path).read_bytes().split(b"\n")
     except OSError:
-        return [], 0
-    lines, skipped, records = data.split(b"\n"), 0, []
-    if lines and lines[-1].strip():
-        lines, skipped = lines[:-1], 1  # the half-written last line
-    for line in lines:
+        return [], False, 0
+    partial = bool(lines[-1].strip())
+    records, bad = [], 0
+    for line in lines[:-1]:
         if line.strip():
             try:
                 r = json.loads(line)
@@ -216,8 +270,8 @@ def read_log(path):
             if isinstance(r, dict) and isinstance(r.get("step"), int):
                 records.append(r)
             else:
-                skipped += 1
-    return records, skipped
+                bad += 1
+    return records, partial, bad
 
 
 def boxes_verdict(val):
@@ -225,25 +279,27 @@ def boxes_verdict(val):
     yet?"): the gap is the loss with the boxes mirrored minus the loss with the true boxes."""
     if not val:
         return "No box-use validation yet: the trainer writes one at step 0 and every --val_every steps."
-    last = val[-1]
+    last, where = val[-1], f"At step {val[-1]['step']}"
     gap = last["val_loss_mirrored"] - last["val_loss_boxes"]
-    phrases = last["val_loss_no_grounding"] - last["val_loss_boxes"]
-    uses = ("the phrases are used (no grounding is {:.4f} above the boxes)".format(phrases) if phrases > 1e-3 else
+    phrase_gap = last["val_loss_no_grounding"] - last["val_loss_boxes"]
+    uses = (f"the phrases are used (no grounding is {phrase_gap:.4f} above the boxes)" if phrase_gap > 1e-3 else
             "the phrases are not used yet either")
-    where = f"At step {last['step']}"
-    if len(val) == 1 or gap <= 1e-3:
-        if last["step"] == 0:
-            return f"{where} the gates are closed: the three losses are equal. Not yet."
-        return (f"**Not yet.** {where} the gap is {gap:+.5f}, within noise (grounding shows as gaps of 1e-3 and more "
-                f"that grow about tenfold between validations); {uses}.")
-    before = val[-2]["val_loss_mirrored"] - val[-2]["val_loss_boxes"]
-    if gap >= 0.1 * last["val_loss_boxes"]:
+    if gap > 1e-3 and gap >= 0.1 * last["val_loss_boxes"]:
         return (f"**Yes, the boxes count.** {where} the gap is {gap:+.4f}, {100 * gap / last['val_loss_boxes']:.0f}% "
                 f"of the loss with the true boxes: mirrored boxes put objects in the wrong places.")
-    if gap > 3 * max(before, 1e-4):
+    se = last.get("val_gap_se")  # the gap's standard error, logged since it was added to the trainer
+    noise = f"under 3 standard errors ({se:.5f})" if se else "within noise"
+    if gap <= (3 * se if se else 1e-3):
+        if max(abs(gap), abs(phrase_gap)) < 1e-7:
+            return f"**Not yet.** {where} the three losses are equal: the gates are closed (a fresh start)."
+        return (f"**Not yet.** {where} the gap is {gap:+.5f}, {noise} (grounding shows as gaps of 1e-3 and more "
+                f"that grow about tenfold between validations); {uses}.")
+    before = val[-2]["val_loss_mirrored"] - val[-2]["val_loss_boxes"] if len(val) > 1 else None
+    if before is not None and gap > 3 * max(before, 1e-4):
         return (f"**Arriving.** {where} the gap grew from {before:+.5f} to {gap:+.5f} since step {val[-2]['step']}: "
                 "grounding is arriving; the next validations should grow it further.")
-    return f"**Starting.** {where} the gap is {gap:+.5f} (was {before:+.5f}): the boxes begin to count; {uses}."
+    above = f"{gap / se:.1f} standard errors" if se else "above noise"
+    return f"**Starting.** {where} the gap is {gap:+.5f}, {above}: the boxes begin to count; {uses}."
 
 
 def latest_grid(out):
@@ -263,7 +319,7 @@ def watch_run(out_dir):
     import pandas as pd
 
     out = Path(out_dir or ".")
-    records, skipped = read_log(out / "log.jsonl")
+    records, partial, bad = read_log(out / "log.jsonl")
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss_boxes" in r]
     grid, grid_name = latest_grid(out)
@@ -276,17 +332,23 @@ def watch_run(out_dir):
         if "left_s" in r:
             status += f" · about {r['left_s'] // 3600}h {r['left_s'] % 3600 // 60:02d}m left (steps only)"
         status += f" · latest grid {grid_name}" if grid_name else ""
-        status += f" · {skipped} line(s) skipped (one being written)" if skipped else ""
-    series = lambda rows, keys: pd.DataFrame(  # noqa: E731  (long format: one row per step and series)
-        [dict(step=r["step"], value=r[k], series=name) for r in rows for k, name in keys.items() if k in r],
-        columns=["step", "value", "series"])
+        status += " · the last line is being written" if partial else ""
+        status += f" · {bad} line(s) not records, skipped" if bad else ""
+    def series(rows, keys):  # long format, as the plots take it: one row per step and series
+        return pd.DataFrame([dict(step=r["step"], value=r[k], series=name) for r in rows for k, name in keys.items()
+                             if k in r], columns=["step", "value", "series"])
+
     loss = series(train, {"loss": "training loss"})
     speed = series(train, {"img_per_s": "images/s"})
     box_use = series(val, {"val_loss_boxes": "true boxes", "val_loss_mirrored": "mirrored boxes",
                            "val_loss_no_grounding": "no grounding"})
     gaps = pd.DataFrame([dict(step=r["step"], value=r[a] - r["val_loss_boxes"], series=name) for r in val
                          for a, name in (("val_loss_mirrored", "mirrored - true (the boxes)"),
-                                         ("val_loss_no_grounding", "no grounding - true (the phrases)"))],
+                                         ("val_loss_no_grounding", "no grounding - true (the phrases)"))] +
+                        [dict(step=r["step"], value=3 * r["val_gap_se"], series="3 standard errors of the gap")
+                         for r in val if r.get("val_gap_se") is not None] +
+                        [dict(step=r["step"], value=r["val_gap_high_noise"], series="the gap at high noise")
+                         for r in val if r.get("val_gap_high_noise") is not None],
                         columns=["step", "value", "series"])
     return status, boxes_verdict(val), loss, speed, box_use, gaps, grid
 
@@ -306,6 +368,7 @@ def build(cfg, sampler):
 
     def shown(fn):
         """fn with the scripts' one-line "error: ..." (a SystemExit) shown in the page, the server kept running."""
+        @functools.wraps(fn)  # Gradio reads fn's signature (the progress tracker's default)
         def run(*args):
             try:
                 return fn(*args)
@@ -317,11 +380,10 @@ def build(cfg, sampler):
     def generate(caption, rows, n, seed, steps, guidance, beta, scheduler, photo=None, refs=None,
                  progress=gr.Progress(track_tqdm=True)):
         layout = table_to_layout(caption, rows, refs)
-        if photo and not sampler.inpaint:
-            fail("a photo is for inpainting adapters (trained with --inpaint=True)")
-        if photo:
-            check_image(photo, "the photo")
-        sampler.check([layout], photo)
+        sampler.check([layout], photo)  # sample.py's checks and messages: the photo, reference images, video
+        for k, v in dict(images=n, seed=seed, steps=steps, guidance=guidance, beta=beta).items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                fail(f"{k} must be a number, got {v!r}")
         opts = dict(n=int(n), seed=int(seed), steps=int(steps), guidance=float(guidance), beta=float(beta),
                     scheduler=scheduler)
         sample.check_settings({**sample.config, **cfg, **opts, "out_dir": str(work), "export": ""})
@@ -335,7 +397,7 @@ def build(cfg, sampler):
     with gr.Blocks(title="GLIGEN: draw the boxes", analytics_enabled=False) as app:
         gr.Markdown(f"## GLIGEN: draw the boxes\n{kind} model `{cfg['model']}`, {mode} adapters "
                     f"`{cfg['adapters'] or '(none: the base model alone, boxes ignored)'}`, {w} x {h} pixels")
-        with gr.Tab("Generate"):
+        with gr.Tab("Generate") as generate_tab:
             with gr.Row():
                 with gr.Column(scale=1):
                     photo = gr.File(label="Photo to inpaint (kept outside the boxes; drawn on the canvas)",
@@ -355,7 +417,7 @@ def build(cfg, sampler):
                     with gr.Row():
                         n = gr.Slider(1, 8, cfg["n"], step=1, label="Images")
                         seed = gr.Number(cfg["seed"], precision=0, label="Seed")
-                        steps = gr.Slider(1, 150, cfg["steps"], step=1, label="Steps")
+                        steps = gr.Slider(1, max(150, cfg["steps"]), cfg["steps"], step=1, label="Steps")
                     with gr.Row():
                         guidance = gr.Slider(0, 20, cfg["guidance"], step=0.5, label="Guidance")
                         beta = gr.Slider(0, 1, cfg["beta"], step=0.05,
@@ -372,7 +434,7 @@ def build(cfg, sampler):
                     load = gr.File(label="Load a layout (the first line of a --layouts JSONL)", file_types=[".jsonl",
                                    ".json"], type="filepath")
                     note = gr.Markdown()
-        with gr.Tab("Training"):
+        with gr.Tab("Training") as training_tab:
             gr.Markdown("Reads the run's `log.jsonl` and newest `val_*.png` every few seconds; writes nothing.")
             watch = gr.Textbox(cfg["watch"], label="Run (out_dir)", elem_id="watch")
             status, verdict = gr.Markdown(elem_id="status"), gr.Markdown(elem_id="verdict")
@@ -387,21 +449,21 @@ def build(cfg, sampler):
                                        elem_id="gap_plot")
             grid = gr.Image(label="Latest validation grid", type="pil", format="png", interactive=False,
                             elem_id="grid")
-            timer = gr.Timer(REFRESH_S)
+            timer = gr.Timer(REFRESH_S, active=False)  # ticks while the tab is open
 
         inputs = [caption, table, n, seed, steps, guidance, beta, scheduler, photo, refs]
         go.click(generate, inputs, [boxed, plain, command], api_name="generate", concurrency_limit=1)
         canvas.change(lambda v, rows: canvas_to_rows(v, rows, len(columns)), [canvas, table], table,
                       api_visibility="private", queue=False)
         table.input(rows_to_canvas, [table, canvas], canvas, api_visibility="private", queue=False)
-        photo.upload(shown(lambda p: dict(image=photo_canvas(p, h, w), boxes=[])), photo, canvas,
-                     api_visibility="private")
-        photo.clear(lambda: dict(image=blank_canvas(h, w), boxes=[]), None, canvas, api_visibility="private")
+        # the photo under the boxes already drawn (the table's)
+        photo.upload(shown(lambda p, rows: rows_to_canvas(rows, dict(image=photo_canvas(p, h, w)))), [photo, table],
+                     canvas, api_visibility="private")
+        photo.clear(lambda rows: rows_to_canvas(rows, dict(image=blank_canvas(h, w))), table, canvas,
+                    api_visibility="private")
 
         @shown
         def on_load(path, value):
-            if not path:
-                return gr.skip(), gr.skip(), gr.skip(), ""
             c, rows, msg = load_layout(path, len(columns))
             return c, rows, rows_to_canvas(rows, value), msg
 
@@ -410,8 +472,10 @@ def build(cfg, sampler):
         load.upload(on_load, [load, canvas], [caption, table, canvas, note], api_visibility="private")
         watched = [status, verdict, loss_plot, speed_plot, use_plot, gap_plot, grid]
         watch.submit(watch_run, watch, watched, api_name="watch", queue=False)
-        for event in (app.load, timer.tick):
+        for event in (app.load, timer.tick, training_tab.select):
             event(watch_run, watch, watched, api_visibility="private", queue=False, show_progress="hidden")
+        training_tab.select(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
+        generate_tab.select(lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False)
     return app
 
 

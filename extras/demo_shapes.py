@@ -405,7 +405,8 @@ def main(cfg):
     results[f"fusers off equals base model ({checked} layouts)"] = same
     # the trainer's box-use check at its last validation: the loss on 512 training images (caption kept, fixed noise)
     # with the true boxes, the boxes mirrored left to right, and no grounding
-    results["training loss with"] = [r for _, r in tg.read_jsonl(adapters / "log.jsonl") if "val_loss_boxes" in r][-1]
+    last = [r for _, r in tg.read_jsonl(adapters / "log.jsonl") if "val_loss_boxes" in r][-1]
+    results["training loss with"] = {k: v for k, v in last.items() if k == "step" or k.startswith("val_loss_")}
     results["minutes"] = round((time.time() - t0) / 60, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     picture(layouts[:6], [("base model", dirs["base model"]), ("adapters, beta=1", dirs["adapters, beta=1"])],
