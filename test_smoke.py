@@ -1,30 +1,31 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 114 tests, 6 to 7 minutes on 2 CPU cores (measured 369 to 418 s)
+    pytest -q test_smoke.py        # 118 tests, about 7 minutes on 2 CPU cores (measured 434 to 448 s)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
 The file reads: helpers and fixtures, then the method, prep, training, determinism, sampling, bad input, faults,
-extras.
+extras, the app. The app's tests need extras/requirements.txt and Debian's chromium; without them they skip (under
+GLIGEN_CI=1, as .ci/run sets, they fail).
 
-`pytest --durations=15` on 2026-12-02 (2-core x86 CPU; 114 passed in 372.6 s; the 85 tests of ba458ac, run just
-before on the same machine: 354.5 s):
-    36.79s call     test_smoke.py::test_shapes_demo_runs_end_to_end_at_tiny_scale
-    22.32s call     test_smoke.py::test_gpu_check_dry_run_runs_every_stage
-    20.85s call     test_smoke.py::test_corrupt_and_truncated_checkpoints_fall_back
-    20.73s call     test_smoke.py::test_two_processes_equal_one
-    18.76s call     test_smoke.py::test_prep_boxes_detects_with_grounding_dino_and_resumes
-    17.47s call     test_smoke.py::test_compile_setting_compiles_the_training_step_and_trains_the_same
-    17.15s call     test_smoke.py::test_prep_latents_killed_and_restarted_equals_uninterrupted
-    16.72s call     test_smoke.py::test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal
-    16.15s call     test_smoke.py::test_kill_9_in_the_middle_of_a_save
-    15.74s call     test_smoke.py::test_elastic_restart_after_a_worker_dies
-    12.88s call     test_smoke.py::test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks
-    11.73s call     test_smoke.py::test_training_overfits_one_batch_and_changes_only_adapters
-    9.65s call     test_smoke.py::test_score_grounding_runs_a_detector_from_a_directory
-    9.65s setup    test_smoke.py::test_kill_9_in_the_middle_of_a_save
-    9.47s call     test_smoke.py::test_sample_equals_exported_pipeline[ddim]
+`pytest --durations=15` on 2026-12-02 (2-core x86 CPU; 118 passed in 434.2 s, the 4 app tests about 31 s of it; a
+clean clone's bash .ci/run of the first app commit: 118 passed in 448.5 s):
+    40.95s call     test_smoke.py::test_shapes_demo_runs_end_to_end_at_tiny_scale
+    25.71s call     test_smoke.py::test_gpu_check_dry_run_runs_every_stage
+    21.48s call     test_smoke.py::test_prep_boxes_detects_with_grounding_dino_and_resumes
+    20.07s call     test_smoke.py::test_compile_setting_compiles_the_training_step_and_trains_the_same
+    18.96s call     test_smoke.py::test_prep_latents_killed_and_restarted_equals_uninterrupted
+    18.54s call     test_smoke.py::test_two_processes_equal_one
+    18.52s call     test_smoke.py::test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal
+    17.53s call     test_smoke.py::test_elastic_restart_after_a_worker_dies
+    17.06s call     test_smoke.py::test_corrupt_and_truncated_checkpoints_fall_back
+    15.56s call     test_smoke.py::test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine
+    14.84s call     test_smoke.py::test_kill_9_in_the_middle_of_a_save
+    14.72s call     test_smoke.py::test_training_overfits_one_batch_and_changes_only_adapters
+    14.29s call     test_smoke.py::test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks
+    11.14s call     test_smoke.py::test_app_gives_sample_py_pixels_and_survives_bad_layouts
+    10.30s call     test_smoke.py::test_sample_equals_exported_pipeline[ddim]
 """
 import copy
 import errno
