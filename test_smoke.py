@@ -1,7 +1,7 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 118 tests, about 7 minutes on 2 CPU cores (measured 434 to 448 s)
+    pytest -q test_smoke.py        # 118 tests, 6 to 7 minutes on 2 CPU cores (measured 368 to 406 s)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
@@ -9,23 +9,24 @@ The file reads: helpers and fixtures, then the method, prep, training, determini
 extras, the app. The app's tests need extras/requirements.txt and Debian's chromium; without them they skip (under
 GLIGEN_CI=1, as .ci/run sets, they fail).
 
-`pytest --durations=15` on 2026-12-02 (2-core x86 CPU; 118 passed in 434.2 s, the 4 app tests about 31 s of it; a
-clean clone's bash .ci/run of the first app commit: 118 passed in 448.5 s):
-    40.95s call     test_smoke.py::test_shapes_demo_runs_end_to_end_at_tiny_scale
-    25.71s call     test_smoke.py::test_gpu_check_dry_run_runs_every_stage
-    21.48s call     test_smoke.py::test_prep_boxes_detects_with_grounding_dino_and_resumes
-    20.07s call     test_smoke.py::test_compile_setting_compiles_the_training_step_and_trains_the_same
-    18.96s call     test_smoke.py::test_prep_latents_killed_and_restarted_equals_uninterrupted
-    18.54s call     test_smoke.py::test_two_processes_equal_one
-    18.52s call     test_smoke.py::test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal
-    17.53s call     test_smoke.py::test_elastic_restart_after_a_worker_dies
-    17.06s call     test_smoke.py::test_corrupt_and_truncated_checkpoints_fall_back
-    15.56s call     test_smoke.py::test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine
-    14.84s call     test_smoke.py::test_kill_9_in_the_middle_of_a_save
-    14.72s call     test_smoke.py::test_training_overfits_one_batch_and_changes_only_adapters
-    14.29s call     test_smoke.py::test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks
-    11.14s call     test_smoke.py::test_app_gives_sample_py_pixels_and_survives_bad_layouts
-    10.30s call     test_smoke.py::test_sample_equals_exported_pipeline[ddim]
+`pytest --durations=15` on 2026-12-02 (2-core x86 CPU; 118 passed in 367.9 s, the 4 app tests about 31 s of it, the
+shapes demo test 11.5 s since its scripts run in-process (41 s as subprocesses); a clean clone's bash .ci/run just
+before that change: 118 passed in 405.9 s):
+    24.21s call     test_smoke.py::test_gpu_check_dry_run_runs_every_stage
+    20.13s call     test_smoke.py::test_prep_boxes_detects_with_grounding_dino_and_resumes
+    18.67s call     test_smoke.py::test_prep_latents_killed_and_restarted_equals_uninterrupted
+    18.53s call     test_smoke.py::test_compile_setting_compiles_the_training_step_and_trains_the_same
+    16.88s call     test_smoke.py::test_two_processes_equal_one
+    15.71s call     test_smoke.py::test_corrupt_and_truncated_checkpoints_fall_back
+    15.18s call     test_smoke.py::test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks
+    14.69s call     test_smoke.py::test_kill_9_in_the_middle_of_a_save
+    13.80s call     test_smoke.py::test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal
+    13.54s call     test_smoke.py::test_elastic_restart_after_a_worker_dies
+    13.39s call     test_smoke.py::test_training_overfits_one_batch_and_changes_only_adapters
+    11.57s call     test_smoke.py::test_app_gives_sample_py_pixels_and_survives_bad_layouts
+    10.58s call     test_smoke.py::test_score_grounding_runs_a_detector_from_a_directory
+    9.75s call     test_smoke.py::test_sample_equals_exported_pipeline[ddim]
+    9.55s setup    test_smoke.py::test_kill_9_in_the_middle_of_a_save
 """
 import copy
 import errno
@@ -1894,10 +1895,19 @@ def test_shapes_world_metric_and_tokenizer(tmp_path):
     assert tok.convert_ids_to_tokens(tok(caption).input_ids)[1:-1] == [w + "</w>" for w in caption.split()]
 
 
-def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path):
+def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
     """The demo's whole path with --train_base=True (world, base model with its where-am-I heads, prep, train_gligen,
-    sample, metric, picture) at a few steps each, with captions that say where."""
+    sample, metric, picture) at a few steps each, with captions that say where. The scripts run in this process with
+    the arguments the demo gives them (the demo starts each as a process: 6 imports of torch, about 20 s here)."""
+    import importlib
+
     import demo_shapes as ds
+
+    def in_process(script, *args):
+        module = importlib.import_module(Path(script).stem)
+        module.main(tg.configure(module.config, list(args)))
+
+    monkeypatch.setattr(ds, "run", in_process)
 
     out = tmp_path / "demo"
     cfg = {**ds.config, "out": str(out), "train_images": 40, "test_layouts": 3, "check_layouts": 2, "vae_steps": 2,
