@@ -334,6 +334,7 @@ def watch_run(out_dir):
         status += f" · latest grid {grid_name}" if grid_name else ""
         status += " · the last line is being written" if partial else ""
         status += f" · {bad} line(s) not records, skipped" if bad else ""
+
     def series(rows, keys):  # long format, as the plots take it: one row per step and series
         return pd.DataFrame([dict(step=r["step"], value=r[k], series=name) for r in rows for k, name in keys.items()
                              if k in r], columns=["step", "value", "series"])
@@ -415,7 +416,7 @@ def build(cfg, sampler):
                                    file_count="multiple", file_types=["image"], visible=sampler.text_image)
                     caption = gr.Textbox(label="Caption", value="", elem_id="caption")
                     with gr.Row():
-                        n = gr.Slider(1, 8, cfg["n"], step=1, label="Images")
+                        n = gr.Slider(1, max(8, cfg["n"]), cfg["n"], step=1, label="Images")
                         seed = gr.Number(cfg["seed"], precision=0, label="Seed")
                         steps = gr.Slider(1, max(150, cfg["steps"]), cfg["steps"], step=1, label="Steps")
                     with gr.Row():
