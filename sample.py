@@ -120,14 +120,19 @@ def image_features(paths, image_tower):
     return feats
 
 
+def center_crop(size, height, width):
+    """The box (left, top, right, bottom) that center-crops an image of size (W, H) to the shape height x width."""
+    s = min(size[0] / width, size[1] / height)
+    left, top = (size[0] - width * s) / 2, (size[1] - height * s) / 2
+    return left, top, left + width * s, top + height * s
+
+
 def photo_latent(path, vae, height, width):
     """An inpainting photo's VAE latent (1, 4, h, w): center-cropped to the output's shape and resized (LANCZOS), as
     the GLIGEN pipeline prepares it; the VAE's mean (the pipeline draws a sample)."""
     im = Image.open(path).convert("RGB")
     if im.size != (width, height):
-        s = min(im.width / width, im.height / height)
-        left, top = (im.width - width * s) / 2, (im.height - height * s) / 2
-        im = im.crop((left, top, left + width * s, top + height * s)).resize((width, height), Image.Resampling.LANCZOS)
+        im = im.crop(center_crop(im.size, height, width)).resize((width, height), Image.Resampling.LANCZOS)
     # (1, 3, H, W) in [-1, 1], channels last in memory as the pipeline's image processor leaves it: the VAE's
     # convolutions round differently for another layout
     x = torch.from_numpy((np.asarray(im, dtype=np.float32) / 255.0)[None].transpose(0, 3, 1, 2)) * 2 - 1

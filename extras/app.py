@@ -181,10 +181,8 @@ def photo_canvas(path, height, width):
     boxes drawn on it are relative to the output image."""
     check_image(path, "the photo")
     im = Image.open(path).convert("RGB")
-    s = min(im.width / width, im.height / height)
-    left, top = (im.width - width * s) / 2, (im.height - height * s) / 2
     size = blank_canvas(height, width).shape[:2][::-1]
-    return np.asarray(im.crop((left, top, left + width * s, top + height * s)).resize(size, Image.Resampling.LANCZOS))
+    return np.asarray(im.crop(sample.center_crop(im.size, height, width)).resize(size, Image.Resampling.LANCZOS))
 
 
 def literal(value):
@@ -387,7 +385,7 @@ def build(cfg, sampler):
                 fail(f"{k} must be a number, got {v!r}")
         opts = dict(n=int(n), seed=int(seed), steps=int(steps), guidance=float(guidance), beta=float(beta),
                     scheduler=scheduler)
-        sample.check_settings({**sample.config, **cfg, **opts, "out_dir": str(work), "export": ""})
+        sample.check_settings({**sampler.cfg, **opts, "out_dir": str(work)})
         images = sampler.draw(layout, seed=opts["seed"], n=opts["n"], steps=opts["steps"], guidance=opts["guidance"],
                               beta=opts["beta"], scheduler=scheduler, inpaint_image=photo)
         out = Path(tempfile.mkdtemp(dir=work))
@@ -484,13 +482,9 @@ def main(cfg, argv):
     given = {a.removeprefix("--").partition("=")[0] for a in argv}
     if not given & {"model", "adapters"}:  # the shipped demo: score-setting controls unless set
         cfg.update({k: v for k, v in SHAPES.items() if k not in given})
-    sample.in_range(cfg, "n steps frames fps", 1)
-    sample.in_range(cfg, "guidance", 0)
-    sample.in_range(cfg, "beta", 0, 1)
-    if cfg["scheduler"] not in sample.SCHEDULERS or cfg["dtype"] not in sample.DTYPES:
-        fail(f"--scheduler must be one of {', '.join(sample.SCHEDULERS)} and --dtype one of "
-             f"{', '.join(sample.DTYPES)}")
-    sampler = sample.Sampler({**sample.config, **cfg, "export": "", "inpaint_image": "", "height": 0, "width": 0})
+    settings = {**sample.config, **cfg, "export": "", "out_dir": tempfile.gettempdir()}  # sample.py's settings
+    sample.check_settings(settings)  # sample.py's checks of them, before the model loads
+    sampler = sample.Sampler(settings)
     sampler.load()
     app = build(cfg, sampler)
     app.queue(default_concurrency_limit=1)
