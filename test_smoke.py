@@ -974,7 +974,7 @@ def test_sdxl_items_carry_their_own_size_conditioning(tiny_sdxl, tiny_sdxl_data)
     unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
     with torch.no_grad():
         seams.step_loss(unet, data.collate(tok, items), torch.Generator().manual_seed(0), te, scheduler.alphas_cumprod,
-                   tok.captions([""]), dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon"))
+                   tok.captions([""]), dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon", **tg.GLIGEN_RECIPE))
     want = [data.time_ids(r, 16) for _, r in tg.read_jsonl(tiny_sdxl_data["latents"] / "index.jsonl")][:6]
     want = [(*ids[:3], left, *ids[4:]) if i % 2 else ids for i, (ids, left) in enumerate(want)]
     assert seen[0].tolist() == [list(map(float, w)) for w in want] and len({tuple(w) for w in want}) >= 3
@@ -1035,7 +1035,7 @@ def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path
 def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_sdxl_data, tiny_data, tmp_path,
                                                                monkeypatch, request):
     """With grad_checkpointing each fuser runs twice per micro-batch (forward, then again in backward), and the
-    adapters end bit-equal to a run without it."""
+    adapters end bit-equal to a run without it; with the attention loss on, whose hooks run in the recompute too."""
     calls = []
     real = tg.Fuser.forward
     monkeypatch.setattr(tg.Fuser, "forward", lambda self, x, objs: calls.append(1) or real(self, x, objs))
@@ -1043,7 +1043,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_s
     for ckpt in (False, True):
         calls.clear()
         tg.main({**train_cfg(None, tiny_sdxl_data, tmp_path / str(ckpt), max_steps=2, save_every=2), "model": str(tiny_sdxl),
-                 "grad_checkpointing": ckpt})
+                 "grad_checkpointing": ckpt, "box_attn_loss": 1.0})
         runs[ckpt] = (len(calls), adapters_of(tmp_path / str(ckpt)))
     # 8 fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
     assert runs[True][0] == 2 * runs[False][0] == 2 * 8 * (1 + 2 * 2)
@@ -1081,7 +1081,7 @@ def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_da
     batch = data.collate(tok, [data[(i, False)] for i in range(8)])
     loss_of = partial(tg.micro_step_loss, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
                       empty_ids=tok.captions([""]),
-                      cfg=dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon"))
+                      cfg=dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon", **tg.GLIGEN_RECIPE))
     losses = lambda rec: {k: v for k, v in rec.items() if k.startswith("val_loss_")}  # noqa: E731
     closed = tg.box_use_losses(loss_of, unet, [batch], seed=5)
     assert len(set(losses(closed).values())) == 1 and closed["val_gap_se"] == 0 == closed["val_gap_high_noise_se"]
@@ -1101,6 +1101,70 @@ def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_da
     assert 2 <= len(high) < 8 and got["val_gap_high_noise"] == float(high.mean())
     resample = np.random.default_rng(5).integers(0, 8, (1000, 8))  # the bootstrap, redone
     assert got["val_gap_se"] == float(gap[resample].mean(1).std()) > 0
+
+
+def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attention(tiny_sd, tiny_data, monkeypatch):
+    """The grounding-sooner levers. timestep_power 1 draws torch.randint's timesteps; 3 draws t = (1 - u^3) T (mean
+    3T/4, 67% above 0.7T). box_loss_weight weighs the latent cells inside the boxes (GLIGEN's rounding), each image
+    divided by its mean weight; 1 is the plain loss. box_attn_loss adds the cross-entropy, over the filled slots, of the
+    logits that each fuser's attention computes (caught on their way into SDPA) for the tokens in a box, toward that
+    box; it reaches the position net while the closed gates give it no gradient from the denoising loss."""
+    T, g = 1000, lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(tg.draw_timesteps(T, 64, g()), torch.randint(0, T, (64,), generator=g()))
+    t = tg.draw_timesteps(T, 20000, g(), power=3.0).double() / T
+    assert 0 <= t.min() and t.max() < 1 and abs(t.mean() - 0.75) < 0.01
+    assert abs((t > 0.7).double().mean() - 0.3 ** (1 / 3)) < 0.01
+
+    target, pred = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)  # error 1 everywhere but
+    pred[0, :, :, :4] = 3  # image 0: squared error 9 in its left half, which its box covers
+    pred[1, :, 2:4, 2:4] = 3  # image 1: 9 in the cells of its box: rows and columns int(0.3 * 8) to int(0.55 * 8) - 1
+    boxes, masks = torch.zeros(2, tg.N_SLOTS, 4), torch.zeros(2, tg.N_SLOTS)
+    boxes[0, 0], boxes[1, 0], masks[:, 0] = torch.tensor([0, 0, 0.5, 1]), torch.tensor([0.3, 0.3, 0.55, 0.55]), 1
+    want = ((3 * 9 * 32 + 32) / (3 * 32 + 32) + (3 * 9 * 4 + 60) / (3 * 4 + 60)) / 2
+    assert tg.box_weighted_mse(pred, target, boxes, masks, 3.0).item() == pytest.approx(want, rel=1e-6)
+    assert tg.box_weighted_mse(pred, target, boxes, masks, 1.0).item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item())
+
+    unet, te, tok, scheduler = tg.load_base(str(tiny_sd), "cpu", torch.float32)
+    torch.manual_seed(0)
+    tg.inject_gligen(unet)  # fresh: closed gates
+    data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
+    batch = data.collate(tok, [data[(i, False)] for i in range(4)])
+    assert batch["masks"].sum() >= 5
+    cfg = dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon", **tg.GLIGEN_RECIPE)
+    loss_of = partial(tg.micro_step_loss, unet, batch, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
+                      empty_ids=tok.captions([""]), box_attention=tg.BoxAttention(unet))
+    net = [p for n, p in unet.named_parameters() if n.startswith("position_net.linears")]  # (the null features are
+    # not in the supervised softmax: it is over the filled slots)
+    plain = loss_of(g(), cfg=cfg)
+    plain.backward()
+    assert all(p.grad is None or not p.grad.any() for p in net)  # tanh(0) gates: nothing reaches the position net
+    unet.zero_grad(set_to_none=True)
+
+    F = torch.nn.functional
+    caught, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: caught.append((q, k)) or sdpa(q, k, v, *a, **kw))
+    supervised = loss_of(g(), cfg={**cfg, "box_attn_loss": 0.5})
+    supervised.backward()
+    assert all(p.grad is not None and p.grad.any() for p in net)
+    fusers = [(q, k) for q, k in caught if k.shape[2] == q.shape[2] + tg.N_SLOTS]  # visual queries, [visual; grounding] keys
+    assert len(fusers) == sum(isinstance(m, tg.Fuser) for m in unet.modules()) > 0
+    want = []
+    for q, k in fusers:  # the cross-entropy, by hand: cells by loops, logits of the grounding keys from SDPA's inputs
+        B, heads, N, d = q.shape
+        side = int(N ** 0.5)  # square latents
+        logits = (q @ k[:, :, N:].transpose(-1, -2)) / d ** 0.5  # (B, heads, N, 30)
+        total, count = 0.0, 0
+        for b in range(B):
+            filled = [s for s in range(tg.N_SLOTS) if batch["masks"][b, s]]
+            logp = logits[b][..., filled].log_softmax(-1)  # (heads, N, filled)
+            for n in range(N):
+                r, c = divmod(n, side)
+                ins = [j for j, s in enumerate(filled) if int(batch["boxes"][b, s, 1] * side) <= r < int(batch["boxes"][b, s, 3] * side)
+                       and int(batch["boxes"][b, s, 0] * side) <= c < int(batch["boxes"][b, s, 2] * side)]
+                if ins:
+                    total, count = total - logp[:, n, ins].mean(-1).mean(), count + 1
+        want.append(total / count)
+    assert supervised.item() == pytest.approx(plain.item() + 0.5 * torch.stack(want).mean().item(), rel=1e-5)
 
 
 def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
@@ -1147,12 +1211,13 @@ def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters,
 # ---------------------------------------------------------------------------------------------------------------
 # Determinism: a resumed run equals a straight one, for every family and mode; two processes equal one
 VARIANTS = dict(sd1=("tiny_sd", {}), sd2=("tiny_sd2", {}), sdxl=("tiny_sdxl", {}), video=("tiny_video", {}),
-                inpaint=("tiny_sd", dict(inpaint=True)), text_image=("tiny_sd", dict(image_features="tiny_features")))
+                inpaint=("tiny_sd", dict(inpaint=True)), text_image=("tiny_sd", dict(image_features="tiny_features")),
+                levers=("tiny_sd", dict(timestep_power=3.0, box_loss_weight=3.0, box_attn_loss=1.0)))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
-    """Every family and mode: 4 steps straight (validating every 2 steps) equal 2 steps, a resume and 2 steps, across
+    """Every family and mode, and SD1 with every grounding-sooner lever on: 4 steps straight (validating every 2 steps) equal 2 steps, a resume and 2 steps, across
     an epoch boundary (12 images, 4 a step): the same adapters, optimizer state and logged losses (validation leaves
     the training stream alone). Every adapter tensor trained; every tensor of the frozen base stayed bit-equal; the
     checkpoints keep what the run's data names (text-image: image_project) and the base's prediction type."""
@@ -1184,6 +1249,9 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
         assert (ckpt / f.name).read_bytes() == f.read_bytes()
     config = torch.load(ckpt / "state.pt", weights_only=True)["config"]
     assert config["prediction_type"] == scheduler.config.prediction_type
+    if variant == "levers":  # adapters trained with every lever on export to diffusers' pipeline as any others
+        ours, pipeline = sample_and_export(model, tmp_path / "straight", tmp_path)
+        assert np.array_equal(ours, pipeline(0.5))
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sdxl", "video", "inpaint", "text_image"])
@@ -1214,10 +1282,12 @@ def test_bf16_trains_every_family_and_mode(variant, request, tmp_path):
 
 def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     """In the inpainting and text-image modes at once, so that every trainable tensor of every mode is in the
-    all-reduce (fusers, both position nets' parts, conv_in); text-box training is the same code less those."""
+    all-reduce (fusers, both position nets' parts, conv_in); text-box training is the same code less those. With the
+    grounding-sooner levers on: their timesteps, weights and attention loss follow each sample as the rest does."""
     args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
             "--global_batch=4", "--micro_batch=2", "--max_steps=4", "--lr=1e-3", "--warmup_steps=2",
-            "--num_workers=1", "--val_every=0", "--log_every=2", "--inpaint=True", f"--image_features={tiny_features}"]
+            "--num_workers=1", "--val_every=0", "--log_every=2", "--inpaint=True", f"--image_features={tiny_features}",
+            "--timestep_power=3", "--box_loss_weight=3", "--box_attn_loss=1"]
     # one CPU thread in each, as torchrun sets for its workers: float reductions then run in the same order
     one = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'one'}", OMP_NUM_THREADS="1")  # 1 process x 2 x 2
     two = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'two'}", torchrun=2, OMP_NUM_THREADS="1")  # 2 x 1 x 2
@@ -1238,25 +1308,21 @@ LAYOUT = dict(prompt="a red square and a blue circle", phrases=["a red square", 
               boxes=[[0.1, 0.1, 0.5, 0.6], [0.55, 0.4, 0.95, 0.95]])
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])  # euler_a also draws noise from the generator per step
-def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tmp_path):
+def sample_and_export(tiny_sd, adapters, tmp_path, scheduler="ddim", command_line=False):
+    """sample.py's 2 images of LAYOUT (8 steps, beta 0.5, seed 7, 32 x 32) with adapters, and a function giving the
+    exported StableDiffusionGLIGENPipeline's images of the same at a beta."""
     from diffusers import StableDiffusionGLIGENPipeline
 
-    args = [f"--model={tiny_sd}", f"--adapters={random_adapters}", f"--prompt={LAYOUT['prompt']}",
+    args = [f"--model={tiny_sd}", f"--adapters={adapters}", f"--prompt={LAYOUT['prompt']}",
             f"--phrases={LAYOUT['phrases']}", f"--boxes={LAYOUT['boxes']}", "--n=2", "--seed=7", "--steps=8",
             "--beta=0.5", f"--scheduler={scheduler}", "--height=32", "--width=32", f"--out_dir={tmp_path / 'samples'}",
             f"--export={tmp_path / 'pipe'}"]
-    if scheduler == "ddim":  # through the command line once
+    if command_line:
         r = run("sample.py", *args)
         assert r.returncode == 0, r.stderr[-3000:]
     else:
         import sample
         sample.main(sample.configure(sample.config, args))
-    ours = pngs(tmp_path / "samples", 2)
-    assert ours.shape == (2, 32, 32, 3)
-    for i in range(2):  # the copy with boxes drawn on differs from the image
-        assert not np.array_equal(np.asarray(Image.open(tmp_path / "samples" / f"000_0{i}_boxes.png")), ours[i])
-
     pipe = StableDiffusionGLIGENPipeline.from_pretrained(tmp_path / "pipe")
     assert type(pipe.scheduler).__name__ == {"ddim": "DDIMScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}[scheduler]
 
@@ -1266,6 +1332,15 @@ def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tm
                       width=32, num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), output_type="np")
         return pixels(images.images)
 
+    return pngs(tmp_path / "samples", 2), pipeline
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])  # euler_a also draws noise from the generator per step
+def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tmp_path):
+    ours, pipeline = sample_and_export(tiny_sd, random_adapters, tmp_path, scheduler, command_line=scheduler == "ddim")
+    assert ours.shape == (2, 32, 32, 3)
+    for i in range(2):  # the copy with boxes drawn on differs from the image
+        assert not np.array_equal(np.asarray(Image.open(tmp_path / "samples" / f"000_0{i}_boxes.png")), ours[i])
     assert np.array_equal(ours, pipeline(0.5))  # the same pixels
     assert np.abs(ours - pipeline(0.0)).max() > 10  # and the comparison can tell: no grounding,
     assert np.abs(ours - pipeline(1.0)).max() > 10  # or grounding in all 8 steps, gives another image

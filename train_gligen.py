@@ -100,6 +100,10 @@ config = dict(
     val_steps=25,  # DDIM steps for the validation grid
     val_layouts="",  # JSONL file of {prompt, phrases, boxes} for the validation grid; "" = VAL_LAYOUTS above
     val_images=64,  # training images whose loss each validation logs with true, mirrored and no boxes; 0 = none
+    # Levers that may make the boxes count sooner (README, "Time to grounding"); the defaults are GLIGEN's recipe.
+    timestep_power=1.0,  # timesteps t = (1 - u^p) T, u uniform: 1 is uniform (GLIGEN); 3 is T2I-Adapter's cubic
+    box_loss_weight=1.0,  # the denoising loss's weight inside the boxes (1 outside), normalised per image; 1 = off
+    box_attn_loss=0.0,  # weight of a loss asking each fuser's visual tokens inside box k to attend to token k; 0 = off
 )
 
 
@@ -759,18 +763,90 @@ def text_box_grounding(text_encoder, batch, masks, g):
     return {"boxes": batch["boxes"], "masks": masks, "positive_embeddings": feats[batch["slot_phrase"]]}  # (B, 30, D)
 
 
+# Levers for grounding sooner, each off by default (GLIGEN's recipe); the README's "Time to grounding" has what each
+# did on the shapes demo. None adds a parameter: the adapters load and export as any others.
+def draw_timesteps(T, b, g, power=1.0):
+    """b training timesteps: uniform (power 1, GLIGEN), or t = (1 - u^power) T for u uniform in [0, 1): power 3 is
+    T2I-Adapter's cubic sampling, 2/3 of the samples at t > 0.7 T, where the layout of an image is decided."""
+    if power == 1:
+        return torch.randint(0, T, (b,), generator=g, device=g.device)
+    u = torch.rand(b, generator=g, device=g.device)
+    return ((1 - u ** power) * T).long().clamp(0, T - 1)
+
+
+def box_cells(boxes, h, w):
+    """(B, S, h, w): the cells of an h x w grid that each box (B, S, 4; x0, y0, x1, y1 relative) covers, with GLIGEN's
+    and diffusers' rounding: rows int(y0 * h) to int(y1 * h), columns likewise."""
+    b = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64, device=boxes.device)
+    b = b.floor()[..., None]  # (B, S, 4, 1)
+    x, y = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
+    return ((y >= b[:, :, 1]) & (y < b[:, :, 3]))[..., :, None] & ((x >= b[:, :, 0]) & (x < b[:, :, 2]))[..., None, :]
+
+
+def box_weighted_mse(pred, target, boxes, masks, weight):
+    """The denoising loss with `weight` on the latent pixels inside any filled slot's box and 1 outside (GeoDiffusion's
+    foreground re-weighting), divided by each image's mean weight, so that the loss keeps its scale."""
+    h, w = target.shape[-2:]
+    inside = (box_cells(boxes, h, w) & (masks[..., None, None] > 0)).any(1).float()  # (B, h, w)
+    m = (1 + (weight - 1) * inside).view(len(target), *[1] * (target.dim() - 3), h, w).expand_as(target)
+    return (((pred - target) ** 2 * m).flatten(1).mean(1) / m.flatten(1).mean(1)).mean()
+
+
+class BoxAttention:
+    """Supervise where the fusers look: a visual token whose cell lies inside box k is asked to attend to grounding
+    token k, by a cross-entropy over the filled slots' tokens of the fuser's own attention logits (q.k / sqrt(d), the
+    logits its softmax sees), averaged over heads, such tokens and fusers; tokens in no box are left alone, tokens in
+    several boxes share the target (as text-image's two tokens of a box do). No parameter, nothing changes at
+    inference, and it reaches the position net, to_q and to_k from the first step, when tanh(0) gates give them no
+    gradient from the denoising loss. Forward hooks, so the Fuser stays as it is; under gradient checkpointing they
+    run again in the recompute, as they must, and what they add then is dropped with the next micro-batch's reset."""
+
+    def __init__(self, unet):
+        self.targets, self.losses = None, []
+        for fuser in (m for m in unet.modules() if isinstance(m, Fuser)):
+            fuser.register_forward_hook(self.hook)
+
+    def set(self, boxes, masks, latent_hw):  # before the UNet's forward: the micro-batch's boxes and filled slots
+        self.targets, self.losses = (boxes, masks, latent_hw), []
+
+    def loss(self):  # after it: the mean over the fusers
+        return torch.stack(self.losses).mean()
+
+    def hook(self, fuser, args, out):
+        if self.targets is None:
+            return
+        (x, objs), (boxes, masks, (H, W)) = args, self.targets
+        B, N, heads = x.shape[0], x.shape[1], fuser.attn.heads
+        h = round(math.sqrt(N * H / W))  # this block's token grid: the latent's, downsampled
+        if h * (N // h) != N:
+            fail(f"--box_attn_loss: a fuser's {N} tokens are not a grid of the latent's shape {H} x {W}")
+        r = objs.shape[1] // masks.shape[1]  # tokens per slot: 1; text-image 2 (all phrases', then all images')
+        masks = masks.repeat(1, r)  # (B, r S)
+        cells = box_cells(boxes.repeat(1, r, 1), h, N // h) & (masks[..., None, None] > 0)  # (B, r S, h, w)
+        target = cells.flatten(2).transpose(1, 2).float()  # (B, N, r S)
+        inside = target.sum(-1)  # (B, N): how many of those tokens each visual token is sent to
+        q = fuser.attn.to_q(fuser.norm1(x)).view(B, N, heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        k = fuser.attn.to_k(fuser.norm1(fuser.linear(objs))).view(B, -1, heads, q.shape[-1]).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, heads, N, r S)
+        logp = logits.masked_fill(masks[:, None, None] == 0, -1e9).log_softmax(-1)
+        ce = -(target[:, None] / inside.clamp(min=1)[:, None, :, None] * logp).sum(-1).mean(1)  # (B, N)
+        self.losses.append((ce * (inside > 0)).sum() / (inside > 0).sum().clamp(min=1))
+
+
 def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(),
-                    text_inputs=caption_inputs, noisy_input=as_is, grounding=text_box_grounding, per_image=False):
+                    text_inputs=caption_inputs, noisy_input=as_is, grounding=text_box_grounding, per_image=False,
+                    box_attention=None):
     """The GLIGEN loss of one micro-batch: caption and grounding drops, noise and timestep from the generator g; the
-    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled). per_image (the
-    box-use validation): also each image's loss (b,) and its timestep as a share of T (b,)."""
+    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled). The levers, where
+    cfg turns them on: biased timesteps, in-box weights, and box_attention's loss (a BoxAttention on the UNet).
+    per_image (the box-use validation): also each image's loss (b,) and its timestep as a share of T (b,)."""
     device, T = alphas_cumprod.device, alphas_cumprod.shape[0]
     x0 = batch["latents"][:, 0].float()  # the VAE mean
     b = x0.shape[0]
     keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
     keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
     noise = torch.randn(x0.shape, generator=g, device=device)
-    t = torch.randint(0, T, (b,), generator=g, device=device)
+    t = draw_timesteps(T, b, g, cfg["timestep_power"])
     if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
         x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
     x, target = noisy_input(*forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"]), x0, batch)
@@ -780,9 +856,17 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
         text = text_inputs(text_encoder, ids, batch)  # {"encoder_hidden_states": (b, 77, D)}
         masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
         gligen = grounding(text_encoder, batch, masks, g)
+    supervise = cfg["box_attn_loss"] > 0
+    if supervise:
+        box_attention.set(batch["boxes"], masks, x0.shape[-2:])
     with autocast:
         pred = model(x, t, **text, cross_attention_kwargs={"gligen": gligen}).sample
-    loss = F.mse_loss(pred.float(), target)
+    if cfg["box_loss_weight"] == 1:
+        loss = F.mse_loss(pred.float(), target)
+    else:
+        loss = box_weighted_mse(pred.float(), target, batch["boxes"], batch["masks"], cfg["box_loss_weight"])
+    if supervise:
+        loss = loss + cfg["box_attn_loss"] * box_attention.loss()
     if per_image:
         return loss, F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1), t.float() / T
     return loss
@@ -1036,6 +1120,10 @@ def check_settings(cfg):
     in_range(cfg, "global_batch micro_batch max_steps max_bad_steps log_every save_every keep_last val_steps", 1)
     in_range(cfg, "lr weight_decay warmup_steps seed num_workers val_every val_images", 0)
     in_range(cfg, "caption_keep grounding_drop min_box_area", 0, 1)
+    in_range(cfg, "box_attn_loss", 0)
+    for k in ("timestep_power", "box_loss_weight"):
+        if not cfg[k] > 0:
+            fail(f"--{k}={cfg[k]}: must be above 0")
     in_range(cfg, "max_boxes", 1, N_SLOTS)
     if not cfg["grad_clip"] > 0:
         fail(f"--grad_clip={cfg['grad_clip']}: must be above 0 (at 0 every gradient is clipped to nothing)")
@@ -1092,6 +1180,9 @@ def restore(cfg, unet, resume, is_adapter=is_adapter):
     return 0, None
 
 
+GLIGEN_RECIPE = dict(timestep_power=1.0, box_loss_weight=1.0, box_attn_loss=0.0)  # the levers off: validation's loss
+
+
 def setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, loss_of, device, dtype):
     """What each validation needs: the validation grid's sampler and layouts, and the box-use losses' fixed batches
     (val_images training images, unflipped) and loss (every caption and box kept)."""
@@ -1107,7 +1198,7 @@ def setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, l
         layouts=layouts, seed=cfg["seed"],
         batches=[{k: v.to(device) for k, v in data.collate(tokenizer, [data[(i, False)] for i in c]).items()}
                  for c in chunks],
-        loss_of=partial(loss_of, cfg={**cfg, "caption_keep": 1.0, "grounding_drop": 0.0}))
+        loss_of=partial(loss_of, cfg={**cfg, "caption_keep": 1.0, "grounding_drop": 0.0, **GLIGEN_RECIPE}))
 
 
 def validate(val, step, unet, out, autocast, bar):
@@ -1301,7 +1392,8 @@ def main(cfg):
         opt.load_state_dict(opt_state)
     alphas_cumprod, empty_ids = noise_scheduler.alphas_cumprod.to(device), tokenizer.captions([""]).to(device)
     loss_of = partial(seams.step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
-                      cfg=cfg, autocast=autocast)  # (model, batch, g); empty_ids: the dropped caption
+                      cfg=cfg, autocast=autocast,  # (model, batch, g); empty_ids: the dropped caption
+                      box_attention=BoxAttention(unet) if cfg["box_attn_loss"] else None)
     # Each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=rank_batches(len(data), G, B, world, rank, cfg["seed"], step,
@@ -1558,12 +1650,8 @@ def widen_conv_in(unet):
 
 def inpaint_mask(boxes, masks, h, w):
     """(B, 1, h, w): 1 where the image is kept, 0 inside any filled slot's box, on the latent grid with GLIGEN's and
-    diffusers' rounding (rows int(y0 * h) to int(y1 * h)). boxes (B, 30, 4) x0, y0, x1, y1; masks (B, 30)."""
-    b = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64, device=boxes.device)
-    b = b.floor()[..., None]  # (B, 30, 4, 1)
-    x, y = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
-    inside = ((y >= b[:, :, 1]) & (y < b[:, :, 3]))[..., :, None] & ((x >= b[:, :, 0]) & (x < b[:, :, 2]))[..., None, :]
-    return 1 - (inside & (masks[..., None, None] > 0)).any(1, keepdim=True).float()  # (B, 1, h, w)
+    diffusers' rounding (box_cells). boxes (B, 30, 4) x0, y0, x1, y1; masks (B, 30)."""
+    return 1 - (box_cells(boxes, h, w) & (masks[..., None, None] > 0)).any(1, keepdim=True).float()  # (B, 1, h, w)
 
 
 def with_kept(x, z, m):

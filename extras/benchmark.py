@@ -201,7 +201,7 @@ def recipe(name, unet_name, device, compile_=False):
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
         model = torch.compile(unet) if compile_ else unet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-        cfg = dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon")
+        cfg = dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon", **tg.GLIGEN_RECIPE)
         alphas_cumprod = scheduler.alphas_cumprod.to(device)
         seams = tg.choose_seams("sdxl" if unet_name == "sdxl" else "sd")  # SDXL: its text inputs
 
