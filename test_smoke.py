@@ -1131,8 +1131,9 @@ def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attenti
     batch = data.collate(tok, [data[(i, False)] for i in range(4)])
     assert batch["masks"].sum() >= 5
     cfg = dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon", **tg.GLIGEN_RECIPE)
-    loss_of = partial(tg.micro_step_loss, unet, batch, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
-                      empty_ids=tok.captions([""]), box_attention=tg.BoxAttention(unet))
+    step = partial(tg.micro_step_loss, unet, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
+                   empty_ids=tok.captions([""]), box_attention=tg.BoxAttention(unet))
+    loss_of = partial(step, batch)
     net = [p for n, p in unet.named_parameters() if n.startswith("position_net.linears")]  # (the null features are
     # not in the supervised softmax: it is over the filled slots)
     plain = loss_of(g(), cfg=cfg)
@@ -1165,6 +1166,9 @@ def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attenti
                     total, count = total - logp[:, n, ins].mean(-1).mean(), count + 1
         want.append(total / count)
     assert supervised.item() == pytest.approx(plain.item() + 0.5 * torch.stack(want).mean().item(), rel=1e-5)
+    with torch.no_grad():  # validation and sampling (other batch sizes) after a supervised step: the hooks stay out
+        small = data.collate(tok, [data[(i, False)] for i in range(2)])
+        assert torch.isfinite(step(small, g(), cfg=cfg))
 
 
 def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
@@ -1622,6 +1626,8 @@ LAYOUT_LINE = json.dumps(dict(prompt="many things", **THIRTY_ONE))
     ("train_gligen", dict(log_every=0), "--log_every=0: must be at least 1"),
     ("train_gligen", dict(seed=-1), "--seed=-1: must be at least 0"),
     ("train_gligen", dict(grounding_drop=1.5), "--grounding_drop=1.5: must be in [0, 1]"),
+    ("train_gligen", dict(timestep_power=0.0), "--timestep_power=0.0: must be above 0"),
+    ("train_gligen", dict(box_attn_loss=-1.0), "--box_attn_loss=-1.0: must be at least 0"),
     ("train_gligen", dict(grad_clip=0.0), "--grad_clip=0.0: must be above 0"),
     ("train_gligen", dict(dtype="fp16"), "--dtype=fp16: must be auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"),
     ("train_gligen", dict(compile="no_such_backend"), "--compile=no_such_backend: not a torch.compile backend"),

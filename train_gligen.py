@@ -813,7 +813,7 @@ class BoxAttention:
         return torch.stack(self.losses).mean()
 
     def hook(self, fuser, args, out):
-        if self.targets is None:
+        if self.targets is None or not torch.is_grad_enabled():  # validation and sampling: no loss to add
             return
         (x, objs), (boxes, masks, (H, W)) = args, self.targets
         B, N, heads = x.shape[0], x.shape[1], fuser.attn.heads
