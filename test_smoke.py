@@ -1953,6 +1953,18 @@ def test_score_grounding_runs_a_detector_from_a_directory(tmp_path):
     assert r.returncode == 1 and "2 images missing, e.g." in r.stderr and "000_02.png" in r.stderr
 
 
+def test_onset_is_the_first_of_two_validations_over_3_standard_errors():
+    """time_to_grounding.py's onset (README's "Time to grounding"): read on its grid of steps; one validation above 3
+    standard errors is not enough, the next must be above too; a gap of exactly 3 is not above."""
+    import time_to_grounding as ttg
+
+    v = lambda step, gap, se=1.0: dict(step=step, gap=gap, se=se)  # noqa: E731
+    vals = [v(0, 0, 0), v(250, 5), v(500, 2), v(750, 4), v(1000, 3.5), v(1250, 3), v(1500, 9), v(1750, 8)]
+    assert ttg.onset(vals, 250) == 750 and ttg.onset(vals, 500) == 1000
+    assert ttg.onset(vals[:6], 500) is None and ttg.onset([v(0, 0, 0)], 250) is None  # 1,000 is above; no next
+    assert ttg.onset([v(250, 4), v(500, 3), v(750, 4), v(1000, 5)], 250) == 750
+
+
 def test_shapes_world_metric_and_tokenizer(tmp_path):
     import demo_shapes as ds
 
