@@ -783,12 +783,17 @@ def box_cells(boxes, h, w):
     return ((y >= b[:, :, 1]) & (y < b[:, :, 3]))[..., :, None] & ((x >= b[:, :, 0]) & (x < b[:, :, 2]))[..., None, :]
 
 
+def in_boxes(boxes, masks, h, w):
+    """(B, 1, h, w): 1 on the cells inside any filled slot's box (masks (B, S) > 0), 0 elsewhere (box_cells)."""
+    return (box_cells(boxes, h, w) & (masks[..., None, None] > 0)).any(1, keepdim=True).float()
+
+
 def box_weighted_mse(pred, target, boxes, masks, weight):
     """The denoising loss with `weight` on the latent pixels inside any filled slot's box and 1 outside (GeoDiffusion's
     foreground re-weighting), divided by each image's mean weight, so that the loss keeps its scale."""
     h, w = target.shape[-2:]
-    inside = (box_cells(boxes, h, w) & (masks[..., None, None] > 0)).any(1).float()  # (B, h, w)
-    m = (1 + (weight - 1) * inside).view(len(target), *[1] * (target.dim() - 3), h, w).expand_as(target)
+    m = 1 + (weight - 1) * in_boxes(boxes, masks, h, w)  # (B, 1, h, w)
+    m = m.view(len(target), *[1] * (target.dim() - 3), h, w).expand_as(target)
     return (((pred - target) ** 2 * m).flatten(1).mean(1) / m.flatten(1).mean(1)).mean()
 
 
@@ -1651,7 +1656,7 @@ def widen_conv_in(unet):
 def inpaint_mask(boxes, masks, h, w):
     """(B, 1, h, w): 1 where the image is kept, 0 inside any filled slot's box, on the latent grid with GLIGEN's and
     diffusers' rounding (box_cells). boxes (B, 30, 4) x0, y0, x1, y1; masks (B, 30)."""
-    return 1 - (box_cells(boxes, h, w) & (masks[..., None, None] > 0)).any(1, keepdim=True).float()  # (B, 1, h, w)
+    return 1 - in_boxes(boxes, masks, h, w)
 
 
 def with_kept(x, z, m):
