@@ -1,7 +1,7 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 118 tests, 6 to 7 minutes on 2 CPU cores (measured 368 to 406 s)
+    pytest -q test_smoke.py        # 123 tests, 6 to 7 minutes on 2 CPU cores (a clean clone's .ci/run: 372.9 s)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
@@ -9,7 +9,7 @@ The file reads: helpers and fixtures, then the method, prep, training, determini
 extras, the app. The app's tests need extras/requirements.txt and Debian's chromium; without them they skip (under
 GLIGEN_CI=1, as .ci/run sets, they fail).
 
-`pytest --durations=15` on 2026-12-02 (2-core x86 CPU; 118 passed in 367.9 s, the 4 app tests about 31 s of it, the
+`pytest --durations=15` on 2026-12-02, before the 5 tests of the levers (2-core x86 CPU; 118 passed in 367.9 s, the 4 app tests about 31 s of it, the
 shapes demo test 11.5 s since its scripts run in-process (41 s as subprocesses); a clean clone's bash .ci/run just
 before that change: 118 passed in 405.9 s):
     24.21s call     test_smoke.py::test_gpu_check_dry_run_runs_every_stage
