@@ -803,12 +803,15 @@ class BoxAttention:
     logits its softmax sees), averaged over heads, such tokens and fusers; tokens in no box are left alone, tokens in
     several boxes share the target (as text-image's two tokens of a box do). No parameter, nothing changes at
     inference, and it reaches the position net, to_q and to_k from the first step, when tanh(0) gates give them no
-    gradient from the denoising loss. Forward hooks, so the Fuser stays as it is; under gradient checkpointing they
-    run again in the recompute, as they must, and what they add then is dropped with the next micro-batch's reset."""
+    gradient from the denoising loss. Forward hooks catch the queries and keys the fuser makes (to_q's and to_k's
+    outputs), so the Fuser stays as it is and nothing is computed twice; under gradient checkpointing they run again
+    in the recompute, as they must, and what they add then is dropped with the next micro-batch's reset."""
 
     def __init__(self, unet):
-        self.targets, self.losses = None, []
+        self.targets, self.losses, self.caught = None, [], {}
         for fuser in (m for m in unet.modules() if isinstance(m, Fuser)):
+            fuser.attn.to_q.register_forward_hook(self.catch)  # its queries and keys, as the fuser makes them
+            fuser.attn.to_k.register_forward_hook(self.catch)
             fuser.register_forward_hook(self.hook)
 
     def set(self, boxes, masks, latent_hw):  # before the UNet's forward: the micro-batch's boxes and filled slots
@@ -817,8 +820,15 @@ class BoxAttention:
     def loss(self):  # after it: the mean over the fusers
         return torch.stack(self.losses).mean()
 
+    def on(self):  # validation and sampling (no gradients) have no loss to add
+        return self.targets is not None and torch.is_grad_enabled()
+
+    def catch(self, linear, args, out):  # to_q: (B, N, heads d), the visual tokens'; to_k: the same, then grounding's
+        if self.on():
+            self.caught[linear] = out
+
     def hook(self, fuser, args, out):
-        if self.targets is None or not torch.is_grad_enabled():  # validation and sampling: no loss to add
+        if not self.on():
             return
         (x, objs), (boxes, masks, (H, W)) = args, self.targets
         B, N, heads = x.shape[0], x.shape[1], fuser.attn.heads
@@ -830,8 +840,9 @@ class BoxAttention:
         cells = box_cells(boxes.repeat(1, r, 1), h, N // h) & (masks[..., None, None] > 0)  # (B, r S, h, w)
         target = cells.flatten(2).transpose(1, 2).float()  # (B, N, r S)
         inside = target.sum(-1)  # (B, N): how many of those tokens each visual token is sent to
-        q = fuser.attn.to_q(fuser.norm1(x)).view(B, N, heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = fuser.attn.to_k(fuser.norm1(fuser.linear(objs))).view(B, -1, heads, q.shape[-1]).transpose(1, 2)
+        q = self.caught.pop(fuser.attn.to_q).view(B, N, heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        k = self.caught.pop(fuser.attn.to_k)[:, N:]  # the grounding tokens' keys: (B, r S, heads d)
+        k = k.reshape(B, -1, heads, q.shape[-1]).transpose(1, 2)  # (B, heads, r S, d)
         logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, heads, N, r S)
         logp = logits.masked_fill(masks[:, None, None] == 0, -1e9).log_softmax(-1)
         ce = -(target[:, None] / inside.clamp(min=1)[:, None, :, None] * logp).sum(-1).mean(1)  # (B, N)
