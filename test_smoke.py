@@ -2023,8 +2023,8 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
     assert (out / "result.png").is_file() and json.loads((out / "results.json").read_text()) == result
     ckpt = tg.checkpoints(out / "gligen")[-1]  # the demo's GLIGEN settings reached the trainer
     trained = torch.load(ckpt / "state.pt", weights_only=True)["config"]
-    assert (trained["caption_keep"], trained["lr"], trained["max_steps"]) == \
-           (cfg["gligen_caption_keep"], cfg["gligen_lr"], cfg["gligen_steps"])
+    assert (trained["caption_keep"], trained["lr"], trained["max_steps"], trained["box_attn_loss"]) == \
+           (cfg["gligen_caption_keep"], cfg["gligen_lr"], cfg["gligen_steps"], cfg["gligen_box_attn_loss"])
 
 
 def test_shipped_shapes_base_is_what_train_base_builds(tmp_path):

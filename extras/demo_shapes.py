@@ -50,9 +50,10 @@ config = dict(
     test_layouts=100,  # held-out layouts for the metric
     check_layouts=20,  # of those, how many check that the fusers off give the base's pixels
     seed=0,
-    gligen_steps=4000,  # train_gligen.py steps (batch 32)
+    gligen_steps=2500,  # train_gligen.py steps (batch 32)
     gligen_lr=1e-3,  # higher than the SD recipe's 5e-5: a tiny model, a tiny world, a few minutes
-    gligen_caption_keep=0.2,  # share of samples that keep their caption (GLIGEN: 0.5); the rest learn from boxes only
+    gligen_caption_keep=0.5,  # share of samples that keep their caption (GLIGEN's 0.5); the rest learn from boxes only
+    gligen_box_attn_loss=1.0,  # the trainer's --box_attn_loss, fusers' attention sent to their boxes; 0: GLIGEN's
     sample_steps=25,  # DDIM steps when sampling the held-out layouts
     # the base model: the shipped one, or with --train_base=True one trained here with these settings
     train_base=False,
@@ -346,7 +347,7 @@ def picture(layouts, rows, path):
 def main(cfg):
     tg.in_range(cfg, "train_images", 32)  # at least one GLIGEN batch
     tg.in_range(cfg, "test_layouts vae_steps base_steps gligen_steps sample_steps check_layouts", 1)
-    tg.in_range(cfg, "seed gligen_lr position_aux", 0)
+    tg.in_range(cfg, "seed gligen_lr gligen_box_attn_loss position_aux", 0)
     tg.in_range(cfg, "positions gligen_caption_keep", 0, 1)
     if cfg["prediction"] not in ("epsilon", "v_prediction"):
         fail(f"--prediction={cfg['prediction']}: epsilon or v_prediction")
@@ -379,7 +380,8 @@ def main(cfg):
             f"--out={data / 'latents'}", f"--resolution={SIZE}", "--batch_size=256", "--num_workers=0")
     run("train_gligen.py", m, f"--latents={data / 'latents'}", f"--boxes={data / 'boxes.jsonl'}",
         f"--out_dir={adapters}", f"--max_steps={cfg['gligen_steps']}", f"--lr={cfg['gligen_lr']}",
-        f"--caption_keep={cfg['gligen_caption_keep']}", "--warmup_steps=100", "--global_batch=32", "--micro_batch=32",
+        f"--caption_keep={cfg['gligen_caption_keep']}", f"--box_attn_loss={cfg['gligen_box_attn_loss']}",
+        "--warmup_steps=100", "--global_batch=32", "--micro_batch=32",
         "--num_workers=0", "--log_every=100", "--save_every=500", "--val_every=500", "--val_images=512",
         "--val_steps=10",  # the validation grid is a picture; 10 DDIM steps instead of 25 save half a minute
         f"--val_layouts={out / 'val_layouts.jsonl'}", f"--seed={cfg['seed']}")
