@@ -1,7 +1,7 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 123 tests, 6 to 7 minutes on 2 CPU cores (a clean clone's .ci/run: 372.9 s)
+    pytest -q test_smoke.py        # 124 tests, 6 to 7 minutes on 2 CPU cores (a clean clone's .ci/run: 372.9 s)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
@@ -1965,6 +1965,31 @@ def test_onset_is_the_first_of_two_validations_over_3_standard_errors():
     assert ttg.onset([v(250, 4), v(500, 3), v(750, 4), v(1000, 5)], 250) == 750
 
 
+def test_curves_draw_each_runs_gap_in_its_seeds_panel(tmp_path):
+    """time_to_grounding.py --plot (README's picture of the gaps): finished runs' logs, a panel per seed, a line per
+    run in its label's colour; a directory that is not a finished run is named."""
+    import time_to_grounding as ttg
+
+    for name, seed, train, gaps in (("a", 0, "", [0, 0, 0.1]), ("b", 0, "--box_attn_loss=1", [0, 0.3, 0.5]),
+                                    ("c", 1, "--box_attn_loss=1", [0, 0.2, 0.4])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "lever.json").write_text(json.dumps(dict(seed=seed, train=train)))
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(dict(
+            step=500 * i, val_loss_boxes=0.2, val_loss_mirrored=0.2 + g, val_gap_se=0.01, val_gap_high_noise=g))
+            + "\n"
+            for i, g in enumerate(gaps)))
+    ttg.main({**ttg.config, "plot": ",".join(str(tmp_path / n) for n in "abc"), "out": str(tmp_path / "fig")})
+    im = np.asarray(Image.open(tmp_path / "fig" / "curves.png").convert("RGB")).astype(int)
+    assert im.shape[1] == 2 * 420  # two seeds, two panels
+    red = (np.abs(im - [0xD6, 0x27, 0x28]).sum(-1) < 30)  # the attention loss's colour, the second label
+    panel_rows = slice(0, 300)
+    assert red[panel_rows, :420].sum() > 50 and red[panel_rows, 420:].sum() > 50  # its line in both panels
+    black = (im[panel_rows, 420:].sum(-1) < 30)  # seed 1 has no GLIGEN run: no black line there, only text
+    assert black.sum() < red[panel_rows, 420:].sum()
+    with pytest.raises(SystemExit, match="no lever.json"):
+        ttg.main({**ttg.config, "plot": str(tmp_path), "out": str(tmp_path / "fig")})
+
+
 def test_shapes_world_metric_and_tokenizer(tmp_path):
     import demo_shapes as ds
 
@@ -2345,8 +2370,9 @@ def test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine(launch
 
     run = tmp_path / "run"  # the shipped adapters' own run, being written
     shutil.copytree(HERE / "extras" / "shapes_adapters", run)
+    last = [r for _, r in tg.read_jsonl(run / "log.jsonl")][-1]["step"]
     with open(run / "log.jsonl", "a") as f:
-        f.write('{"step": 4100, "lo')
+        f.write(f'{{"step": {last + 100}, "lo')
     url, outside, seen = launch_app(f"--watch={run}"), [], []
 
     def route(r):
@@ -2381,7 +2407,7 @@ def test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine(launch
             page.screenshot(path=tmp_path / "app.png", full_page=True)
             page.get_by_role("tab", name="Training").click()
             expect(page.locator("#verdict")).to_contain_text("Yes, the boxes count", timeout=20_000)
-            expect(page.locator("#status")).to_contain_text("step 4000", timeout=20_000)
+            expect(page.locator("#status")).to_contain_text(f"step {last}", timeout=20_000)
             for plot in ("#loss_plot", "#gap_plot"):  # the curves drawn
                 expect(page.locator(f"{plot} canvas, {plot} svg").first).to_be_visible(timeout=20_000)
             expect(page.locator("#grid img")).to_be_visible(timeout=20_000)

@@ -17,6 +17,11 @@ development layouts at every 1,000 steps.
 
 Writes <out>/lever.json: the onset, each validation's gap and standard error, IoU per checkpoint, images/s. Run it
 again and finished parts are skipped (a stopped training resumes). About 7-14 minutes a run on a 2-core CPU.
+
+    python extras/time_to_grounding.py --plot=levers/gligen,levers/attn --out=levers   # levers/curves.png
+
+--plot draws instead: the box-use gap against step of finished runs (their log.jsonl; each labelled and grouped by
+seed from its lever.json), one panel per seed, the gap's 3 standard errors as a band (README's picture).
 """
 import json
 import shlex
@@ -43,7 +48,9 @@ config = dict(
     max_steps=4000,  # and at most this long
     onset_every=500,  # the validation grid on which onset is read (README's table: 500)
     dev_layouts=60,  # development layouts for the IoU
+    plot="",  # instead of a run: finished runs' directories, comma-separated, drawn into <out>/curves.png
 )
+LINE_COLORS = ["#000000", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
 def onset(vals, every):
@@ -59,7 +66,59 @@ def validations(log):
         if log.exists() else []
 
 
+def curves(runs, path, width=420, height=300):
+    """One panel per seed: each run's box-use gap (mirrored minus true boxes) against step, a line per run in its
+    own colour with a band of 3 standard errors under it; runs = [(seed, label, validations)]. Written as a PNG."""
+    from PIL import Image, ImageDraw
+
+    seeds = sorted({seed for seed, _, _ in runs})
+    labels = list(dict.fromkeys(label for _, label, _ in runs))
+    color = {label: LINE_COLORS[i % len(LINE_COLORS)] for i, label in enumerate(labels)}
+    x_max = max(v["step"] for _, _, vals in runs for v in vals) or 1
+    y_max = max(max(v["gap"] for _, _, vals in runs for v in vals), 1e-9) * 1.05
+    left, top, right, bottom = 48, 24, 12, 30  # margins of a panel
+    legend_h = 18 * len(labels) + 8
+    im = Image.new("RGB", (width * len(seeds), height + legend_h), "white")
+    d = ImageDraw.Draw(im)
+    for p, seed in enumerate(seeds):
+        x0, x1, y0, y1 = p * width + left, (p + 1) * width - right, top, height - bottom
+        at = lambda step, gap: (x0 + (x1 - x0) * step / x_max, y1 - (y1 - y0) * max(gap, 0) / y_max)  # noqa: E731
+        d.rectangle([x0, y0, x1, y1], outline="#888888")
+        d.text((x0, 4), f"seed {seed}: box-use gap against step", fill="black")
+        for k in range(5):  # ticks: 0 to the largest step, 0 to the largest gap
+            step, gap = x_max * k / 4, y_max * k / 4
+            d.text((at(step, 0)[0] - 10, y1 + 6), f"{step:.0f}", fill="#444444")
+            d.text((p * width + 4, at(0, gap)[1] - 6), f"{gap:.2f}", fill="#444444")
+        mine = [(label, vals) for s, label, vals in runs if s == seed and vals]
+        for label, vals in mine:  # the bands first, so that no band hides a line
+            band = [at(v["step"], 3 * v["se"]) for v in vals]
+            d.polygon([at(vals[0]["step"], 0), *band, at(vals[-1]["step"], 0)], fill="#e4e4e4")
+        for label, vals in mine:
+            d.line([at(v["step"], v["gap"]) for v in vals], fill=color[label], width=2)
+    for i, label in enumerate(labels):
+        y = height + 4 + 18 * i
+        d.line([(left, y + 7), (left + 24, y + 7)], fill=color[label], width=3)
+        d.text((left + 32, y), label, fill="black")
+    d.text((width * len(seeds) - 330, height + 4), "grey: 3 standard errors of each run's gap", fill="#444444")
+    im.save(path)
+
+
+def plot(cfg):
+    """--plot: the runs' gaps, from their log.jsonl, labelled by the settings in their lever.json."""
+    runs = []
+    for run in (Path(r.strip()) for r in cfg["plot"].split(",") if r.strip()):
+        if not (run / "lever.json").exists() or not (run / "log.jsonl").exists():
+            fail(f"--plot: {run} has no lever.json and log.jsonl (a finished run of this script)")
+        lever = json.loads((run / "lever.json").read_text())
+        runs.append((lever["seed"], lever["train"] or "GLIGEN's recipe", validations(run / "log.jsonl")))
+    Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
+    curves(runs, Path(cfg["out"]) / "curves.png")
+    print(f"wrote {Path(cfg['out']) / 'curves.png'}")
+
+
 def main(cfg):
+    if cfg["plot"]:
+        return plot(cfg)
     in_range(cfg, "seed", 0)
     in_range(cfg, "min_steps max_steps onset_every dev_layouts", 1)
     seed, out = cfg["seed"], Path(cfg["out"])
@@ -110,7 +169,8 @@ def main(cfg):
             ds.run("sample.py", f"--model={base}", f"--adapters={ck}", f"--layouts={out / 'dev_layouts.jsonl'}",
                    "--n=1", "--steps=25", "--scheduler=ddim", f"--seed={seed}", f"--out_dir={samples}", "--beta=1.0")
         ious = ds.score(samples, dev)
-        result["iou"][step] = dict(mean_iou=round(float(ious.mean()), 3), iou_ge_05=round(float((ious >= 0.5).mean()), 3))
+        result["iou"][step] = dict(mean_iou=round(float(ious.mean()), 3),
+                                   iou_ge_05=round(float((ious >= 0.5).mean()), 3))
     (out / "lever.json").write_text(json.dumps(result, indent=1))
     print(f"onset (every {cfg['onset_every']}): {result['onset']}; IoU by step: "
           + ", ".join(f"{k}: {v['mean_iou']}" for k, v in result["iou"].items()))
