@@ -18,7 +18,7 @@ boxes. About 13 minutes on a 2-core CPU; the README has the measured tables (see
    COCO JSON, train_gligen.py with the base frozen, sample.py on held-out layouts. The GLIGEN stage is GLIGEN's
    recipe plus one lever, the trainer's --box_attn_loss: each fuser's visual tokens inside box k are asked to attend
    to grounding token k, which opens the box-use gap at the first validation instead of after 2,000-4,000 steps
-   (README, "Time to grounding"), so 3,000 steps do more than 4,000 did.
+   (README, "Time to grounding"); 3,000 steps then do what 4,000 did.
 4. The metric: each requested shape is found in the generated image by its colour, and its box is compared with the
    requested one (IoU). Reported for the base model (no grounding) and the adapters at beta = 1. Also checked: with
    the fusers off (beta = 0) the images equal the base model's (on the first 20 layouts); and whether the adapters
