@@ -1988,6 +1988,9 @@ def test_curves_draw_each_runs_gap_in_its_seeds_panel(tmp_path):
     assert black.sum() < red[panel_rows, 420:].sum()
     with pytest.raises(SystemExit, match="no lever.json"):
         ttg.main({**ttg.config, "plot": str(tmp_path), "out": str(tmp_path / "fig")})
+    (tmp_path / "c" / "log.jsonl").write_text(json.dumps(dict(step=0, loss=0.2)) + "\n")  # no validation logged
+    with pytest.raises(SystemExit, match="c/log.jsonl has no validation"):
+        ttg.main({**ttg.config, "plot": str(tmp_path / "c"), "out": str(tmp_path / "fig")})
 
 
 def test_shapes_world_metric_and_tokenizer(tmp_path):

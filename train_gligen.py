@@ -815,7 +815,7 @@ class BoxAttention:
             fuser.register_forward_hook(self.hook)
 
     def set(self, boxes, masks, latent_hw):  # before the UNet's forward: the micro-batch's boxes and filled slots
-        self.targets, self.losses = (boxes, masks, latent_hw), []
+        self.targets, self.losses, self.caught = (boxes, masks, latent_hw), [], {}
 
     def loss(self):  # after it: the mean over the fusers
         return torch.stack(self.losses).mean()

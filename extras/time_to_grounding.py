@@ -68,14 +68,15 @@ def validations(log):
 
 def curves(runs, path, width=420, height=300):
     """One panel per seed: each run's box-use gap (mirrored minus true boxes) against step, a line per run in its
-    own colour with a band of 3 standard errors under it; runs = [(seed, label, validations)]. Written as a PNG."""
+    own colour with a band of 3 standard errors under it (gaps below zero, noise, are drawn at zero); runs =
+    [(seed, label, validations)]. Written as a PNG."""
     from PIL import Image, ImageDraw
 
     seeds = sorted({seed for seed, _, _ in runs})
     labels = list(dict.fromkeys(label for _, label, _ in runs))
     color = {label: LINE_COLORS[i % len(LINE_COLORS)] for i, label in enumerate(labels)}
     x_max = max(v["step"] for _, _, vals in runs for v in vals) or 1
-    y_max = max(max(v["gap"] for _, _, vals in runs for v in vals), 1e-9) * 1.05
+    y_max = max(max(max(v["gap"], 3 * v["se"]) for _, _, vals in runs for v in vals), 1e-9) * 1.05
     left, top, right, bottom = 48, 24, 12, 30  # margins of a panel
     legend_h = 18 * len(labels) + 8
     im = Image.new("RGB", (width * len(seeds), height + legend_h), "white")
@@ -94,12 +95,17 @@ def curves(runs, path, width=420, height=300):
             band = [at(v["step"], 3 * v["se"]) for v in vals]
             d.polygon([at(vals[0]["step"], 0), *band, at(vals[-1]["step"], 0)], fill="#e4e4e4")
         for label, vals in mine:
-            d.line([at(v["step"], v["gap"]) for v in vals], fill=color[label], width=2)
+            points = [at(v["step"], v["gap"]) for v in vals]
+            d.line(points, fill=color[label], width=2)
+            if len(points) == 1:  # one validation: a dot, as a line of one point draws nothing
+                (x, y), = points
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color[label])
     for i, label in enumerate(labels):
         y = height + 4 + 18 * i
         d.line([(left, y + 7), (left + 24, y + 7)], fill=color[label], width=3)
         d.text((left + 32, y), label, fill="black")
-    d.text((width * len(seeds) - 330, height + 4), "grey: 3 standard errors of each run's gap", fill="#444444")
+    d.text((max(width * len(seeds) - 330, left + 200), height + 4), "grey: 3 standard errors of each run's gap",
+           fill="#444444")
     im.save(path)
 
 
@@ -109,8 +115,10 @@ def plot(cfg):
     for run in (Path(r.strip()) for r in cfg["plot"].split(",") if r.strip()):
         if not (run / "lever.json").exists() or not (run / "log.jsonl").exists():
             fail(f"--plot: {run} has no lever.json and log.jsonl (a finished run of this script)")
-        lever = json.loads((run / "lever.json").read_text())
-        runs.append((lever["seed"], lever["train"] or "GLIGEN's recipe", validations(run / "log.jsonl")))
+        lever, vals = json.loads((run / "lever.json").read_text()), validations(run / "log.jsonl")
+        if not vals:
+            fail(f"--plot: {run / 'log.jsonl'} has no validation with the gap's standard error (val_gap_se)")
+        runs.append((lever["seed"], lever["train"] or "GLIGEN's recipe", vals))
     Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
     curves(runs, Path(cfg["out"]) / "curves.png")
     print(f"wrote {Path(cfg['out']) / 'curves.png'}")
