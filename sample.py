@@ -12,6 +12,7 @@ Generate images from a base Stable Diffusion model plus GLIGEN adapters, for a p
 Boxes are x0, y0, x1, y1 relative to the image. SDXL models work the same way. Video models (ModelScope,
 Zeroscope) make --frames frames: --boxes is one list of boxes (still) or one list per frame (moving), and each clip
 is written as <layout>_<i>.gif and <layout>_<i>_boxes.gif, with its frames in <layout>_<i>/.
+--layouts=file.jsonl samples one layout a line; --batch=K draws K of them per UNet call, each with its own seed.
 --adapters takes this project's out_dir, one of its step_* checkpoints or an adapters.safetensors, or a diffusers
 GLIGEN model (directory or Hub id). Each image is written as <layout>_<i>.png, with a copy <layout>_<i>_boxes.png
 that has the boxes and phrases drawn on.
@@ -42,6 +43,7 @@ config = dict(
     layouts="",  # or a JSONL file of {prompt, phrases, boxes}, one layout a line (replaces the three above)
     n=4,  # images per layout
     seed=0,  # layout k uses seed + k
+    batch=1,  # layouts per UNet call (n images each); more is faster, and each layout's images stay its own
     steps=50,  # denoising steps
     guidance=7.5,  # classifier-free guidance scale
     beta=0.3,  # scheduled sampling: grounding for the first beta * steps steps (1.0 = all of them)
@@ -142,7 +144,7 @@ def photo_latent(path, vae, height, width):
 
 def check_settings(cfg):
     """Stop on a setting that cannot work, before the model loads."""
-    in_range(cfg, "n steps frames fps", 1)
+    in_range(cfg, "n batch steps frames fps", 1)
     in_range(cfg, "height width guidance", 0)
     in_range(cfg, "beta", 0, 1)
     if cfg["dtype"] not in DTYPES or cfg["scheduler"] not in SCHEDULERS:
@@ -171,7 +173,7 @@ def read_layouts(cfg):
 class Sampler:
     """A base model and its adapters, loaded once, ready to draw layouts: what main below runs, and what
     extras/app.py serves. Sampler(cfg) reads the model's config and the adapters (fast, so bad settings fail before
-    anything slow); load() loads the model; draw(layout, seed, ...) makes one layout's images."""
+    anything slow); load() loads the model; draw(layouts, seeds, ...) makes their images, in one batch."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -237,10 +239,10 @@ class Sampler:
         self.height, self.width = cfg["height"] or size, cfg["width"] or size
         return self
 
-    def draw(self, layout, seed, n=None, steps=None, guidance=None, beta=None, scheduler=None, inpaint_image=None,
+    def draw(self, layouts, seeds, n=None, steps=None, guidance=None, beta=None, scheduler=None, inpaint_image=None,
              progress=True):
-        """One layout's n images (H, W, 3) uint8, or for a video model n clips (F, H, W, 3); each setting left None
-        is cfg's."""
+        """n images (H, W, 3) uint8 of each layout, or for a video model n clips (F, H, W, 3), layout by layout, in
+        one batch; layout k from seeds[k]. Each setting left None is cfg's."""
         cfg = self.cfg
         n, steps, guidance, beta = (cfg[k] if v is None else v for k, v in
                                     (("n", n), ("steps", steps), ("guidance", guidance), ("beta", beta)))
@@ -251,16 +253,18 @@ class Sampler:
             if inpaint_image not in self.photos:
                 self.photos[inpaint_image] = photo_latent(inpaint_image, self.vae, self.height, self.width)
             extra["inpaint_latent"] = self.photos[inpaint_image]
+        layouts = [self.as_drawn(l) for l in layouts]
+        return self.seams.generate(self.unet, self.vae, self.text_encoder, self.tokenizer, sched, layouts, seeds, n=n,
+                                   steps=steps, guidance=guidance, beta=beta, height=self.height, width=self.width,
+                                   progress=progress, **extra)
+
+    def as_drawn(self, layout):
+        """The layout as generate takes it: no phrases without adapters; text-image adapters' reference images as
+        features."""
         if self.text_image:
             paths = layout.get("images") or [None] * len(layout["phrases"])
-            extra_layout = {"images": image_features(paths, self.image_tower)}
-        else:
-            extra_layout = {}
-        phrases = layout["phrases"] if self.adapters else []
-        return self.seams.generate(self.unet, self.vae, self.text_encoder, self.tokenizer, sched,
-                                   {**layout, "phrases": phrases, **extra_layout}, seed=seed, n=n, steps=steps,
-                                   guidance=guidance, beta=beta, height=self.height, width=self.width,
-                                   progress=progress, **extra)
+            layout = {**layout, "images": image_features(paths, self.image_tower)}
+        return {**layout, "phrases": layout["phrases"] if self.adapters else []}
 
 
 def main(cfg):
@@ -277,11 +281,27 @@ def main(cfg):
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    for k, l in enumerate(tqdm(layouts, desc="layouts", unit="layout", disable=len(layouts) == 1)):
-        images = sampler.draw(l, seed=cfg["seed"] + k)
-        write_images(out, f"{k:03d}", images, l, sampler.video, cfg["fps"])
+    bar = tqdm(total=len(layouts), desc="layouts", unit="layout", disable=len(layouts) == 1)
+    for batch in batches(layouts, cfg["batch"]):
+        images = sampler.draw([layouts[k] for k in batch], [cfg["seed"] + k for k in batch])
+        for j, k in enumerate(batch):
+            write_images(out, f"{k:03d}", images[j * cfg["n"]:(j + 1) * cfg["n"]], layouts[k], sampler.video,
+                         cfg["fps"])
+        bar.update(len(batch))
+    bar.close()
     what = "clips (frames, a GIF, a GIF with boxes)" if sampler.video else "images (and copies with boxes)"
     print(f"wrote {len(layouts) * cfg['n']} {what} to {out}")
+
+
+def batches(layouts, size):
+    """The layouts' indices in runs of at most `size`, a run never mixing layouts with phrases and without."""
+    runs = []
+    for k, l in enumerate(layouts):
+        if runs and len(runs[-1]) < size and bool(layouts[runs[-1][0]]["phrases"]) == bool(l["phrases"]):
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
 
 
 def write_images(out, prefix, images, layout, video, fps):

@@ -632,8 +632,8 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
                                   CLIPTextModel.from_pretrained(tiny_video, subfolder="text_encoder"),
                                   tg.Tokenizer(CLIPTokenizer.from_pretrained(tiny_video, subfolder="tokenizer")),
                                   DDIMScheduler.from_pretrained(tiny_video, subfolder="scheduler"),
-                                  dict(prompt="a red square", phrases=["a red square"], boxes=per_frame), seed=0, n=2,
-                                  steps=1, frames=F_)
+                                  [dict(prompt="a red square", phrases=["a red square"], boxes=per_frame)], [0],
+                                  n=2, steps=1, frames=F_)
     assert clips.shape == (2, F_, 16, 16, 3)
     boxes, masks = seen[0]  # rows: (uncond, cond) x 2 clips x F frames
     assert masks[:2 * F_].sum() == 0 and masks[2 * F_:, 0].tolist() == [1.0] * 2 * F_
@@ -1339,6 +1339,29 @@ def sample_and_export(tiny_sd, adapters, tmp_path, scheduler="ddim", command_lin
     return pngs(tmp_path / "samples", 2), pipeline
 
 
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpm"])  # noise drawn per step; a multistep solver's state
+def test_sample_batch_gives_each_layout_its_own_images(scheduler, tiny_sd, random_adapters, tmp_path):
+    """sample.py --batch: several layouts share each UNet call, and each still gets its own images: its own seed's
+    noise, at every step of a stochastic sampler, and its own copy of a scheduler that keeps state between steps. A
+    layout without phrases is drawn in a batch of its own (no grounding, not null grounding)."""
+    import sample
+
+    layouts = [LAYOUT, {**LAYOUT, "prompt": "a blue circle", "boxes": LAYOUT["boxes"][::-1]},
+               dict(prompt="a red square", phrases=[], boxes=[]), {**LAYOUT, "prompt": "shapes"}, LAYOUT]
+    (tmp_path / "layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts))
+    runs = {}
+    for batch in (1, 3):
+        sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(random_adapters), "n": 2,
+                     "layouts": str(tmp_path / "layouts.jsonl"), "steps": 6, "beta": 0.5, "scheduler": scheduler,
+                     "batch": batch, "out_dir": str(tmp_path / str(batch))})
+        runs[batch] = np.stack([np.asarray(Image.open(tmp_path / str(batch) / f"{k:03d}_{i:02d}.png"), np.int16)
+                                for k in range(len(layouts)) for i in range(2)])
+    assert sample.batches(layouts, 3) == [[0, 1], [2], [3, 4]]
+    # the same images, up to a matrix product's last bits in another batch size
+    assert np.abs(runs[1] - runs[3]).max() <= 1, np.abs(runs[1] - runs[3]).max()
+    assert np.abs(runs[3][0] - runs[3][8]).max() > 10  # layouts 0 and 4 are the same layout with other seeds
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])  # euler_a also draws noise from the generator per step
 def test_sample_equals_exported_pipeline(scheduler, tiny_sd, random_adapters, tmp_path):
     ours, pipeline = sample_and_export(tiny_sd, random_adapters, tmp_path, scheduler, command_line=scheduler == "ddim")
@@ -1360,8 +1383,8 @@ def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
     vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
     scheduler = EulerDiscreteScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")
     with torch.no_grad():
-        ours = seams.generate(unet, vae, te, tok, scheduler, dict(prompt="a red square and a blue circle", phrases=[],
-                              boxes=[]), seed=3, n=2, steps=3)
+        ours = seams.generate(unet, vae, te, tok, scheduler, [dict(prompt="a red square and a blue circle", phrases=[],
+                              boxes=[])], [3], n=2, steps=3)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     want = pipe("a red square and a blue circle", num_inference_steps=3, guidance_scale=7.5, num_images_per_prompt=2,
                 generator=torch.Generator().manual_seed(3), output_type="np").images
@@ -1421,8 +1444,8 @@ def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, ra
     decode = pipe.vae.decode
     monkeypatch.setattr(pipe.vae, "decode", lambda x, **kw: final.append(x * pipe.vae.config.scaling_factor) or decode(x))
     tg.generate_inpaint(pipe.unet, pipe.vae, pipe.text_encoder, tg.Tokenizer(pipe.tokenizer), pipe.scheduler,
-                        dict(prompt="a red square", phrases=phrases, boxes=boxes), seed=7, inpaint_latent=z, n=2, steps=8,
-                        beta=0.5)
+                        [dict(prompt="a red square", phrases=phrases, boxes=boxes)], [7], inpaint_latent=z, n=2,
+                        steps=8, beta=0.5)
     outside, inside = (final[0] - z)[..., 4:].abs(), (final[0] - z)[..., :4].abs()  # the box: latent columns 0-3
     assert outside.mean() < 0.05 and inside.mean() > 1.0, (outside.mean(), inside.mean())  # measured 0.031 and 5.94
 
@@ -1495,13 +1518,13 @@ def test_video_sampling_gives_each_frame_its_boxes(tiny_video):
                                                 with_kwargs=True)
     F_, per_frame = 3, [[[0.1 * f, 0.2, 0.1 * f + 0.3, 0.6]] for f in range(3)]
     draw = partial(seams.generate, unet, AutoencoderKL.from_pretrained(tiny_video, subfolder="vae"), te, tok,
-                   DDIMScheduler.from_pretrained(tiny_video, subfolder="scheduler"), seed=0, n=2, steps=1, frames=F_)
-    clips = draw(dict(prompt="a red square", phrases=["a red square"], boxes=per_frame))
+                   DDIMScheduler.from_pretrained(tiny_video, subfolder="scheduler"), seeds=[0], n=2, steps=1, frames=F_)
+    clips = draw([dict(prompt="a red square", phrases=["a red square"], boxes=per_frame)])
     assert clips.shape == (2, F_, 16, 16, 3)
     boxes, masks = seen[0]  # rows: (uncond, cond) x 2 clips x F frames
     assert masks[:2 * F_].sum() == 0 and masks[2 * F_:, 0].tolist() == [1.0] * 2 * F_
     assert torch.allclose(boxes[2 * F_:, 0], torch.tensor([per_frame[f][0] for _ in range(2) for f in range(F_)]))
-    draw(dict(prompt="a red square", phrases=["a red square"], boxes=per_frame[0]))  # still: every frame the same
+    draw([dict(prompt="a red square", phrases=["a red square"], boxes=per_frame[0])])  # still: every frame the same
     assert torch.equal(seen[-1][0][2 * F_:, 0], torch.tensor([per_frame[0][0]] * 2 * F_))
 
 

@@ -25,6 +25,7 @@ Settings are the `config` values below; override any with --key=value (Python li
 again and it resumes from the latest checkpoint in out_dir.
 """
 import ast
+import copy
 import hashlib
 import inspect
 import json
@@ -965,40 +966,68 @@ def both_halves(scheduler, latents, t, g):
     return latents, scheduler.scale_model_input(torch.cat([latents] * 2), t)
 
 
+def stack_halves(parts):
+    """Several layouts' UNet inputs, each [unconditional; conditional] (tensors, or dicts of them, nested), as one:
+    every unconditional half, then every conditional half, in layout order."""
+    if isinstance(parts[0], dict):
+        return {k: stack_halves([p[k] for p in parts]) for k in parts[0]}
+    halves = [p.chunk(2) for p in parts]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+
+def grounded(layouts):
+    """Whether a batch of layouts gets grounding: each has phrases, or none has (no grounding: not null grounding)."""
+    if len({bool(l["phrases"]) for l in layouts}) > 1:
+        fail("a batch of layouts mixes layouts with phrases and without; sample those apart")
+    return bool(layouts[0]["phrases"])
+
+
 @torch.no_grad()
-def generate(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, n=1, steps=25, guidance=7.5, beta=1.0,
+def generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=25, guidance=7.5, beta=1.0,
              height=None, width=None, progress=False, model_input=both_halves, prompt_inputs=prompt_inputs,
              layout_grounding=layout_grounding):
-    """n images (uint8, (n, H, W, 3)) of a layout {prompt, phrases, boxes}, as StableDiffusionGLIGENPipeline makes
-    them: classifier-free guidance where the unconditional half gets null grounding, and the fusers on for the first
-    beta * steps steps. progress: a tqdm bar over the denoising steps. model_input: see denoise."""
+    """n images of each of layouts [{prompt, phrases, boxes}] (uint8, (len(layouts) n, H, W, 3), layout by layout),
+    as StableDiffusionGLIGENPipeline makes them: classifier-free guidance where the unconditional half gets null
+    grounding, and the fusers on for the first beta * steps steps. The layouts share each UNet call; layout k draws
+    its noise from its own seed, seeds[k], so it gets the same images alone or in company (in fp32 up to the last
+    bits, which a matrix product may round differently in another batch size). Either every layout has phrases or
+    none. progress: a tqdm bar over the denoising steps. model_input: see denoise."""
     scale = vae_scale(vae)
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
-    text = prompt_inputs(text_encoder, tokenizer, layout["prompt"], n, height, width)  # [unconditional; conditional]
-    rows = [(layout["phrases"], layout["boxes"])] * (2 * n)
+    text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
     dtype = text["encoder_hidden_states"].dtype
-    gligen = {"gligen": layout_grounding(text_encoder, tokenizer, layout, rows, dtype)} if layout["phrases"] else None
-    g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same image on any device
-    latents = torch.randn((n, unet.config.out_channels, height // scale, width // scale), generator=g)
-    latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, g, steps, guidance, beta, progress,
+    rows = [[(l["phrases"], l["boxes"])] * (2 * n) for l in layouts]
+    gligen = {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype) for l, r in
+                                      zip(layouts, rows)])} if grounded(layouts) else None
+    streams = [torch.Generator().manual_seed(s) for s in seeds]  # on the CPU, so a seed gives the same image anywhere
+    latents = torch.cat([torch.randn((n, unet.config.out_channels, height // scale, width // scale), generator=g)
+                         for g in streams])
+    latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, streams, steps, guidance, beta, progress,
                       model_input)
     return decode(vae, latents)
 
 
-def denoise(unet, scheduler, latents, text, gligen, g, steps, guidance, beta, progress=False,
+def denoise(unet, scheduler, latents, text, gligen, streams, steps, guidance, beta, progress=False,
             model_input=both_halves):
     """The sampler's loop: the UNet on [unconditional; conditional], guided; grounding (gligen: the UNet's
-    cross_attention_kwargs) in the first beta * steps steps, GLIGEN's scheduled sampling. g: the sampler's random
-    stream. model_input(scheduler, latents, t, g) -> (latents, the UNet's input at step t)."""
-    scheduler.set_timesteps(steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
-    extra = {k: v for k, v in dict(eta=0.0, generator=g).items() if k in inspect.signature(scheduler.step).parameters}
-    n_grounded = int(beta * len(scheduler.timesteps))
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress)):
-        latents, x = model_input(scheduler, latents, t, g)
+    cross_attention_kwargs) in the first beta * steps steps, GLIGEN's scheduled sampling. The latents are
+    len(streams) layouts' in a row, each stepped by its own copy of the scheduler (which keeps state between steps)
+    with its own random stream. model_input(scheduler, latents, t, g) -> (a layout's latents, its UNet input at step
+    t, [unconditional; conditional])."""
+    schedulers = [copy.deepcopy(scheduler) for _ in streams]
+    for s in schedulers:
+        s.set_timesteps(steps, device=latents.device)
+    latents = latents * schedulers[0].init_noise_sigma
+    takes = inspect.signature(scheduler.step).parameters
+    n_grounded = int(beta * len(schedulers[0].timesteps))
+    for i, t in enumerate(tqdm(schedulers[0].timesteps, desc="denoising", leave=False, disable=not progress)):
+        pieces = [model_input(s, z, t, g) for s, z, g in zip(schedulers, latents.chunk(len(streams)), streams)]
+        x = stack_halves([x for _, x in pieces])
         out = unet(x.to(unet.dtype), t, **text, cross_attention_kwargs=gligen if i < n_grounded else None)
         uncond, cond = out.sample.float().chunk(2)
-        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, **extra).prev_sample
+        guided = (uncond + guidance * (cond - uncond)).chunk(len(streams))
+        latents = torch.cat([s.step(e, t, z, **{k: v for k, v in dict(eta=0.0, generator=g).items() if k in takes})
+                             .prev_sample for s, e, (z, _), g in zip(schedulers, guided, pieces, streams)])
     return latents
 
 
@@ -1209,8 +1238,8 @@ def setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, l
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["val_images"]].tolist()
     chunks = (pick[j:j + cfg["micro_batch"]] for j in range(0, len(pick), cfg["micro_batch"]))
     return SimpleNamespace(
-        draw=partial(seams.generate, unet, vae, text_encoder, tokenizer, ddim, seed=cfg["seed"],
-                     steps=cfg["val_steps"], **seams.val_options(data, pick)),
+        draw=partial(seams.generate, unet, vae, text_encoder, tokenizer, ddim, steps=cfg["val_steps"],
+                     **seams.val_options(data, pick)),
         layouts=layouts, seed=cfg["seed"],
         batches=[{k: v.to(device) for k, v in data.collate(tokenizer, [data[(i, False)] for i in c]).items()}
                  for c in chunks],
@@ -1223,7 +1252,7 @@ def validate(val, step, unet, out, autocast, bar):
     images = []
     for l in val.layouts:
         with autocast:
-            im = val.draw(l)
+            im = val.draw([l], [val.seed])
         im = im.reshape(-1, *im.shape[-3:])[0]  # the first image (a video model's: the first frame of its clip)
         images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
@@ -1620,25 +1649,30 @@ def one_frame(xt, target, x0, batch):
 
 
 @torch.no_grad()
-def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, n=1, steps=25, guidance=7.5, beta=1.0,
-                   height=None, width=None, progress=False, frames=1, prompt_inputs=prompt_inputs,
+def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=25, guidance=7.5,
+                   beta=1.0, height=None, width=None, progress=False, frames=1, prompt_inputs=prompt_inputs,
                    layout_grounding=layout_grounding):
-    """n clips (uint8, (n, frames, H, W, 3)) of a layout whose boxes are one list (still) or one per frame (moving);
-    as generate, with one set of grounding tokens per frame."""
+    """n clips of each layout (uint8, (len(layouts) n, frames, H, W, 3)) whose boxes are one list (still) or one per
+    frame (moving); as generate, with one set of grounding tokens per frame."""
     scale = vae_scale(vae)
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
-    text = prompt_inputs(text_encoder, tokenizer, layout["prompt"], n, height, width)
-    per_frame = layout["boxes"] if is_moving(layout["boxes"]) else [layout["boxes"]] * frames
-    if len(per_frame) != frames:
-        fail(f"{len(per_frame)} lists of boxes for {frames} frames")
-    rows = [(layout["phrases"], per_frame[f]) for _ in range(2 * n) for f in range(frames)]  # frame-minor
+    text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
     dtype = text["encoder_hidden_states"].dtype
-    gligen = {"gligen": layout_grounding(text_encoder, tokenizer, layout, rows, dtype)} if layout["phrases"] else None
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((n, unet.config.out_channels, frames, height // scale, width // scale), generator=g)
-    latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, g, steps, guidance, beta, progress)
-    images = decode(vae, latents.transpose(1, 2).flatten(0, 1))  # (n, C, F, h, w) -> frames (n F, C, h, w)
-    return images.reshape(n, frames, *images.shape[1:])
+    grounding = []
+    for l in layouts:
+        per_frame = l["boxes"] if is_moving(l["boxes"]) else [l["boxes"]] * frames
+        if len(per_frame) != frames:
+            fail(f"{len(per_frame)} lists of boxes for {frames} frames")
+        rows = [(l["phrases"], per_frame[f]) for _ in range(2 * n) for f in range(frames)]  # frame-minor
+        if l["phrases"]:
+            grounding.append(layout_grounding(text_encoder, tokenizer, l, rows, dtype))
+    gligen = {"gligen": stack_halves(grounding)} if grounded(layouts) else None
+    streams = [torch.Generator().manual_seed(s) for s in seeds]
+    latents = torch.cat([torch.randn((n, unet.config.out_channels, frames, height // scale, width // scale),
+                                     generator=g) for g in streams])
+    latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, streams, steps, guidance, beta, progress)
+    images = decode(vae, latents.transpose(1, 2).flatten(0, 1))  # (K n, C, F, h, w) -> frames (K n F, C, h, w)
+    return images.reshape(-1, frames, *images.shape[1:])
 
 
 FAMILIES["video"] = dict(load=partial(load_base, unet_class="UNet3DConditionModel"), add_adapters=inject_video,
@@ -1685,20 +1719,26 @@ def kept_image_input(xt, target, x0, batch):
 
 
 @torch.no_grad()
-def generate_inpaint(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, inpaint_latent, **kwargs):
-    """As generate, keeping an image (inpaint_latent (1, 4, h, w)) outside the boxes: noised to each step's level and
-    pasted in before it, as StableDiffusionGLIGENPipeline does; the phrases are generated inside the boxes."""
+def generate_inpaint(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, inpaint_latent, **kwargs):
+    """As generate, keeping an image (inpaint_latent (1, 4, h, w)) outside each layout's boxes: noised to each step's
+    level and pasted in before it, as StableDiffusionGLIGENPipeline does; the phrases are generated inside the boxes.
+    One layout per UNet call (each has its own mask)."""
     z = inpaint_latent.to(unet.device, torch.float32)
-    boxes = torch.tensor(layout["boxes"], dtype=torch.float64).reshape(1, -1, 4)
-    m = inpaint_mask(boxes, torch.ones(1, len(layout["boxes"])), *z.shape[-2:]).to(unet.device)
 
-    def model_input(scheduler, latents, t, g):  # the image outside the boxes, at this step's noise level, pasted in
-        noisy = scheduler.add_noise(z, torch.randn(z.shape, generator=g).to(unet.device), t.reshape(1))
-        latents, x = both_halves(scheduler, noisy * m + latents * (1 - m), t, g)
-        kept = (v.to(unet.dtype).expand(len(x), -1, -1, -1) for v in (z, m))
-        return latents, with_kept(x.to(unet.dtype), *kept)
+    def draw(layout, seed):
+        boxes = torch.tensor(layout["boxes"], dtype=torch.float64).reshape(1, -1, 4)
+        m = inpaint_mask(boxes, torch.ones(1, len(layout["boxes"])), *z.shape[-2:]).to(unet.device)
 
-    return generate(unet, vae, text_encoder, tokenizer, scheduler, layout, seed, model_input=model_input, **kwargs)
+        def model_input(scheduler, latents, t, g):  # the image outside the boxes, at this step's noise level, pasted in
+            noisy = scheduler.add_noise(z, torch.randn(z.shape, generator=g).to(unet.device), t.reshape(1))
+            latents, x = both_halves(scheduler, noisy * m + latents * (1 - m), t, g)
+            kept = (v.to(unet.dtype).expand(len(x), -1, -1, -1) for v in (z, m))
+            return latents, with_kept(x.to(unet.dtype), *kept)
+
+        return generate(unet, vae, text_encoder, tokenizer, scheduler, [layout], [seed], model_input=model_input,
+                        **kwargs)
+
+    return np.concatenate([draw(l, s) for l, s in zip(layouts, seeds)])
 
 
 def inpaint_val_options(data, pick):

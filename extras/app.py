@@ -22,7 +22,7 @@ Local and offline: it binds 127.0.0.1, sends no analytics, loads nothing from th
 its own fonts and scripts; the browser test fails on any request that leaves the machine); --share=True is the only
 way out. One generation runs at a time; a bad layout shows sample.py's error message and the app keeps serving.
 Settings: python extras/app.py --help. The controls start at sample.py's defaults, and on the shipped shapes model
-at the demo's (25 DDIM steps, beta 1, as its held-out score was measured).
+at the demo's (25 DDIM steps, guidance 1.5, beta 1, as its held-out score was measured).
 """
 import ast
 import atexit
@@ -44,15 +44,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402  (the project's sampling code, after the path is set)
+from extras.demo_shapes import config as demo  # noqa: E402
 from train_gligen import check_image, check_layouts, configure, fail, is_moving  # noqa: E402
 
 SHAPES = dict(model=str(ROOT / "extras" / "shapes_base"), adapters=str(ROOT / "extras" / "shapes_adapters"),
-              steps=25, beta=1.0)  # the shipped demo: its base, its trained adapters, the settings it was scored with
+              steps=demo["sample_steps"], guidance=demo["sample_guidance"], beta=1.0)  # the shipped demo: its base,
+# its trained adapters, the settings it was scored with
 config = dict(
     model=sample.config["model"],  # base model, as sample.py's --model (given neither this nor --adapters: SHAPES)
     adapters="",  # as sample.py's --adapters; "" = the base model alone
     watch="demo/gligen",  # the training tab's run (out_dir); another can be typed in the page
-    # the controls' starting values: sample.py's defaults (with no --model and --adapters, the demo's steps and beta)
+    # the controls' starting values: sample.py's defaults (with no --model and --adapters, the demo's: SHAPES)
     n=4,  # images per layout
     seed=0,  # the layout's seed
     steps=50,  # denoising steps
@@ -386,7 +388,7 @@ def build(cfg, sampler):
         opts = dict(n=int(n), seed=int(seed), steps=int(steps), guidance=float(guidance), beta=float(beta),
                     scheduler=scheduler)
         sample.check_settings({**sampler.cfg, **opts, "out_dir": str(work)})
-        images = sampler.draw(layout, seed=opts["seed"], n=opts["n"], steps=opts["steps"], guidance=opts["guidance"],
+        images = sampler.draw([layout], [opts["seed"]], n=opts["n"], steps=opts["steps"], guidance=opts["guidance"],
                               beta=opts["beta"], scheduler=scheduler, inpaint_image=photo)
         out = Path(tempfile.mkdtemp(dir=work))
         paths = sample.write_images(out, "000", images, layout, sampler.video, cfg["fps"])
