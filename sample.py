@@ -43,7 +43,7 @@ config = dict(
     layouts="",  # or a JSONL file of {prompt, phrases, boxes}, one layout a line (replaces the three above)
     n=4,  # images per layout
     seed=0,  # layout k uses seed + k
-    batch=1,  # layouts per UNet call (n images each); more is faster, and each layout's images stay its own
+    batch=1,  # layouts per UNet call (n images each, decoded together): faster, more memory; each keeps its images
     steps=50,  # denoising steps
     guidance=7.5,  # classifier-free guidance scale
     beta=0.3,  # scheduled sampling: grounding for the first beta * steps steps (1.0 = all of them)
@@ -173,7 +173,8 @@ def read_layouts(cfg):
 class Sampler:
     """A base model and its adapters, loaded once, ready to draw layouts: what main below runs, and what
     extras/app.py serves. Sampler(cfg) reads the model's config and the adapters (fast, so bad settings fail before
-    anything slow); load() loads the model; draw(layouts, seeds, ...) makes their images, in one batch."""
+    anything slow); load() loads the model; draw(layouts, seeds, ...) makes their images, in one batch (inpainting:
+    one layout at a time)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -242,7 +243,7 @@ class Sampler:
     def draw(self, layouts, seeds, n=None, steps=None, guidance=None, beta=None, scheduler=None, inpaint_image=None,
              progress=True):
         """n images (H, W, 3) uint8 of each layout, or for a video model n clips (F, H, W, 3), layout by layout, in
-        one batch; layout k from seeds[k]. Each setting left None is cfg's."""
+        one batch (inpainting: one layout at a time); layout k from seeds[k]. Each setting left None is cfg's."""
         cfg = self.cfg
         n, steps, guidance, beta = (cfg[k] if v is None else v for k, v in
                                     (("n", n), ("steps", steps), ("guidance", guidance), ("beta", beta)))
@@ -284,9 +285,8 @@ def main(cfg):
     bar = tqdm(total=len(layouts), desc="layouts", unit="layout", disable=len(layouts) == 1)
     for batch in batches(layouts, cfg["batch"]):
         images = sampler.draw([layouts[k] for k in batch], [cfg["seed"] + k for k in batch])
-        for j, k in enumerate(batch):
-            write_images(out, f"{k:03d}", images[j * cfg["n"]:(j + 1) * cfg["n"]], layouts[k], sampler.video,
-                         cfg["fps"])
+        for k, each in zip(batch, np.split(images, len(batch))):
+            write_images(out, f"{k:03d}", each, layouts[k], sampler.video, cfg["fps"])
         bar.update(len(batch))
     bar.close()
     what = "clips (frames, a GIF, a GIF with boxes)" if sampler.video else "images (and copies with boxes)"

@@ -1339,6 +1339,23 @@ def sample_and_export(tiny_sd, adapters, tmp_path, scheduler="ddim", command_lin
     return pngs(tmp_path / "samples", 2), pipeline
 
 
+def test_stack_halves_puts_every_unconditional_half_first():
+    """Batched sampling's row order: each layout's inputs are [unconditional; conditional] (n rows each, or n x frames
+    for video); the batch is every layout's unconditional half, in layout order, then every conditional half, in
+    nested dicts too (SDXL's added_cond_kwargs). Labels: layout * 100 + (0 unconditional, 50 conditional) + row."""
+    n, frames = 2, 3
+    rows = n * frames
+    part = lambda k: torch.tensor([k * 100 + half + r for half in (0, 50) for r in range(rows)])
+    stacked = tg.stack_halves([{"x": part(k), "added": {"y": part(k)[:, None].expand(-1, 4)}} for k in range(3)])
+    want = [k * 100 + half + r for half in (0, 50) for k in range(3) for r in range(rows)]
+    assert stacked["x"].tolist() == want and stacked["added"]["y"][:, 0].tolist() == want
+    assert tg.grounded([LAYOUT, LAYOUT], [0, 1]) and not tg.grounded([dict(prompt="", phrases=[], boxes=[])], [0])
+    with pytest.raises(SystemExit, match="mixes layouts with phrases and without"):
+        tg.grounded([LAYOUT, dict(prompt="", phrases=[], boxes=[])], [0, 1])
+    with pytest.raises(SystemExit, match="2 layouts and 1 seeds"):
+        tg.grounded([LAYOUT, LAYOUT], [0])
+
+
 @pytest.mark.parametrize("scheduler", ["euler_a", "dpm"])  # noise drawn per step; a multistep solver's state
 def test_sample_batch_gives_each_layout_its_own_images(scheduler, tiny_sd, random_adapters, tmp_path):
     """sample.py --batch: several layouts share each UNet call, and each still gets its own images: its own seed's

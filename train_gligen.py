@@ -327,7 +327,7 @@ def choose_seams(family, inpaint=False, text_image=False):
         step_loss         the loss of a micro-batch, made of the three above (a family with another objective: its own)
         prompt_inputs     sampling: a prompt -> the text inputs of [unconditional; conditional]
         layout_grounding  sampling: a layout -> the "gligen" inputs, the unconditional half null
-        generate          sampling: a layout -> images
+        generate          sampling: layouts -> images, several layouts per UNet call
         val_options       the validation grid's extra inputs to generate
     Returned with add_adapters, step_loss and generate bound to the seams they use. Sections that combine (a family
     and modes, inpainting with text-image) never replace the same seam; the others are refused here."""
@@ -975,8 +975,10 @@ def stack_halves(parts):
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
 
 
-def grounded(layouts):
+def grounded(layouts, seeds):
     """Whether a batch of layouts gets grounding: each has phrases, or none has (no grounding: not null grounding)."""
+    if len(seeds) != len(layouts):
+        fail(f"{len(layouts)} layouts and {len(seeds)} seeds: give one seed per layout")
     if len({bool(l["phrases"]) for l in layouts}) > 1:
         fail("a batch of layouts mixes layouts with phrases and without; sample those apart")
     return bool(layouts[0]["phrases"])
@@ -991,14 +993,17 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1,
     grounding, and the fusers on for the first beta * steps steps. The layouts share each UNet call; layout k draws
     its noise from its own seed, seeds[k], so it gets the same images alone or in company (in fp32 up to the last
     bits, which a matrix product may round differently in another batch size). Either every layout has phrases or
-    none. progress: a tqdm bar over the denoising steps. model_input: see denoise."""
+    none. The VAE decodes the whole batch at once. progress: a tqdm bar over the denoising steps. model_input: see
+    denoise."""
     scale = vae_scale(vae)
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
     dtype = text["encoder_hidden_states"].dtype
-    rows = [[(l["phrases"], l["boxes"])] * (2 * n) for l in layouts]
-    gligen = {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype) for l, r in
-                                      zip(layouts, rows)])} if grounded(layouts) else None
+    gligen = None
+    if grounded(layouts, seeds):
+        rows = [[(l["phrases"], l["boxes"])] * (2 * n) for l in layouts]
+        gligen = {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype)
+                                          for l, r in zip(layouts, rows)])}
     streams = [torch.Generator().manual_seed(s) for s in seeds]  # on the CPU, so a seed gives the same image anywhere
     latents = torch.cat([torch.randn((n, unet.config.out_channels, height // scale, width // scale), generator=g)
                          for g in streams])
@@ -1012,13 +1017,14 @@ def denoise(unet, scheduler, latents, text, gligen, streams, steps, guidance, be
     """The sampler's loop: the UNet on [unconditional; conditional], guided; grounding (gligen: the UNet's
     cross_attention_kwargs) in the first beta * steps steps, GLIGEN's scheduled sampling. The latents are
     len(streams) layouts' in a row, each stepped by its own copy of the scheduler (which keeps state between steps)
-    with its own random stream. model_input(scheduler, latents, t, g) -> (a layout's latents, its UNet input at step
-    t, [unconditional; conditional])."""
+    with its own random stream. model_input(scheduler, latents, t, g) -> (a layout's latents, its UNet input
+    [unconditional; conditional] at step t)."""
     schedulers = [copy.deepcopy(scheduler) for _ in streams]
     for s in schedulers:
         s.set_timesteps(steps, device=latents.device)
     latents = latents * schedulers[0].init_noise_sigma
     takes = inspect.signature(scheduler.step).parameters
+    extras = [{k: v for k, v in dict(eta=0.0, generator=g).items() if k in takes} for g in streams]
     n_grounded = int(beta * len(schedulers[0].timesteps))
     for i, t in enumerate(tqdm(schedulers[0].timesteps, desc="denoising", leave=False, disable=not progress)):
         pieces = [model_input(s, z, t, g) for s, z, g in zip(schedulers, latents.chunk(len(streams)), streams)]
@@ -1026,8 +1032,8 @@ def denoise(unet, scheduler, latents, text, gligen, streams, steps, guidance, be
         out = unet(x.to(unet.dtype), t, **text, cross_attention_kwargs=gligen if i < n_grounded else None)
         uncond, cond = out.sample.float().chunk(2)
         guided = (uncond + guidance * (cond - uncond)).chunk(len(streams))
-        latents = torch.cat([s.step(e, t, z, **{k: v for k, v in dict(eta=0.0, generator=g).items() if k in takes})
-                             .prev_sample for s, e, (z, _), g in zip(schedulers, guided, pieces, streams)])
+        latents = torch.cat([s.step(e, t, z, **extra).prev_sample
+                             for s, e, (z, _), extra in zip(schedulers, guided, pieces, extras)])
     return latents
 
 
@@ -1658,15 +1664,16 @@ def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
     dtype = text["encoder_hidden_states"].dtype
-    grounding = []
-    for l in layouts:
-        per_frame = l["boxes"] if is_moving(l["boxes"]) else [l["boxes"]] * frames
-        if len(per_frame) != frames:
-            fail(f"{len(per_frame)} lists of boxes for {frames} frames")
-        rows = [(l["phrases"], per_frame[f]) for _ in range(2 * n) for f in range(frames)]  # frame-minor
-        if l["phrases"]:
-            grounding.append(layout_grounding(text_encoder, tokenizer, l, rows, dtype))
-    gligen = {"gligen": stack_halves(grounding)} if grounded(layouts) else None
+    per_frame = [l["boxes"] if is_moving(l["boxes"]) else [l["boxes"]] * frames for l in layouts]
+    for b in per_frame:
+        if len(b) != frames:
+            fail(f"{len(b)} lists of boxes for {frames} frames")
+    gligen = None
+    if grounded(layouts, seeds):
+        rows = [[(l["phrases"], b[f]) for _ in range(2 * n) for f in range(frames)]  # frame-minor
+                for l, b in zip(layouts, per_frame)]
+        gligen = {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype)
+                                          for l, r in zip(layouts, rows)])}
     streams = [torch.Generator().manual_seed(s) for s in seeds]
     latents = torch.cat([torch.randn((n, unet.config.out_channels, frames, height // scale, width // scale),
                                      generator=g) for g in streams])

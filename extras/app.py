@@ -8,7 +8,8 @@ Draw the boxes: a local web app to try GLIGEN adapters, and to watch a training 
 Generate tab: draw boxes on the canvas (drag to draw, then type the box's phrase; drag to move, the corners to
 resize, Delete to remove), or type them in the table (phrase, x0, y0, x1, y1 relative to the image); the two stay in
 step, and the table is what is generated from. Write the caption, press Generate. The images come from sample.py's own
-code (the Sampler class): for the same layout, seed, steps and scheduler they equal sample.py's PNGs pixel for pixel.
+code (the Sampler class): for the same layout, seed, steps and scheduler they equal sample.py's PNGs pixel for pixel
+(at its default --batch=1; in a batch, up to the last bits).
 Each result is shown with its boxes drawn on; the layout saves and loads as the JSONL line sample.py --layouts reads,
 and the equivalent sample.py command is shown for copying. Inpainting adapters add a photo (the boxes are drawn on
 it; outside them it is kept); text-image adapters add reference images, one per box, named in the table's image
@@ -43,13 +44,14 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "extras"))
 import sample  # noqa: E402  (the project's sampling code, after the path is set)
-from extras.demo_shapes import config as demo  # noqa: E402
+from demo_shapes import config as demo  # noqa: E402
 from train_gligen import check_image, check_layouts, configure, fail, is_moving  # noqa: E402
 
+# the shipped demo: its base, its trained adapters, and the settings it was scored with
 SHAPES = dict(model=str(ROOT / "extras" / "shapes_base"), adapters=str(ROOT / "extras" / "shapes_adapters"),
-              steps=demo["sample_steps"], guidance=demo["sample_guidance"], beta=1.0)  # the shipped demo: its base,
-# its trained adapters, the settings it was scored with
+              steps=demo["sample_steps"], guidance=demo["sample_guidance"], beta=1.0)
 config = dict(
     model=sample.config["model"],  # base model, as sample.py's --model (given neither this nor --adapters: SHAPES)
     adapters="",  # as sample.py's --adapters; "" = the base model alone

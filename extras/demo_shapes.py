@@ -22,12 +22,13 @@ boxes. Under 10 minutes on a 2-core CPU; the README has the measured tables (see
    base oversaturates, and a shape's colour is then often missing from the image (README, the demo's section).
 4. The metric: each requested shape is found in the generated image by its colour, and its box is compared with the
    requested one (IoU). Reported for the base model (no grounding) and the adapters at beta = 1. Also checked: with
-   the fusers off (beta = 0) the images equal the base model's (on the first 20 layouts); and whether the adapters
+   the fusers off (beta = 0) the images equal the base model's (on the first 50 layouts); and whether the adapters
    use the boxes at all (the trainer's last validation: loss with the true boxes against the boxes mirrored).
 
 Each stage keeps its output in --out and is skipped when run again. Results: demo/results.json, demo/result.png.
 """
 import json
+import math
 import subprocess
 import sys
 import time
@@ -50,7 +51,7 @@ config = dict(
     out="demo",  # everything the demo makes goes here
     train_images=4000,  # synthetic training images
     test_layouts=100,  # held-out layouts for the metric
-    check_layouts=20,  # of those, how many check that the fusers off give the base's pixels
+    check_layouts=50,  # of those, how many check that the fusers off give the base's pixels
     seed=0,
     gligen_steps=2000,  # train_gligen.py steps (batch 32)
     gligen_lr=1e-3,  # higher than the SD recipe's 5e-5: a tiny model, a tiny world, a few minutes
@@ -58,7 +59,7 @@ config = dict(
     gligen_box_attn_loss=1.0,  # the trainer's --box_attn_loss, fusers' attention sent to their boxes; 0: GLIGEN's
     sample_steps=25,  # DDIM steps when sampling the held-out layouts
     sample_guidance=1.5,  # classifier-free guidance scale; SD's 7.5 oversaturates this tiny base (README)
-    sample_batch=50,  # layouts per UNet call in sample.py (--batch)
+    sample_batch=50,  # layouts per UNet call in sample.py (--batch; main takes its gcd with check_layouts)
     # the base model: the shipped one, or with --train_base=True one trained here with these settings
     train_base=False,
     vae_steps=800,  # autoencoder training steps (batch 32)
@@ -395,10 +396,13 @@ def main(cfg):
         "fusers off (beta=0)": ("fusers-off", "check_layouts", [f"--adapters={adapters}", "--beta=0.0"]),
     }
     dirs = {name: out / "samples" / d for name, (d, _, _) in conditions.items()}
+    # the checked layouts must meet the UNet in the same batches in the base's run and the fusers-off run (another
+    # batch size may round the last bits differently): a batch size that divides their number
+    batch = math.gcd(cfg["sample_batch"], checked)
     for name, (_, which, extra) in conditions.items():
         run("sample.py", m, *extra, f"--layouts={out / (which + '.jsonl')}", "--n=1",
             f"--steps={cfg['sample_steps']}", "--scheduler=ddim", f"--guidance={cfg['sample_guidance']}",
-            f"--batch={cfg['sample_batch']}", f"--seed={cfg['seed']}", f"--out_dir={dirs[name]}")
+            f"--batch={batch}", f"--seed={cfg['seed']}", f"--out_dir={dirs[name]}")
 
     # The metric.
     results = {}

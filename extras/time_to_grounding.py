@@ -12,8 +12,9 @@ development layouts at every 1,000 steps.
    otherwise), validating every 250 steps on 512 training images and keeping every 1,000-step checkpoint. Onset: the
    first validation on the --onset_every grid whose gap exceeds 3 of its standard errors and stays above them at the
    next. Once onset is confirmed and at least --min_steps are done, the run stops at the next 1,000 steps.
-3. sample.py (DDIM 25 steps, beta 1) from each 1,000-step checkpoint on --dev_layouts layouts drawn with seed + 100
-   (not the demo's held-out layouts, seed + 1), scored with the demo's colour-blob IoU.
+3. sample.py (DDIM 25 steps, beta 1, guidance 7.5, as the README's lever table was measured; the demo now samples
+   at 1.5) from each 1,000-step checkpoint on --dev_layouts layouts drawn with seed + 100 (not the demo's held-out
+   layouts, seed + 1), scored with the demo's colour-blob IoU.
 
 Writes <out>/lever.json: the onset, each validation's gap and standard error, IoU per checkpoint, images/s. Run it
 again and finished parts are skipped (a stopped training resumes). About 7-14 minutes a run on a 2-core CPU.
