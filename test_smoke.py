@@ -1,7 +1,7 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 124 tests, 6 to 7 minutes on 2 CPU cores (a clean clone's .ci/run: 331.9 s of pytest, 6.8 min in all)
+    pytest -q test_smoke.py        # 127 tests, about 7 minutes on 2 CPU cores (399 s of pytest in the development checkout, 2026-12-02)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
