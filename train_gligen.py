@@ -984,6 +984,22 @@ def grounded(layouts, seeds):
     return bool(layouts[0]["phrases"])
 
 
+def batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding):
+    """The UNet's "gligen" inputs for a batch of layouts (rows: each layout's (phrases, boxes), one per UNet row, the
+    first half unconditional), every unconditional half first; None where the layouts have no phrases."""
+    if not grounded(layouts, seeds):
+        return None
+    return {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype)
+                                    for l, r in zip(layouts, rows)])}
+
+
+def batch_noise(seeds, shape):
+    """Each layout's starting latents (shape) from its own seed, in a row, and its random stream for the steps after;
+    on the CPU, so a seed gives the same image on any device."""
+    streams = [torch.Generator().manual_seed(s) for s in seeds]
+    return torch.cat([torch.randn(shape, generator=g) for g in streams]), streams
+
+
 @torch.no_grad()
 def generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=25, guidance=7.5, beta=1.0,
              height=None, width=None, progress=False, model_input=both_halves, prompt_inputs=prompt_inputs,
@@ -999,14 +1015,9 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1,
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
     dtype = text["encoder_hidden_states"].dtype
-    gligen = None
-    if grounded(layouts, seeds):
-        rows = [[(l["phrases"], l["boxes"])] * (2 * n) for l in layouts]
-        gligen = {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype)
-                                          for l, r in zip(layouts, rows)])}
-    streams = [torch.Generator().manual_seed(s) for s in seeds]  # on the CPU, so a seed gives the same image anywhere
-    latents = torch.cat([torch.randn((n, unet.config.out_channels, height // scale, width // scale), generator=g)
-                         for g in streams])
+    rows = [[(l["phrases"], l["boxes"])] * (2 * n) for l in layouts]
+    gligen = batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding)
+    latents, streams = batch_noise(seeds, (n, unet.config.out_channels, height // scale, width // scale))
     latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, streams, steps, guidance, beta, progress,
                       model_input)
     return decode(vae, latents)
@@ -1668,15 +1679,10 @@ def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds
     for b in per_frame:
         if len(b) != frames:
             fail(f"{len(b)} lists of boxes for {frames} frames")
-    gligen = None
-    if grounded(layouts, seeds):
-        rows = [[(l["phrases"], b[f]) for _ in range(2 * n) for f in range(frames)]  # frame-minor
-                for l, b in zip(layouts, per_frame)]
-        gligen = {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype)
-                                          for l, r in zip(layouts, rows)])}
-    streams = [torch.Generator().manual_seed(s) for s in seeds]
-    latents = torch.cat([torch.randn((n, unet.config.out_channels, frames, height // scale, width // scale),
-                                     generator=g) for g in streams])
+    rows = [[(l["phrases"], b[f]) for _ in range(2 * n) for f in range(frames)]  # frame-minor
+            for l, b in zip(layouts, per_frame)]
+    gligen = batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding)
+    latents, streams = batch_noise(seeds, (n, unet.config.out_channels, frames, height // scale, width // scale))
     latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, streams, steps, guidance, beta, progress)
     images = decode(vae, latents.transpose(1, 2).flatten(0, 1))  # (K n, C, F, h, w) -> frames (K n F, C, h, w)
     return images.reshape(-1, frames, *images.shape[1:])
