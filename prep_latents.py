@@ -17,7 +17,8 @@ looked up by its path, its file name, then its file name without extension. With
 is key.txt beside it (folder) or inside the tar (key.txt, or "caption" in key.json).
 
 Each image's short side is center-cropped to a square, resized to --resolution and encoded by the model's VAE:
-the mean of its latent distribution times the VAE's scaling factor (--std=True stores the std too, so training
+the mean of its latent distribution, less the VAE's shift factor (SD3's and Flux's VAEs have one), times its scaling
+factor, as the pipelines take latents (--std=True stores the std, times the scaling factor, too, so training
 can draw a fresh sample each time; --flip=True also encodes the mirrored image, so training can flip).
 Output in --out:
     <shard>.npy     float16 (N, views, stats, 4, resolution/8, resolution/8): views = original[, flipped],
@@ -25,7 +26,7 @@ Output in --out:
     <shard>.json    that shard's index and skipped images; written after the .npy, so its presence marks the shard
                     done. A job run again skips done shards: a killed job loses only the shard in flight.
     index.jsonl     one line per image: key, caption, shard, row, original width/height, crop (pixels)
-    meta.json       model, resolution, scaling factor, latent shape, views, stats, counts
+    meta.json       model, resolution, scaling and shift factors, latent shape, views, stats, counts
     skipped.jsonl   every image not encoded (corrupt, truncated tar, no caption, too small), and why
 Under torchrun, rank r encodes input shards r, r + world, ...; output names come from the input shards, so ranks
 never write the same file; rank 0 writes index.jsonl, meta.json and skipped.jsonl when all are done.
@@ -311,7 +312,8 @@ def encode_shard(vae, cfg, out, name, source, captions, root, dtype):
         x = torch.cat([b[1] for b in batch]).to(vae.device, dtype)  # (batch x views, 3, R, R)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
-            z = torch.stack([posterior.mean, posterior.std][:1 + cfg["std"]], 1) * vae.config.scaling_factor
+            shift = vae.config.get("shift_factor") or 0.0  # None on SD's VAEs
+            z = torch.stack([posterior.mean - shift, posterior.std][:1 + cfg["std"]], 1) * vae.config.scaling_factor
         z = z.float().cpu().numpy().astype(np.float16)
         z = z.reshape(len(batch), -1, *z.shape[1:])  # (batch, views, stats, C, h, w)
         for (key, _, (w, h), crop, _), latent in zip(batch, z):
@@ -526,7 +528,7 @@ def main(cfg):
     out, root = Path(cfg["out"]), Path(cfg["images"])
     shards = input_shards(cfg)
     try:
-        scaling = AutoencoderKL.load_config(cfg["model"], subfolder="vae").get("scaling_factor", 0.18215)
+        vae_config = AutoencoderKL.load_config(cfg["model"], subfolder="vae")
     except (OSError, ValueError) as e:
         fail(f"cannot load the VAE of {cfg['model']!r}: {e}")
     # what the shards depend on: another value on a job with shards is refused (a changed folder would shift them)
@@ -534,7 +536,9 @@ def main(cfg):
     settings = {k: cfg[k] for k in keys}
     settings["captions_sha256"] = sha256(cfg["captions"]) if Path(cfg["captions"]).is_file() else None
     settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)
-    rank, world, device = start(out, dict(settings, scaling_factor=scaling))
+    scaling = dict(scaling_factor=vae_config.get("scaling_factor", 0.18215),
+                   shift_factor=vae_config.get("shift_factor") or 0.0)
+    rank, world, device = start(out, dict(settings, **scaling))
     captions = load_captions(cfg["captions"]) if cfg["captions"] else None
     dtype = torch.bfloat16 if cfg["dtype"] == "auto" and device.type == "cuda" else torch.float32
     todo = pending(shards, rank, world, lambda n: out / f"{n}.json", "encode")
@@ -553,7 +557,7 @@ def main(cfg):
               f"({n_images / (time.perf_counter() - t0):.1f} img/s)")
     if world > 1:
         dist.barrier()
-    result = finish(out, shards, dict(settings, scaling_factor=scaling)) if rank == 0 else None
+    result = finish(out, shards, dict(settings, **scaling)) if rank == 0 else None
     if world > 1:
         dist.destroy_process_group()
     return result

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from train_gligen import (adapters_file, check_image, check_layouts, check_out_dir, choose_seams, configure,
                           draw_layout, fail, family_of, in_range, is_moving, load_adapters, load_clip_tower,
                           load_image_project, load_model, mode_of, native_size, project_image_embeds, read_jsonl,
-                          set_adapters, vae_scale)
+                          set_adapters, vae_scale, SCHEDULERS)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -47,7 +47,8 @@ config = dict(
     steps=50,  # denoising steps
     guidance=7.5,  # classifier-free guidance scale
     beta=0.3,  # scheduled sampling: grounding for the first beta * steps steps (1.0 = all of them)
-    scheduler="ddim",  # ddim, dpm (DPM-Solver++ multistep), euler, euler_a, pndm, ddpm
+    scheduler="auto",  # auto: ddim (UNets), flow_euler (SD3, Flux); or dpm (DPM-Solver++ multistep), euler, euler_a,
+    # pndm, ddpm (UNets)
     height=0,  # 0 = the model's native size
     width=0,  # 0 = the model's native size
     frames=16,  # video models: frames per clip
@@ -60,8 +61,6 @@ config = dict(
     image_encoder="",  # text-image adapters: their CLIP image encoder; "" = the one they were trained with
 )
 DTYPES = dict(auto=None, fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # auto: fp16 on CUDA, else fp32
-SCHEDULERS = dict(ddim="DDIMScheduler", dpm="DPMSolverMultistepScheduler", euler="EulerDiscreteScheduler",
-                  euler_a="EulerAncestralDiscreteScheduler", pndm="PNDMScheduler", ddpm="DDPMScheduler")
 
 
 def export(path, unet, vae, text_encoder, tokenizer, scheduler, image_tower=None):
@@ -147,8 +146,8 @@ def check_settings(cfg):
     in_range(cfg, "n batch steps frames fps", 1)
     in_range(cfg, "height width guidance", 0)
     in_range(cfg, "beta", 0, 1)
-    if cfg["dtype"] not in DTYPES or cfg["scheduler"] not in SCHEDULERS:
-        fail(f"--dtype must be one of {', '.join(DTYPES)} and --scheduler one of {', '.join(SCHEDULERS)}")
+    if cfg["dtype"] not in DTYPES or cfg["scheduler"] not in ("auto", *SCHEDULERS):
+        fail(f"--dtype must be one of {', '.join(DTYPES)} and --scheduler one of auto, {', '.join(SCHEDULERS)}")
     if cfg["export"] and not cfg["adapters"]:
         fail("--export needs --adapters: it writes the base model with them")
     check_out_dir(cfg["out_dir"], "out_dir")
@@ -184,7 +183,7 @@ class Sampler:
         self.seams = choose_seams(self.family, self.inpaint, self.text_image)
         self.video = self.family == "video"
         if cfg["export"] and self.family != "sd":
-            fail("--export needs an SD1.x/2.x model (diffusers has no SDXL or video GLIGEN pipeline)")
+            fail("--export needs an SD1.x/2.x model (diffusers has no SDXL, video, SD3 or Flux GLIGEN pipeline)")
         self.schedulers, self.photos = {}, {}  # loaded by name; inpainting photos' latents by path
 
     def check(self, layouts, inpaint_image):
@@ -200,9 +199,13 @@ class Sampler:
             fail(f"one list of boxes per frame is for video models; {self.cfg['model']} makes images")
 
     def scheduler(self, name, steps):
-        """The named scheduler from the model's config (loaded once), checked against --steps."""
+        """The named scheduler from the model's config (loaded once), checked against --steps; auto: the family's
+        own (DDIM for a UNet, flow-matching Euler for an MMDiT)."""
         import diffusers
 
+        name = self.seams.samplers[0] if name == "auto" else name
+        if name not in self.seams.samplers:
+            fail(f"--scheduler={name}: a {self.family} model samples with {', '.join(self.seams.samplers)}")
         if name not in self.schedulers:
             cls = getattr(diffusers, SCHEDULERS[name])
             self.schedulers[name] = cls.from_pretrained(self.cfg["model"], subfolder="scheduler")

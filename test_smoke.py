@@ -1,7 +1,7 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 127 tests, about 7 minutes on 2 CPU cores (399 s of pytest in the development checkout, 2026-12-02)
+    pytest -q test_smoke.py        # 140 tests, about 7 minutes on 2 CPU cores (341 s of pytest in the development checkout, 2026-12-02)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
@@ -172,6 +172,60 @@ def make_tiny_video(path):
                               set_alpha_to_one=False, steps_offset=1)
     TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                           scheduler=scheduler).save_pretrained(path)
+    return path
+
+
+def tiny_t5(n_vocab, width):
+    """A 2-layer T5 encoder over the same vocabulary (an offline stand-in: its tokenizer is the CLIP one)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=n_vocab, d_model=width, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
+                                   relative_attention_num_buckets=8, feed_forward_proj="relu", pad_token_id=0,
+                                   eos_token_id=1, decoder_start_token_id=0))
+
+
+def tiny_flow_vae():
+    """The VAE of both tiny MMDiTs (the same weights: one set of latents trains both), shifted and scaled like SD3's."""
+    torch.manual_seed(0)
+    return tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def make_tiny_sd3(path):
+    """A tiny SD3-shaped model: 2 joint blocks (the last one context_pre_only) 32 wide, patch 2; CLIP-L and CLIP-G
+    (32 + 32 wide states, zero-padded to T5's 80), pooled 16 + 16; T5; the flow scheduler with SD3's static shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    vae = tiny_flow_vae()
+    n_vocab = write_tokenizer(path / "_tok")
+    tok = tiny_tokenizer(path)
+    te1, te2 = (CLIPTextModelWithProjection(tiny_text_config(n_vocab, projection_dim=16)) for _ in range(2))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=80, pooled_projection_dim=32, pos_embed_max_size=16)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                             text_encoder_3=tiny_t5(n_vocab, 80), tokenizer_3=tok).save_pretrained(path)
+    return path
+
+
+def make_tiny_flux(path, guidance_embeds=True):
+    """A tiny Flux-shaped model: 2 double-stream and 1 single-stream blocks 32 wide, RoPE over (4, 4, 8) dims, 4-channel
+    latents packed into 16; CLIP-L and T5; dev's guidance embedding (schnell without); the dynamically shifted
+    flow scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    vae = tiny_flow_vae()
+    n_vocab = write_tokenizer(path / "_tok")
+    tok = tiny_tokenizer(path)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(tiny_text_config(
+        n_vocab)), tokenizer=tok, text_encoder_2=tiny_t5(n_vocab, 32), tokenizer_2=tok).save_pretrained(path)
     return path
 
 
@@ -381,7 +435,8 @@ def wait_for(condition, timeout=120):
 
 
 def assert_latents_of(tiny_sd, image, shard, row, resolution):
-    """Row `row` of `shard` holds the VAE mean and std of the image's center crop and its mirror, x scaling."""
+    """Row `row` of `shard` holds the VAE mean (less its shift factor, where it has one) and std of the image's center
+    crop and its mirror, x scaling."""
     from diffusers import AutoencoderKL
 
     im = Image.open(image).convert("RGB")
@@ -392,7 +447,8 @@ def assert_latents_of(tiny_sd, image, shard, row, resolution):
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
     with torch.no_grad():
         d = vae.encode(torch.stack([x, x.flip(-1)])).latent_dist
-    want = torch.stack([d.mean, d.std], 1) * vae.config.scaling_factor  # (views, stats, 4, h, w)
+    shift = vae.config.shift_factor or 0.0
+    want = torch.stack([d.mean - shift, d.std], 1) * vae.config.scaling_factor  # (views, stats, 4, h, w)
     got = np.load(shard, mmap_mode="r")[row]
     assert got.dtype == np.float16 and got.shape == tuple(want.shape)
     torch.testing.assert_close(torch.from_numpy(got.astype(np.float32)), want, atol=2e-3, rtol=2e-3)
@@ -464,6 +520,16 @@ def tiny_video(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
@@ -489,6 +555,18 @@ def tiny_sdxl_data(tiny_sdxl, tiny_data):
 
     out = tiny_data["root"] / "latents-sdxl"
     pl.main({**pl.config, "model": str(tiny_sdxl), "images": str(tiny_data["root"] / "images"),
+             "captions": str(tiny_data["boxes"]), "out": str(out), "resolution": 16, "batch_size": 5, "shard_size": 4,
+             "num_workers": 0, "std": True, "flip": True})
+    return {**tiny_data, "latents": out}
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_data(tiny_sd3, tiny_data):
+    """tiny_data's images encoded by the tiny MMDiTs' VAE (shared by both): its shift and scaling applied."""
+    import prep_latents as pl
+
+    out = tiny_data["root"] / "latents-flow"
+    pl.main({**pl.config, "model": str(tiny_sd3), "images": str(tiny_data["root"] / "images"),
              "captions": str(tiny_data["boxes"]), "out": str(out), "resolution": 16, "batch_size": 5, "shard_size": 4,
              "num_workers": 0, "std": True, "flip": True})
     return {**tiny_data, "latents": out}
@@ -1032,22 +1110,28 @@ def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path
     assert losses(tmp_path / "with") != losses(tmp_path / "without")
 
 
-def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sdxl, tiny_sdxl_data, tiny_data, tmp_path,
-                                                               monkeypatch, request):
+@pytest.mark.parametrize("family, fusers", [("sdxl", 8), ("sd3", 2), ("flux", 2)])
+def test_gradient_checkpointing_recomputes_and_changes_nothing(family, fusers, tiny_data, tmp_path, monkeypatch,
+                                                               request):
     """With grad_checkpointing each fuser runs twice per micro-batch (forward, then again in backward), and the
-    adapters end bit-equal to a run without it; with the attention loss on, whose hooks run in the recompute too."""
+    adapters end bit-equal to a run without it; with the attention loss on, whose hooks run in the recompute too. On
+    an MMDiT the fusers run from hooks on the blocks, and the grounding tokens must still be there in the recompute."""
     calls = []
-    real = tg.Fuser.forward
-    monkeypatch.setattr(tg.Fuser, "forward", lambda self, x, objs: calls.append(1) or real(self, x, objs))
+    counting = lambda real: lambda self, *args: calls.append(1) or real(self, *args)
+    for cls in (tg.Fuser, tg.PositionedFuser):
+        monkeypatch.setattr(cls, "forward", counting(cls.forward))
+    data = request.getfixturevalue({"sdxl": "tiny_sdxl_data"}.get(family, "tiny_flow_data"))
     runs = {}
     for ckpt in (False, True):
         calls.clear()
-        tg.main({**train_cfg(None, tiny_sdxl_data, tmp_path / str(ckpt), max_steps=2, save_every=2), "model": str(tiny_sdxl),
-                 "grad_checkpointing": ckpt, "box_attn_loss": 1.0})
+        tg.main({**train_cfg(None, data, tmp_path / str(ckpt), max_steps=2, save_every=2),
+                 "model": str(request.getfixturevalue(f"tiny_{family}")), "grad_checkpointing": ckpt, "box_attn_loss": 1.0})
         runs[ckpt] = (len(calls), adapters_of(tmp_path / str(ckpt)))
-    # 8 fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
-    assert runs[True][0] == 2 * runs[False][0] == 2 * 8 * (1 + 2 * 2)
+    # the fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
+    assert runs[True][0] == 2 * runs[False][0] == 2 * fusers * (1 + 2 * 2)
     assert_same_tensors(runs[True][1], runs[False][1])
+    if family != "sdxl":
+        return
     with pytest.raises(SystemExit, match="--grad_checkpointing=True: diffusers' UNet3DConditionModel does not support it"):
         tg.main(train_cfg(request.getfixturevalue("tiny_video"), tiny_data, tmp_path / "video", grad_checkpointing=True))
 
@@ -1216,7 +1300,9 @@ def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters,
 # Determinism: a resumed run equals a straight one, for every family and mode; two processes equal one
 VARIANTS = dict(sd1=("tiny_sd", {}), sd2=("tiny_sd2", {}), sdxl=("tiny_sdxl", {}), video=("tiny_video", {}),
                 inpaint=("tiny_sd", dict(inpaint=True)), text_image=("tiny_sd", dict(image_features="tiny_features")),
-                levers=("tiny_sd", dict(timestep_power=3.0, box_loss_weight=3.0, box_attn_loss=1.0)))
+                levers=("tiny_sd", dict(timestep_power=3.0, box_loss_weight=3.0, box_attn_loss=1.0)),
+                sd3=("tiny_sd3", {}), flux=("tiny_flux", dict(box_attn_loss=1.0, timestep_power=2.0)))
+DATA = dict(sdxl="tiny_sdxl_data", sd3="tiny_flow_data", flux="tiny_flow_data")  # latents of the model's own VAE
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -1228,7 +1314,7 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
     fixture, mode = VARIANTS[variant]
     model = request.getfixturevalue(fixture)
     mode = {k: str(request.getfixturevalue(v)) if k == "image_features" else v for k, v in mode.items()}
-    data = request.getfixturevalue("tiny_sdxl_data" if variant == "sdxl" else "tiny_data")  # its own VAE's latents
+    data = request.getfixturevalue(DATA.get(variant, "tiny_data"))  # its own VAE's latents
     cfg = lambda out, **over: train_cfg(model, data, tmp_path / out, **mode, **over)
     tg.main(cfg("straight", max_steps=4, save_every=4, val_every=2, val_steps=1, val_images=4))
     tg.main(cfg("resumed", max_steps=2, save_every=2))
@@ -1252,13 +1338,13 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
     for f in seams.training_data(cfg("straight")).files:
         assert (ckpt / f.name).read_bytes() == f.read_bytes()
     config = torch.load(ckpt / "state.pt", weights_only=True)["config"]
-    assert config["prediction_type"] == scheduler.config.prediction_type
+    assert config["prediction_type"] == scheduler.config.get("prediction_type", "flow")  # an MMDiT's: rectified flow
     if variant == "levers":  # adapters trained with every lever on export to diffusers' pipeline as any others
         ours, pipeline = sample_and_export(model, tmp_path / "straight", tmp_path)
         assert np.array_equal(ours, pipeline(0.5))
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sdxl", "video", "inpaint", "text_image"])
+@pytest.mark.parametrize("variant", ["sd1", "sdxl", "video", "inpaint", "text_image", "sd3", "flux"])
 def test_bf16_trains_every_family_and_mode(variant, request, tmp_path):
     """--dtype=bf16, what auto is on CUDA, on a CPU: the frozen base in bf16 and bit-equal to itself loaded in bf16;
     the adapters (inpainting's conv_in weight too) and their optimizer state in fp32, and trained; the step under bf16
@@ -1267,7 +1353,7 @@ def test_bf16_trains_every_family_and_mode(variant, request, tmp_path):
     fixture, mode = VARIANTS[variant]
     model = request.getfixturevalue(fixture)
     mode = {k: str(request.getfixturevalue(v)) if k == "image_features" else v for k, v in mode.items()}
-    data = request.getfixturevalue("tiny_sdxl_data" if variant == "sdxl" else "tiny_data")
+    data = request.getfixturevalue(DATA.get(variant, "tiny_data"))
     cfg = lambda dtype, **over: train_cfg(model, data, tmp_path / dtype, max_steps=2, dtype=dtype, **mode, **over)
     unet, _ = tg.main(cfg("bf16", val_every=2, val_steps=1, val_images=2))
     tg.main(cfg("fp32"))
@@ -1305,6 +1391,22 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     assert_same_tensors(a, b)
     # the logged loss is averaged over ranks (summed in another order than one process accumulates it)
     np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=1e-5)
+
+def test_two_processes_equal_one_on_mmdits(tiny_sd3, tiny_flux, tiny_flow_data, tmp_path):
+    """SD3 and Flux (with the attention loss, and Flux's position code in its fusers) on 2 processes equal 1: the
+    rectified-flow step draws its noise levels per sample, as the UNets' step draws its timesteps."""
+    for model in (tiny_sd3, tiny_flux):
+        args = [f"--model={model}", f"--latents={tiny_flow_data['latents']}", f"--boxes={tiny_flow_data['boxes']}",
+                "--global_batch=4", "--micro_batch=2", "--max_steps=3", "--lr=1e-3", "--warmup_steps=2",
+                "--num_workers=0", "--val_every=0", "--log_every=3", "--box_attn_loss=1"]
+        one = run("train_gligen.py", *args, f"--out_dir={tmp_path / model.name / 'one'}", OMP_NUM_THREADS="1")
+        two = run("train_gligen.py", *args, f"--out_dir={tmp_path / model.name / 'two'}", torchrun=2, OMP_NUM_THREADS="1")
+        assert one.returncode == 0, one.stderr[-3000:]
+        assert two.returncode == 0, two.stderr[-3000:]
+        a, b = adapters_of(tmp_path / model.name / "one"), adapters_of(tmp_path / model.name / "two")
+        assert any(k.startswith("transformer_blocks.1.fuser.") for k in a)  # the fusers, by the UNets' names
+        assert not torch.equal(a["position_net.null_position_feature"], torch.zeros(64))  # they trained
+        assert_same_tensors(a, b)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling: sample.py equals diffusers' pipelines (exported, or SDXL's own), pixel for pixel; every family samples
@@ -1406,6 +1508,63 @@ def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
     want = pipe("a red square and a blue circle", num_inference_steps=3, guidance_scale=7.5, num_images_per_prompt=2,
                 generator=torch.Generator().manual_seed(3), output_type="np").images
     assert ours.shape == (2, 16, 16, 3) and np.array_equal(ours, pixels(want))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-schnell"])
+def test_mmdit_sampling_equals_diffusers_pipelines_and_fresh_adapters_change_nothing(family, request, tiny_flow_data,
+                                                                                     tmp_path):
+    """Without grounding, generate() on SD3 and Flux (dev: guidance embedded; schnell: none) gives the pixels of
+    diffusers' StableDiffusion3Pipeline and FluxPipeline (true classifier-free guidance, an empty negative prompt), for
+    two layouts in one batch, each from its own seed (Flux: up to one level on under 1% of the values, the pipeline
+    running its two halves as two calls; 1 of 3,072 measured): text encoding aside (given to the pipelines as embeddings, as no
+    tokenizer can be built offline), the schedule, guidance, packing and VAE are theirs. Fresh adapters with boxes
+    leave those pixels exactly (zero gates); trained-like ones change them, and their fusers off (beta 0) do not. The
+    latents the tiny MMDiTs train on are the VAE's shifted and scaled means, as the pipelines' latents are."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    model = make_tiny_flux(tmp_path / "schnell", guidance_embeds=False) if family == "flux-schnell" else \
+        request.getfixturevalue(f"tiny_{family}")
+    seams = tg.choose_seams(tg.family_of(str(model)))
+    transformer, te, tok, _ = seams.load(str(model), "cpu", torch.float32)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+    layouts = [dict(LAYOUT, phrases=[], boxes=[]), dict(prompt="the cat on the mat", phrases=[], boxes=[])]
+    draw = lambda unet, layouts, beta=1.0: seams.generate(unet, vae, te, tok, scheduler, layouts, [3, 4], steps=3,
+                                                          guidance=4.0, beta=beta, height=32, width=32)
+    ours = draw(transformer, layouts)
+    Pipeline = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    pipe = Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None,
+                    text_encoder_2=None, tokenizer_2=None, **dict(text_encoder_3=None, tokenizer_3=None)
+                    if family == "sd3" else {})
+    for k, (layout, seed) in enumerate(zip(layouts, [3, 4])):
+        text = tg.mmdit_prompt_inputs(te, tok, layout["prompt"], 1, 32, 32)
+        latents = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
+        embeds = dict(prompt_embeds=text["encoder_hidden_states"][1:], pooled_prompt_embeds=text["pooled_projections"][1:],
+                      negative_prompt_embeds=text["encoder_hidden_states"][:1],
+                      negative_pooled_prompt_embeds=text["pooled_projections"][:1])
+        if family == "sd3":
+            want = pipe(**embeds, latents=latents, num_inference_steps=3, guidance_scale=4.0, height=32, width=32,
+                        output_type="np").images
+        else:  # FluxPipeline takes latents packed 2 x 2
+            packed = latents.view(1, 4, 8, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 64, 16)
+            want = pipe(**embeds, latents=packed, true_cfg_scale=4.0, guidance_scale=tg.FLUX_GUIDANCE,
+                        num_inference_steps=3, height=32, width=32, output_type="np").images
+        if family == "sd3":
+            assert np.array_equal(ours[k], pixels(want)[0]), k
+        else:  # FluxPipeline calls the model on the two halves apart: a matrix product may round a last bit otherwise
+            off = np.abs(ours[k].astype(int) - pixels(want)[0])
+            assert off.max() <= 1 and (off > 0).mean() < 0.01, k
+    grounded = [LAYOUT, dict(prompt="the cat on the mat", phrases=["a cat"], boxes=[[0.5, 0.5, 1.0, 1.0]])]
+    fresh = seams.add_adapters(copy.deepcopy(transformer))
+    assert np.array_equal(draw(fresh, grounded), ours)
+    random_adapters_of(seams, transformer, 0, tmp_path / "run")
+    tg.set_adapters(fresh, tg.load_adapters(str(tmp_path / "run")), "random", seams.is_adapter)
+    assert np.abs(draw(fresh, grounded).astype(int) - ours).mean() > 1
+    assert np.array_equal(draw(fresh, grounded, beta=0.0), ours)
+    if family == "sd3":
+        rec = next(r for _, r in tg.read_jsonl(tiny_flow_data["latents"] / "index.jsonl") if r["key"] == "img_000.png")
+        assert_latents_of(model, tiny_flow_data["root"] / "images" / "img_000.png",
+                          tiny_flow_data["latents"] / rec["shard"], rec["row"], 16)
 
 
 def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, random_adapters, tmp_path, monkeypatch):
@@ -1545,11 +1704,11 @@ def test_video_sampling_gives_each_frame_its_boxes(tiny_video):
     assert torch.equal(seen[-1][0][2 * F_:, 0], torch.tensor([per_frame[0][0]] * 2 * F_))
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl", "video", "inpaint", "text_image"])
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "video", "inpaint", "text_image", "sd3", "flux"])
 def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_clip, tmp_path):
     """sample.py on adapters of each family and mode: SD2 and SDXL images; video clips (PNG frames and GIFs, boxes
     moving); inpainting keeps a photo (and asks for one); text-image boxes by phrase, image or both (and a box needs
-    one). Each also writes a copy with the boxes drawn on. In bf16 and fp16 (SDXL's VAE in fp32) the images are
+    one); SD3 and Flux images (their flow scheduler by default). Each also writes a copy with the boxes drawn on. In bf16 and fp16 (SDXL's VAE in fp32) the images are
     close to fp32's: mean level differences under 8 and 2 (bf16 keeps 8 bits of mantissa, fp16 11; measured on these
     tiny random models, through 2 guided steps: 0.7 to 4.6 and 0.1 to 0.6)."""
     import sample
@@ -1562,6 +1721,8 @@ def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_cl
     out, cfg = tmp_path / "samples", {**sample.config, "model": str(model), "adapters": str(tmp_path / "run"),
                                       "prompt": "a red square", "phrases": ["a red square"],
                                       "boxes": [[0.1, 0.2, 0.5, 0.8]], "n": 1, "steps": 2, "out_dir": str(tmp_path / "samples")}
+    if family == "flux":  # Flux's transformer names no native size (its pipeline's default: 128 latents)
+        cfg.update(height=16, width=16)
     if family == "video":  # the shipped layouts: 16 frames, boxes moving
         cfg.update(layouts=str(HERE / "layouts" / "video.jsonl"), frames=16)
     if family == "inpaint":
@@ -1634,8 +1795,8 @@ def test_missing_records_and_models_are_named(tiny_sd, tiny_sdxl, tiny_data, tin
         tg.GroundedLatents(tiny_features, tiny_data["boxes"])
     with pytest.raises(SystemExit, match=r"holds no box image features .* latents\? Those go in --latents"):
         tg.ImageFeatureLatents(tiny_data["latents"], tiny_data["boxes"], 30, 0.01, tiny_data["latents"])
-    with pytest.raises(SystemExit, match=r"holds latents of .*tiny-sd.*'s VAE \(scaling factor, channels: \(0.18215, 4\)\), "
-                                         r"and .*tiny-sdxl.*'s VAE makes \(0.13025, 4\)"):
+    with pytest.raises(SystemExit, match=r"holds latents of .*tiny-sd.*'s VAE \(scaling and shift factors, channels: "
+                                         r"\(0.18215, 0.0, 4\)\), and .*tiny-sdxl.*'s VAE makes \(0.13025, 0.0, 4\)"):
         tg.training_data(train_cfg(tiny_sdxl, tiny_data, tmp_path / "run"))
     with pytest.raises(SystemExit, match="model directory not found: /no/such/model"):
         tg.family_of("/no/such/model")
@@ -2160,6 +2321,25 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     assert any("scaled_dot_product" in op["name"] for op in prof["top_ops"])  # SDPA, forward and backward
     r = gpu_check.main({**gpu_check.config, "dry_run": True, "budget_s": 0, "out": str(tmp_path / "late")})
     assert all("out of time" in v["skipped"] for v in r["stages"].values())
+
+def test_mmdit_sizes_count_the_trainers_own_injection(capsys, tmp_path, tiny_sd3):
+    """extras/mmdit_sizes.py builds the full SD3.5 and Flux configs on the meta device, injects the trainer's fusers and
+    counts them (checked inside against 16d^2 + d^2 + 15d + 2 per fuser). And an MMDiT the trainer cannot take, or a
+    UNet scheduler asked of one, stops with one line."""
+    import mmdit_sizes
+    import sample
+
+    mmdit_sizes.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| SD3.5") or line.startswith("| FLUX")]
+    assert [r.split(" | ")[2:4] for r in rows] == [["24", "965M"], ["38", "3.82B"], ["19", "3.05B"], ["57", "9.15B"]]
+    other = tmp_path / "pixart"
+    shutil.copytree(tiny_sd3, other)
+    config = json.loads((other / "transformer" / "config.json").read_text())
+    (other / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "PixArtTransformer2DModel"}))
+    with pytest.raises(SystemExit, match="its transformer is a 'PixArtTransformer2DModel'"):
+        tg.family_of(str(other))
+    with pytest.raises(SystemExit, match="--scheduler=ddim: a sd3 model samples with flow_euler"):
+        sample.main({**sample.config, "model": str(tiny_sd3), "scheduler": "ddim", "out_dir": str(tmp_path / "s")})
 
 # ---------------------------------------------------------------------------------------------------------------
 # The app (extras/app.py): its layout and log reading, then the launched app through gradio_client and in a browser.

@@ -235,18 +235,19 @@ def or_null(masks, x, null):
     return torch.where(masks[..., None] > 0, x.to(null.dtype), null)
 
 
-def position_mlp(dim, n_freqs=8):
-    """A grounding token from [phrase feature (D); Fourier box code (64)]: D + 64 -> 512 -> 512 -> D."""
+def position_mlp(dim, n_freqs=8, out_dim=None):
+    """A grounding token from [phrase feature (D); Fourier box code (64)]: D + 64 -> 512 -> 512 -> D (a UNet's
+    tokens are as wide as its phrase features; an MMDiT's, out_dim, as its blocks)."""
     return nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
-                         nn.Linear(512, dim))
+                         nn.Linear(512, out_dim or dim))
 
 
 class PositionNet(nn.Module):
     """Grounding tokens from (phrase feature, Fourier box code); empty slots take learned null features."""
 
-    def __init__(self, dim, n_freqs=8):
+    def __init__(self, dim, n_freqs=8, out_dim=None):
         super().__init__()
-        self.linears = position_mlp(dim, n_freqs)
+        self.linears = position_mlp(dim, n_freqs, out_dim)
         self.null_positive_feature = nn.Parameter(torch.zeros(dim))
         self.null_position_feature = nn.Parameter(torch.zeros(8 * n_freqs))
 
@@ -284,14 +285,16 @@ FAMILIES = {"sd": {}}  # family -> the seams that its section at the end of this
 
 
 def family_of(model):
-    """"sd" (SD1.x/2.x), "sdxl" or "video", read from the model's UNet config (the weights load later). Stops on a
-    model GLIGEN cannot start from."""
+    """"sd" (SD1.x/2.x), "sdxl" or "video", read from the model's UNet config (the weights load later); "sd3" or
+    "flux" for an MMDiT (a transformer/ in place of unet/). Stops on a model GLIGEN cannot start from."""
     from diffusers import UNet2DConditionModel
 
     if missing_local_path(model):
         fail(f"model directory not found: {model}")
     if Path(model).is_file():
         fail(f"{model} is a file: give the model's diffusers directory (model_index.json, unet/, vae/, ...)")
+    if has_transformer(model):
+        return mmdit_family(model)
     with loading(model):
         unet = UNet2DConditionModel.load_config(model, subfolder="unet")
     if unet.get("_class_name") not in ("UNet2DConditionModel", "UNet3DConditionModel"):
@@ -306,6 +309,16 @@ def family_of(model):
     if unet["_class_name"] == "UNet3DConditionModel":
         return "video"
     return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
+
+
+def has_transformer(model):
+    """Whether the model is a transformer (an MMDiT) rather than a UNet: its model_index.json names one."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return "transformer" in DiffusionPipeline.load_config(model)
+    except (OSError, ValueError):  # no model_index.json: a UNet model's directory may have only unet/
+        return False
 
 
 def mode_of(adapters):
@@ -324,7 +337,9 @@ def choose_seams(family, inpaint=False, text_image=False):
         text_inputs       caption ids -> the UNet's text inputs (its keyword arguments)
         noisy_input       the noised latent and the target -> the UNet's input and the target
         grounding         a batch's boxes and phrases -> the UNet's "gligen" inputs
+        schedule          the noise scheduler -> what step_loss needs of it, and what the config records
         step_loss         the loss of a micro-batch, made of the three above (a family with another objective: its own)
+        samplers          the sampling schedulers it takes, by sample.py's names; the first validates and is the default
         prompt_inputs     sampling: a prompt -> the text inputs of [unconditional; conditional]
         layout_grounding  sampling: a layout -> the "gligen" inputs, the unconditional half null
         generate          sampling: layouts -> images, several layouts per UNet call
@@ -335,8 +350,9 @@ def choose_seams(family, inpaint=False, text_image=False):
         fail(f"{'inpainting' if inpaint else 'text-image grounding'} is for SD1.x/2.x models; this is {family}")
     seams = dict(load=load_base, position_net=PositionNet, add_adapters=inject_gligen, is_adapter=is_adapter,
                  training_data=training_data, text_inputs=caption_inputs, noisy_input=as_is,
-                 grounding=text_box_grounding, step_loss=micro_step_loss, prompt_inputs=prompt_inputs,
-                 layout_grounding=layout_grounding, generate=generate, val_options=lambda data, pick: {})
+                 grounding=text_box_grounding, schedule=diffusion_schedule, step_loss=micro_step_loss,
+                 samplers=UNET_SAMPLERS, prompt_inputs=prompt_inputs, layout_grounding=layout_grounding,
+                 generate=generate, val_options=lambda data, pick: {})
     replaced = set()
     for section in (FAMILIES[family], INPAINT if inpaint else {}, TEXT_IMAGE if text_image else {}):
         assert not replaced & section.keys(), f"two sections replace {replaced & section.keys()}"
@@ -699,16 +715,17 @@ class GroundedLatents(torch.utils.data.Dataset):
 
 def training_data(cfg, Latents=GroundedLatents):
     """The training set the settings name: prep_latents.py's latents joined with prep_boxes.py's boxes; the latents
-    must be of this model's VAE (its scaling factor and channels: SD1.x's and SD2.x's VAEs are the same)."""
+    must be of this model's VAE (its scaling and shift factors and channels: SD1.x's and SD2.x's VAEs are the same)."""
     from diffusers import AutoencoderKL
 
     data = Latents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
     with loading(cfg["model"]):
         vae = AutoencoderKL.load_config(cfg["model"], subfolder="vae")
-    made = (data.meta.get("scaling_factor"), data.meta["latent_shape"][0])  # (scaling factor, channels)
-    ours = (vae.get("scaling_factor", 0.18215), vae.get("latent_channels", 4))
+    made = (data.meta.get("scaling_factor"), data.meta.get("shift_factor", 0.0), data.meta["latent_shape"][0])
+    ours = (vae.get("scaling_factor", 0.18215), vae.get("shift_factor") or 0.0, vae.get("latent_channels", 4))
     if made != ours:
-        fail(f"{cfg['latents']} holds latents of {data.meta.get('model')!r}'s VAE (scaling factor, channels: {made}), "
+        fail(f"{cfg['latents']} holds latents of {data.meta.get('model')!r}'s VAE (scaling and shift factors, "
+             f"channels: {made}), "
              f"and {cfg['model']}'s VAE makes {ours}: encode the images with prep_latents.py --model={cfg['model']}")
     return data
 
@@ -745,6 +762,15 @@ def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
     a = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     return xt, noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def diffusion_schedule(noise_scheduler, model, device):
+    """What the step needs of the training noise schedule, the cumulative alphas; and the target it trains, recorded
+    in the config: the base's prediction type."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        fail(f"{model}: prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
+    return {"alphas_cumprod": noise_scheduler.alphas_cumprod.to(device)}, {"prediction_type": prediction_type}
 
 
 def caption_inputs(text_encoder, ids, batch):
@@ -831,7 +857,7 @@ class BoxAttention:
     def hook(self, fuser, args, out):
         if not self.on():
             return
-        (x, objs), (boxes, masks, (H, W)) = args, self.targets
+        (x, objs), (boxes, masks, (H, W)) = args[:2], self.targets  # args[2]: Flux's position code
         B, N, heads = x.shape[0], x.shape[1], fuser.attn.heads
         h = round(math.sqrt(N * H / W))  # this block's token grid: the latent's, downsampled
         if h * (N // h) != N:
@@ -867,25 +893,37 @@ def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cf
     if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
         x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
     x, target = noisy_input(*forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"]), x0, batch)
+    text, masks, gligen = conditioning(text_encoder, batch, g, empty_ids, keep_caption, keep_grounding, autocast,
+                                       text_inputs, grounding)
+    if cfg["box_attn_loss"] > 0:
+        box_attention.set(batch["boxes"], masks, x0.shape[-2:])
+    with autocast:
+        pred = model(x, t, **text, cross_attention_kwargs={"gligen": gligen}).sample
+    return step_loss_of(pred, target, batch, cfg, box_attention, per_image, t.float() / T)
+
+
+def conditioning(text_encoder, batch, g, empty_ids, keep_caption, keep_grounding, autocast, text_inputs, grounding):
+    """The denoiser's text inputs (the dropped captions empty) and "gligen" inputs (the dropped grounding's slots all
+    null), by the frozen text encoder; and the filled slots (B, 30)."""
     with torch.no_grad(), autocast:
         keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))  # (b, 1): per sample, whatever the ids' shape
         ids = torch.where(keep, batch["caption_ids"], empty_ids)
         text = text_inputs(text_encoder, ids, batch)  # {"encoder_hidden_states": (b, 77, D)}
         masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
-        gligen = grounding(text_encoder, batch, masks, g)
-    supervise = cfg["box_attn_loss"] > 0
-    if supervise:
-        box_attention.set(batch["boxes"], masks, x0.shape[-2:])
-    with autocast:
-        pred = model(x, t, **text, cross_attention_kwargs={"gligen": gligen}).sample
+        return text, masks, grounding(text_encoder, batch, masks, g)
+
+
+def step_loss_of(pred, target, batch, cfg, box_attention, per_image, level):
+    """The denoising loss (in-box weighted where cfg says), plus the fusers' attention loss where cfg turns it on; with
+    per_image, also each image's loss and its noise level (level, (b,))."""
     if cfg["box_loss_weight"] == 1:
         loss = F.mse_loss(pred.float(), target)
     else:
         loss = box_weighted_mse(pred.float(), target, batch["boxes"], batch["masks"], cfg["box_loss_weight"])
-    if supervise:
+    if cfg["box_attn_loss"] > 0:
         loss = loss + cfg["box_attn_loss"] * box_attention.loss()
     if per_image:
-        return loss, F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1), t.float() / T
+        return loss, F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1), level
     return loss
 
 
@@ -943,6 +981,12 @@ def optimizer_step(opt, params, grad_clip):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Sampling: the validation grid's images here, and sample.py's.
+SCHEDULERS = dict(ddim="DDIMScheduler", dpm="DPMSolverMultistepScheduler", euler="EulerDiscreteScheduler",
+                  euler_a="EulerAncestralDiscreteScheduler", pndm="PNDMScheduler", ddpm="DDPMScheduler",
+                  flow_euler="FlowMatchEulerDiscreteScheduler")  # sample.py's --scheduler: diffusers' class
+UNET_SAMPLERS = ("ddim", "dpm", "euler", "euler_a", "pndm", "ddpm")  # what a UNet family samples with; ddim validates
+
+
 def prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
     """The UNet's text inputs for n x [unconditional; conditional]: the empty caption's features, then the prompt's,
     (2n, 77, D)."""
@@ -1054,8 +1098,9 @@ def vae_scale(vae):
 
 
 def native_size(unet, vae):
-    """The image side the model was made for, in pixels (512 for SD1.5)."""
-    return unet.config.sample_size * vae_scale(vae)
+    """The image side the model was made for, in pixels (512 for SD1.5). Flux's transformer names none: its
+    pipeline's default, 128 latents (1024 pixels)."""
+    return unet.config.get("sample_size", 128) * vae_scale(vae)
 
 
 def decode(vae, latents):
@@ -1248,14 +1293,14 @@ GLIGEN_RECIPE = dict(timestep_power=1.0, box_loss_weight=1.0, box_attn_loss=0.0)
 def setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, loss_of, device, dtype):
     """What each validation needs: the validation grid's sampler and layouts, and the box-use losses' fixed batches
     (val_images training images, unflipped) and loss (every caption and box kept)."""
-    from diffusers import AutoencoderKL, DDIMScheduler
+    import diffusers
 
-    vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
-    ddim = DDIMScheduler.from_pretrained(cfg["model"], subfolder="scheduler")
+    vae = load_model(diffusers.AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
+    sampler = getattr(diffusers, SCHEDULERS[seams.samplers[0]]).from_pretrained(cfg["model"], subfolder="scheduler")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["val_images"]].tolist()
     chunks = (pick[j:j + cfg["micro_batch"]] for j in range(0, len(pick), cfg["micro_batch"]))
     return SimpleNamespace(
-        draw=partial(seams.generate, unet, vae, text_encoder, tokenizer, ddim, steps=cfg["val_steps"],
+        draw=partial(seams.generate, unet, vae, text_encoder, tokenizer, sampler, steps=cfg["val_steps"],
                      **seams.val_options(data, pick)),
         layouts=layouts, seed=cfg["seed"],
         batches=[{k: v.to(device) for k, v in data.collate(tokenizer, [data[(i, False)] for i in c]).items()}
@@ -1431,10 +1476,8 @@ def main(cfg):
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
         dist.broadcast_object_list(resume, src=0, group=cpu_group)
-    cfg = {**cfg, "world_size": world, "grad_accum": G // (B * world), **data.config,
-           "prediction_type": noise_scheduler.config.prediction_type}
-    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
-        fail(f"{cfg['model']}: prediction_type {cfg['prediction_type']!r} is not supported (epsilon or v_prediction)")
+    schedule, objective = seams.schedule(noise_scheduler, cfg["model"], device)  # what the step needs of it
+    cfg = {**cfg, "world_size": world, "grad_accum": G // (B * world), **data.config, **objective}
     if cfg["val_every"] and cfg["val_steps"] > noise_scheduler.config.num_train_timesteps:
         fail(f"--val_steps={cfg['val_steps']}: at most {noise_scheduler.config.num_train_timesteps}, the scheduler's "
              f"timesteps")
@@ -1452,10 +1495,10 @@ def main(cfg):
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if opt_state:
         opt.load_state_dict(opt_state)
-    alphas_cumprod, empty_ids = noise_scheduler.alphas_cumprod.to(device), tokenizer.captions([""]).to(device)
-    loss_of = partial(seams.step_loss, text_encoder=text_encoder, alphas_cumprod=alphas_cumprod, empty_ids=empty_ids,
-                      cfg=cfg, autocast=autocast,  # (model, batch, g); empty_ids: the dropped caption
-                      box_attention=BoxAttention(unet) if cfg["box_attn_loss"] else None)
+    empty_ids = tokenizer.captions([""]).to(device)  # the dropped caption
+    loss_of = partial(seams.step_loss, text_encoder=text_encoder, empty_ids=empty_ids, cfg=cfg, autocast=autocast,
+                      box_attention=BoxAttention(unet) if cfg["box_attn_loss"] else None,
+                      **schedule)  # loss_of(model, batch, g)
     # Each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=rank_batches(len(data), G, B, world, rank, cfg["seed"], step,
@@ -1939,6 +1982,375 @@ def text_image_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
 TEXT_IMAGE = dict(position_net=PositionNetTextImage,
                   training_data=text_image_training_data, grounding=text_image_grounding,
                   layout_grounding=text_image_layout_grounding)
+
+
+# =================================================================================================================
+# MMDiT: Stable Diffusion 3/3.5 and Flux.1, transformers whose image and text tokens attend to each other in one
+# joint attention. GLIGEN's fuser goes after each joint block (SD3: all of them; Flux: its 19 double-stream blocks),
+# on the block's image tokens, before the next block's joint attention: the order GLIGEN has in a UNet (fuser, then
+# attention to the text, then the feed-forward), reached by forward hooks, since diffusers' MMDiTs call no fuser.
+# The objective is rectified flow. Replaces load, position_net's width, add_adapters, text_inputs, schedule,
+# step_loss, samplers, prompt_inputs and generate; the data, a box's grounding inputs (its phrase's pooled CLIP
+# feature, made by text_box_grounding), the levers, the checkpoints and the loop are the SD path's, unchanged.
+SD3_T5_TOKENS, FLUX_T5_TOKENS = 256, 512  # T5 tokens per caption, the pipelines' max_sequence_length defaults
+FLUX_GUIDANCE = 3.5  # Flux-dev's embedded guidance while training and sampling (diffusers' Flux scripts' default)
+
+
+def mmdit_family(model):
+    """"sd3" or "flux", from the transformer's config; stops on another transformer, or a Flux that takes more than
+    its latents (Fill, Kontext: not a text-to-image base)."""
+    from diffusers import SD3Transformer2DModel
+
+    with loading(model):
+        t = SD3Transformer2DModel.load_config(model, subfolder="transformer")  # any transformer's config.json
+    family = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(t.get("_class_name"))
+    if family is None:
+        fail(f"{model}: its transformer is a {t.get('_class_name')!r}; GLIGEN trains on a UNet (SD1.x/2.x, SDXL, "
+             f"video), SD3Transformer2DModel or FluxTransformer2DModel")
+    if family == "flux" and t.get("out_channels") not in (None, t["in_channels"]):
+        fail(f"{model}: its transformer takes {t['in_channels']} input channels for {t['out_channels']} out (Flux "
+             f"Fill or another conditioned model?); GLIGEN trains on a text-to-image base")
+    return family
+
+
+class SD3TextEncoders(nn.Module):
+    """SD3's three text encoders behind the calls the trainer makes. captions(ids: CLIP-L's 77, CLIP-G's 77 and T5's,
+    side by side) as SD3's pipeline encodes them: both CLIPs' penultimate states side by side (768 + 1280 = 2048),
+    zero-padded to T5's width (4096), then T5's states after them (zeros where the model comes without T5, dropped for
+    memory); pooled: both CLIPs' projected EOS features (768 + 1280 = 2048). A phrase's feature (pooler_output) is that
+    pooled pair too: one vector a box, in the space the model already reads through pooled_projections."""
+
+    def __init__(self, clip_l, clip_g, t5, split):
+        super().__init__()
+        self.clip_l, self.clip_g, self.t5, self.split = clip_l, clip_g, t5, split
+
+    def forward(self, ids, attention_mask=None):  # phrases: ids (U, 2, L)
+        l = self.clip_l(ids[:, 0], attention_mask=attention_mask).text_embeds
+        g = self.clip_g(ids[:, 1], attention_mask=attention_mask).text_embeds
+        return SimpleNamespace(pooler_output=torch.cat([l, g], -1))
+
+    def captions(self, ids):
+        ids_l, ids_g, ids_t5 = ids.split(self.split, dim=1)
+        l = self.clip_l(ids_l, output_hidden_states=True)
+        g = self.clip_g(ids_g, output_hidden_states=True)
+        clip = torch.cat([l.hidden_states[-2], g.hidden_states[-2]], -1)
+        t5 = self.t5(ids_t5).last_hidden_state if self.t5 is not None else \
+            clip.new_zeros(len(ids), SD3_T5_TOKENS, self.joint_dim)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5], 1),
+                "pooled_projections": torch.cat([l.text_embeds, g.text_embeds], -1)}
+
+
+class FluxTextEncoders(nn.Module):
+    """Flux's two text encoders: captions(ids: CLIP-L's 77 and T5's, side by side) as FluxPipeline encodes them (T5's
+    last states the context, CLIP-L's pooler_output the pooled vector; dev's guidance value beside them); a phrase's
+    feature (pooler_output) is CLIP-L's pooler_output (768): GLIGEN's own feature, and the model's pooled space."""
+
+    def __init__(self, clip, t5, split, guidance):
+        super().__init__()
+        self.clip, self.t5, self.split, self.guidance = clip, t5, split, guidance
+
+    def forward(self, ids, attention_mask=None):  # phrases: ids (U, L)
+        return SimpleNamespace(pooler_output=self.clip(ids, attention_mask=attention_mask).pooler_output)
+
+    def captions(self, ids):
+        ids_clip, ids_t5 = ids.split(self.split, dim=1)
+        text = {"encoder_hidden_states": self.t5(ids_t5).last_hidden_state,
+                "pooled_projections": self.clip(ids_clip).pooler_output}
+        if self.guidance is not None:  # dev: guidance-distilled, its guidance value an input
+            text["guidance"] = torch.full((len(ids),), self.guidance, device=ids.device)
+        return text
+
+
+def t5_ids(tokenizer, texts, length):
+    """T5's ids for captions (B, length): padded to length, as the pipelines do; (B, 0) without T5."""
+    if tokenizer is None:
+        return torch.zeros(len(texts), 0, dtype=torch.long)
+    return torch.tensor(tokenizer(texts, padding="max_length", max_length=length, truncation=True)["input_ids"])
+
+
+class SD3Tokenizers(SDXLTokenizers):
+    """SD3's tokenizers: captions through all three, side by side (B, 77 + 77 + T5's); phrases through both CLIPs."""
+
+    def __init__(self, first, second, t5, t5_tokens):
+        super().__init__(first, second)
+        self.t5, self.t5_tokens = t5, t5_tokens
+
+    def captions(self, texts):
+        return torch.cat([super().captions(texts).flatten(1), t5_ids(self.t5, texts, self.t5_tokens)], 1)
+
+
+class FluxTokenizers(Tokenizer):
+    """Flux's tokenizers: captions through CLIP-L and T5, side by side (B, 77 + T5's); phrases through CLIP-L."""
+
+    def __init__(self, clip, t5, t5_tokens):
+        super().__init__(clip)
+        self.t5, self.t5_tokens = t5, t5_tokens
+
+    def captions(self, texts):
+        return torch.cat([super().captions(texts), t5_ids(self.t5, texts, self.t5_tokens)], 1)
+
+
+def load_t5(model, index, dtype, encoder, tokenizer, max_tokens):
+    """The model's T5 encoder and tokenizer, or (None, None) where its model_index.json names none; and its tokens
+    per caption: max_tokens, or fewer where the tokenizer says so."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    if (index.get(encoder) or [None])[0] is None:
+        return None, None, 0
+    t5 = T5EncoderModel.from_pretrained(model, subfolder=encoder, torch_dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(model, subfolder=tokenizer)
+    return t5, tok, min(max_tokens, tok.model_max_length)
+
+
+def load_sd3(model, device, dtype):
+    """SD3/SD3.5's frozen parts: the transformer, the three text encoders as one SD3TextEncoders (T5 optional: a model
+    saved with text_encoder_3=None runs without it, as SD3's pipeline does), their tokenizers, the flow scheduler."""
+    import diffusers
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    with loading(model):
+        index = diffusers.DiffusionPipeline.load_config(model)
+        transformer = load_model(diffusers.SD3Transformer2DModel, model, subfolder="transformer", torch_dtype=dtype)
+        clips = [CLIPTextModelWithProjection.from_pretrained(model, subfolder=f, torch_dtype=dtype)
+                 for f in ("text_encoder", "text_encoder_2")]
+        toks = [Tokenizer(CLIPTokenizer.from_pretrained(model, subfolder=f)) for f in ("tokenizer", "tokenizer_2")]
+        t5, t5_tok, n = load_t5(model, index, dtype, "text_encoder_3", "tokenizer_3", SD3_T5_TOKENS)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+    L = toks[0].tokenizer.model_max_length
+    encoders = SD3TextEncoders(*clips, t5, (L, L, n))
+    encoders.joint_dim = transformer.config.joint_attention_dim
+    transformer = transformer.to(device, dtype)  # diffusers 0.42 without accelerate loads this one in fp32 regardless
+    return (transformer.requires_grad_(False), encoders.to(device).requires_grad_(False),
+            SD3Tokenizers(*toks, t5_tok, n), scheduler)
+
+
+def load_flux(model, device, dtype):
+    """Flux.1's frozen parts: the transformer, CLIP-L and T5 as one FluxTextEncoders, their tokenizers, the flow
+    scheduler. Dev (guidance_embeds) gets FLUX_GUIDANCE as its guidance input; schnell has none."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with loading(model):
+        index = diffusers.DiffusionPipeline.load_config(model)
+        transformer = load_model(diffusers.FluxTransformer2DModel, model, subfolder="transformer", torch_dtype=dtype)
+        clip = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
+        tok = Tokenizer(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"))
+        t5, t5_tok, n = load_t5(model, index, dtype, "text_encoder_2", "tokenizer_2", FLUX_T5_TOKENS)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+    if t5 is None:
+        fail(f"{model}: Flux needs its T5 text encoder (text_encoder_2): its context is T5's")
+    guidance = FLUX_GUIDANCE if transformer.config.guidance_embeds else None
+    encoders = FluxTextEncoders(clip, t5, (tok.tokenizer.model_max_length, n), guidance)
+    return (transformer.to(device).requires_grad_(False), encoders.to(device).requires_grad_(False),
+            FluxTokenizers(tok.tokenizer, t5_tok, n), scheduler)
+
+
+# The method on an MMDiT: a fuser after each joint block, run by hooks. The transformer takes the grounding inputs in
+# joint_attention_kwargs["gligen"] (popped before its attention processors see them), so a stock pipeline call
+# carries boxes too: transformer(..., joint_attention_kwargs={"gligen": {"boxes", "masks", "positive_embeddings"}}).
+def take_grounding(model, args, kwargs, code=None):
+    """Before the transformer runs: pop "gligen" from joint_attention_kwargs, make the grounding tokens with the
+    position net (and code(model, kwargs), Flux's position code), and leave them with each fused block until the next
+    call (under gradient checkpointing the blocks run again in backward, and must find them). Without "gligen": none,
+    and the model is its base."""
+    extra = dict(kwargs.get("joint_attention_kwargs") or {})
+    gligen = extra.pop("gligen", None)
+    tokens = None if gligen is None else \
+        (model.position_net(**gligen),) + ((code(model, kwargs),) if code else ())
+    for block in model.transformer_blocks:
+        block.grounding = tokens
+    return args, {**kwargs, "joint_attention_kwargs": extra or None}
+
+
+def fuse(block, args, out):
+    """After a joint block, which returns (text tokens, image tokens): the image tokens through its fuser."""
+    if block.grounding is None:
+        return None
+    text, image = out
+    return text, block.fuser(image, *block.grounding)
+
+
+def inject_mmdit(model, position_net=PositionNet, fuser=Fuser, code=None):
+    """Fresh fusers on the joint blocks (transformer_blocks: all of SD3's, Flux's double-stream ones), each with the
+    block's width and heads, and a fresh position net whose tokens are as wide as the blocks (from the phrase feature's
+    width, the pooled text's). State-dict names as on a UNet: transformer_blocks.N.fuser.*, position_net.*."""
+    c = model.config
+    width = c.num_attention_heads * c.attention_head_dim
+    for block in model.transformer_blocks:
+        block.fuser = fuser(width, width, c.num_attention_heads, c.attention_head_dim).to(model.device)
+        block.grounding = None
+        block.register_forward_hook(fuse)
+    model.position_net = position_net(c.pooled_projection_dim, out_dim=width).to(model.device)
+    model.register_forward_pre_hook(partial(take_grounding, code=code), with_kwargs=True)
+    return model
+
+
+class PositionedFuser(Fuser):
+    """Flux's fuser: GLIGEN's, with each image token's position code added to its normalized features before the
+    attention, where the fuser matches tokens to boxes. Flux's image tokens carry no absolute position (RoPE only,
+    inside its own attention), as a UNet's features and SD3's (a sin/cos embedding at the input) do."""
+
+    def forward(self, x, objs, pos):
+        n = x.shape[1]
+        h = self.norm1(torch.cat([x, self.linear(objs)], dim=1))
+        h = torch.cat([h[:, :n] + pos.to(h.dtype), h[:, n:]], dim=1)
+        x = x + self.alpha_attn.tanh() * self.attn(h[:, :n], h)
+        x = x + self.alpha_dense.tanh() * self.ff(self.norm2(x))
+        return x
+
+
+def flux_position_code(model, kwargs):
+    """(N, width): a fixed 2-D sin/cos code of each image token's place, from Flux's img_ids (0, row, column): x and y
+    of the token's centre relative to the image, at width / 4 frequencies from 1 to 100 (the range of fourier_boxes,
+    so that a token's code and its box's speak of the same coordinates)."""
+    ids = kwargs["img_ids"]
+    ids = ids[0] if ids.dim() == 3 else ids  # diffusers before 0.31 took them batched
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    rows, cols = ids[:, 1].float(), ids[:, 2].float()
+    y, x = (rows + 0.5) / (rows.max() + 1), (cols + 0.5) / (cols.max() + 1)
+    k = width // 4
+    freqs = 100 ** (torch.arange(k, device=ids.device) / k)
+    code = torch.cat([f(v[:, None] * freqs) for v in (x, y) for f in (torch.sin, torch.cos)], 1)
+    return F.pad(code, (0, width - 4 * k))
+
+
+# Rectified flow: x_t = (1 - s) x0 + s noise, the model predicts noise - x0; s from the scheduler's 1,000 training
+# sigmas (SD3's already pushed through its static shift, Flux's unshifted: its shift is dynamic, at sampling only).
+def flow_schedule(noise_scheduler, model, device):
+    """The training timesteps (sigma * 1,000) and sigmas; the config records the objective."""
+    return ({"timesteps": noise_scheduler.timesteps.to(device), "sigmas": noise_scheduler.sigmas.to(device)},
+            {"prediction_type": "flow"})
+
+
+def logit_normal(b, g):
+    """SD3's timestep density (its scripts' default): sigmoid of a standard normal, in (0, 1)."""
+    return torch.randn(b, generator=g, device=g.device).sigmoid()
+
+
+def uniform(b, g):
+    """Flux's (its scripts' default): uniform in [0, 1)."""
+    return torch.rand(b, generator=g, device=g.device)
+
+
+def sd3_call(model, x, t, text, gligen):
+    """SD3's transformer on latents x (B, C, h, w) at timesteps t (sigma * 1,000, as its pipeline passes them)."""
+    return model(hidden_states=x, timestep=t, **text, joint_attention_kwargs=gligen).sample
+
+
+def flux_call(model, x, t, text, gligen):
+    """Flux's transformer on latents x (B, C, h, w): packed 2 x 2 into (B, hw / 4, 4C) tokens with their ids (0, row,
+    column), timesteps / 1,000, as FluxPipeline calls it; unpacked again."""
+    B, C, h, w = x.shape
+    tokens = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w // 4, 4 * C)
+    img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
+    img_ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+    img_ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+    txt_ids = torch.zeros(text["encoder_hidden_states"].shape[1], 3, device=x.device)
+    out = model(hidden_states=tokens, timestep=t / 1000, img_ids=img_ids.flatten(0, 1), txt_ids=txt_ids, **text,
+                joint_attention_kwargs=gligen).sample
+    return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+
+
+def flow_step_loss(model, batch, g, text_encoder, timesteps, sigmas, empty_ids, cfg, autocast=nullcontext(),
+                   text_inputs=None, noisy_input=as_is, grounding=text_box_grounding, per_image=False,
+                   box_attention=None, call=sd3_call, density=logit_normal):
+    """micro_step_loss for rectified flow: the same drops, conditioning and losses; the noise level drawn by the
+    family's density (raised to --timestep_power: above 1 draws more high noise), the model called as its pipeline
+    calls it."""
+    device = sigmas.device
+    x0 = batch["latents"][:, 0].float()  # the VAE mean, shifted and scaled as the pipelines' latents
+    b = x0.shape[0]
+    keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
+    keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    i = (density(b, g) ** cfg["timestep_power"] * len(timesteps)).long().clamp(max=len(timesteps) - 1)
+    if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
+        x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
+    s = sigmas[i].view(-1, 1, 1, 1)
+    x, target = noisy_input((1 - s) * x0 + s * noise, noise - x0, x0, batch)
+    text, masks, gligen = conditioning(text_encoder, batch, g, empty_ids, keep_caption, keep_grounding, autocast,
+                                       text_inputs, grounding)
+    if cfg["box_attn_loss"] > 0:
+        box_attention.set(batch["boxes"], masks, x0.shape[-2:])
+    with autocast:
+        pred = call(model, x, timesteps[i], text, {"gligen": gligen})
+    return step_loss_of(pred, target, batch, cfg, box_attention, per_image, sigmas[i].float())
+
+
+def mmdit_caption_inputs(text_encoder, ids, batch):
+    """The transformer's text inputs for caption ids: encoder_hidden_states, pooled_projections (Flux-dev: guidance)."""
+    return text_encoder.captions(ids)
+
+
+def mmdit_prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
+    """The text inputs of n x [unconditional; conditional]: the empty caption's, then the prompt's (SD3's pipeline's
+    default negative prompt; Flux's true classifier-free guidance with an empty one)."""
+    ids = tokenizer.captions(["", prompt]).to(next(text_encoder.parameters()).device)
+    return {k: v.repeat_interleave(n, dim=0) for k, v in text_encoder.captions(ids).items()}
+
+
+def flow_timesteps(scheduler, steps, tokens, device, sigmas=False, max_shift=1.16):
+    """The sampling schedule, set on scheduler as SD3's pipeline sets it (steps; the shift by image size where the
+    scheduler shifts dynamically: SD3.5's configs may) or, with sigmas, as FluxPipeline (sigmas 1 to 1 / steps)."""
+    c = scheduler.config
+    (base, top), shift = (c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)), c.get("base_shift", 0.5)
+    m = (max_shift - shift) / (top - base)
+    mu = tokens * m + (shift - m * base)  # the pipelines' calculate_shift, in its order of operations
+    kwargs = {"mu": mu} if c.get("use_dynamic_shifting") else {}
+    if sigmas:
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+
+
+@torch.no_grad()
+def flow_generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=28, guidance=7.0,
+                  beta=1.0, height=None, width=None, progress=False, prompt_inputs=mmdit_prompt_inputs,
+                  layout_grounding=layout_grounding, call=sd3_call, flux=False):
+    """generate for an MMDiT (unet: its transformer): classifier-free guidance with null grounding in the unconditional
+    half, grounding for the first beta * steps steps, each layout from its own seed; the flow-matching Euler steps
+    as SD3's pipeline (flux: FluxPipeline's schedule and true classifier-free guidance, the latents' sides a multiple of
+    2 latents). Without grounding, the pipeline's images."""
+    scale = vae_scale(vae) * (2 if flux else 1)
+    height, width = height or native_size(unet, vae), width or native_size(unet, vae)
+    if height % scale or width % scale:
+        fail(f"{height} x {width}: this model's image sides must be multiples of {scale}")
+    text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
+    dtype = text["encoder_hidden_states"].dtype
+    rows = [[(l["phrases"], l["boxes"])] * (2 * n) for l in layouts]
+    gligen = batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding)
+    h, w = height // vae_scale(vae), width // vae_scale(vae)
+    latents, streams = batch_noise(seeds, (n, vae.config.latent_channels, h, w))
+    latents = latents.to(unet.device)
+    schedulers = [copy.deepcopy(scheduler) for _ in streams]
+    patch = 2 if flux else unet.config.patch_size
+    for s in schedulers:
+        flow_timesteps(s, steps, (h // patch) * (w // patch), latents.device, sigmas=flux,
+                       max_shift=1.15 if flux else 1.16)
+    n_grounded = int(beta * len(schedulers[0].timesteps))
+    for i, t in enumerate(tqdm(schedulers[0].timesteps, desc="denoising", leave=False, disable=not progress)):
+        x = stack_halves([torch.cat([z] * 2) for z in latents.chunk(len(streams))])
+        out = call(unet, x.to(unet.dtype), t.expand(len(x)), text, gligen if i < n_grounded else None)
+        uncond, cond = out.float().chunk(2)
+        guided = (uncond + guidance * (cond - uncond)).chunk(len(streams))
+        latents = torch.cat([s.step(e, t, z, generator=g).prev_sample
+                             for s, e, z, g in zip(schedulers, guided, latents.chunk(len(streams)), streams)])
+    shift = vae.config.shift_factor or 0.0  # SD3's and Flux's VAEs shift their latents, and scale them
+    image = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (image * 255).round().astype(np.uint8)
+
+
+MMDIT = dict(text_inputs=mmdit_caption_inputs, schedule=flow_schedule, samplers=("flow_euler",),
+             prompt_inputs=mmdit_prompt_inputs)
+FAMILIES["sd3"] = dict(MMDIT, load=load_sd3, add_adapters=inject_mmdit,
+                       step_loss=partial(flow_step_loss, call=sd3_call, density=logit_normal),
+                       generate=partial(flow_generate, call=sd3_call))
+FAMILIES["flux"] = dict(MMDIT, load=load_flux,
+                        add_adapters=partial(inject_mmdit, fuser=PositionedFuser, code=flux_position_code),
+                        step_loss=partial(flow_step_loss, call=flux_call, density=uniform),
+                        generate=partial(flow_generate, call=flux_call, flux=True))
 
 
 def cli():

@@ -62,7 +62,7 @@ config = dict(
     steps=50,  # denoising steps
     guidance=7.5,  # classifier-free guidance scale
     beta=0.3,  # scheduled sampling: grounding for the first beta * steps steps
-    scheduler="ddim",  # ddim, dpm, euler, euler_a, pndm, ddpm
+    scheduler="auto",  # auto (the family's own: ddim for UNets, flow_euler for SD3 and Flux), dpm, euler, euler_a, pndm, ddpm
     # fixed while the app runs, as in sample.py
     frames=16,  # video models: frames per clip
     fps=8,  # video models: frames per second of the GIFs
@@ -365,7 +365,7 @@ def build(cfg, sampler):
     work = Path(tempfile.mkdtemp(prefix="gligen-app-"))  # generated images and saved layouts, deleted at exit
     atexit.register(shutil.rmtree, work, True)
     h, w = sampler.height, sampler.width
-    kind = dict(sd="Stable Diffusion", sdxl="SDXL", video="video")[sampler.family]
+    kind = dict(sd="Stable Diffusion", sdxl="SDXL", video="video", sd3="SD3", flux="Flux")[sampler.family]
     mode = "inpainting" if sampler.inpaint else "text-image" if sampler.text_image else "text-box"
     columns = HEADERS + (["image"] if sampler.text_image else [])
 
@@ -425,7 +425,8 @@ def build(cfg, sampler):
                         guidance = gr.Slider(0, 20, cfg["guidance"], step=0.5, label="Guidance")
                         beta = gr.Slider(0, 1, cfg["beta"], step=0.05,
                                          label="Beta: grounding for this share of the steps (scheduled sampling)")
-                        scheduler = gr.Dropdown(list(sample.SCHEDULERS), value=cfg["scheduler"], label="Scheduler")
+                        scheduler = gr.Dropdown(["auto", *sampler.seams.samplers], value=cfg["scheduler"],
+                                                label="Scheduler")
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=1):
                     boxed = gr.Gallery(label="With the boxes drawn on", format="png", columns=2, elem_id="boxed")
