@@ -1,5 +1,6 @@
 """
-Train GLIGEN grounding adapters on a frozen Stable Diffusion UNet (SD1.x/2.x, SDXL, ModelScope/Zeroscope video).
+Train GLIGEN grounding adapters on a frozen Stable Diffusion UNet (SD1.x/2.x, SDXL, ModelScope/Zeroscope video) or
+MMDiT (SD3/SD3.5, Flux.1).
 
 GLIGEN (Li et al., CVPR 2023) adds one gated self-attention layer ("fuser") to every transformer block of a
 frozen text-to-image UNet, fed by 30 grounding tokens made from each box (Fourier code) and its phrase (text
@@ -9,8 +10,8 @@ is the whole trainer; sample.py and the prep scripts import what they share from
 kept image).
 
 How it reads: SD1.x/2.x with text boxes from top to bottom (config, the method, the model, the data, the step,
-sampling, checkpoints, main); then SDXL, video, inpainting and text-image, each a section of its own that replaces a
-few of that path's functions (the seams, listed in choose_seams and chosen there once).
+sampling, checkpoints, main); then SDXL, video, inpainting, text-image and the MMDiTs (SD3, Flux), each a section of
+its own that replaces a few of that path's functions (the seams, listed in choose_seams and chosen there once).
 
 One process (CPU or one GPU):
     python train_gligen.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --latents=data/coco/latents \
