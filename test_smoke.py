@@ -548,28 +548,27 @@ def tiny_data(tiny_sd, tmp_path_factory):
                 latents_log=latents.stdout)
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl_data(tiny_sdxl, tiny_data):
-    """The tiny data's images encoded by the tiny SDXL's VAE (its own scaling factor), for SDXL training."""
+def encode_tiny_data(model, tiny_data, name):
+    """The tiny data's images encoded by another model's VAE (in-process), beside tiny_data's own latents."""
     import prep_latents as pl
 
-    out = tiny_data["root"] / "latents-sdxl"
-    pl.main({**pl.config, "model": str(tiny_sdxl), "images": str(tiny_data["root"] / "images"),
+    out = tiny_data["root"] / name
+    pl.main({**pl.config, "model": str(model), "images": str(tiny_data["root"] / "images"),
              "captions": str(tiny_data["boxes"]), "out": str(out), "resolution": 16, "batch_size": 5, "shard_size": 4,
              "num_workers": 0, "std": True, "flip": True})
     return {**tiny_data, "latents": out}
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_data(tiny_sdxl, tiny_data):
+    """The tiny data's images encoded by the tiny SDXL's VAE (its own scaling factor), for SDXL training."""
+    return encode_tiny_data(tiny_sdxl, tiny_data, "latents-sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_flow_data(tiny_sd3, tiny_data):
     """tiny_data's images encoded by the tiny MMDiTs' VAE (shared by both): its shift and scaling applied."""
-    import prep_latents as pl
-
-    out = tiny_data["root"] / "latents-flow"
-    pl.main({**pl.config, "model": str(tiny_sd3), "images": str(tiny_data["root"] / "images"),
-             "captions": str(tiny_data["boxes"]), "out": str(out), "resolution": 16, "batch_size": 5, "shard_size": 4,
-             "num_workers": 0, "std": True, "flip": True})
-    return {**tiny_data, "latents": out}
+    return encode_tiny_data(tiny_sd3, tiny_data, "latents-flow")
 
 
 @pytest.fixture(scope="session")

@@ -1105,8 +1105,9 @@ def native_size(unet, vae):
 
 
 def decode(vae, latents):
-    """Latents (n, 4, h, w) -> images, uint8 (n, H, W, 3)."""
-    image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    """Latents (n, 4, h, w) -> images, uint8 (n, H, W, 3). SD3's and Flux's VAEs also shift their latents."""
+    shift = vae.config.get("shift_factor") or 0.0  # None on SD's VAEs
+    image = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
     image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return (image * 255).round().astype(np.uint8)
 
@@ -2021,9 +2022,9 @@ class SD3TextEncoders(nn.Module):
     memory); pooled: both CLIPs' projected EOS features (768 + 1280 = 2048). A phrase's feature (pooler_output) is that
     pooled pair too: one vector a box, in the space the model already reads through pooled_projections."""
 
-    def __init__(self, clip_l, clip_g, t5, split):
+    def __init__(self, clip_l, clip_g, t5, split, joint_dim):
         super().__init__()
-        self.clip_l, self.clip_g, self.t5, self.split = clip_l, clip_g, t5, split
+        self.clip_l, self.clip_g, self.t5, self.split, self.joint_dim = clip_l, clip_g, t5, split, joint_dim
 
     def forward(self, ids, attention_mask=None):  # phrases: ids (U, 2, L)
         l = self.clip_l(ids[:, 0], attention_mask=attention_mask).text_embeds
@@ -2119,8 +2120,7 @@ def load_sd3(model, device, dtype):
         t5, t5_tok, n = load_t5(model, index, dtype, "text_encoder_3", "tokenizer_3", SD3_T5_TOKENS)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
     L = toks[0].tokenizer.model_max_length
-    encoders = SD3TextEncoders(*clips, t5, (L, L, n))
-    encoders.joint_dim = transformer.config.joint_attention_dim
+    encoders = SD3TextEncoders(*clips, t5, (L, L, n), transformer.config.joint_attention_dim)
     transformer = transformer.to(device, dtype)  # diffusers 0.42 without accelerate loads this one in fp32 regardless
     return (transformer.requires_grad_(False), encoders.to(device).requires_grad_(False),
             SD3Tokenizers(*toks, t5_tok, n), scheduler)
@@ -2136,15 +2136,15 @@ def load_flux(model, device, dtype):
         index = diffusers.DiffusionPipeline.load_config(model)
         transformer = load_model(diffusers.FluxTransformer2DModel, model, subfolder="transformer", torch_dtype=dtype)
         clip = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
-        tok = Tokenizer(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"))
+        tok = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
         t5, t5_tok, n = load_t5(model, index, dtype, "text_encoder_2", "tokenizer_2", FLUX_T5_TOKENS)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
     if t5 is None:
         fail(f"{model}: Flux needs its T5 text encoder (text_encoder_2): its context is T5's")
     guidance = FLUX_GUIDANCE if transformer.config.guidance_embeds else None
-    encoders = FluxTextEncoders(clip, t5, (tok.tokenizer.model_max_length, n), guidance)
+    encoders = FluxTextEncoders(clip, t5, (tok.model_max_length, n), guidance)
     return (transformer.to(device).requires_grad_(False), encoders.to(device).requires_grad_(False),
-            FluxTokenizers(tok.tokenizer, t5_tok, n), scheduler)
+            FluxTokenizers(tok, t5_tok, n), scheduler)
 
 
 # The method on an MMDiT: a fuser after each joint block, run by hooks. The transformer takes the grounding inputs in
@@ -2337,10 +2337,7 @@ def flow_generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds,
         guided = (uncond + guidance * (cond - uncond)).chunk(len(streams))
         latents = torch.cat([s.step(e, t, z, generator=g).prev_sample
                              for s, e, z, g in zip(schedulers, guided, latents.chunk(len(streams)), streams)])
-    shift = vae.config.shift_factor or 0.0  # SD3's and Flux's VAEs shift their latents, and scale them
-    image = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-    image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return (image * 255).round().astype(np.uint8)
+    return decode(vae, latents)
 
 
 MMDIT = dict(text_inputs=mmdit_caption_inputs, schedule=flow_schedule, samplers=("flow_euler",),
