@@ -62,7 +62,8 @@ config = dict(
     steps=50,  # denoising steps
     guidance=7.5,  # classifier-free guidance scale
     beta=0.3,  # scheduled sampling: grounding for the first beta * steps steps
-    scheduler="auto",  # auto (the family's own: ddim for UNets, flow_euler for SD3 and Flux), dpm, euler, euler_a, pndm, ddpm
+    scheduler="auto",  # auto (the family's own: ddim for UNets, flow_euler for SD3 and Flux); UNets: dpm, euler,
+    # euler_a, pndm, ddpm
     # fixed while the app runs, as in sample.py
     frames=16,  # video models: frames per clip
     fps=8,  # video models: frames per second of the GIFs
