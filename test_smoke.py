@@ -1407,6 +1407,27 @@ def test_two_processes_equal_one_on_mmdits(tiny_sd3, tiny_flux, tiny_flow_data, 
         assert not torch.equal(a["position_net.null_position_feature"], torch.zeros(64))  # they trained
         assert_same_tensors(a, b)
 
+def test_flux_ablation_trains_without_the_position_code(tiny_flux, tiny_sd3, tiny_flow_data, tmp_path, monkeypatch):
+    """extras/flux_without_position_code.py trains Flux's fusers with train_gligen.py's settings but no position code:
+    from the same start and batches, the attention loss (which reads the fusers' queries) sends them elsewhere; it
+    refuses another family."""
+    sys.path.insert(0, str(HERE / "extras"))
+    import flux_without_position_code as ablation
+
+    monkeypatch.setitem(tg.FAMILIES["flux"], "add_adapters", tg.FAMILIES["flux"]["add_adapters"])  # restored after
+    cfg = train_cfg(tiny_flux, tiny_flow_data, tmp_path / "code", max_steps=2, box_attn_loss=1.0, save_every=2)
+    tg.main(cfg)
+    ablation.main([f"--{k}={v}" for k, v in {**cfg, "out_dir": tmp_path / "none"}.items()
+                   if k in ("model", "latents", "boxes", "out_dir", "global_batch", "micro_batch", "num_workers",
+                            "val_every", "warmup_steps", "lr", "max_steps", "box_attn_loss", "save_every")])
+    with_code, without = adapters_of(tmp_path / "code"), adapters_of(tmp_path / "none")
+    assert with_code.keys() == without.keys()
+    assert not torch.equal(with_code["transformer_blocks.0.fuser.attn.to_q.weight"],
+                           without["transformer_blocks.0.fuser.attn.to_q.weight"])
+    with pytest.raises(SystemExit, match="not a Flux model"):
+        ablation.main([f"--model={tiny_sd3}", f"--latents={tiny_flow_data['latents']}", "--out_dir=x"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling: sample.py equals diffusers' pipelines (exported, or SDXL's own), pixel for pixel; every family samples
 LAYOUT = dict(prompt="a red square and a blue circle", phrases=["a red square", "a blue circle"],
@@ -2255,27 +2276,52 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
            (cfg["gligen_caption_keep"], cfg["gligen_lr"], cfg["gligen_steps"], cfg["gligen_box_attn_loss"])
 
 
+def test_shapes_demo_runs_on_an_mmdit_at_tiny_scale(tmp_path, monkeypatch):
+    """--family=flux: the same path on a Flux-shaped base (its autoencoder shifted and scaled, rectified flow with the
+    where-am-I heads on the joint blocks' image tokens, saved as a FluxPipeline), the project's scripts on it with the
+    flow sampler at 32 px; a base of another family, or captions that say where, are refused."""
+    import importlib
+
+    import demo_shapes as ds
+
+    def in_process(script, *args):
+        module = importlib.import_module(Path(script).stem)
+        module.main(tg.configure(module.config, list(args)))
+
+    monkeypatch.setattr(ds, "run", in_process)
+    out = tmp_path / "demo"
+    cfg = {**ds.config, "family": "flux", "out": str(out), "train_images": 40, "test_layouts": 3, "check_layouts": 2,
+           "vae_steps": 2, "base_steps": 2, "gligen_steps": 2, "sample_steps": 2, "train_base": True}
+    result = ds.main(cfg)
+    base = out / "base-model"
+    assert tg.family_of(str(base)) == "flux"
+    assert json.loads((base / "settings.json").read_text()) == ds.base_settings(cfg)
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    meta = json.loads((out / "data" / "latents" / "meta.json").read_text())
+    assert vae["shift_factor"] != 0 and (meta["shift_factor"], meta["scaling_factor"]) == \
+           (vae["shift_factor"], vae["scaling_factor"])
+    assert meta["latent_shape"] == [4, 16, 16]  # 2 x 2 patches: 8 x 8 tokens
+    assert result["fusers off equals base model (2 layouts)"] is True
+    assert Image.open(out / "samples" / "base" / "000_00.png").size == (32, 32)
+    loss = result["training loss with"]
+    assert loss["step"] == 2 and all(np.isfinite(list(loss.values())))
+    with pytest.raises(SystemExit, match="is a 'flux' base, and --family=sd3"):
+        ds.main({**cfg, "family": "sd3"})
+    with pytest.raises(SystemExit, match="--positions"):
+        ds.main({**cfg, "positions": 0.5})
+
+
 def test_shipped_shapes_base_is_what_train_base_builds(tmp_path):
     """extras/shapes_base loads as a diffusers pipeline and is, part for part, the architecture that train_base
     builds with the settings recorded beside it, which are the demo's defaults; the position code is sin/cos."""
     import demo_shapes as ds
     from diffusers import StableDiffusionPipeline
 
-    settings = json.loads((ds.SHIPPED_BASE / "settings.json").read_text())
-    assert settings == {k: ds.config[k] for k in ds.BASE_SETTINGS}  # --train_base=True remakes this base
-    pipe = StableDiffusionPipeline.from_pretrained(ds.SHIPPED_BASE, safety_checker=None)
+    settings = json.loads((ds.SHIPPED_BASES["sd"] / "settings.json").read_text())
+    assert settings == ds.base_settings(ds.config)  # --train_base=True remakes this base
+    pipe = StableDiffusionPipeline.from_pretrained(ds.SHIPPED_BASES["sd"], safety_checker=None)
     tokenizer, text_encoder, unet, noise_scheduler = ds.build_denoiser(settings, tmp_path / "tok")
-    vae = ds.build_vae()
-    for built, shipped in ((vae, pipe.vae), (text_encoder, pipe.text_encoder), (unet, pipe.unet)):
-        assert type(built) is type(shipped)
-        assert {k: v.shape for k, v in built.state_dict().items()} == \
-               {k: v.shape for k, v in shipped.state_dict().items()}
-    skip = {"scaling_factor"}  # set from the trained latents' spread
-    for built, shipped in ((vae, pipe.vae), (unet, pipe.unet)):
-        plain = lambda cfg: json.loads(json.dumps({k: v for k, v in cfg.items() if k[0] != "_" and k not in skip}))
-        assert plain(built.config) == plain(shipped.config)  # (tuples and lists alike, as saved)
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "eos_token_id"):
-        assert getattr(text_encoder.config, key) == getattr(pipe.text_encoder.config, key)
+    same_parts([(ds.build_vae(), pipe.vae), (text_encoder, pipe.text_encoder), (unet, pipe.unet)])
     assert tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
     assert tokenizer.model_max_length == pipe.tokenizer.model_max_length
     assert pipe.scheduler.config.prediction_type == noise_scheduler.config.prediction_type == settings["prediction"]
@@ -2283,6 +2329,42 @@ def test_shipped_shapes_base_is_what_train_base_builds(tmp_path):
     assert code.shape == (16, 8)
     assert torch.allclose(code[1, :2], torch.sin(torch.pi * torch.tensor([1.0, 2.0]) * 3 / 8))
     assert torch.allclose(code[4, 4:6], torch.sin(torch.pi * torch.tensor([1.0, 2.0]) * 3 / 8))
+
+
+def same_parts(pairs, skip=("scaling_factor", "shift_factor")):
+    """Each (built, shipped) pair: the same class, parameter shapes and config (skip: set from the trained latents;
+    and what saving adds to a transformers config)."""
+    ignore = {*skip, "transformers_version", "dtype", "torch_dtype", "architectures"}
+    for built, shipped in pairs:
+        assert type(built) is type(shipped)
+        assert {k: v.shape for k, v in built.state_dict().items()} == \
+               {k: v.shape for k, v in shipped.state_dict().items()}
+        configs = [m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config) for m in (built, shipped)]
+        plain = [json.loads(json.dumps({k: v for k, v in c.items() if k[0] != "_" and k not in ignore}, default=str))
+                 for c in configs]  # (tuples and lists alike, as saved)
+        assert plain[0] == plain[1]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_shipped_mmdit_shapes_bases_are_what_train_base_builds(tmp_path, family):
+    """extras/shapes_base_sd3 and _flux load as diffusers' StableDiffusion3Pipeline and FluxPipeline and are, part for
+    part, what train_base builds for the family, with the demo's settings (family aside); the trainer reads them as
+    that family, its VAE shifted."""
+    import demo_shapes as ds
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    base = ds.SHIPPED_BASES[family]
+    assert json.loads((base / "settings.json").read_text()) == ds.base_settings({**ds.config, "family": family})
+    assert tg.family_of(str(base)) == family
+    pipe = (StableDiffusion3Pipeline if family == "sd3" else FluxPipeline).from_pretrained(base)
+    built = (ds.build_sd3 if family == "sd3" else ds.build_flux)(tmp_path / "tok")
+    parts = built.pipeline.keywords
+    names = [k for k in parts if k.startswith(("text_encoder", "transformer"))]
+    same_parts([(ds.build_vae(family), pipe.vae)] + [(parts[k], getattr(pipe, k)) for k in names])
+    plain = lambda c: {k: v for k, v in c.items() if k[0] != "_"}
+    assert plain(pipe.scheduler.config) == plain(parts["scheduler"].config)
+    assert pipe.tokenizer.get_vocab() == parts["tokenizer"].get_vocab()
+    assert pipe.vae.config.shift_factor != 0 and pipe.vae.config.scaling_factor != 1
 
 
 def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):

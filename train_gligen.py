@@ -2340,8 +2340,14 @@ def flow_generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds,
     return decode(vae, latents)
 
 
+def trained_size(data, pick):
+    """The validation grid at the training images' size (Flux's transformer records no native size: its pipeline's
+    default, 1,024 pixels, would be drawn otherwise)."""
+    return dict(height=data.resolution, width=data.resolution)
+
+
 MMDIT = dict(text_inputs=mmdit_caption_inputs, schedule=flow_schedule, samplers=("flow_euler",),
-             prompt_inputs=mmdit_prompt_inputs)
+             prompt_inputs=mmdit_prompt_inputs, val_options=trained_size)
 FAMILIES["sd3"] = dict(MMDIT, load=load_sd3, add_adapters=inject_mmdit,
                        step_loss=partial(flow_step_loss, call=sd3_call, density=logit_normal),
                        generate=partial(flow_generate, call=sd3_call))

@@ -4,6 +4,8 @@ boxes. Under 10 minutes on a 2-core CPU; the README has the measured tables (see
 
     python extras/demo_shapes.py                    # 2,000 GLIGEN steps on the shipped base; writes demo/
     python extras/demo_shapes.py --train_base=True  # the same after retraining the base from scratch (+12 minutes)
+    python extras/demo_shapes.py --family=sd3       # the same on a tiny SD3-shaped base (MMDiT); writes demo_sd3/
+    python extras/demo_shapes.py --family=flux      # the same on a tiny Flux-shaped base; writes demo_flux/
 
 1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
    32 x 32 image, each with a caption ("a red circle and a blue square") and, per shape, its phrase and exact box,
@@ -13,7 +15,10 @@ boxes. Under 10 minutes on a 2-core CPU; the README has the measured tables (see
    extras/shapes_base (5.6 MB; its settings in settings.json), made by train_base below. Nothing in it knows boxes.
    Its transformer blocks were also taught where they are (see train_base): GLIGEN's fusers have no position code
    of their own and read position from the base's features, which large models have and this tiny one otherwise
-   lacks.
+   lacks. With --family=sd3 or --family=flux the base is a tiny MMDiT instead (extras/shapes_base_sd3,
+   extras/shapes_base_flux: an SD3Transformer2DModel with CLIP-L, CLIP-G and T5, or a FluxTransformer2DModel with
+   CLIP-L and T5, on 16 x 16 x 4 latents: an autoencoder one level shallower, so that 2 x 2 patches make 8 x 8 tokens), trained
+   by rectified flow as SD3 and Flux are, and taught where its tokens are in the same way.
 3. The project's own scripts, run as a user runs them: prep_boxes.py and prep_latents.py on the images and their
    COCO JSON, train_gligen.py with the base frozen, sample.py on held-out layouts. The GLIGEN stage is GLIGEN's
    recipe plus one lever, the trainer's --box_attn_loss: each fuser's visual tokens inside box k are asked to attend
@@ -32,7 +37,9 @@ import math
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -41,14 +48,14 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]  # train_gligen.py and the scripts this one builds on
-SHIPPED_BASE = ROOT / "extras" / "shapes_base"  # train_base's output with the settings in its settings.json
 sys.path.insert(0, str(ROOT))
 import train_gligen as tg
 from prep_boxes import iou as box_iou
 from train_gligen import configure, draw_layout, fail
 
 config = dict(
-    out="demo",  # everything the demo makes goes here
+    family="sd",  # the base: "sd" (a UNet, SD-shaped), "sd3" (an SD3-shaped MMDiT) or "flux" (a Flux-shaped one)
+    out="",  # everything the demo makes goes here; "": demo/ (sd), demo_sd3/, demo_flux/
     train_images=4000,  # synthetic training images
     test_layouts=100,  # held-out layouts for the metric
     check_layouts=50,  # of those, how many check that the fusers off give the base's pixels
@@ -57,7 +64,7 @@ config = dict(
     gligen_lr=1e-3,  # higher than the SD recipe's 5e-5: a tiny model, a tiny world, a few minutes
     gligen_caption_keep=0.5,  # share of samples that keep their caption (GLIGEN's 0.5); the rest learn from boxes only
     gligen_box_attn_loss=1.0,  # the trainer's --box_attn_loss, fusers' attention sent to their boxes; 0: GLIGEN's
-    sample_steps=25,  # DDIM steps when sampling the held-out layouts
+    sample_steps=25,  # sampling steps for the held-out layouts (DDIM; the MMDiTs: flow-matching Euler)
     sample_guidance=1.5,  # classifier-free guidance scale; SD's 7.5 oversaturates this tiny base (README)
     sample_batch=50,  # layouts per UNet call in sample.py (--batch; main takes its gcd with check_layouts)
     # the base model: the shipped one, or with --train_base=True one trained here with these settings
@@ -66,9 +73,12 @@ config = dict(
     base_steps=4000,  # base text-to-image training steps (batch 32)
     position_aux=1.0,  # weight of the base's where-am-I loss (see train_base); 0 trains a base without it
     positions=0.0,  # share of training captions that also say where each shape is; held-out prompts never do
-    prediction="v_prediction",  # the base model's target: "v_prediction" (as SD2.x at 768) or "epsilon" (as SD1.x)
+    prediction="v_prediction",  # the UNet base's target: "v_prediction" (as SD2.x at 768) or "epsilon" (as SD1.x);
+    # the MMDiTs' is rectified flow's, as SD3's and Flux's
 )
 BASE_SETTINGS = ("seed", "train_images", "vae_steps", "base_steps", "position_aux", "positions", "prediction")
+SHIPPED_BASES = {family: ROOT / "extras" / name for family, name in
+                 (("sd", "shapes_base"), ("sd3", "shapes_base_sd3"), ("flux", "shapes_base_flux"))}
 SIZE = 32  # image side in pixels
 COLORS = dict(red=(220, 30, 30), green=(30, 160, 50), blue=(30, 60, 220), yellow=(235, 195, 20))
 SHAPES = ("square", "circle", "triangle")
@@ -208,12 +218,14 @@ def write_tokenizer(path, words=WORDS, max_length=16):  # 16: "<bos> a red circl
     return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
 
 
-def build_vae():
-    """The base's tiny autoencoder, untrained: 32 x 32 x 3 -> 8 x 8 x 4 and back."""
+def build_vae(family="sd"):
+    """The base's tiny autoencoder, untrained: 32 x 32 x 3 -> 8 x 8 x 4 and back; an MMDiT's -> 16 x 16 x 4 (its
+    transformer cuts 2 x 2 patches: 8 x 8 tokens, as many as the UNet's first level has)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
+    levels = 3 if family == "sd" else 2
+    return AutoencoderKL(block_out_channels=(16, 32, 32)[:levels], down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4, norm_num_groups=8,
                          sample_size=SIZE, layers_per_block=1)
 
 
@@ -245,18 +257,25 @@ def position_code(side):
     return torch.cat([f(torch.pi * k * v.reshape(-1, 1)) for v in (xx, yy) for f in (torch.sin, torch.cos)], 1)
 
 
-def train_base(root, model_dir, cfg):
-    """Autoencoder, then text encoder + UNet on its latents (captions only, 10% dropped for guidance).
+def where_loss(heads, feats):
+    """The base's where-am-I loss: each block's linear head reads position_code from the features caught there
+    (B, side * side, C), layer-normed; the mean squared error, averaged over the blocks."""
+    return sum(F.mse_loss(head(F.layer_norm(feats[j], feats[j].shape[-1:])),
+                          position_code(int(feats[j].shape[1] ** 0.5)).to(feats[j].device).expand(len(feats[j]), -1, -1))
+               for j, head in enumerate(heads)) / len(heads)
 
-    The UNet is also taught where each of its tokens is. GLIGEN's fusers add no position code to the visual tokens:
+
+def train_base(root, model_dir, cfg):
+    """Autoencoder, then the text encoders and the denoiser (UNet or MMDiT) on its latents (captions only, 10% dropped
+    for guidance).
+
+    The denoiser is also taught where each of its tokens is. GLIGEN's fusers add no position code to the visual tokens:
     a token can only attend to the box it lies in if the base's features already say where the token is, as a large
     model's do. This tiny base, on a world where nothing depends on place, learns little (a ridge read-out of (x, y)
-    from the 8 x 8 features of a base taught places by its captions: R^2 0.15-0.49), and GLIGEN then plateaus for
+    from the 8 x 8 features of a UNet base taught places by its captions: R^2 0.15-0.49), and GLIGEN then plateaus for
     8,000-10,000 steps. So a linear head per transformer block (thrown away afterwards) reads position_code from the
-    features the fusers will see (the input of cross-attention), its error weighted by position_aux. The saved base
-    is a plain diffusers model."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
+    features the fusers will see (a UNet's: the input of cross-attention; an MMDiT's: a joint block's image tokens),
+    its error weighted by position_aux. The saved base is a plain diffusers model."""
     torch.manual_seed(cfg["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     names = sorted(p.name for p in (root / "images").iterdir())
@@ -266,7 +285,7 @@ def train_base(root, model_dir, cfg):
     captions = [captions[int(n[:-4])] for n in names]
 
     # The autoencoder first.
-    vae = build_vae().to(device)
+    vae = build_vae(cfg["family"]).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     for step in (bar := tqdm(range(cfg["vae_steps"]), desc="autoencoder")):
         batch = x[torch.randint(0, len(x), (32,))]
@@ -279,10 +298,27 @@ def train_base(root, model_dir, cfg):
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+    DENOISERS[cfg["family"]](vae, z, captions, root, model_dir, cfg, device)
+    (model_dir / "settings.json").write_text(json.dumps(base_settings(cfg), indent=1) + "\n")
+
+
+def base_settings(cfg):
+    """What a base is made with (its settings.json): the UNet's target, or which MMDiT."""
+    keys = BASE_SETTINGS if cfg["family"] == "sd" else (*BASE_SETTINGS[:-1], "family")
+    return {k: cfg[k] for k in keys}
+
+
+def warmup(opt, step, lr=1e-3):
+    for g in opt.param_groups:
+        g["lr"] = lr * min(1, (step + 1) / 100)
+
+
+def train_unet(vae, z, captions, root, model_dir, cfg, device):
+    """The UNet base: text encoder and UNet trained together on (caption, latent) by the v- or epsilon objective."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     vae.register_to_config(scaling_factor=float(1 / z.std()))
     z = z * vae.config.scaling_factor  # unit variance, as SD's factor makes its latents
-
-    # Text encoder and UNet, trained together on (caption, latent); no boxes anywhere.
     tokenizer, text_encoder, unet, noise_scheduler = build_denoiser(cfg, root / "tokenizer")
     unet, text_encoder, L = unet.to(device), text_encoder.to(device), tokenizer.model_max_length
     ids = tokenizer(captions + [""], padding="max_length", max_length=L, return_tensors="pt").input_ids
@@ -295,7 +331,6 @@ def train_base(root, model_dir, cfg):
                  for j, b in enumerate(blocks)]
         heads = torch.nn.ModuleList(torch.nn.Linear(b.norm2.normalized_shape[0], 8) for b in blocks).to(device)
         params += list(heads.parameters())
-    codes = {side: position_code(side).to(device) for side in (8, 4)}
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     for step in (bar := tqdm(range(cfg["base_steps"]), desc="base model")):
         i = torch.randint(0, len(z), (32,))
@@ -305,16 +340,11 @@ def train_base(root, model_dir, cfg):
         pred = unet(noise_scheduler.add_noise(z[i], noise, t), t, encoder_hidden_states=text)
         target = noise if cfg["prediction"] == "epsilon" else noise_scheduler.get_velocity(z[i], noise, t)
         loss = F.mse_loss(pred.sample, target)
-        where = torch.zeros(())
-        if hooks:
-            where = sum(F.mse_loss(head(F.layer_norm(feats[j], feats[j].shape[-1:])),
-                                   codes[int(feats[j].shape[1] ** 0.5)].expand(len(feats[j]), -1, -1))
-                        for j, head in enumerate(heads)) / len(blocks)
+        where = where_loss(heads, feats) if hooks else torch.zeros(())
         (loss + cfg["position_aux"] * where).backward()
         feats.clear()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:
-            g["lr"] = 1e-3 * min(1, (step + 1) / 100)
+        warmup(opt, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}", where=f"{where.item():.4f}")
@@ -324,7 +354,109 @@ def train_base(root, model_dir, cfg):
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                             safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(model_dir)
-    (model_dir / "settings.json").write_text(json.dumps({k: cfg[k] for k in BASE_SETTINGS}, indent=1) + "\n")
+
+
+def text_encoder_parts(tokenizer_dir, clip_width, projection_dim=None):
+    """The MMDiTs' text side, untrained: one tokenizer (CLIP's BPE over this world's words, also standing in for
+    T5's, which cannot be built offline), a CLIP text encoder config and a T5 encoder 64 wide."""
+    from transformers import CLIPTextConfig, T5Config, T5EncoderModel
+
+    tokenizer = write_tokenizer(tokenizer_dir, WORDS, 16)
+    clip = CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=clip_width, intermediate_size=2 * clip_width,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                          projection_dim=projection_dim or clip_width, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer.get_vocab()), d_model=64, d_ff=128, d_kv=16, num_heads=4,
+                                 num_layers=2, relative_attention_num_buckets=8, feed_forward_proj="relu",
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 decoder_start_token_id=0))
+    return tokenizer, clip, t5
+
+
+def build_sd3(tokenizer_dir):
+    """A tiny SD3, untrained: CLIP-L and CLIP-G (32 wide each, side by side 64; pooled 32 + 32), T5 (64), 4 joint
+    blocks 64 wide (4 heads) on 2 x 2 patches of 16 x 16 x 4 latents, the flow scheduler unshifted (shift 1: SD3's 3
+    is for 1024 pixels)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, clip, t5 = text_encoder_parts(tokenizer_dir, 32)
+    clip_l, clip_g = CLIPTextModelWithProjection(clip), CLIPTextModelWithProjection(clip)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+                                        attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64,
+                                        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16)
+    L = tokenizer.model_max_length
+    return SimpleNamespace(
+        transformer=transformer, call=tg.sd3_call, density=tg.logit_normal,
+        encoders=tg.SD3TextEncoders(clip_l, clip_g, t5, (L, L, L), 64),
+        tokenizers=tg.SD3Tokenizers(tg.Tokenizer(tokenizer), tg.Tokenizer(tokenizer), tokenizer, L),
+        pipeline=partial(StableDiffusion3Pipeline, transformer=transformer, text_encoder=clip_l, tokenizer=tokenizer,
+                         text_encoder_2=clip_g, tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=tokenizer,
+                         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0)))
+
+
+def build_flux(tokenizer_dir):
+    """A tiny Flux (schnell-like: no guidance embedding, so that classifier-free guidance works as on the others):
+    CLIP-L (64 wide, its pooled output 64), T5 (64), 3 double-stream and 1 single-stream blocks 64 wide (4 heads, RoPE
+    over 4 + 6 + 6 dimensions) on 2 x 2 packed 16 x 16 x 4 latents, the dynamically shifted flow scheduler of Flux."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer, clip, t5 = text_encoder_parts(tokenizer_dir, 64)
+    clip = CLIPTextModel(clip)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=3, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                         pooled_projection_dim=64, axes_dims_rope=[4, 6, 6], guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    L = tokenizer.model_max_length
+    return SimpleNamespace(
+        transformer=transformer, call=tg.flux_call, density=tg.uniform,
+        encoders=tg.FluxTextEncoders(clip, t5, (L, L), None), tokenizers=tg.FluxTokenizers(tokenizer, tokenizer, L),
+        pipeline=partial(FluxPipeline, transformer=transformer, text_encoder=clip, tokenizer=tokenizer,
+                         text_encoder_2=t5, tokenizer_2=tokenizer, scheduler=scheduler))
+
+
+def train_mmdit(vae, z, captions, root, model_dir, cfg, device):
+    """An MMDiT base: text encoders and transformer trained together on (caption, latent) by rectified flow, called
+    as the trainer calls it (x_t = (1 - s) x0 + s noise, target noise - x0; s drawn by the family's density); the
+    latents shifted and scaled as SD3's and Flux's VAEs record it."""
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
+    z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    m = {"sd3": build_sd3, "flux": build_flux}[cfg["family"]](root / "tokenizer")
+    model, encoders = m.transformer.to(device), m.encoders.to(device)
+    ids = m.tokenizers.captions(captions + [""]).to(device)
+    ids, empty = ids[:-1], ids[-1]
+    params = list(model.parameters()) + list(encoders.parameters())
+    feats, hooks = {}, []  # each joint block's image tokens, (B, 64, C), caught on the way out
+    if cfg["position_aux"]:
+        hooks = [b.register_forward_hook(lambda mod, args, out, j=j: feats.__setitem__(j, out[1]))
+                 for j, b in enumerate(model.transformer_blocks)]
+        heads = torch.nn.ModuleList(torch.nn.Linear(model.config.num_attention_heads * model.config.attention_head_dim,
+                                                    8) for _ in hooks).to(device)
+        params += list(heads.parameters())
+    g = torch.Generator().manual_seed(cfg["seed"])  # the noise levels
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    for step in (bar := tqdm(range(cfg["base_steps"]), desc="base model")):
+        i = torch.randint(0, len(z), (32,))
+        tok = torch.where((torch.rand(32, 1) < 0.1).to(device), empty, ids[i])  # 10% without caption: for guidance
+        noise, s = torch.randn_like(z[i]), m.density(32, g).to(device)
+        x = (1 - s.view(-1, 1, 1, 1)) * z[i] + s.view(-1, 1, 1, 1) * noise
+        loss = F.mse_loss(m.call(model, x, s * 1000, encoders.captions(tok), None), noise - z[i])
+        where = where_loss(heads, feats) if hooks else torch.zeros(())
+        (loss + cfg["position_aux"] * where).backward()
+        feats.clear()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        warmup(opt, step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}", where=f"{where.item():.4f}")
+    for hook in hooks:
+        hook.remove()
+    m.pipeline(vae=vae).save_pretrained(model_dir)
+
+
+DENOISERS = {"sd": train_unet, "sd3": train_mmdit, "flux": train_mmdit}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -358,9 +490,13 @@ def main(cfg):
         fail(f"--prediction={cfg['prediction']}: epsilon or v_prediction")
     if not isinstance(cfg["train_base"], bool):
         fail(f"--train_base={cfg['train_base']}: True or False")
-    out, t0 = Path(cfg["out"]), time.time()
+    if cfg["family"] not in SHIPPED_BASES:
+        fail(f"--family={cfg['family']}: one of {', '.join(SHIPPED_BASES)}")
+    if cfg["family"] != "sd" and cfg["positions"]:
+        fail("--positions: the MMDiT bases are trained on captions that never say where (--positions=0)")
+    out, t0 = Path(cfg["out"] or ("demo" if cfg["family"] == "sd" else f"demo_{cfg['family']}")), time.time()
     world, data, adapters = out / "world", out / "data", out / "gligen"
-    model = out / "base-model" if cfg["train_base"] else SHIPPED_BASE
+    model = out / "base-model" if cfg["train_base"] else SHIPPED_BASES[cfg["family"]]
     out.mkdir(parents=True, exist_ok=True)
     if not (world / "instances.json").exists():
         write_world(world, cfg["train_images"], np.random.default_rng(cfg["seed"]), cfg["positions"])
@@ -368,7 +504,10 @@ def main(cfg):
         if not cfg["train_base"]:
             fail(f"{model}: the shipped base model is missing; --train_base=True trains one (about 12 minutes)")
         train_base(world, model, cfg)
-    print(f"base model: {model}; made with " + json.dumps(json.loads((model / "settings.json").read_text())))
+    made = json.loads((model / "settings.json").read_text())
+    if made.get("family", "sd") != cfg["family"]:
+        fail(f"{model} is a {made.get('family', 'sd')!r} base, and --family={cfg['family']}: another --out?")
+    print(f"base model: {model}; made with " + json.dumps(made))
     layouts = test_layouts(cfg["test_layouts"], np.random.default_rng(cfg["seed"] + 1))  # never trained on
     checked = min(cfg["check_layouts"], len(layouts))
     (out / "test_layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts))
@@ -401,7 +540,8 @@ def main(cfg):
     batch = math.gcd(cfg["sample_batch"], checked)
     for name, (_, which, extra) in conditions.items():
         run("sample.py", m, *extra, f"--layouts={out / (which + '.jsonl')}", "--n=1",
-            f"--steps={cfg['sample_steps']}", "--scheduler=ddim", f"--guidance={cfg['sample_guidance']}",
+            f"--steps={cfg['sample_steps']}", "--scheduler=auto", f"--height={SIZE}", f"--width={SIZE}",
+            f"--guidance={cfg['sample_guidance']}",
             f"--batch={batch}", f"--seed={cfg['seed']}", f"--out_dir={dirs[name]}")
 
     # The metric.

@@ -132,7 +132,7 @@ def main(cfg):
     in_range(cfg, "min_steps max_steps onset_every dev_layouts", 1)
     seed, out = cfg["seed"], Path(cfg["out"])
     data = Path(cfg["data"] or out.parent / f"data{seed}")
-    base = ds.SHIPPED_BASE
+    base = ds.SHIPPED_BASES["sd"]
     if not (data / "latents" / "index.jsonl").exists():
         ds.write_world(data / "world", ds.config["train_images"], np.random.default_rng(seed))
         ds.run("prep_boxes.py", f"--instances={data / 'world/instances.json'}",
