@@ -17,8 +17,8 @@ boxes. Under 10 minutes on a 2-core CPU; the README has the measured tables (see
    of their own and read position from the base's features, which large models have and this tiny one otherwise
    lacks. With --family=sd3 or --family=flux the base is a tiny MMDiT instead (extras/shapes_base_sd3,
    extras/shapes_base_flux: an SD3Transformer2DModel with CLIP-L, CLIP-G and T5, or a FluxTransformer2DModel with
-   CLIP-L and T5, on 16 x 16 x 4 latents: an autoencoder one level shallower, so that 2 x 2 patches make 8 x 8 tokens), trained
-   by rectified flow as SD3 and Flux are, and taught where its tokens are in the same way.
+   CLIP-L and T5, on 16 x 16 x 4 latents: an autoencoder one level shallower, so that 2 x 2 patches make 8 x 8
+   tokens), trained by rectified flow as SD3 and Flux are, and taught where its tokens are in the same way.
 3. The project's own scripts, run as a user runs them: prep_boxes.py and prep_latents.py on the images and their
    COCO JSON, train_gligen.py with the base frozen, sample.py on held-out layouts. The GLIGEN stage is GLIGEN's
    recipe plus one lever, the trainer's --box_attn_loss: each fuser's visual tokens inside box k are asked to attend
@@ -260,8 +260,8 @@ def position_code(side):
 def where_loss(heads, feats):
     """The base's where-am-I loss: each block's linear head reads position_code from the features caught there
     (B, side * side, C), layer-normed; the mean squared error, averaged over the blocks."""
-    return sum(F.mse_loss(head(F.layer_norm(feats[j], feats[j].shape[-1:])),
-                          position_code(int(feats[j].shape[1] ** 0.5)).to(feats[j].device).expand(len(feats[j]), -1, -1))
+    codes = {j: position_code(int(f.shape[1] ** 0.5)).to(f.device).expand(len(f), -1, -1) for j, f in feats.items()}
+    return sum(F.mse_loss(head(F.layer_norm(feats[j], feats[j].shape[-1:])), codes[j])
                for j, head in enumerate(heads)) / len(heads)
 
 
@@ -308,9 +308,16 @@ def base_settings(cfg):
     return {k: cfg[k] for k in keys}
 
 
-def warmup(opt, step, lr=1e-3):
+def update(opt, params, step, loss, where, cfg, bar):
+    """One step of a base's optimizer on the denoising loss plus the weighted where-am-I loss: clipped, lr 1e-3 after
+    100 warm-up steps."""
+    (loss + cfg["position_aux"] * where).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     for g in opt.param_groups:
-        g["lr"] = lr * min(1, (step + 1) / 100)
+        g["lr"] = 1e-3 * min(1, (step + 1) / 100)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    bar.set_postfix(loss=f"{loss.item():.4f}", where=f"{where.item():.4f}")
 
 
 def train_unet(vae, z, captions, root, model_dir, cfg, device):
@@ -340,14 +347,8 @@ def train_unet(vae, z, captions, root, model_dir, cfg, device):
         pred = unet(noise_scheduler.add_noise(z[i], noise, t), t, encoder_hidden_states=text)
         target = noise if cfg["prediction"] == "epsilon" else noise_scheduler.get_velocity(z[i], noise, t)
         loss = F.mse_loss(pred.sample, target)
-        where = where_loss(heads, feats) if hooks else torch.zeros(())
-        (loss + cfg["position_aux"] * where).backward()
+        update(opt, params, step, loss, where_loss(heads, feats) if hooks else torch.zeros(()), cfg, bar)
         feats.clear()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        warmup(opt, step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}", where=f"{where.item():.4f}")
     for hook in hooks:
         hook.remove()
     scheduler = DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, steps_offset=1)
@@ -356,15 +357,15 @@ def train_unet(vae, z, captions, root, model_dir, cfg, device):
                             requires_safety_checker=False).save_pretrained(model_dir)
 
 
-def text_encoder_parts(tokenizer_dir, clip_width, projection_dim=None):
+def text_encoder_parts(tokenizer_dir, clip_width):
     """The MMDiTs' text side, untrained: one tokenizer (CLIP's BPE over this world's words, also standing in for
     T5's, which cannot be built offline), a CLIP text encoder config and a T5 encoder 64 wide."""
     from transformers import CLIPTextConfig, T5Config, T5EncoderModel
 
     tokenizer = write_tokenizer(tokenizer_dir, WORDS, 16)
-    clip = CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=clip_width, intermediate_size=2 * clip_width,
-                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                          projection_dim=projection_dim or clip_width, bos_token_id=tokenizer.bos_token_id,
+    clip = CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=clip_width,
+                          intermediate_size=2 * clip_width, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=16, projection_dim=clip_width, bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer.get_vocab()), d_model=64, d_ff=128, d_kv=16, num_heads=4,
                                  num_layers=2, relative_attention_num_buckets=8, feed_forward_proj="relu",
@@ -443,14 +444,8 @@ def train_mmdit(vae, z, captions, root, model_dir, cfg, device):
         noise, s = torch.randn_like(z[i]), m.density(32, g).to(device)
         x = (1 - s.view(-1, 1, 1, 1)) * z[i] + s.view(-1, 1, 1, 1) * noise
         loss = F.mse_loss(m.call(model, x, s * 1000, encoders.captions(tok), None), noise - z[i])
-        where = where_loss(heads, feats) if hooks else torch.zeros(())
-        (loss + cfg["position_aux"] * where).backward()
+        update(opt, params, step, loss, where_loss(heads, feats) if hooks else torch.zeros(()), cfg, bar)
         feats.clear()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        warmup(opt, step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}", where=f"{where.item():.4f}")
     for hook in hooks:
         hook.remove()
     m.pipeline(vae=vae).save_pretrained(model_dir)

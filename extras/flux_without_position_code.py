@@ -4,10 +4,10 @@ The ablation of flux_position_code (train_gligen.py, the MMDiT section): Flux's 
 position (RoPE only, inside its attention), so the trainer's Flux fusers add a 2-D sin/cos code of each token's place;
 this runs the same training without it, so that the box-use losses of the two runs can be compared.
 
-    python extras/flux_without_position_code.py --model=... --latents=... --boxes=... --out_dir=...   # as train_gligen.py
+    python extras/flux_without_position_code.py --model=... --latents=... --boxes=... --out_dir=...  # as the trainer
 
-It takes train_gligen.py's settings and writes what it writes. The adapters it makes are for this comparison: sample.py
-would run them with the code.
+It takes train_gligen.py's settings and writes what it writes. The adapters it makes are for this comparison:
+sample.py would run them with the code.
 """
 import sys
 from functools import partial
