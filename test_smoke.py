@@ -1496,8 +1496,11 @@ def test_sample_batch_gives_each_layout_its_own_images(scheduler, tiny_sd, rando
         runs[batch] = np.stack([np.asarray(Image.open(tmp_path / str(batch) / f"{k:03d}_{i:02d}.png"), np.int16)
                                 for k in range(len(layouts)) for i in range(2)])
     assert sample.batches(layouts, 3) == [[0, 1], [2], [3, 4]]
-    # the same images, up to a matrix product's last bits in another batch size
-    assert np.abs(runs[1] - runs[3]).max() <= 1, np.abs(runs[1] - runs[3]).max()
+    # the same images, up to a matrix product's last bits in another batch size, which the steps carry on: on a 2-core
+    # AVX-512 CPU (2026-12-02) DPM-Solver++'s images differed by 1-2 levels on 22% of the values (mean 0.23), on the
+    # machine before by at most 1; another layout's seed or a shared scheduler moves them by tens
+    off = np.abs(runs[1] - runs[3])
+    assert off.max() <= 3 and off.mean() < 0.5, (off.max(), off.mean())
     assert np.abs(runs[3][0] - runs[3][8]).max() > 10  # layouts 0 and 4 are the same layout with other seeds
 
 
@@ -1535,8 +1538,8 @@ def test_mmdit_sampling_equals_diffusers_pipelines_and_fresh_adapters_change_not
                                                                                      tmp_path):
     """Without grounding, generate() on SD3 and Flux (dev: guidance embedded; schnell: none) gives the pixels of
     diffusers' StableDiffusion3Pipeline and FluxPipeline (true classifier-free guidance, an empty negative prompt), for
-    two layouts in one batch, each from its own seed (Flux: up to one level on under 1% of the values, the pipeline
-    running its two halves as two calls; 1 of 3,072 measured): text encoding aside (given to the pipelines as embeddings, as no
+    two layouts in one batch, each from its own seed (up to one level on under 1% of the values: the pipelines draw one
+    layout a call, and FluxPipeline runs its two halves as two; 1 of 3,072 measured on each): text encoding aside (given to the pipelines as embeddings, as no
     tokenizer can be built offline), the schedule, guidance, packing and VAE are theirs. Fresh adapters with boxes
     leave those pixels exactly (zero gates); trained-like ones change them, and their fusers off (beta 0) do not. The
     latents the tiny MMDiTs train on are the VAE's shifted and scaled means, as the pipelines' latents are."""
@@ -1569,11 +1572,11 @@ def test_mmdit_sampling_equals_diffusers_pipelines_and_fresh_adapters_change_not
             packed = latents.view(1, 4, 8, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 64, 16)
             want = pipe(**embeds, latents=packed, true_cfg_scale=4.0, guidance_scale=tg.FLUX_GUIDANCE,
                         num_inference_steps=3, height=32, width=32, output_type="np").images
-        if family == "sd3":
-            assert np.array_equal(ours[k], pixels(want)[0]), k
-        else:  # FluxPipeline calls the model on the two halves apart: a matrix product may round a last bit otherwise
-            off = np.abs(ours[k].astype(int) - pixels(want)[0])
-            assert off.max() <= 1 and (off > 0).mean() < 0.01, k
+        # both layouts in one batch against the pipeline's one (FluxPipeline also calls the model on its two halves
+        # apart): a matrix product may round a last bit otherwise (SD3: equal on one CPU, 1 of 3,072 values one level
+        # off on an AVX-512 one; Flux: 1 of 3,072)
+        off = np.abs(ours[k].astype(int) - pixels(want)[0])
+        assert off.max() <= 1 and (off > 0).mean() < 0.01, k
     grounded = [LAYOUT, dict(prompt="the cat on the mat", phrases=["a cat"], boxes=[[0.5, 0.5, 1.0, 1.0]])]
     fresh = seams.add_adapters(copy.deepcopy(transformer))
     assert np.array_equal(draw(fresh, grounded), ours)
