@@ -1,7 +1,7 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 140 tests, about 7 minutes on 2 CPU cores (420 s of pytest in a clean clone's .ci/run of 188f6af, 2026-12-02)
+    pytest -q test_smoke.py        # 144 tests, about 10 minutes on 2 CPU cores (621 s of pytest in a clean clone's .ci/run of 6cf8345, 2026-12-02)
 
 Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
 vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
