@@ -418,13 +418,13 @@ def build_flux(tokenizer_dir):
                          text_encoder_2=t5, tokenizer_2=tokenizer, scheduler=scheduler))
 
 
-def train_mmdit(vae, z, captions, root, model_dir, cfg, device):
-    """An MMDiT base: text encoders and transformer trained together on (caption, latent) by rectified flow, called
-    as the trainer calls it (x_t = (1 - s) x0 + s noise, target noise - x0; s drawn by the family's density); the
-    latents shifted and scaled as SD3's and Flux's VAEs record it."""
+def train_mmdit(vae, z, captions, root, model_dir, cfg, device, build):
+    """An MMDiT base (build: build_sd3 or build_flux): text encoders and transformer trained together on (caption,
+    latent) by rectified flow, called as the trainer calls it (x_t = (1 - s) x0 + s noise, target noise - x0; s drawn
+    by the family's density); the latents shifted and scaled as SD3's and Flux's VAEs record it."""
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-    m = {"sd3": build_sd3, "flux": build_flux}[cfg["family"]](root / "tokenizer")
+    m = build(root / "tokenizer")
     model, encoders = m.transformer.to(device), m.encoders.to(device)
     ids = m.tokenizers.captions(captions + [""]).to(device)
     ids, empty = ids[:-1], ids[-1]
@@ -451,7 +451,8 @@ def train_mmdit(vae, z, captions, root, model_dir, cfg, device):
     m.pipeline(vae=vae).save_pretrained(model_dir)
 
 
-DENOISERS = {"sd": train_unet, "sd3": train_mmdit, "flux": train_mmdit}
+DENOISERS = {"sd": train_unet, "sd3": partial(train_mmdit, build=build_sd3),
+             "flux": partial(train_mmdit, build=build_flux)}
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ It takes train_gligen.py's settings and writes what it writes. The adapters it m
 sample.py would run them with the code.
 """
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -18,7 +17,7 @@ import train_gligen as tg
 
 
 def main(argv):
-    tg.FAMILIES["flux"]["add_adapters"] = partial(tg.inject_mmdit)  # Fuser, no code: SD3's injection
+    tg.FAMILIES["flux"]["add_adapters"] = tg.inject_mmdit  # Fuser, no code: SD3's injection
     cfg = tg.configure(tg.config, argv, __doc__)
     if tg.family_of(cfg["model"]) != "flux":
         tg.fail(f"{cfg['model']}: not a Flux model; this ablation is of Flux's position code")
