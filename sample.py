@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import (adapters_file, check_image, check_layouts, check_out_dir, choose_seams, configure,
-                          draw_layout, fail, family_of, in_range, is_moving, load_adapters, load_clip_tower,
+from train_gligen import (adapter_state, adapters_file, check_image, check_layouts, check_out_dir, choose_stages,
+                          configure, draw_layout, fail, family_of, in_range, is_moving, load_adapters, load_clip_tower,
                           load_image_project, load_model, mode_of, native_size, project_image_embeds, read_jsonl,
                           set_adapters, vae_scale, SCHEDULERS)
 
@@ -180,7 +180,7 @@ class Sampler:
         self.family = family_of(cfg["model"])  # from its config: a wrong --model fails at once
         self.adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else {}  # a bad path fails here too
         self.inpaint, self.text_image = mode_of(self.adapters)  # the mode: what the adapters were trained for
-        self.seams = choose_seams(self.family, self.inpaint, self.text_image)
+        self.stages = choose_stages(self.family, self.inpaint, self.text_image)
         self.video = self.family == "video"
         if cfg["export"] and self.family != "sd":
             fail("--export needs an SD1.x/2.x model (diffusers has no SDXL, video, SD3 or Flux GLIGEN pipeline)")
@@ -203,9 +203,9 @@ class Sampler:
         own (DDIM for a UNet, flow-matching Euler for an MMDiT)."""
         import diffusers
 
-        name = self.seams.samplers[0] if name == "auto" else name
-        if name not in self.seams.samplers:
-            fail(f"--scheduler={name}: a {self.family} model samples with {', '.join(self.seams.samplers)}")
+        name = self.stages.samplers[0] if name == "auto" else name
+        if name not in self.stages.samplers:
+            fail(f"--scheduler={name}: a {self.family} model samples with {', '.join(self.stages.samplers)}")
         if name not in self.schedulers:
             cls = getattr(diffusers, SCHEDULERS[name])
             self.schedulers[name] = cls.from_pretrained(self.cfg["model"], subfolder="scheduler")
@@ -218,12 +218,12 @@ class Sampler:
         """The model in the sampling precision on the GPU if there is one, with the adapters; the output size."""
         from diffusers import AutoencoderKL
 
-        cfg, seams = self.cfg, self.seams
+        cfg, stages = self.cfg, self.stages
         self.scheduler(cfg["scheduler"], cfg["steps"])  # --steps checked before the model loads
         self.device = device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = dtype = DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else \
             torch.float16 if device == "cuda" else torch.float32
-        self.unet, self.text_encoder, self.tokenizer, _ = seams.load(cfg["model"], device, dtype)
+        self.unet, self.text_encoder, self.tokenizer, _ = stages.load(cfg["model"], device, dtype)
         # SDXL's VAE overflows in fp16: it decodes in fp32 there
         vae_dtype = torch.float32 if self.family == "sdxl" and dtype == torch.float16 else dtype
         self.vae = load_model(AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=vae_dtype).to(device)
@@ -233,10 +233,11 @@ class Sampler:
                 fail(f"--{k}={cfg[k]}: must be a multiple of {scale}, the VAE's downsampling factor")
         self.image_tower = load_image_tower(cfg, device, dtype) if self.text_image else None
         if self.adapters:
-            seams.add_adapters(self.unet)
-            set_adapters(self.unet, self.adapters, cfg["adapters"], seams.is_adapter)
+            stages.add_adapters(self.unet)
+            set_adapters(self.unet, self.adapters, cfg["adapters"])
+            names = adapter_state(self.unet).keys()
             for name, p in self.unet.named_parameters():  # the adapters in the sampling precision, as the base
-                p.data = p.data.to(dtype) if seams.is_adapter(name) else p.data
+                p.data = p.data.to(dtype) if name in names else p.data
         else:
             print("no --adapters: sampling the base model, boxes ignored")
         size = native_size(self.unet, self.vae)
@@ -258,7 +259,7 @@ class Sampler:
                 self.photos[inpaint_image] = photo_latent(inpaint_image, self.vae, self.height, self.width)
             extra["inpaint_latent"] = self.photos[inpaint_image]
         layouts = [self.as_drawn(l) for l in layouts]
-        return self.seams.generate(self.unet, self.vae, self.text_encoder, self.tokenizer, sched, layouts, seeds, n=n,
+        return self.stages.generate(self.unet, self.vae, self.text_encoder, self.tokenizer, sched, layouts, seeds, n=n,
                                    steps=steps, guidance=guidance, beta=beta, height=self.height, width=self.width,
                                    progress=progress, **extra)
 

@@ -461,10 +461,11 @@ def assert_same_tensors(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def assert_base_untouched(unet, base, is_adapter=tg.is_adapter):
+def assert_base_untouched(unet, base):
     """Every tensor of a trained UNet but its adapters equals the frozen base's, bit for bit."""
+    adapters = tg.adapter_state(unet)
     for name, v in unet.state_dict().items():
-        if not is_adapter(name):
+        if name not in adapters:
             assert torch.equal(v, base.state_dict()[name]), f"frozen {name} changed"
 
 
@@ -483,14 +484,14 @@ def optimizer_state(run_dir):
     return {f"{i}.{k}": v for i in state for k, v in state[i].items()}
 
 
-def random_adapters_of(seams, base, seed, path, gate=2.0, noise=1.0, **metadata):
+def random_adapters_of(stages, base, seed, path, gate=2.0, noise=1.0, **metadata):
     """Adapters of a family and mode with wide-open gates (alpha = gate: tanh(2)) and strong random weights, saved as a
     checkpoint saves them (path/adapters.safetensors): strong enough that grounding in late denoising steps, and in
     the unconditional half, shows in the pixels (noise scales the random part). Returns the tensors."""
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    sd = tg.adapter_state(seams.add_adapters(copy.deepcopy(base)), seams.is_adapter)
+    sd = tg.adapter_state(stages.add_adapters(copy.deepcopy(base)))
     sd = {k: torch.full_like(v, gate) if ".alpha_" in k else v + torch.randn_like(v) * noise * (0.5 if v.ndim < 2 else 0.3)
           for k, v in sd.items()}
     path.mkdir(parents=True, exist_ok=True)
@@ -615,9 +616,9 @@ def torchrun():
 @pytest.fixture(scope="session")
 def random_adapters(tiny_sd, tmp_path_factory):
     """Random strong SD1 text-box adapters (random_adapters_of), as an adapters.safetensors path."""
-    seams = tg.choose_seams("sd")
+    stages = tg.choose_stages("sd")
     path = tmp_path_factory.mktemp("adapters")
-    random_adapters_of(seams, seams.load(str(tiny_sd), "cpu", torch.float32)[0], 3, path)
+    random_adapters_of(stages, stages.load(str(tiny_sd), "cpu", torch.float32)[0], 3, path)
     return path / "adapters.safetensors"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -639,7 +640,7 @@ def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_
     assert gated.load_state_dict(base.state_dict(), strict=False).unexpected_keys == []
     with torch.no_grad():  # random adapters, gates open: every term of the fuser counts
         for name, p in gated.named_parameters():
-            if tg.is_adapter(name):
+            if name in tg.adapter_state(gated):
                 p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
     ours = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"), **pn).eval()
     assert list(ours.state_dict()) == list(gated.state_dict())  # the same names, in the same order
@@ -686,7 +687,7 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
         base_out = base(x, t, encoder_hidden_states=text).sample
         assert torch.equal(ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample, base_out)
         for name, p in ours.named_parameters():
-            if tg.is_adapter(name):
+            if name in tg.adapter_state(ours):
                 p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
         got = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
         moved = {**kw["gligen"], "boxes": kw["gligen"]["boxes"].flip(-1)}
@@ -745,7 +746,7 @@ def test_phrases_padded_to_longest_equal_each_alone(tiny_sd):
         assert torch.equal(got[0], want.input_ids) and torch.equal(got[1], want.attention_mask)
     with torch.no_grad():
         batch = dict(phrase_ids=ids, phrase_mask=mask, slot_phrase=slot_phrase, boxes=boxes)
-        feats = tg.text_box_grounding(te, batch, masks, None)["positive_embeddings"]  # (2, 30, D)
+        feats = tg.text_box_grounding(te, batch, masks)["positive_embeddings"]  # (2, 30, D)
         for i, (phrases, _) in enumerate(layouts):
             for k, p in enumerate(phrases):
                 alone = te(tg.Tokenizer(tok).captions([p])).pooler_output[0]  # padded to 77
@@ -921,7 +922,7 @@ def test_igligen_import_needs_opt_in_and_reads_its_pickles(tmp_path):
     assert boxes["sa_12.jpg"]["boxes"] == [[0.0, 0.0, 1.0, 1.0]]  # clipped
     data = tg.GroundedLatents(out, out / "boxes.jsonl")
     assert data.resolution == 32 and len(data) == 2
-    k = [i for i, it in enumerate(data.items) if it[2] == "a dog and a ball"][0]
+    k = [i for i, it in enumerate(data.items) if it.caption == "a dog and a ball"][0]
     assert torch.equal(data[(k, False)]["latent"][0], torch.from_numpy(lat[1]))  # image 5 is row 1 of IGLIGEN's shard
 
 
@@ -1030,8 +1031,8 @@ def test_loader_maps_boxes_through_the_crop(tiny_data):
     latent, caption, phrases, boxes = data[(0, False)].values()
     assert latent.shape == (2, 4, 8, 8) and isinstance(caption, str) and len(phrases) == len(boxes) <= 2
     mirrored, _, same, flipped = data[(0, True)].values()  # the mirrored image's latent, the boxes mirrored with it
-    shard = np.load(data.items[0][0])
-    assert torch.equal(mirrored, torch.from_numpy(shard[data.items[0][1], 1])) and same == phrases
+    shard = np.load(data.items[0].shard)
+    assert torch.equal(mirrored, torch.from_numpy(shard[data.items[0].row, 1])) and same == phrases
     np.testing.assert_allclose(flipped, np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1))
 
 
@@ -1042,20 +1043,20 @@ def test_sdxl_items_carry_their_own_size_conditioning(tiny_sdxl, tiny_sdxl_data)
     assert tg.SDXLLatents.time_ids(rec, 16) == ((32, 48, 0, 4, 16, 16), 4)
     rec = dict(width=51, height=32, crop=[9, 0, 41, 32])  # an odd margin: the mirrored crop starts one further
     assert tg.SDXLLatents.time_ids(rec, 32) == ((32, 51, 0, 9, 32, 32), 10)
-    seams = tg.choose_seams("sdxl")
-    unet, te, tok, scheduler = seams.load(str(tiny_sdxl), "cpu", torch.float32)
-    seams.add_adapters(unet)
-    data = seams.training_data(train_cfg(tiny_sdxl, tiny_sdxl_data, "unused"))
+    stages = tg.choose_stages("sdxl")
+    unet, te, tok, scheduler = stages.load(str(tiny_sdxl), "cpu", torch.float32)
+    stages.add_adapters(unet)
+    data = stages.training_data(train_cfg(tiny_sdxl, tiny_sdxl_data, "unused"))
     items = [data[(i, i % 2 == 1)] for i in range(6)]  # three image sizes, mirrored or not
     seen = []
     unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
     with torch.no_grad():
-        seams.step_loss(unet, data.collate(tok, items), torch.Generator().manual_seed(0), te, scheduler.alphas_cumprod,
-                   tok.captions([""]), dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon", **tg.GLIGEN_RECIPE))
+        stages.loss(unet, data.collate(tok, items), torch.Generator().manual_seed(0), te,
+                    stages.schedule(scheduler, "tiny", "cpu"), tok.captions([""]), tg.config)
     want = [data.time_ids(r, 16) for _, r in tg.read_jsonl(tiny_sdxl_data["latents"] / "index.jsonl")][:6]
     want = [(*ids[:3], left, *ids[4:]) if i % 2 else ids for i, (ids, left) in enumerate(want)]
     assert seen[0].tolist() == [list(map(float, w)) for w in want] and len({tuple(w) for w in want}) >= 3
-    data.items[0] = (*data.items[0][:5], ((32, 51, 0, 9, 16, 16), 10))  # an odd margin: the mirrored crop starts at 10
+    data.items[0].time_ids, data.items[0].flipped_left = (32, 51, 0, 9, 16, 16), 10  # an odd margin: the mirror's at 10
     assert data[(0, False)]["time_ids"][3] == 9 and data[(0, True)]["time_ids"][3] == 10
 
 
@@ -1158,18 +1159,18 @@ def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_da
     equal and the gap's standard error 0; with open ones, three values, the mirrored one that of the boxes mirrored
     left to right; the gap's bootstrap standard error and the gap on the high-noise images are those of each image's
     loss."""
-    unet, te, tok, scheduler = tg.load_base(str(tiny_sd), "cpu", torch.float32)
+    unet, te, tok, scheduler = tg.load_sd(str(tiny_sd), "cpu", torch.float32)
     tg.inject_gligen(unet)
     data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
     batch = data.collate(tok, [data[(i, False)] for i in range(8)])
-    loss_of = partial(tg.micro_step_loss, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
-                      empty_ids=tok.captions([""]),
-                      cfg=dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon", **tg.GLIGEN_RECIPE))
+    cfg = {**tg.config, **tg.VAL_OVERRIDES}
+    loss_of = lambda unet, batch, g, per_image=False: tg.sd_loss(  # noqa: E731
+        unet, batch, g, te, tg.noise_schedule(scheduler, "tiny", "cpu"), tok.captions([""]), cfg, per_image=per_image)
     losses = lambda rec: {k: v for k, v in rec.items() if k.startswith("val_loss_")}  # noqa: E731
-    closed = tg.box_use_losses(loss_of, unet, [batch], seed=5)
+    closed = tg.box_use_losses(partial(loss_of, per_image=True), unet, [batch], seed=5)
     assert len(set(losses(closed).values())) == 1 and closed["val_gap_se"] == 0 == closed["val_gap_high_noise_se"]
     tg.set_adapters(unet, tg.load_adapters(str(random_adapters)), "random")
-    got = tg.box_use_losses(loss_of, unet, [batch], seed=5)
+    got = tg.box_use_losses(partial(loss_of, per_image=True), unet, [batch], seed=5)
     assert len(set(losses(got).values())) == 3, got
     b = batch["boxes"]
     mirrored = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], -1)  # x -> 1 - x, x0 and x1 swapped
@@ -1207,15 +1208,19 @@ def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attenti
     assert tg.box_weighted_mse(pred, target, boxes, masks, 3.0).item() == pytest.approx(want, rel=1e-6)
     assert tg.box_weighted_mse(pred, target, boxes, masks, 1.0).item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item())
 
-    unet, te, tok, scheduler = tg.load_base(str(tiny_sd), "cpu", torch.float32)
+    unet, te, tok, scheduler = tg.load_sd(str(tiny_sd), "cpu", torch.float32)
     torch.manual_seed(0)
     tg.inject_gligen(unet)  # fresh: closed gates
     data = tg.GroundedLatents(tiny_data["latents"], tiny_data["boxes"])
     batch = data.collate(tok, [data[(i, False)] for i in range(4)])
     assert batch["masks"].sum() >= 5
-    cfg = dict(caption_keep=1.0, grounding_drop=0.0, prediction_type="epsilon", **tg.GLIGEN_RECIPE)
-    step = partial(tg.micro_step_loss, unet, text_encoder=te, alphas_cumprod=scheduler.alphas_cumprod,
-                   empty_ids=tok.captions([""]), box_attention=tg.BoxAttention(unet))
+    cfg = {**tg.config, **tg.VAL_OVERRIDES}
+    levers = tg.Levers(unet, 1.0, 0.5)  # the attention loss alone, at weight 0.5
+
+    def step(batch, g, cfg, levers=None):
+        return tg.sd_loss(unet, batch, g, te, tg.noise_schedule(scheduler, "tiny", "cpu"), tok.captions([""]), cfg,
+                          levers=levers)
+
     loss_of = partial(step, batch)
     net = [p for n, p in unet.named_parameters() if n.startswith("position_net.linears")]  # (the null features are
     # not in the supervised softmax: it is over the filled slots)
@@ -1227,7 +1232,7 @@ def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attenti
     F = torch.nn.functional
     caught, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: caught.append((q, k)) or sdpa(q, k, v, *a, **kw))
-    supervised = loss_of(g(), cfg={**cfg, "box_attn_loss": 0.5})
+    supervised = loss_of(g(), cfg=cfg, levers=levers)
     supervised.backward()
     assert all(p.grad is not None and p.grad.any() for p in net)
     fusers = [(q, k) for q, k in caught if k.shape[2] == q.shape[2] + tg.N_SLOTS]  # visual queries, [visual; grounding] keys
@@ -1251,7 +1256,7 @@ def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attenti
     assert supervised.item() == pytest.approx(plain.item() + 0.5 * torch.stack(want).mean().item(), rel=1e-5)
     with torch.no_grad():  # validation and sampling (other batch sizes) after a supervised step: the hooks stay out
         small = data.collate(tok, [data[(i, False)] for i in range(2)])
-        assert torch.isfinite(step(small, g(), cfg=cfg))
+        assert torch.isfinite(step(small, g(), cfg=cfg, levers=levers))
 
 
 def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
@@ -1263,7 +1268,7 @@ def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
     for micro in (1, 2):
         tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / str(micro), max_steps=1, micro_batch=micro))
         per_image.append(json.loads((tmp_path / str(micro) / "log.jsonl").read_text())["tflop_per_image"])
-    unet = tg.inject_gligen(tg.load_base(str(tiny_sd), "cpu", torch.float32)[0])
+    unet = tg.inject_gligen(tg.load_sd(str(tiny_sd), "cpu", torch.float32)[0])
     for p in tg.adapter_state(unet):
         unet.get_parameter(p).requires_grad_(True)
     with FlopCounterMode(display=False) as counter:
@@ -1325,16 +1330,16 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
     val = [r["step"] for _, r in tg.read_jsonl(tmp_path / "straight" / "log.jsonl") if "val_loss_boxes" in r]
     assert val == [0, 2, 4] and sorted(p.name for p in (tmp_path / "straight").glob("val_*.png"))[-1] == "val_0000004.png"
 
-    seams = tg.choose_seams(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode)
-    base, _, _, scheduler = seams.load(str(model), "cpu", torch.float32)
+    stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode)
+    base, _, _, scheduler = stages.load(str(model), "cpu", torch.float32)
     torch.manual_seed(0)
-    fresh = tg.adapter_state(seams.add_adapters(copy.deepcopy(base)), seams.is_adapter)
+    fresh = tg.adapter_state(stages.add_adapters(copy.deepcopy(base)))
     assert fresh.keys() == straight.keys() and all(not torch.equal(straight[k], fresh[k]) for k in fresh)  # trained
-    trained = seams.add_adapters(copy.deepcopy(base))
-    tg.set_adapters(trained, straight, "straight", seams.is_adapter)
-    assert_base_untouched(trained, base, seams.is_adapter)
+    trained = stages.add_adapters(copy.deepcopy(base))
+    tg.set_adapters(trained, straight, "straight")
+    assert_base_untouched(trained, base)
     ckpt = tg.checkpoints(tmp_path / "straight")[-1]
-    for f in seams.training_data(cfg("straight")).files:
+    for f in stages.training_data(cfg("straight")).files:
         assert (ckpt / f.name).read_bytes() == f.read_bytes()
     config = torch.load(ckpt / "state.pt", weights_only=True)["config"]
     assert config["prediction_type"] == scheduler.config.get("prediction_type", "flow")  # an MMDiT's: rectified flow
@@ -1358,14 +1363,14 @@ def test_bf16_trains_every_family_and_mode(variant, request, tmp_path):
     tg.main(cfg("fp32"))
     np.testing.assert_allclose(losses(tmp_path / "bf16"), losses(tmp_path / "fp32"), rtol=5e-3)
     assert (tmp_path / "bf16" / "val_0000002.png").is_file()
-    seams = tg.choose_seams(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode)
-    base = seams.load(str(model), "cpu", torch.bfloat16)[0]
-    assert_base_untouched(unet, base, seams.is_adapter)
-    assert all(v.dtype == torch.bfloat16 for k, v in unet.state_dict().items() if not seams.is_adapter(k))
-    trained, state = tg.adapter_state(unet, seams.is_adapter), optimizer_state(tmp_path / "bf16")
+    stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode)
+    base = stages.load(str(model), "cpu", torch.bfloat16)[0]
+    assert_base_untouched(unet, base)
+    trained, state = tg.adapter_state(unet), optimizer_state(tmp_path / "bf16")
+    assert all(v.dtype == torch.bfloat16 for k, v in unet.state_dict().items() if k not in trained)
     assert all(v.dtype == torch.float32 for v in [*trained.values(), *state.values()])
     torch.manual_seed(0)
-    fresh = tg.adapter_state(seams.add_adapters(copy.deepcopy(base)), seams.is_adapter)
+    fresh = tg.adapter_state(stages.add_adapters(copy.deepcopy(base)))
     assert all(not torch.equal(trained[k], fresh[k].float()) for k in fresh)
 
 
@@ -1521,12 +1526,12 @@ def test_sdxl_sampling_equals_diffusers_sdxl_pipeline(tiny_sdxl):
     encoders, zero unconditional features, size conditioning and VAE are used as SDXL's own pipeline uses them."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    seams = tg.choose_seams("sdxl")
-    unet, te, tok, _ = seams.load(str(tiny_sdxl), "cpu", torch.float32)
+    stages = tg.choose_stages("sdxl")
+    unet, te, tok, _ = stages.load(str(tiny_sdxl), "cpu", torch.float32)
     vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
     scheduler = EulerDiscreteScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")
     with torch.no_grad():
-        ours = seams.generate(unet, vae, te, tok, scheduler, [dict(prompt="a red square and a blue circle", phrases=[],
+        ours = stages.generate(unet, vae, te, tok, scheduler, [dict(prompt="a red square and a blue circle", phrases=[],
                               boxes=[])], [3], n=2, steps=3)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     want = pipe("a red square and a blue circle", num_inference_steps=3, guidance_scale=7.5, num_images_per_prompt=2,
@@ -1549,12 +1554,12 @@ def test_mmdit_sampling_equals_diffusers_pipelines_and_fresh_adapters_change_not
 
     model = make_tiny_flux(tmp_path / "schnell", guidance_embeds=False) if family == "flux-schnell" else \
         request.getfixturevalue(f"tiny_{family}")
-    seams = tg.choose_seams(tg.family_of(str(model)))
-    transformer, te, tok, _ = seams.load(str(model), "cpu", torch.float32)
+    stages = tg.choose_stages(tg.family_of(str(model)))
+    transformer, te, tok, _ = stages.load(str(model), "cpu", torch.float32)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
     layouts = [dict(LAYOUT, phrases=[], boxes=[]), dict(prompt="the cat on the mat", phrases=[], boxes=[])]
-    draw = lambda unet, layouts, beta=1.0: seams.generate(unet, vae, te, tok, scheduler, layouts, [3, 4], steps=3,
+    draw = lambda unet, layouts, beta=1.0: stages.generate(unet, vae, te, tok, scheduler, layouts, [3, 4], steps=3,
                                                           guidance=4.0, beta=beta, height=32, width=32)
     ours = draw(transformer, layouts)
     Pipeline = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
@@ -1580,10 +1585,10 @@ def test_mmdit_sampling_equals_diffusers_pipelines_and_fresh_adapters_change_not
         off = np.abs(ours[k].astype(int) - pixels(want)[0])
         assert off.max() <= 1 and (off > 0).mean() < 0.01, k
     grounded = [LAYOUT, dict(prompt="the cat on the mat", phrases=["a cat"], boxes=[[0.5, 0.5, 1.0, 1.0]])]
-    fresh = seams.add_adapters(copy.deepcopy(transformer))
+    fresh = stages.add_adapters(copy.deepcopy(transformer))
     assert np.array_equal(draw(fresh, grounded), ours)
-    random_adapters_of(seams, transformer, 0, tmp_path / "run")
-    tg.set_adapters(fresh, tg.load_adapters(str(tmp_path / "run")), "random", seams.is_adapter)
+    random_adapters_of(stages, transformer, 0, tmp_path / "run")
+    tg.set_adapters(fresh, tg.load_adapters(str(tmp_path / "run")), "random")
     assert np.abs(draw(fresh, grounded).astype(int) - ours).mean() > 1
     assert np.array_equal(draw(fresh, grounded, beta=0.0), ours)
     if family == "sd3":
@@ -1711,14 +1716,14 @@ def test_video_sampling_gives_each_frame_its_boxes(tiny_video):
     the unconditional half; a layout's boxes are one list for all frames, or one list per frame."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    seams = tg.choose_seams("video")
-    unet, te, tok, _ = seams.load(str(tiny_video), "cpu", torch.float32)
-    seams.add_adapters(unet)
+    stages = tg.choose_stages("video")
+    unet, te, tok, _ = stages.load(str(tiny_video), "cpu", torch.float32)
+    stages.add_adapters(unet)
     seen = []
     unet.position_net.register_forward_pre_hook(lambda m, args, kw: seen.append((kw["boxes"], kw["masks"])),
                                                 with_kwargs=True)
     F_, per_frame = 3, [[[0.1 * f, 0.2, 0.1 * f + 0.3, 0.6]] for f in range(3)]
-    draw = partial(seams.generate, unet, AutoencoderKL.from_pretrained(tiny_video, subfolder="vae"), te, tok,
+    draw = partial(stages.generate, unet, AutoencoderKL.from_pretrained(tiny_video, subfolder="vae"), te, tok,
                    DDIMScheduler.from_pretrained(tiny_video, subfolder="scheduler"), seeds=[0], n=2, steps=1, frames=F_)
     clips = draw([dict(prompt="a red square", phrases=["a red square"], boxes=per_frame)])
     assert clips.shape == (2, F_, 16, 16, 3)
@@ -1740,8 +1745,8 @@ def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_cl
 
     fixture, mode = VARIANTS[family]
     model = request.getfixturevalue(fixture)
-    seams = tg.choose_seams(tg.family_of(str(model)), "inpaint" in mode, "image_features" in mode)
-    random_adapters_of(seams, seams.load(str(model), "cpu", torch.float32)[0], 5, tmp_path / "run", gate=0.3,
+    stages = tg.choose_stages(tg.family_of(str(model)), "inpaint" in mode, "image_features" in mode)
+    random_adapters_of(stages, stages.load(str(model), "cpu", torch.float32)[0], 5, tmp_path / "run", gate=0.3,
                        noise=0.05, image_encoder=str(tiny_clip))  # mild: strong random ones amplify rounding
     out, cfg = tmp_path / "samples", {**sample.config, "model": str(model), "adapters": str(tmp_path / "run"),
                                       "prompt": "a red square", "phrases": ["a red square"],
@@ -2377,7 +2382,7 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     """extras/gpu_check.py, the command that measures what a GPU must show, runs every stage on tiny models on a CPU
     (--dry_run=True), so it cannot rot before a GPU comes: speeds from train_gligen.py, a resumed run bit-equal to a
     straight one, sample.py equal to its exported pipeline, SDXL with gradient checkpointing, compile, and
-    extras/benchmark.py --what=train: the trainer's own step (micro_step_loss, optimizer_step: not a copy) against the
+    extras/benchmark.py --what=train: the trainer's own step (sd_loss, optimizer_step: not a copy) against the
     reference recipe (IGLIGEN's: diffusers' gated UNet, fp32 + GradScaler, phrases encoded per image) on the same
     network, FLOPs within 10% (the reference's fusers also let the grounding tokens query, and it pads each image's
     phrases to their own longest), and the profile of ours, its shares adding up. Without a GPU and without --dry_run
@@ -2387,7 +2392,7 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="^error: no GPU here"):
         gpu_check.main({**gpu_check.config, "out": str(tmp_path / "no")})
     calls = []
-    for name in ("micro_step_loss", "optimizer_step"):  # counted where the benchmark's steps call them
+    for name in ("sd_loss", "optimizer_step"):  # counted where the benchmark's steps call them
         real = getattr(tg, name)
         monkeypatch.setattr(tg, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     r = gpu_check.main({**gpu_check.config, "dry_run": True, "out": str(tmp_path / "dry")})
@@ -2398,7 +2403,7 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     assert stages["resume"]["bit_equal"] and stages["sample"]["max_pixel_diff"] == 0  # on a CPU in fp32: exact
     assert json.loads((tmp_path / "dry" / "results.json").read_text()) == r and r["versions"]["torch"] == torch.__version__
     (row,), prof = stages["benchmark"]["results"], stages["benchmark"]["profile"]
-    assert calls.count("micro_step_loss") >= 4 and calls.count("optimizer_step") >= 4
+    assert calls.count("sd_loss") >= 4 and calls.count("optimizer_step") >= 4
     assert row["ours"]["img_per_s"] > 0 and row["reference"]["img_per_s"] > 0 and row["ratio"] > 0
     assert 0.9 < row["reference"]["tflop_per_image"] / row["ours"]["tflop_per_image"] < 1.1
     shares = prof["shares"]
@@ -2633,8 +2638,8 @@ def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny
     from safetensors.torch import save_file
     from transformers import CLIPTextModelWithProjection
 
-    seams = tg.choose_seams("sd", True, True)
-    random_adapters_of(seams, seams.load(str(tiny_sd), "cpu", torch.float32)[0], 5, tmp_path / "run", gate=0.3,
+    stages = tg.choose_stages("sd", True, True)
+    random_adapters_of(stages, stages.load(str(tiny_sd), "cpu", torch.float32)[0], 5, tmp_path / "run", gate=0.3,
                        noise=0.05, image_encoder=str(tiny_clip))
     weight = CLIPTextModelWithProjection.from_pretrained(tiny_clip).text_projection.weight.T.contiguous()
     save_file({"project.weight": weight}, tmp_path / "run" / "image_project.safetensors")
@@ -2656,8 +2661,8 @@ def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny
                        [handle_file(tmp_path / "ref.png")], api_name="/generate")
     assert np.array_equal(np.asarray(Image.open(plain[0]["image"])), pngs(tmp_path / "cli", 1)[0])
 
-    seams = tg.choose_seams("video")
-    random_adapters_of(seams, seams.load(str(tiny_video), "cpu", torch.float32)[0], 5, tmp_path / "vrun")
+    stages = tg.choose_stages("video")
+    random_adapters_of(stages, stages.load(str(tiny_video), "cpu", torch.float32)[0], 5, tmp_path / "vrun")
     client = Client(launch_app(f"--model={tiny_video}", f"--adapters={tmp_path / 'vrun'}", "--frames=3"), verbose=False)
     rows = {"headers": ["phrase", "x0", "y0", "x1", "y1"], "data": [["a red square", 0.1, 0.1, 0.5, 0.5]]}
     boxed, plain, _ = client.predict("a red square", rows, 1, 0, 2, 7.5, 0.3, "ddim", None, [], api_name="/generate")

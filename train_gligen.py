@@ -2,16 +2,14 @@
 Train GLIGEN grounding adapters on a frozen Stable Diffusion UNet (SD1.x/2.x, SDXL, ModelScope/Zeroscope video) or
 MMDiT (SD3/SD3.5, Flux.1).
 
-GLIGEN (Li et al., CVPR 2023) adds one gated self-attention layer ("fuser") to every transformer block of a
-frozen text-to-image UNet, fed by 30 grounding tokens made from each box (Fourier code) and its phrase (text
-encoder feature). Only the fusers and the position net train; the UNet and text encoder stay frozen. This one file
-is the whole trainer; sample.py and the prep scripts import what they share from it. Two more of GLIGEN's modes:
---image_features (boxes grounded by reference images too) and --inpaint=True (generation inside the boxes of a
-kept image).
+GLIGEN (Li et al., CVPR 2023) adds one gated self-attention layer ("fuser") to every transformer block of a frozen
+text-to-image model, fed by 30 grounding tokens made from each box (Fourier code) and its phrase (text encoder
+feature). Only the fusers and the position net train. Two more of GLIGEN's modes: --image_features (boxes grounded by
+reference images too) and --inpaint=True (generation inside the boxes of a kept image).
 
-How it reads: SD1.x/2.x with text boxes from top to bottom (config, the method, the model, the data, the step,
-sampling, checkpoints, main); then SDXL, video, inpainting, text-image and the MMDiTs (SD3, Flux), each a section of
-its own that replaces a few of that path's functions (the seams, listed in choose_seams and chosen there once).
+The file reads as one story for SD1.x/2.x with text boxes: config, the method, the model, the data, the step,
+sampling, checkpoints, main. Then the levers, and one section per other family or mode, each replacing a few whole
+stages of that story (the STAGES table above main).
 
 One process (CPU or one GPU):
     python train_gligen.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --latents=data/coco/latents \
@@ -40,9 +38,11 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,7 +68,6 @@ VAL_LAYOUTS = [  # fixed validation layouts: boxes are x0, y0, x1, y1 relative t
     dict(prompt="a hot air balloon over a lake", phrases=["a hot air balloon", "a lake"],
          boxes=[[0.55, 0.05, 0.9, 0.45], [0.0, 0.6, 1.0, 1.0]]),
 ]
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense TFLOP/s per GPU
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
     latents="data/latents",  # directory written by prep_latents.py
@@ -102,11 +101,29 @@ config = dict(
     val_steps=25,  # DDIM steps for the validation grid
     val_layouts="",  # JSONL file of {prompt, phrases, boxes} for the validation grid; "" = VAL_LAYOUTS above
     val_images=64,  # training images whose loss each validation logs with true, mirrored and no boxes; 0 = none
-    # Levers that may make the boxes count sooner (README, "Time to grounding"); the defaults are GLIGEN's recipe.
+    # Levers that may make the boxes count sooner (docs/time-to-grounding.md); the defaults are GLIGEN's recipe.
     timestep_power=1.0,  # timesteps t = (1 - u^p) T, u uniform: 1 is uniform (GLIGEN); 3 is T2I-Adapter's cubic
     box_loss_weight=1.0,  # the denoising loss's weight inside the boxes (1 outside), normalised per image; 1 = off
     box_attn_loss=0.0,  # weight of a loss asking each fuser's visual tokens inside box k to attend to token k; 0 = off
 )
+
+
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before anything slow starts: the range of every number is here."""
+    in_range(cfg, "global_batch micro_batch max_steps max_bad_steps log_every save_every keep_last val_steps", 1)
+    in_range(cfg, "lr weight_decay warmup_steps seed num_workers val_every val_images box_attn_loss", 0)
+    in_range(cfg, "caption_keep grounding_drop min_box_area", 0, 1)
+    in_range(cfg, "max_boxes", 1, N_SLOTS)
+    for k in ("timestep_power", "box_loss_weight", "grad_clip"):  # grad_clip 0 would clip every gradient to nothing
+        if not cfg[k] > 0:
+            fail(f"--{k}={cfg[k]}: must be above 0")
+    if cfg["dtype"] not in ("auto", "bf16", "fp32"):
+        fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    if cfg["init_from"] and missing_local_path(cfg["init_from"]):
+        fail(f"--init_from={cfg['init_from']}: adapters not found")
+    if cfg["compile"] and cfg["compile"] not in torch._dynamo.list_backends(exclude_tags=()):
+        fail(f"--compile={cfg['compile']}: not a torch.compile backend (e.g. inductor, aot_eager)")
+    check_out_dir(cfg["out_dir"], "out_dir")
 
 
 def fail(msg):
@@ -159,7 +176,8 @@ def in_range(cfg, keys, low, high=math.inf):
 # -----------------------------------------------------------------------------------------------------------------
 # The method: gated self-attention ("fuser") and the position net, injected into a stock diffusers UNet. This block
 # needs only torch and diffusers: lift it into another project as it is. Parameter names equal diffusers'
-# attention_type="gated" UNet, so weights move both ways without renaming.
+# attention_type="gated" UNet, so weights move both ways without renaming. Every loader reads adapters through
+# set_adapters: a new parameter that older files lack goes in MAY_BE_MISSING there.
 N_SLOTS = 30  # grounding tokens per image
 
 
@@ -237,8 +255,7 @@ def or_null(masks, x, null):
 
 
 def position_mlp(dim, n_freqs=8, out_dim=None):
-    """A grounding token from [phrase feature (D); Fourier box code (64)]: D + 64 -> 512 -> 512 -> D (a UNet's
-    tokens are as wide as its phrase features; an MMDiT's, out_dim, as its blocks)."""
+    """[phrase feature (D); box code (64)] -> 512 -> 512 -> a token as wide as the phrase (an MMDiT's: out_dim)."""
     return nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
                          nn.Linear(512, out_dim or dim))
 
@@ -266,11 +283,9 @@ def transformer_blocks(unet):
 
 
 def inject_gligen(unet, position_net=PositionNet, blocks=transformer_blocks):
-    """Give the transformer blocks of a stock diffusers UNet fresh fusers, and the UNet a fresh position net.
-    diffusers' BasicTransformerBlock already calls `self.fuser` between self- and cross-attention when
-    cross_attention_kwargs holds "gligen", and the UNet turns {boxes, masks, positive_embeddings} into tokens with
-    `self.position_net`; so injecting is attaching the modules. Pass grounding as
-    unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes": ..., "masks": ..., "positive_embeddings": ...}})."""
+    """Give a stock diffusers UNet fresh fusers and a fresh position net. Its blocks already call `self.fuser` when
+    cross_attention_kwargs holds "gligen", and it makes the tokens with `self.position_net`: injecting is attaching.
+    Call it as unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes", "masks", "positive_embeddings"}})."""
     D = unet.config.cross_attention_dim
     for block in blocks(unet):
         a = block.attn1
@@ -280,14 +295,10 @@ def inject_gligen(unet, position_net=PositionNet, blocks=transformer_blocks):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The model: which family the base is, decided once with the mode (choose_seams); its frozen parts; the adapters,
+# The model: which family the base is (decided once, with the mode: choose_stages); its frozen parts; the adapters,
 # from this project's checkpoints or from diffusers GLIGEN models.
-FAMILIES = {"sd": {}}  # family -> the seams that its section at the end of this file replaces; SD1.x/2.x: none
-
-
 def family_of(model):
-    """"sd" (SD1.x/2.x), "sdxl" or "video", read from the model's UNet config (the weights load later); "sd3" or
-    "flux" for an MMDiT (a transformer/ in place of unet/). Stops on a model GLIGEN cannot start from."""
+    """"sd", "sdxl", "video", "sd3" or "flux", from the model's configs; stops on a model GLIGEN cannot start from."""
     from diffusers import UNet2DConditionModel
 
     if missing_local_path(model):
@@ -313,7 +324,7 @@ def family_of(model):
 
 
 def has_transformer(model):
-    """Whether the model is a transformer (an MMDiT) rather than a UNet: its model_index.json names one."""
+    """Whether the model's model_index.json names a transformer (an MMDiT) rather than a UNet."""
     from diffusers import DiffusionPipeline
 
     try:
@@ -327,46 +338,6 @@ def mode_of(adapters):
     return "conv_in.weight" in adapters, "position_net.linears_text.0.weight" in adapters
 
 
-def choose_seams(family, inpaint=False, text_image=False):
-    """The family and the mode, decided once: the function that fills each seam. The SD1.x/2.x text-box path is made
-    of the functions named here; another family or mode replaces a few (the dict at the end of its section):
-        load              model directory -> its frozen UNet, text encoder, tokenizer and noise scheduler
-        position_net      the position net's class
-        add_adapters      fresh fusers and a fresh position net on the UNet
-        is_adapter        which of the UNet's tensors train, and are saved
-        training_data     the settings -> the training set: its items, and how they batch
-        text_inputs       caption ids -> the UNet's text inputs (its keyword arguments)
-        noisy_input       the noised latent and the target -> the UNet's input and the target
-        grounding         a batch's boxes and phrases -> the UNet's "gligen" inputs
-        schedule          the noise scheduler -> what step_loss needs of it, and what the config records
-        step_loss         the loss of a micro-batch, made of the three above (a family with another objective: its own)
-        samplers          the sampling schedulers it takes, by sample.py's names; the first validates and is the default
-        prompt_inputs     sampling: a prompt -> the text inputs of [unconditional; conditional]
-        layout_grounding  sampling: a layout -> the "gligen" inputs, the unconditional half null
-        generate          sampling: layouts -> images, several layouts per UNet call
-        val_options       the validation grid's extra inputs to generate
-    Returned with add_adapters, step_loss and generate bound to the seams they use. Sections that combine (a family
-    and modes, inpainting with text-image) never replace the same seam; the others are refused here."""
-    if (inpaint or text_image) and family != "sd":
-        fail(f"{'inpainting' if inpaint else 'text-image grounding'} is for SD1.x/2.x models; this is {family}")
-    seams = dict(load=load_base, position_net=PositionNet, add_adapters=inject_gligen, is_adapter=is_adapter,
-                 training_data=training_data, text_inputs=caption_inputs, noisy_input=as_is,
-                 grounding=text_box_grounding, schedule=diffusion_schedule, step_loss=micro_step_loss,
-                 samplers=UNET_SAMPLERS, prompt_inputs=prompt_inputs, layout_grounding=layout_grounding,
-                 generate=generate, val_options=lambda data, pick: {})
-    replaced = set()
-    for section in (FAMILIES[family], INPAINT if inpaint else {}, TEXT_IMAGE if text_image else {}):
-        assert not replaced & section.keys(), f"two sections replace {replaced & section.keys()}"
-        replaced |= section.keys()
-        seams.update(section)
-    seams["add_adapters"] = partial(seams["add_adapters"], position_net=seams["position_net"])
-    seams["step_loss"] = partial(seams["step_loss"], text_inputs=seams["text_inputs"],
-                                 noisy_input=seams["noisy_input"], grounding=seams["grounding"])
-    seams["generate"] = partial(seams["generate"], prompt_inputs=seams["prompt_inputs"],
-                                layout_grounding=seams["layout_grounding"])
-    return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image, **seams)
-
-
 @contextmanager
 def loading(model):
     """A model that cannot be read (no such directory, no network for a Hub id, a broken file): one error line."""
@@ -378,15 +349,14 @@ def loading(model):
 
 
 def load_model(cls, model, **kwargs):
-    """A diffusers model class's from_pretrained, quietly: without accelerate, diffusers loads every model as with
-    low_cpu_mem_usage=False and prints advice to install accelerate; passing what it falls back to says it once."""
+    """cls.from_pretrained, saying low_cpu_mem_usage as diffusers falls back to it, so it gives no accelerate advice."""
     from diffusers.utils import is_accelerate_available
 
     return cls.from_pretrained(model, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
 
 
-def load_base(model, device, dtype, unet_class="UNet2DConditionModel"):
-    """The frozen parts of a diffusers SD model (directory or Hub id): UNet, text encoder, tokenizer, scheduler."""
+def load_sd(model, device, dtype, unet_class="UNet2DConditionModel"):
+    """SD's frozen parts (a directory or Hub id): the UNet, the text encoder, the tokenizer, the noise scheduler."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -398,19 +368,22 @@ def load_base(model, device, dtype, unet_class="UNet2DConditionModel"):
     return unet.to(device).requires_grad_(False), text_encoder.to(device).requires_grad_(False), tokenizer, scheduler
 
 
-def is_adapter(name):
-    """What trains and what a checkpoint holds: the fusers and the position net."""
-    return ".fuser." in name or name.startswith("position_net.")
+# The adapters: the one rule for what they are, and the one loader every reader of adapter files goes through.
+MAY_BE_MISSING = ("conv_in.weight",)  # may be absent from a file, and keep their start (inpainting from text-box)
 
 
-def adapter_state(unet, is_adapter=is_adapter):
-    return {k: v for k, v in unet.state_dict().items() if is_adapter(k)}
+def adapter_state(unet):
+    """What trains and what a checkpoint holds: the fusers, the position net, and inpainting's widened conv_in."""
+    widened = hasattr(unet, "conv_in") and unet.config.in_channels != unet.config.out_channels
+    return {k: v for k, v in unet.state_dict().items()
+            if ".fuser." in k or k.startswith("position_net.") or (widened and k == "conv_in.weight")}
 
 
-def set_adapters(unet, sd, source, is_adapter=is_adapter):
-    """Load adapter tensors into an injected UNet; every name and shape must match."""
-    own = adapter_state(unet, is_adapter)
-    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+def set_adapters(unet, sd, source):
+    """Load adapter tensors into an injected model: every name and shape must match, but MAY_BE_MISSING's."""
+    own = adapter_state(unet)
+    missing = sorted(k for k in own.keys() - sd.keys() if k not in MAY_BE_MISSING)
+    unexpected = sorted(sd.keys() - own.keys())
     if missing or unexpected:
         kind = lambda m: " and ".join(k for k, on in zip(("inpainting", "text-image"), mode_of(m)) if on) or "text-box"
         fusers = lambda m: sum(k.endswith(".fuser.alpha_attn") for k in m)
@@ -432,8 +405,7 @@ def missing_local_path(src):
 
 
 def adapters_file(src):
-    """This project's adapters.safetensors for src (the file, a checkpoint, or an out_dir's latest checkpoint), or
-    None for a diffusers GLIGEN model (directory or Hub id)."""
+    """The adapters.safetensors that src names (itself, a checkpoint's, an out_dir's latest), or None: diffusers'."""
     path = Path(src)
     if missing_local_path(src):
         fail(f"adapters not found: {src}")
@@ -453,9 +425,8 @@ def read_safetensors(path):
 
 
 def load_adapters(src):
-    """Adapter tensors from this project's adapters.safetensors, checkpoint or out_dir (its latest checkpoint),
-    or from a diffusers GLIGEN model (directory or Hub id, e.g. the official SD1.4 text-box model): its fusers and
-    position net, and an inpainting model's widened conv_in."""
+    """Adapter tensors from this project's file, checkpoint or out_dir, or from a diffusers GLIGEN model (directory
+    or Hub id, e.g. the official SD1.4 text-box model): its fusers, position net and an inpainting conv_in."""
     path = adapters_file(src)
     if path is not None:
         return read_safetensors(path)
@@ -465,8 +436,7 @@ def load_adapters(src):
         unet = load_model(UNet2DConditionModel, src, subfolder="unet")
     except (OSError, ValueError) as e:
         fail(f"cannot read adapters from {src!r} (no checkpoint, .safetensors or diffusers GLIGEN model there): {e}")
-    widened = unet.config.in_channels != unet.config.out_channels  # an inpainting model's conv_in trained too
-    sd = adapter_state(unet, lambda k: is_adapter(k) or (widened and k == "conv_in.weight"))
+    sd = adapter_state(unet)
     if not sd:
         fail(f"{src}: its UNet has no GLIGEN adapters (it was not built with attention_type='gated')")
     return sd
@@ -476,8 +446,7 @@ def load_adapters(src):
 # Text and layouts: tokenization, checks on phrases and boxes, and batching them into the 30 grounding slots.
 class Tokenizer:
     """CLIP's tokenizer as the trainer uses it: captions padded to 77, as SD expects; phrases padded to the longest
-    (CLIP is causal: the pooled feature equals the phrase's alone at 77), each tokenized once per process and kept:
-    phrases repeat across batches ("a man", "the table"), and the loader workers spend most of their time here."""
+    (CLIP is causal: the pooled feature is the phrase's alone), each tokenized once per process and kept."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.known = tokenizer, {}
@@ -524,10 +493,8 @@ def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
 
 
 def check_layouts(layouts, frames=None, images=False):
-    """Fail, naming the layout, unless each (where, layout) has a prompt string, and phrases and boxes that
-    check_layout accepts. Where images (sample.py), a layout may also hold images: one reference image path or None
-    per box (text-image adapters; a box then needs a phrase or an image); where frames is a number (video), one list
-    of boxes per frame."""
+    """Fail, naming the layout, unless each (where, layout) has a prompt, and phrases and boxes check_layout takes;
+    with images (sample.py), one reference image or None per box; with frames (video), boxes may be one list a frame."""
     for where, l in layouts:
         if not isinstance(l, dict) or not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string, got {l!r}")
@@ -575,8 +542,7 @@ def mirror(boxes):
 
 
 def layout_tensors(tokenizer, layouts):
-    """Batch of (phrases, boxes) -> phrase ids of the distinct phrases, slot->phrase index, boxes (B, 30, 4), masks
-    (B, 30)."""
+    """[(phrases, boxes)] -> the distinct phrases' ids and mask, slot -> phrase (B, 30), boxes (B, 30, 4), masks."""
     phrases = list(dict.fromkeys(p for phr, _ in layouts for p in phr)) or [""]  # distinct, in order of appearance
     ids, mask = tokenizer.phrases(phrases)
     row = {p: i for i, p in enumerate(phrases)}
@@ -607,11 +573,22 @@ def read_jsonl(path):
                 yield i, rec
 
 
+@dataclass(slots=True)
+class Item:
+    """A training image as the loader keeps it: its latent's shard and row, its caption, its kept phrases and boxes."""
+    shard: Path
+    row: int
+    caption: str
+    phrases: list
+    boxes: np.ndarray  # (k, 4) in the training crop, largest first
+
+
 class GroundedLatents(torch.utils.data.Dataset):
-    """Item (i, flip): image i's latent (stats, 4, h, w) (stats: mean, or mean and std), caption, and up to max_boxes
+    """Sample (i, flip): image i's latent (stats, 4, h, w) (stats: mean, or mean and std), caption, and up to max_boxes
     (phrase, box) in its training crop, all mirrored if flip. Boxes are stored relative to the original image; they
-    go through the crop that prep_latents.py took, are clipped to it, dropped under min_box_area of it, and kept
-    largest first. Shards are memmapped: a sample reads only its own rows, from any shard."""
+    go through prep_latents.py's crop, are clipped to it, dropped under min_box_area of it, and kept largest first.
+    Shards are memmapped: a sample reads only its own rows."""
+    Item = Item
     files = ()  # what a checkpoint copies beside the adapters (the text-image mode's image_project)
 
     def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01):
@@ -659,10 +636,11 @@ class GroundedLatents(torch.utils.data.Dataset):
         self.config = dict(resolution=self.resolution, images=len(self.items))  # joins the run's config
         self.arrays = {}
 
-    def item(self, rec, lay):
-        """What an item keeps of its index record and layout: shard, row, caption, phrases and boxes in the crop."""
+    def item(self, rec, lay, **more):
+        """The Item of an index record and its layout; more: a subclass's own fields."""
         phrases, boxes, _ = self.crop_layout(lay, rec["crop"], self.max_boxes, self.min_box_area)
-        return self.need(self.dir / rec["shard"], rec["row"], self.row_shape) + (rec["caption"], phrases, boxes)
+        shard, row = self.need(self.dir / rec["shard"], rec["row"], self.row_shape)
+        return self.Item(shard=shard, row=row, caption=rec["caption"], phrases=phrases, boxes=boxes, **more)
 
     def need(self, shard, row, shape):
         """(shard, row), noting that the shard must hold that row, of that shape."""
@@ -684,8 +662,9 @@ class GroundedLatents(torch.utils.data.Dataset):
 
     @staticmethod
     def crop_layout(lay, crop, max_boxes, min_box_area):
+        """A layout's phrases and boxes in the (square) crop, clipped, small ones dropped, largest first; their rows."""
         cx0, cy0, cx1, cy1 = crop  # in original pixels
-        W, H, side = lay["width"], lay["height"], cx1 - cx0  # the crop is square
+        W, H, side = lay["width"], lay["height"], cx1 - cx0
         b = np.asarray(lay["boxes"], dtype=np.float64).reshape(-1, 4) * [W, H, W, H]  # to pixels
         b = ((b - [cx0, cy0, cx0, cy0]) / side).clip(0, 1)  # to the crop, clipped to it
         area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
@@ -700,23 +679,22 @@ class GroundedLatents(torch.utils.data.Dataset):
             self.arrays[path] = np.load(path, mmap_mode="r")
         return self.arrays[path]
 
-    def __getitem__(self, item):
-        i, flip = item
-        shard, row, caption, phrases, boxes = self.items[i][:5]
-        latent = torch.from_numpy(np.array(self.array(shard)[row, int(flip)]))  # view 1: the mirrored image
-        return dict(latent=latent, caption=caption, phrases=phrases, boxes=mirror(boxes) if flip else boxes)
+    def __getitem__(self, sample):
+        i, flip = sample
+        it = self.items[i]
+        latent = torch.from_numpy(np.array(self.array(it.shard)[it.row, int(flip)]))  # view 1: the mirrored image
+        return dict(latent=latent, caption=it.caption, phrases=it.phrases, boxes=mirror(it.boxes) if flip else it.boxes)
 
-    def collate(self, tokenizer, items):
-        """Items -> a micro-batch of tensors. Strings are tokenized here, in the loader workers, not in the loop."""
-        ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, [(x["phrases"], x["boxes"]) for x in items])
-        return dict(latents=torch.stack([x["latent"] for x in items]),
-                    caption_ids=tokenizer.captions([x["caption"] for x in items]), phrase_ids=ids, phrase_mask=mask,
+    def collate(self, tokenizer, samples):
+        """Samples -> a micro-batch of tensors. Strings are tokenized here, in the loader workers, not in the loop."""
+        ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, [(x["phrases"], x["boxes"]) for x in samples])
+        return dict(latents=torch.stack([x["latent"] for x in samples]),
+                    caption_ids=tokenizer.captions([x["caption"] for x in samples]), phrase_ids=ids, phrase_mask=mask,
                     slot_phrase=slot_phrase, boxes=boxes, masks=masks)
 
 
 def training_data(cfg, Latents=GroundedLatents):
-    """The training set the settings name: prep_latents.py's latents joined with prep_boxes.py's boxes; the latents
-    must be of this model's VAE (its scaling and shift factors and channels: SD1.x's and SD2.x's VAEs are the same)."""
+    """The training set the settings name; its latents must be of this model's VAE (scaling, shift, channels)."""
     from diffusers import AutoencoderKL
 
     data = Latents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
@@ -732,10 +710,9 @@ def training_data(cfg, Latents=GroundedLatents):
 
 
 def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step, flip=False):
-    """This rank's micro-batches [(dataset index, flip)], step after step from start_step. Each epoch is a new
-    permutation (and, with flip, a coin per sample) seeded by (seed, epoch), the same on all ranks; the global batch
-    of a step is split into micro-batches ordered by (micro-step, rank), and this rank takes its own, so every rank
-    sees different samples. Starting at any step needs no replay: the position follows from the step."""
+    """This rank's micro-batches [(dataset index, flip)], step after step from start_step. Each epoch is a permutation
+    (with flip, a coin per sample) seeded by (seed, epoch) on all ranks; a step's global batch is split into
+    micro-batches ordered by (micro-step, rank). Any step's position follows from the step: a resume replays nothing."""
     accum, per_epoch = global_batch // (micro_batch * world), n // global_batch
     step, perm_epoch = start_step, -1
     while True:
@@ -757,7 +734,29 @@ def sample_generator(seed, step, slot, device):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The training step: the loss of one micro-batch, and the update. benchmark.py times these same functions.
+# The training step: the loss of one micro-batch (noised and sd_loss), and the update. benchmark.py times these.
+class Schedule(NamedTuple):
+    """What SD's step needs of the noise scheduler: the cumulative alphas (T,) on the device, and what it predicts."""
+    alphas_cumprod: torch.Tensor
+    prediction_type: str  # "epsilon" or "v_prediction": the base's, recorded in the checkpoints' config
+
+
+def noise_schedule(noise_scheduler, model, device):
+    """The Schedule of a base's DDPM noise scheduler; stops on a target SD cannot train."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        fail(f"{model}: prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
+    return Schedule(noise_scheduler.alphas_cumprod.to(device), prediction_type)
+
+
+def draw_timesteps(T, b, g, power=1.0):
+    """b timesteps: uniform (power 1, GLIGEN), or t = (1 - u^power) T for u uniform, more of them at high noise."""
+    if power == 1:
+        return torch.randint(0, T, (b,), generator=g, device=g.device)
+    u = torch.rand(b, generator=g, device=g.device)
+    return ((1 - u ** power) * T).long().clamp(0, T - 1)
+
+
 def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
     """The noised latent x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, and the UNet's target: the noise, or v."""
     a = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
@@ -765,177 +764,65 @@ def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
     return xt, noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-def diffusion_schedule(noise_scheduler, model, device):
-    """What the step needs of the training noise schedule, the cumulative alphas; and the target it trains, recorded
-    in the config: the base's prediction type."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        fail(f"{model}: prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
-    return {"alphas_cumprod": noise_scheduler.alphas_cumprod.to(device)}, {"prediction_type": prediction_type}
+def vae_sample(latents, g):
+    """The VAE's mean (b, 4, h, w), or a fresh sample of its latent where prep_latents.py stored the std too."""
+    x0 = latents[:, 0].float()
+    if latents.shape[1] == 2:
+        x0 = x0 + latents[:, 1].float() * torch.randn(x0.shape, generator=g, device=g.device)
+    return x0
 
 
-def caption_inputs(text_encoder, ids, batch):
-    """The UNet's text inputs for caption ids (B, 77): CLIP's last hidden state (B, 77, D)."""
-    return {"encoder_hidden_states": text_encoder(ids).last_hidden_state}
+def dropped(batch, keep_caption, keep_grounding, empty_ids):
+    """The caption ids with the dropped captions empty, and the filled slots (B, 30), none where grounding drops."""
+    keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))  # (b, 1): per sample, whatever the ids' shape
+    return torch.where(keep, batch["caption_ids"], empty_ids), batch["masks"] * keep_grounding[:, None]
 
 
-def as_is(xt, target, x0, batch):
-    """The UNet's input and target: the noised latent (B, 4, h, w) and the target, as they are."""
-    return xt, target
+def noised(batch, g, schedule, empty_ids, cfg):
+    """The first half of SD's step: a micro-batch's draws from g, in this order (caption keeps, grounding keeps, the
+    noise, the timesteps, the latent's sample), and x0, x_t, t, the target, the caption ids and the filled slots."""
+    b, device = len(batch["latents"]), schedule.alphas_cumprod.device
+    keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
+    keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
+    noise = torch.randn(batch["latents"][:, 0].shape, generator=g, device=device)
+    t = draw_timesteps(len(schedule.alphas_cumprod), b, g, cfg["timestep_power"])
+    x0 = vae_sample(batch["latents"], g)
+    xt, target = forward_process(schedule.alphas_cumprod, x0, noise, t, schedule.prediction_type)
+    return x0, xt, t, target, *dropped(batch, keep_caption, keep_grounding, empty_ids)
 
 
-def text_box_grounding(text_encoder, batch, masks, g):
-    """The UNet's "gligen" inputs: each distinct phrase encoded alone (pooler_output), placed in its slots; masks
-    (B, 30) says which slots are filled. g: the micro-batch's random stream (unused here)."""
+def text_box_grounding(text_encoder, batch, masks):
+    """The UNet's "gligen" inputs: each distinct phrase encoded alone (pooler_output), placed in its slots."""
     feats = text_encoder(batch["phrase_ids"], attention_mask=batch["phrase_mask"]).pooler_output  # (U, D)
     return {"boxes": batch["boxes"], "masks": masks, "positive_embeddings": feats[batch["slot_phrase"]]}  # (B, 30, D)
 
 
-# Levers for grounding sooner, each off by default (GLIGEN's recipe); the README's "Time to grounding" has what each
-# did on the shapes demo. None adds a parameter: the adapters load and export as any others.
-def draw_timesteps(T, b, g, power=1.0):
-    """b training timesteps: uniform (power 1, GLIGEN), or t = (1 - u^power) T for u uniform in [0, 1): power 3 is
-    T2I-Adapter's cubic sampling, 2/3 of the samples at t > 0.7 T, where the layout of an image is decided."""
-    if power == 1:
-        return torch.randint(0, T, (b,), generator=g, device=g.device)
-    u = torch.rand(b, generator=g, device=g.device)
-    return ((1 - u ** power) * T).long().clamp(0, T - 1)
-
-
-def box_cells(boxes, h, w):
-    """(B, S, h, w): the cells of an h x w grid that each box (B, S, 4; x0, y0, x1, y1 relative) covers, with GLIGEN's
-    and diffusers' rounding: rows int(y0 * h) to int(y1 * h), columns likewise."""
-    b = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64, device=boxes.device)
-    b = b.floor()[..., None]  # (B, S, 4, 1)
-    x, y = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
-    return ((y >= b[:, :, 1]) & (y < b[:, :, 3]))[..., :, None] & ((x >= b[:, :, 0]) & (x < b[:, :, 2]))[..., None, :]
-
-
-def in_boxes(boxes, masks, h, w):
-    """(B, 1, h, w): 1 on the cells inside any filled slot's box (masks (B, S) > 0), 0 elsewhere (box_cells)."""
-    return (box_cells(boxes, h, w) & (masks[..., None, None] > 0)).any(1, keepdim=True).float()
-
-
-def box_weighted_mse(pred, target, boxes, masks, weight):
-    """The denoising loss with `weight` on the latent pixels inside any filled slot's box and 1 outside (GeoDiffusion's
-    foreground re-weighting), divided by each image's mean weight, so that the loss keeps its scale."""
-    h, w = target.shape[-2:]
-    m = 1 + (weight - 1) * in_boxes(boxes, masks, h, w)  # (B, 1, h, w)
-    m = m.view(len(target), *[1] * (target.dim() - 3), h, w).expand_as(target)
-    return (((pred - target) ** 2 * m).flatten(1).mean(1) / m.flatten(1).mean(1)).mean()
-
-
-class BoxAttention:
-    """Supervise where the fusers look: a visual token whose cell lies inside box k is asked to attend to grounding
-    token k, by a cross-entropy over the filled slots' tokens of the fuser's own attention logits (q.k / sqrt(d), the
-    logits its softmax sees), averaged over heads, such tokens and fusers; tokens in no box are left alone, tokens in
-    several boxes share the target (as text-image's two tokens of a box do). No parameter, nothing changes at
-    inference, and it reaches the position net, to_q and to_k from the first step, when tanh(0) gates give them no
-    gradient from the denoising loss. Forward hooks catch the queries and keys the fuser makes (to_q's and to_k's
-    outputs), so the Fuser stays as it is and nothing is computed twice; under gradient checkpointing they run again
-    in the recompute, as they must, and what they add then is dropped with the next micro-batch's reset."""
-
-    def __init__(self, unet):
-        self.targets, self.losses, self.caught = None, [], {}
-        for fuser in (m for m in unet.modules() if isinstance(m, Fuser)):
-            fuser.attn.to_q.register_forward_hook(self.catch)  # its queries and keys, as the fuser makes them
-            fuser.attn.to_k.register_forward_hook(self.catch)
-            fuser.register_forward_hook(self.hook)
-
-    def set(self, boxes, masks, latent_hw):  # before the UNet's forward: the micro-batch's boxes and filled slots
-        self.targets, self.losses, self.caught = (boxes, masks, latent_hw), [], {}
-
-    def loss(self):  # after it: the mean over the fusers
-        return torch.stack(self.losses).mean()
-
-    def on(self):  # validation and sampling (no gradients) have no loss to add
-        return self.targets is not None and torch.is_grad_enabled()
-
-    def catch(self, linear, args, out):  # to_q: (B, N, heads d), the visual tokens'; to_k: the same, then grounding's
-        if self.on():
-            self.caught[linear] = out
-
-    def hook(self, fuser, args, out):
-        if not self.on():
-            return
-        (x, objs), (boxes, masks, (H, W)) = args[:2], self.targets  # args[2]: Flux's position code
-        B, N, heads = x.shape[0], x.shape[1], fuser.attn.heads
-        h = round(math.sqrt(N * H / W))  # this block's token grid: the latent's, downsampled
-        if h * (N // h) != N:
-            fail(f"--box_attn_loss: a fuser's {N} tokens are not a grid of the latent's shape {H} x {W}")
-        r = objs.shape[1] // masks.shape[1]  # tokens per slot: 1; text-image 2 (all phrases', then all images')
-        masks = masks.repeat(1, r)  # (B, r S)
-        cells = box_cells(boxes.repeat(1, r, 1), h, N // h) & (masks[..., None, None] > 0)  # (B, r S, h, w)
-        target = cells.flatten(2).transpose(1, 2).float()  # (B, N, r S)
-        inside = target.sum(-1)  # (B, N): how many of those tokens each visual token is sent to
-        q = self.caught.pop(fuser.attn.to_q).view(B, N, heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = self.caught.pop(fuser.attn.to_k)[:, N:]  # the grounding tokens' keys: (B, r S, heads d)
-        k = k.reshape(B, -1, heads, q.shape[-1]).transpose(1, 2)  # (B, heads, r S, d)
-        logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, heads, N, r S)
-        logp = logits.masked_fill(masks[:, None, None] == 0, -1e9).log_softmax(-1)
-        ce = -(target[:, None] / inside.clamp(min=1)[:, None, :, None] * logp).sum(-1).mean(1)  # (B, N)
-        self.losses.append((ce * (inside > 0)).sum() / (inside > 0).sum().clamp(min=1))
-
-
-def micro_step_loss(model, batch, g, text_encoder, alphas_cumprod, empty_ids, cfg, autocast=nullcontext(),
-                    text_inputs=caption_inputs, noisy_input=as_is, grounding=text_box_grounding, per_image=False,
-                    box_attention=None):
-    """The GLIGEN loss of one micro-batch: caption and grounding drops, noise and timestep from the generator g; the
-    frozen text encoder on captions and phrases; the UNet (model: possibly DDP-wrapped or compiled). The levers, where
-    cfg turns them on: biased timesteps, in-box weights, and box_attention's loss (a BoxAttention on the UNet).
-    per_image (the box-use validation): also each image's loss (b,) and its timestep as a share of T (b,)."""
-    device, T = alphas_cumprod.device, alphas_cumprod.shape[0]
-    x0 = batch["latents"][:, 0].float()  # the VAE mean
-    b = x0.shape[0]
-    keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
-    keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
-    noise = torch.randn(x0.shape, generator=g, device=device)
-    t = draw_timesteps(T, b, g, cfg["timestep_power"])
-    if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
-        x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
-    x, target = noisy_input(*forward_process(alphas_cumprod, x0, noise, t, cfg["prediction_type"]), x0, batch)
-    text, masks, gligen = conditioning(text_encoder, batch, g, empty_ids, keep_caption, keep_grounding, autocast,
-                                       text_inputs, grounding)
-    if cfg["box_attn_loss"] > 0:
-        box_attention.set(batch["boxes"], masks, x0.shape[-2:])
-    with autocast:
-        pred = model(x, t, **text, cross_attention_kwargs={"gligen": gligen}).sample
-    return step_loss_of(pred, target, batch, cfg, box_attention, per_image, t.float() / T)
-
-
-def conditioning(text_encoder, batch, g, empty_ids, keep_caption, keep_grounding, autocast, text_inputs, grounding):
-    """The denoiser's text inputs (the dropped captions empty) and "gligen" inputs (the dropped grounding's slots all
-    null), by the frozen text encoder; and the filled slots (B, 30)."""
+def sd_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
+            per_image=False):
+    """GLIGEN's loss on one micro-batch; model: the UNet, perhaps DDP-wrapped or compiled; the rest stays frozen."""
+    x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
     with torch.no_grad(), autocast:
-        keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))  # (b, 1): per sample, whatever the ids' shape
-        ids = torch.where(keep, batch["caption_ids"], empty_ids)
-        text = text_inputs(text_encoder, ids, batch)  # {"encoder_hidden_states": (b, 77, D)}
-        masks = batch["masks"] * keep_grounding[:, None]  # dropped grounding: every slot null
-        return text, masks, grounding(text_encoder, batch, masks, g)
+        text = text_encoder(ids).last_hidden_state  # (b, 77, D)
+        gligen = text_box_grounding(text_encoder, batch, masks)
+    with autocast:
+        pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+    return denoising_loss(pred, target, batch, levers, per_image, t.float() / len(schedule.alphas_cumprod))
 
 
-def step_loss_of(pred, target, batch, cfg, box_attention, per_image, level):
-    """The denoising loss (in-box weighted where cfg says), plus the fusers' attention loss where cfg turns it on; with
-    per_image, also each image's loss and its noise level (level, (b,))."""
-    if cfg["box_loss_weight"] == 1:
-        loss = F.mse_loss(pred.float(), target)
-    else:
-        loss = box_weighted_mse(pred.float(), target, batch["boxes"], batch["masks"], cfg["box_loss_weight"])
-    if cfg["box_attn_loss"] > 0:
-        loss = loss + cfg["box_attn_loss"] * box_attention.loss()
+def denoising_loss(pred, target, batch, levers=None, per_image=False, level=None):
+    """The loss of every family: the MSE to the target (or the levers'); per_image: also each image's, and its level."""
+    loss = F.mse_loss(pred.float(), target) if levers is None else levers.loss(pred.float(), target, batch)
     if per_image:
         return loss, F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1), level
     return loss
 
 
 @torch.no_grad()
-def box_use_losses(loss_of, unet, batches, seed, resamples=1000):
-    """Do the adapters use the boxes? The loss on fixed batches of training images (noise and timesteps fixed by seed;
-    loss_of keeps every caption and all grounding) three ways: with their true boxes, with the boxes mirrored left to
-    right, and with no grounding. Once the adapters place objects by their boxes, the true boxes give a clearly lower
-    loss than the mirrored ones (the gap), long before a picture shows it. From each image's gap: the gap's standard
-    error (a bootstrap over the images: a gap under about 3 of them is noise), and the gap on the images drawn at high
-    noise (the upper half of the timesteps, where layout is decided), with its standard error."""
+def box_use_losses(image_losses, unet, batches, seed, resamples=1000):
+    """Do the adapters use the boxes? The loss on fixed training batches (noise and timesteps fixed by seed) with the
+    true boxes, mirrored ones and none: once they count, the true boxes' loss is clearly lower (the gap), long before
+    a picture shows it. Also the gap's bootstrap standard error, and the gap at high noise (t >= T / 2) with its own.
+    image_losses(unet, batch, g): (the mean loss, each image's, each one's noise level), every caption and box kept."""
     losses, n = dict(boxes=0.0, mirrored=0.0, no_grounding=0.0), sum(len(b["latents"]) for b in batches)
     each, level = dict(boxes=[], mirrored=[]), []
     for k, b in enumerate(batches):
@@ -943,7 +830,7 @@ def box_use_losses(loss_of, unet, batches, seed, resamples=1000):
                         no_grounding={**b, "masks": torch.zeros_like(b["masks"])})
         for name, batch in variants.items():  # the same noise and timesteps for each
             g = torch.Generator(b["latents"].device).manual_seed(seed + k)
-            loss, per_image, t = loss_of(unet, batch, g, per_image=True)
+            loss, per_image, t = image_losses(unet, batch, g)
             losses[name] += loss.item() * len(b["latents"]) / n
             if name in each:
                 each[name].append(per_image.double().cpu())
@@ -960,19 +847,16 @@ def box_use_losses(loss_of, unet, batches, seed, resamples=1000):
 
 
 def count_flops(fn):
-    """The model FLOPs of fn() (a forward and backward pass), by torch's flop counter, with SDPA's math kernel: the
-    flash kernels' backward recomputes the attention matrix, which the counter counts too (4% more on an SD1.5 step);
-    model-FLOPs utilisation counts the work the model needs, without recomputation. Math attention holds whole
-    attention matrices: count on one image."""
+    """The model FLOPs of fn() (a forward and backward pass) by torch's counter, with SDPA's math kernel: a flash
+    kernel's backward recomputes attention, which is not work the model needs. Count on one image."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
 def optimizer_step(opt, params, grad_clip):
-    """Clip the adapters' gradient and step fused AdamW, which skips the whole update on the device when the gradient
-    norm is not finite (NaN or Inf on any rank, as torch's GradScaler uses found_inf): no host sync, no poison.
-    Returns whether the step was taken, as a 0-dim bool tensor on the device."""
+    """Clip the adapters' gradient and step fused AdamW, which skips the whole update on the device when the norm is
+    not finite (on any rank), as GradScaler's found_inf: no host sync. Returns whether it stepped (a 0-dim tensor)."""
     ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     opt.found_inf = (~ok).float()
     opt.step()
@@ -989,25 +873,24 @@ UNET_SAMPLERS = ("ddim", "dpm", "euler", "euler_a", "pndm", "ddpm")  # what a UN
 
 
 def prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
-    """The UNet's text inputs for n x [unconditional; conditional]: the empty caption's features, then the prompt's,
-    (2n, 77, D)."""
+    """The UNet's text inputs for n x [unconditional; conditional]: the empty caption's, then the prompt's."""
     ids = tokenizer.captions(["", prompt]).to(next(text_encoder.parameters()).device)
     return {"encoder_hidden_states": text_encoder(ids).last_hidden_state.repeat_interleave(n, dim=0)}
 
 
 def layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
-    """The UNet's "gligen" inputs for rows [(phrases, boxes)] of a layout, the first half unconditional: null. dtype:
-    the text features' (under autocast, not the encoder's)."""
+    """The UNet's "gligen" inputs for a layout's rows [(phrases, boxes)], the first half unconditional (null).
+    dtype: the text features' (under autocast, not the encoder's)."""
     device = next(text_encoder.parameters()).device
     ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, rows)
     masks[:len(rows) // 2] = 0
     batch = dict(phrase_ids=ids.to(device), phrase_mask=mask.to(device), slot_phrase=slot_phrase.to(device),
                  boxes=boxes.to(device))
-    return text_box_grounding(text_encoder, batch, masks.to(device, dtype), None)
+    return text_box_grounding(text_encoder, batch, masks.to(device, dtype))
 
 
 def both_halves(scheduler, latents, t, g):
-    """The latents, and the UNet's input at step t: the latents twice, [unconditional; conditional], scaled."""
+    """A layout's latents, and the UNet's input at step t: them twice, [unconditional; conditional], scaled."""
     return latents, scheduler.scale_model_input(torch.cat([latents] * 2), t)
 
 
@@ -1030,8 +913,8 @@ def grounded(layouts, seeds):
 
 
 def batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding):
-    """The UNet's "gligen" inputs for a batch of layouts (rows: each layout's (phrases, boxes), one per UNet row, the
-    first half unconditional), every unconditional half first; None where the layouts have no phrases."""
+    """The "gligen" inputs of a batch of layouts (rows: each one's (phrases, boxes) per UNet row), every
+    unconditional half first; None where the layouts have no phrases."""
     if not grounded(layouts, seeds):
         return None
     return {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype)
@@ -1039,8 +922,8 @@ def batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout
 
 
 def batch_noise(seeds, shape):
-    """Each layout's starting latents (shape) from its own seed, in a row, and its random stream for the steps after;
-    on the CPU, so a seed gives the same image on any device."""
+    """Each layout's starting latents (shape) from its own seed, and its random stream for the steps after; drawn on
+    the CPU, so that a seed gives the same image on any device."""
     streams = [torch.Generator().manual_seed(s) for s in seeds]
     return torch.cat([torch.randn(shape, generator=g) for g in streams]), streams
 
@@ -1049,13 +932,11 @@ def batch_noise(seeds, shape):
 def generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=25, guidance=7.5, beta=1.0,
              height=None, width=None, progress=False, model_input=both_halves, prompt_inputs=prompt_inputs,
              layout_grounding=layout_grounding):
-    """n images of each of layouts [{prompt, phrases, boxes}] (uint8, (len(layouts) n, H, W, 3), layout by layout),
-    as StableDiffusionGLIGENPipeline makes them: classifier-free guidance where the unconditional half gets null
-    grounding, and the fusers on for the first beta * steps steps. The layouts share each UNet call; layout k draws
-    its noise from its own seed, seeds[k], so it gets the same images alone or in company (in fp32 up to the last
-    bits, which a matrix product may round differently in another batch size). Either every layout has phrases or
-    none. The VAE decodes the whole batch at once. progress: a tqdm bar over the denoising steps. model_input: see
-    denoise."""
+    """n images (uint8, (len(layouts) n, H, W, 3)) of each layout {prompt, phrases, boxes}, as
+    StableDiffusionGLIGENPipeline makes them: the unconditional half null-grounded, the fusers on for the first
+    beta * steps steps. The layouts share each UNet call; layout k draws from seeds[k], so it gets the same images
+    alone or in company. The pieces a family or mode replaces: model_input (see denoise), prompt_inputs and
+    layout_grounding."""
     scale = vae_scale(vae)
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
@@ -1071,10 +952,9 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1,
 def denoise(unet, scheduler, latents, text, gligen, streams, steps, guidance, beta, progress=False,
             model_input=both_halves):
     """The sampler's loop: the UNet on [unconditional; conditional], guided; grounding (gligen: the UNet's
-    cross_attention_kwargs) in the first beta * steps steps, GLIGEN's scheduled sampling. The latents are
-    len(streams) layouts' in a row, each stepped by its own copy of the scheduler (which keeps state between steps)
-    with its own random stream. model_input(scheduler, latents, t, g) -> (a layout's latents, its UNet input
-    [unconditional; conditional] at step t)."""
+    cross_attention_kwargs) for the first beta * steps steps. The latents are len(streams) layouts' in a row, each
+    stepped by its own copy of the scheduler with its own random stream. model_input(scheduler, latents, t, g) ->
+    (a layout's latents, its UNet input [unconditional; conditional] at step t)."""
     schedulers = [copy.deepcopy(scheduler) for _ in streams]
     for s in schedulers:
         s.set_timesteps(steps, device=latents.device)
@@ -1099,17 +979,21 @@ def vae_scale(vae):
 
 
 def native_size(unet, vae):
-    """The image side the model was made for, in pixels (512 for SD1.5). Flux's transformer names none: its
-    pipeline's default, 128 latents (1024 pixels)."""
+    """The image side the model was made for, in pixels (512 for SD1.5); where it names none (Flux), 1,024."""
     return unet.config.get("sample_size", 128) * vae_scale(vae)
 
 
 def decode(vae, latents):
-    """Latents (n, 4, h, w) -> images, uint8 (n, H, W, 3). SD3's and Flux's VAEs also shift their latents."""
-    shift = vae.config.get("shift_factor") or 0.0  # None on SD's VAEs
+    """Latents (n, 4, h, w) -> images, uint8 (n, H, W, 3); the whole batch at once."""
+    shift = vae.config.get("shift_factor") or 0.0  # SD3's and Flux's VAEs shift; None on SD's
     image = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
     image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return (image * 255).round().astype(np.uint8)
+
+
+def trained_size(data, pick):
+    """The validation grid's inputs to generate: the size of the training images (pick: the val_images)."""
+    return dict(height=data.resolution, width=data.resolution)
 
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#ffe119"]
@@ -1133,9 +1017,8 @@ def draw_layout(image, phrases, boxes):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config) and
-# manifest.json (each file's size and sha256, written last). It is written as step_0002000.tmp and renamed when
-# whole, so a kill while saving leaves the previous checkpoint the latest; one whose files do not match their
-# manifest (truncated, corrupted) is set aside, and the run resumes from the one before.
+# manifest.json (each file's size and sha256, written last), written as step_0002000.tmp and renamed when whole: a
+# kill while saving leaves the previous one the latest, and one that fails its manifest is set aside.
 def checkpoints(out_dir):
     """The finished checkpoints in out_dir, oldest first."""
     return sorted(p for p in Path(out_dir).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
@@ -1180,12 +1063,12 @@ def latest_good_checkpoint(out_dir, set_aside=False):
     return None
 
 
-def save_checkpoint(out_dir, step, unet, opt, cfg, files=(), is_adapter=is_adapter):
-    """Write out_dir/step_<step>, with copies of files (a text-image model's image_project). Returns None, or what
-    went wrong (a full disk, say); the previous checkpoint is then intact."""
+def save_checkpoint(out_dir, step, unet, opt, cfg, files=()):
+    """Write out_dir/step_<step>, with copies of files (text-image's image_project). Returns None, or what went
+    wrong (a full disk, say); the previous checkpoint is then intact."""
     final = Path(out_dir) / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet, is_adapter).items()}
+    adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet).items()}
     if not all(torch.isfinite(v).all() for v in adapters.values()):
         return f"the adapters hold NaN or Inf at step {step}: not saved"  # never let poisoned weights be resumed
     try:
@@ -1223,32 +1106,36 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, files=(), is_adapter=is_adapt
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# main, in stages: settings, setup, data, model, validation, the loop, the exit.
-def check_settings(cfg):
-    """Stop on a setting that cannot work, before anything slow starts."""
-    in_range(cfg, "global_batch micro_batch max_steps max_bad_steps log_every save_every keep_last val_steps", 1)
-    in_range(cfg, "lr weight_decay warmup_steps seed num_workers val_every val_images", 0)
-    in_range(cfg, "caption_keep grounding_drop min_box_area", 0, 1)
-    in_range(cfg, "box_attn_loss", 0)
-    for k in ("timestep_power", "box_loss_weight"):
-        if not cfg[k] > 0:
-            fail(f"--{k}={cfg[k]}: must be above 0")
-    in_range(cfg, "max_boxes", 1, N_SLOTS)
-    if not cfg["grad_clip"] > 0:
-        fail(f"--grad_clip={cfg['grad_clip']}: must be above 0 (at 0 every gradient is clipped to nothing)")
-    if cfg["dtype"] not in ("auto", "bf16", "fp32"):
-        fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
-    if cfg["init_from"] and missing_local_path(cfg["init_from"]):
-        fail(f"--init_from={cfg['init_from']}: adapters not found")
-    if cfg["compile"] and cfg["compile"] not in torch._dynamo.list_backends(exclude_tags=()):
-        fail(f"--compile={cfg['compile']}: not a torch.compile backend (e.g. inductor, aot_eager)")
-    check_out_dir(cfg["out_dir"], "out_dir")
+# The stages of a run: SD1.x/2.x's are the functions above. Each other family or mode (a section after main)
+# replaces whole stages with its own; choose_stages decides once, at the start, and main calls them by name.
+STAGES = dict(
+    load=load_sd,  # model directory -> its frozen UNet, text encoder, tokenizer and noise scheduler
+    schedule=noise_schedule,  # the noise scheduler -> what the loss needs of it
+    add_adapters=inject_gligen,  # fresh fusers and a fresh position net on the UNet
+    training_data=training_data,  # the settings -> the training set
+    loss=sd_loss,  # a micro-batch -> its loss
+    generate=generate,  # layouts -> images
+    samplers=UNET_SAMPLERS,  # the schedulers it samples with (sample.py's names); the first validates
+    val_inputs=trained_size,  # the validation grid's inputs to generate
+)
+FAMILIES = {"sd": {}}  # family -> the stages its section replaces
+MODES = {(False, False): {}}  # (inpaint, text_image) -> the stages that mode's section replaces
 
 
+def choose_stages(family, inpaint=False, text_image=False):
+    """The stages of this run: SD's, with those its family and its mode replace."""
+    if (inpaint or text_image) and family != "sd":
+        fail(f"{'inpainting' if inpaint else 'text-image grounding'} is for SD1.x/2.x models; this is {family}")
+    return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image,
+                           **{**STAGES, **FAMILIES[family], **MODES[inpaint, text_image]})
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# main, in stages: settings, setup, data, model, validation, the loop, the exit; its helpers first.
 def setup_distributed(cuda):
     """Under torchrun: join the process group. Returns rank, world size, device, and a CPU group for small votes."""
-    # After a worker dies, torchrun --max-restarts starts new workers on the same store: keys prefixed by the
-    # attempt keep them from reading the dead group's addresses (a refused connection, or a hang, otherwise).
+    # torchrun --max-restarts starts new workers on the same store: keys prefixed by the attempt keep them from
+    # reading the dead group's addresses
     store, rank, world = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
@@ -1269,62 +1156,62 @@ def validation_layouts(cfg):
     return [l for _, l in layouts]
 
 
-def restore(cfg, unet, resume, is_adapter=is_adapter):
-    """Adapters from the checkpoint to resume (which must be of the same setup), or from init_from. Returns the step
-    and the optimizer state to continue from (0 and None for a new run)."""
+def restore(cfg, unet, resume):
+    """Adapters from the checkpoint to resume (of the same setup), or from init_from. Returns the step and the
+    optimizer state to continue from (0 and None for a new run)."""
     if resume:
         state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
         for key in ("model", "resolution", "global_batch", "images", "inpaint"):  # what a checkpoint cannot carry over
             if state["config"].get(key, False) != cfg[key]:  # a setting newer than the checkpoint: False, inpaint's
                 fail(f"{resume} was trained with {key}={state['config'].get(key, False)!r}, this run has "
                      f"{key}={cfg[key]!r}. Run with the same {key}, or start a new out_dir with --init_from={resume}")
-        set_adapters(unet, read_safetensors(resume / "adapters.safetensors"), resume, is_adapter)  # checks all first
+        set_adapters(unet, read_safetensors(resume / "adapters.safetensors"), resume)  # checks all first
         return state["step"], state["optimizer"]
     if cfg["init_from"]:
-        # adapters beyond the fusers and position net that init_from lacks keep their start (inpainting's conv_in
-        # weight, widened, its new inputs zero, when starting from a text-box model: the official route)
-        own = adapter_state(unet, is_adapter)
-        start = {k: own[k].detach().clone() for k in own.keys() - adapter_state(unet).keys()}
-        set_adapters(unet, {**start, **load_adapters(cfg["init_from"])}, cfg["init_from"], is_adapter)
+        set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
     return 0, None
 
 
-GLIGEN_RECIPE = dict(timestep_power=1.0, box_loss_weight=1.0, box_attn_loss=0.0)  # the levers off: validation's loss
+VAL_OVERRIDES = dict(caption_keep=1.0, grounding_drop=0.0, timestep_power=1.0)  # validation's loss; levers=None
 
 
-def setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, loss_of, device, dtype):
-    """What each validation needs: the validation grid's sampler and layouts, and the box-use losses' fixed batches
-    (val_images training images, unflipped) and loss (every caption and box kept)."""
+def setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, schedule, empty_ids, device, dtype,
+                     autocast):
+    """What each validation needs: the grid's layouts and sampler, and the box-use losses' fixed batches (val_images
+    training images, unflipped) and loss (every caption and box kept, the levers off)."""
     import diffusers
 
     vae = load_model(diffusers.AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
-    sampler = getattr(diffusers, SCHEDULERS[seams.samplers[0]]).from_pretrained(cfg["model"], subfolder="scheduler")
+    sampler = getattr(diffusers, SCHEDULERS[stages.samplers[0]]).from_pretrained(cfg["model"], subfolder="scheduler")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["val_images"]].tolist()
     chunks = (pick[j:j + cfg["micro_batch"]] for j in range(0, len(pick), cfg["micro_batch"]))
-    return SimpleNamespace(
-        draw=partial(seams.generate, unet, vae, text_encoder, tokenizer, sampler, steps=cfg["val_steps"],
-                     **seams.val_options(data, pick)),
-        layouts=layouts, seed=cfg["seed"],
-        batches=[{k: v.to(device) for k, v in data.collate(tokenizer, [data[(i, False)] for i in c]).items()}
-                 for c in chunks],
-        loss_of=partial(loss_of, cfg={**cfg, "caption_keep": 1.0, "grounding_drop": 0.0, **GLIGEN_RECIPE}))
+    val_cfg, inputs = {**cfg, **VAL_OVERRIDES}, stages.val_inputs(data, pick)
+
+    def draw(layout):  # its first image (a video model's: the first frame of its clip)
+        with autocast:
+            im = stages.generate(unet, vae, text_encoder, tokenizer, sampler, [layout], [cfg["seed"]],
+                                 steps=cfg["val_steps"], **inputs)
+        return im.reshape(-1, *im.shape[-3:])[0]
+
+    def image_losses(model, batch, g):
+        return stages.loss(model, batch, g, text_encoder, schedule, empty_ids, val_cfg, autocast, per_image=True)
+
+    batches = [{k: v.to(device) for k, v in data.collate(tokenizer, [data[(i, False)] for i in c]).items()}
+               for c in chunks]
+    return SimpleNamespace(layouts=layouts, draw=draw, image_losses=image_losses, batches=batches,
+                           seed=cfg["seed"])
 
 
-def validate(val, step, unet, out, autocast, bar):
+def validate(val, step, unet, out, bar):
     """The grid of the validation layouts (out/val_<step>.png), and the loss with the true boxes, mirrored ones and
     none (log.jsonl)."""
-    images = []
-    for l in val.layouts:
-        with autocast:
-            im = val.draw([l], [val.seed])
-        im = im.reshape(-1, *im.shape[-3:])[0]  # the first image (a video model's: the first frame of its clip)
-        images.append(draw_layout(Image.fromarray(im), l["phrases"], l["boxes"]))
+    images = [draw_layout(Image.fromarray(val.draw(l)), l["phrases"], l["boxes"]) for l in val.layouts]
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
     for k, im in enumerate(images):
         grid.paste(im, (k * im.width, 0))
     grid.save(out / f"val_{step:07d}.png")
     if val.batches:
-        rec = dict(step=step, **box_use_losses(val.loss_of, unet, val.batches, val.seed))
+        rec = dict(step=step, **box_use_losses(val.image_losses, unet, val.batches, val.seed))
         pm = {k: f" +- {v:.5f}" if v is not None else "" for k, v in rec.items() if k.endswith("_se")}
         high = f"; high noise {rec['val_gap_high_noise']:+.5f}{pm['val_gap_high_noise_se']}" \
             if rec["val_gap_high_noise"] is not None else ""
@@ -1336,9 +1223,8 @@ def validate(val, step, unet, out, autocast, bar):
 
 
 class Preemption:
-    """SIGTERM (SLURM, torchrun) and SIGUSR1 (SLURM's warning) ask to save and stop at a step boundary. Every rank
-    must stop at the same step: a vote on the CPU group (group; None in one process), started at one step and read at
-    the next, agrees on it without waiting for the GPU."""
+    """SIGTERM (SLURM, torchrun) and SIGUSR1 (SLURM's warning) ask to save and stop at a step boundary, the same one
+    on every rank: a vote on the CPU group (None in one process), started at one step and read at the next."""
 
     def __init__(self, group):
         self.group, self.signals, self.vote, self.work = group, [], None, None
@@ -1364,22 +1250,20 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-class StepLog:
-    """The log line (step, loss, lr, images/s, MFU, peak memory) every log_every steps, also in log.jsonl. Between
-    lines the sums stay on the device, with no host sync per step: the loss of the steps taken, how many were taken,
-    and the longest run of skipped ones (a NaN or Inf on any rank: the update was not applied). The clock is stopped
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense TFLOP/s per GPU
+
+
+class Meter:
+    """What the log line reports since the last one, summed on the device with no host sync a step; the clock stops
     while checkpoints and validation run (pause)."""
 
-    def __init__(self, cfg, out, world, master, flops_per_image, device, bar):
-        cuda = torch.cuda.is_available()
-        self.cfg, self.out, self.world, self.master, self.bar = cfg, out, world, master, bar
-        self.flops = flops_per_image
-        self.peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
-        zero = torch.zeros((), device=device)
+    def __init__(self, device, world):
+        self.world, zero = world, torch.zeros((), device=device)
         self.loss, self.good, self.bad_run, self.worst_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
         self.steps, self.t0 = 0, time.perf_counter()
 
     def add(self, step_loss, ok):
+        """A step's loss, and whether it was taken (a NaN or Inf on any rank skips it)."""
         self.loss += torch.where(ok, step_loss, torch.zeros_like(step_loss))
         self.good += ok
         self.bad_run = (self.bad_run + 1) * ~ok
@@ -1392,33 +1276,33 @@ class StepLog:
         yield
         self.t0 += time.perf_counter() - t
 
-    def write(self, step, lr):
-        cfg, G = self.cfg, self.cfg["global_batch"]
+    def read(self):
+        """(the mean loss of the steps taken, over the ranks; steps; skipped; the longest run skipped; seconds)."""
         if self.world > 1:
             dist.all_reduce(self.loss)
         good = int(self.good.item())  # .item() waits for the GPU, so the clock below is right
-        loss = self.loss.item() / self.world / max(good, 1)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, in KiB on Linux
-        mem = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss
-        speed = self.steps * G / (time.perf_counter() - self.t0)
-        rec = dict(step=step, loss=round(loss, 6), lr=lr, img_per_s=round(speed, 2), mem_gb=round(mem / 2**30, 2),
-                   skipped=self.steps - good, tflop_per_image=round(self.flops / 1e12, 6), max_steps=cfg["max_steps"],
-                   left_s=round((cfg["max_steps"] - step) * G / speed))  # at this speed, without validations
-        if self.peak:  # model-FLOPs utilisation: the counted FLOPs at this speed over the GPUs' bf16 peak
-            rec["mfu"] = round(self.flops * speed / self.world / self.peak, 4)
-        if self.master:
-            skipped = f" | skipped {rec['skipped']} (NaN/Inf)" if rec["skipped"] else ""
-            mfu = f" | MFU {100 * rec['mfu']:.1f}%" if self.peak else ""
-            self.bar.write(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {rec['img_per_s']:.1f} img/s{mfu} | peak "
-                           f"mem {rec['mem_gb']:.2f} GB{skipped}")
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if self.worst_run.item() >= cfg["max_bad_steps"]:
-            fail(f"{int(self.worst_run.item())} steps in a row had a NaN or Inf loss or gradient (by step {step}): "
-                 f"stopping. Skipped steps leave the adapters untouched, so nothing poisoned was saved; look for "
-                 f"bad latents in {cfg['latents']}, or lower lr")
+        read = (self.loss.item() / self.world / max(good, 1), self.steps, self.steps - good,
+                int(self.worst_run.item()), time.perf_counter() - self.t0)
         self.loss.zero_(), self.good.zero_(), self.worst_run.zero_()
         self.steps, self.t0 = 0, time.perf_counter()
+        return read
+
+
+def peak_memory():
+    """The GPU's peak allocated bytes, or on the CPU the process's peak resident size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # in KiB on Linux
+
+
+def log_line(out, rec, bar):
+    """The log line of rec, printed and appended to out/log.jsonl."""
+    skipped = f" | skipped {rec['skipped']} (NaN/Inf)" if rec["skipped"] else ""
+    mfu = f" | MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else ""
+    bar.write(f"step {rec['step']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['img_per_s']:.1f} img/s{mfu} | "
+              f"peak mem {rec['mem_gb']:.2f} GB{skipped}")
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def print_header(cfg, out, step, resume, n_params):
@@ -1426,8 +1310,7 @@ def print_header(cfg, out, step, resume, n_params):
     import diffusers
     import transformers
 
-    cuda = torch.cuda.is_available()
-    gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if cuda else "CPU"
+    gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "CPU"
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
           f"{gpu}")
     print(json.dumps(cfg))
@@ -1450,13 +1333,14 @@ def ignore_stop_signals(worker_id):
 
 def main(cfg):
     check_settings(cfg)
-    # Setup: DDP when torchrun sets RANK, else one process; the family and mode; precision; preemption signals.
+    # Setup: DDP when torchrun sets RANK, else one process; the stages; precision; preemption signals.
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     rank, world, device, cpu_group = setup_distributed(cuda) if ddp else (0, 1, "cuda" if cuda else "cpu", None)
     master, G, B, out = rank == 0, cfg["global_batch"], cfg["micro_batch"], Path(cfg["out_dir"])
     if G % (B * world):
         fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
-    seams = choose_seams(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]))
+    accum = G // (B * world)
+    stages = choose_stages(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]))
     bf16 = cfg["dtype"] == "bf16" or cfg["dtype"] == "auto" and cuda
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base; adapters stay fp32
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -1464,27 +1348,28 @@ def main(cfg):
     preemption = Preemption(cpu_group)
 
     # Data: read and checked before the model loads, so bad data fails in seconds, not after minutes of loading.
-    data = seams.training_data(cfg)
+    data = stages.training_data(cfg)
     if len(data) < G:
         fail(f"{cfg['latents']} has {len(data)} usable images, fewer than one global batch ({G})")
     layouts = validation_layouts(cfg)
 
     # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
-    unet, text_encoder, tokenizer, noise_scheduler = seams.load(cfg["model"], device, base_dtype)
+    unet, text_encoder, tokenizer, noise_scheduler = stages.load(cfg["model"], device, base_dtype)
+    schedule = stages.schedule(noise_scheduler, cfg["model"], device)
     torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
-    seams.add_adapters(unet)
-    for name, p in unet.named_parameters():  # adapters in fp32 whatever the base's dtype (inpainting's conv_in too)
-        p.data = p.data.float() if seams.is_adapter(name) else p.data
+    stages.add_adapters(unet)
+    adapters = adapter_state(unet).keys()
+    for name, p in unet.named_parameters():
+        p.data = p.data.float() if name in adapters else p.data
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
         dist.broadcast_object_list(resume, src=0, group=cpu_group)
-    schedule, objective = seams.schedule(noise_scheduler, cfg["model"], device)  # what the step needs of it
-    cfg = {**cfg, "world_size": world, "grad_accum": G // (B * world), **data.config, **objective}
+    cfg = {**cfg, "world_size": world, "grad_accum": accum, **data.config, "prediction_type": schedule.prediction_type}
     if cfg["val_every"] and cfg["val_steps"] > noise_scheduler.config.num_train_timesteps:
         fail(f"--val_steps={cfg['val_steps']}: at most {noise_scheduler.config.num_train_timesteps}, the scheduler's "
              f"timesteps")
-    step, opt_state = restore(cfg, unet, resume[0], seams.is_adapter)
-    params = [p.requires_grad_(True) for name, p in unet.named_parameters() if seams.is_adapter(name)]
+    step, opt_state = restore(cfg, unet, resume[0])
+    params = [p.requires_grad_(True) for name, p in unet.named_parameters() if name in adapters]
     if cfg["grad_checkpointing"]:  # diffusers checkpoints each resnet and transformer block, fusers included
         if not getattr(unet, "_supports_gradient_checkpointing", False):
             fail(f"--grad_checkpointing=True: diffusers' {type(unet).__name__} does not support it")
@@ -1498,9 +1383,7 @@ def main(cfg):
     if opt_state:
         opt.load_state_dict(opt_state)
     empty_ids = tokenizer.captions([""]).to(device)  # the dropped caption
-    loss_of = partial(seams.step_loss, text_encoder=text_encoder, empty_ids=empty_ids, cfg=cfg, autocast=autocast,
-                      box_attention=BoxAttention(unet) if cfg["box_attn_loss"] else None,
-                      **schedule)  # loss_of(model, batch, g)
+    levers = make_levers(unet, cfg)  # None with GLIGEN's recipe
     # Each rank loads its own micro-batches from the data position that the step implies.
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=rank_batches(len(data), G, B, world, rank, cfg["seed"], step,
@@ -1512,19 +1395,21 @@ def main(cfg):
     out.mkdir(parents=True, exist_ok=True)
     if master:
         print_header(cfg, out, step, resume[0], sum(p.numel() for p in params))
-    val = setup_validation(cfg, seams, data, layouts, unet, text_encoder, tokenizer, loss_of, device, base_dtype) \
-        if master and cfg["val_every"] else None
+    val = setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, schedule, empty_ids, device,
+                           base_dtype, autocast) if master and cfg["val_every"] else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
     if val and step == 0:
-        validate(val, step, unet, out, autocast, bar)  # the base model, before training: what the adapters start from
+        validate(val, step, unet, out, bar)  # the base model, before training: what the adapters start from
     # counted on one image, in a pass of its own (a dispatch mode may pick other kernels: not a training step)
     probe = {k: v.to(device) for k, v in data.collate(tokenizer, [data[(0, False)]]).items()}
-    flops = count_flops(lambda: loss_of(unet, probe, torch.Generator(device).manual_seed(0)).backward())
+    flops = count_flops(lambda: stages.loss(unet, probe, torch.Generator(device).manual_seed(0), text_encoder,
+                                            schedule, empty_ids, cfg, autocast, levers).backward())
     opt.zero_grad(set_to_none=True)
-    log = StepLog(cfg, out, world, master, flops, device, bar)
+    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), 0)
+    meter = Meter(device, world)
     if master:
         bar.write(f"one step: {flops / 1e12:.4g} TFLOP per image (model FLOPs, torch flop counter)"
-                  + (f"; {log.peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if log.peak else ""))
+                  + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
 
     # The loop: accumulate micro-batches, step, log, save, validate; stop at max_steps or on a signal.
     while step < cfg["max_steps"]:
@@ -1532,30 +1417,41 @@ def main(cfg):
         for group in opt.param_groups:
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
-        for micro in range(cfg["grad_accum"]):
+        for micro in range(accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
             g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
-            with model.no_sync() if ddp and micro < cfg["grad_accum"] - 1 else nullcontext():  # all-reduce once
-                loss = loss_of(model, batch, g) / cfg["grad_accum"]
+            with model.no_sync() if ddp and micro < accum - 1 else nullcontext():  # all-reduce once
+                loss = stages.loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast, levers) / accum
                 loss.backward()
             step_loss += loss.detach()
         # a NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: a skipped step
-        log.add(step_loss, optimizer_step(opt, params, cfg["grad_clip"]))
+        meter.add(step_loss, optimizer_step(opt, params, cfg["grad_clip"]))
         step += 1
         bar.update()
         stop, last = preemption.stop(), step == cfg["max_steps"]
-        if step % cfg["log_every"] == 0 or last or stop:
-            log.write(step, lr)
-        with log.pause():  # checkpoints and validation do not count against images/s
+        if step % cfg["log_every"] == 0 or last or stop:  # the log line is built here: a new field is one line
+            mean_loss, steps, skipped, worst, seconds = meter.read()
+            speed = steps * G / seconds
+            rec = dict(step=step, loss=round(mean_loss, 6), lr=lr, img_per_s=round(speed, 2),
+                       mem_gb=round(peak_memory() / 2**30, 2), skipped=skipped, tflop_per_image=round(flops / 1e12, 6),
+                       max_steps=cfg["max_steps"], left_s=round((cfg["max_steps"] - step) * G / speed))
+            if peak:  # model-FLOPs utilisation: the counted FLOPs at this speed over the GPUs' bf16 peak
+                rec["mfu"] = round(flops * speed / world / peak, 4)
+            if master:
+                log_line(out, rec, bar)
+            if worst >= cfg["max_bad_steps"]:
+                fail(f"{worst} steps in a row had a NaN or Inf loss or gradient (by step {step}): stopping. Skipped "
+                     f"steps leave the adapters untouched, so nothing poisoned was saved; look for bad latents in "
+                     f"{cfg['latents']}, or lower lr")
+        with meter.pause():  # checkpoints and validation do not count against images/s
             if step % cfg["save_every"] == 0 or last or stop:
-                error = [save_checkpoint(out, step, unet, opt, cfg, data.files, seams.is_adapter)
-                         if master else None]
+                error = [save_checkpoint(out, step, unet, opt, cfg, data.files) if master else None]
                 if ddp:
                     dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a save
                 if error[0]:
                     fail(error[0])
             if val and (step % cfg["val_every"] == 0 or last):
-                validate(val, step, unet, out, autocast, bar)
+                validate(val, step, unet, out, bar)
         if stop:
             why = ", ".join(preemption.signals) or "another rank got a signal"
             bar.write(f"rank {rank}: {why}: stopped at step {step}, saved {out / f'step_{step:07d}'}; run the same "
@@ -1571,13 +1467,115 @@ def main(cfg):
 
 
 # =================================================================================================================
-# SDXL: two text encoders and size conditioning. Replaces load (both text encoders and tokenizers), training_data
-# (each item's size conditioning), text_inputs and prompt_inputs (the pooled text and size conditioning the UNet adds).
+# The levers that may make the boxes count sooner (docs/time-to-grounding.md), off by default: GLIGEN's recipe.
+# --timestep_power is draw_timesteps' power; the two that change the loss are here, reached from denoising_loss
+# through levers.loss, and absent (levers=None) when off. None adds a parameter: the adapters load and export as any.
+def make_levers(unet, cfg):
+    """The Levers of these settings, or None where they are off."""
+    if cfg["box_loss_weight"] == 1 and cfg["box_attn_loss"] == 0:
+        return None
+    return Levers(unet, cfg["box_loss_weight"], cfg["box_attn_loss"])
+
+
+class Levers:
+    """The loss with --box_loss_weight (GeoDiffusion's in-box weights) and --box_attn_loss (BoxAttention's term)."""
+
+    def __init__(self, unet, box_loss_weight, box_attn_loss):
+        self.weight, self.attn_weight = box_loss_weight, box_attn_loss
+        self.attention = BoxAttention(unet) if box_attn_loss > 0 else None
+
+    def loss(self, pred, target, batch):
+        if self.weight == 1:
+            loss = F.mse_loss(pred, target)
+        else:
+            loss = box_weighted_mse(pred, target, batch["boxes"], batch["masks"], self.weight)
+        if self.attention is not None:
+            loss = loss + self.attn_weight * self.attention.loss()
+        return loss
+
+
+def box_cells(boxes, h, w):
+    """(B, S, h, w): the cells of an h x w grid that each box (B, S, 4) covers, with GLIGEN's and diffusers' rounding:
+    rows int(y0 * h) to int(y1 * h), columns likewise."""
+    b = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64, device=boxes.device)
+    b = b.floor()[..., None]  # (B, S, 4, 1)
+    x, y = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
+    return ((y >= b[:, :, 1]) & (y < b[:, :, 3]))[..., :, None] & ((x >= b[:, :, 0]) & (x < b[:, :, 2]))[..., None, :]
+
+
+def in_boxes(boxes, masks, h, w):
+    """(B, 1, h, w): 1 on the cells inside any filled slot's box (masks (B, S) > 0), 0 elsewhere."""
+    return (box_cells(boxes, h, w) & (masks[..., None, None] > 0)).any(1, keepdim=True).float()
+
+
+def box_weighted_mse(pred, target, boxes, masks, weight):
+    """The MSE with `weight` on the latent cells inside any filled slot's box and 1 outside, each image divided by
+    its mean weight, so that the loss keeps its scale."""
+    h, w = target.shape[-2:]
+    m = 1 + (weight - 1) * in_boxes(boxes, masks, h, w)  # (B, 1, h, w)
+    m = m.view(len(target), *[1] * (target.dim() - 3), h, w).expand_as(target)
+    return (((pred - target) ** 2 * m).flatten(1).mean(1) / m.flatten(1).mean(1)).mean()
+
+
+class BoxAttention:
+    """Supervise where the fusers look: a visual token inside box k is asked to attend to grounding token k, by a
+    cross-entropy over the filled slots of the fuser's own attention logits (q.k / sqrt(d)), averaged over heads,
+    such tokens and fusers; tokens in several boxes share the target, tokens in none are left alone. It reaches the
+    position net, to_q and to_k from the first step, while the closed gates give them no gradient. Hooks catch the
+    boxes and filled slots on their way into the position net, and the queries and keys each fuser makes; with
+    gradient checkpointing they run again in the recompute, and what they add then is dropped at the next forward."""
+
+    def __init__(self, unet):
+        self.targets, self.losses, self.caught = None, [], {}
+        unet.position_net.register_forward_pre_hook(self.start, with_kwargs=True)
+        for fuser in (m for m in unet.modules() if isinstance(m, Fuser)):
+            fuser.attn.to_q.register_forward_hook(self.catch)
+            fuser.attn.to_k.register_forward_hook(self.catch)
+            fuser.register_forward_hook(self.hook)
+
+    def loss(self):  # after the forward: the mean over the fusers (none without gradients)
+        return torch.stack(self.losses).mean() if self.losses else 0.0
+
+    def on(self):  # validation and sampling (no gradients) have no loss to add
+        return self.targets is not None and torch.is_grad_enabled()
+
+    def start(self, position_net, args, kwargs):  # a forward begins: its boxes (B, 30, 4) and filled slots (B, 30)
+        self.losses, self.caught = [], {}
+        self.targets = (kwargs["boxes"], kwargs["masks"]) if torch.is_grad_enabled() else None
+
+    def catch(self, linear, args, out):  # to_q: (B, N, heads d), the visual tokens'; to_k: the same, then grounding's
+        if self.on():
+            self.caught[linear] = out
+
+    def hook(self, fuser, args, out):
+        if not self.on():
+            return
+        (x, objs), (boxes, masks) = args[:2], self.targets  # args[2]: Flux's position code
+        B, N, heads = x.shape[0], x.shape[1], fuser.attn.heads
+        h = math.isqrt(N)  # this block's token grid: the training latent's (square), downsampled
+        if h * h != N:
+            fail(f"--box_attn_loss: a fuser's {N} tokens are not a square grid, as the training latents are")
+        r = objs.shape[1] // masks.shape[1]  # tokens per slot: 1; text-image 2 (all phrases', then all images')
+        masks = masks.repeat(1, r)  # (B, r S)
+        cells = box_cells(boxes.repeat(1, r, 1), h, h) & (masks[..., None, None] > 0)  # (B, r S, h, w)
+        target = cells.flatten(2).transpose(1, 2).float()  # (B, N, r S)
+        inside = target.sum(-1)  # (B, N): how many of those tokens each visual token is sent to
+        q = self.caught.pop(fuser.attn.to_q).view(B, N, heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        k = self.caught.pop(fuser.attn.to_k)[:, N:]  # the grounding tokens' keys: (B, r S, heads d)
+        k = k.reshape(B, -1, heads, q.shape[-1]).transpose(1, 2)  # (B, heads, r S, d)
+        logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, heads, N, r S)
+        logp = logits.masked_fill(masks[:, None, None] == 0, -1e9).log_softmax(-1)
+        ce = -(target[:, None] / inside.clamp(min=1)[:, None, :, None] * logp).sum(-1).mean(1)  # (B, N)
+        self.losses.append((ce * (inside > 0)).sum() / (inside > 0).sum().clamp(min=1))
+
+
+# =================================================================================================================
+# SDXL: two text encoders and size conditioning. Replaces load, training_data (each item's size conditioning), loss
+# and generate (the pooled text and the size conditioning the UNet also takes).
 class SDXLTextEncoders(nn.Module):
-    """SDXL's two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG) behind one CLIPTextModel-like call, on ids
-    (B, 2, L) from both tokenizers. As SDXL: the context is both penultimate hidden states side by side (768 + 1280 =
-    2048) and text_embeds is bigG's projected EOS feature. The phrase feature (pooler_output) is ViT-L's EOS feature
-    beside bigG's projected one: 768 + 1280 = 2048, the UNet's cross-attention width, as a phrase must be."""
+    """SDXL's two text encoders (CLIP ViT-L, OpenCLIP ViT-bigG) as one, on ids (B, 2, L) from both tokenizers: the
+    context is both penultimate states side by side (768 + 1280 = 2048), text_embeds bigG's projected EOS feature, and
+    a phrase's feature (pooler_output) ViT-L's EOS feature beside bigG's projected one (2048, the UNet's context)."""
 
     def __init__(self, te1, te2):
         super().__init__()
@@ -1592,8 +1590,8 @@ class SDXLTextEncoders(nn.Module):
 
 
 class SDXLTokenizers:
-    """SDXL's two tokenizers behind Tokenizer's calls: ids (B, 2, L), one row from each (the same vocabulary, so the
-    same lengths; their pad tokens differ), and the first one's mask."""
+    """SDXL's two tokenizers behind Tokenizer's calls: ids (B, 2, L), a row from each (one vocabulary, so the same
+    lengths; their pad tokens differ), and the first one's mask."""
 
     def __init__(self, first, second):
         self.pair = (first, second)
@@ -1610,7 +1608,7 @@ def load_sdxl(model, device, dtype):
     """SDXL's frozen parts: as SD's, with both text encoders as one SDXLTextEncoders and both tokenizers."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    unet, text_encoder, tokenizer, scheduler = load_base(model, device, dtype)
+    unet, text_encoder, tokenizer, scheduler = load_sd(model, device, dtype)
     with loading(model):
         te2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", torch_dtype=dtype)
         tokenizer2 = Tokenizer(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
@@ -1618,38 +1616,56 @@ def load_sdxl(model, device, dtype):
     return unet, SDXLTextEncoders(text_encoder, te2), SDXLTokenizers(tokenizer, tokenizer2), scheduler
 
 
+@dataclass(slots=True)
+class SDXLItem(Item):
+    time_ids: tuple  # SDXL's size conditioning: original (H, W), the crop's top and left, the target (R, R)
+    flipped_left: int  # the crop's left in the mirrored image
+
+
 class SDXLLatents(GroundedLatents):
-    """SDXL's training items also carry their size conditioning (time ids), that of the mirrored image if flipped."""
+    """SDXL's training samples also carry their size conditioning (time ids), the mirrored image's if flipped."""
+    Item = SDXLItem
 
     def item(self, rec, lay):
-        return super().item(rec, lay) + (self.time_ids(rec, self.resolution),)
+        time_ids, flipped_left = self.time_ids(rec, self.resolution)
+        return super().item(rec, lay, time_ids=time_ids, flipped_left=flipped_left)
 
     @staticmethod
     def time_ids(rec, R):
         """SDXL's size conditioning: original (height, width), the crop's top-left in the image resized to the crop
-        side R, the target (R, R); and the crop's left for the mirrored image."""
+        side R, the target (R, R); and the crop's left in the mirrored image."""
         x0, y0, x1, _ = rec["crop"]
         scale = R / (x1 - x0)
         top, left, width = round(y0 * scale), round(x0 * scale), round(rec["width"] * scale)
         return (rec["height"], rec["width"], top, left, R, R), width - left - R
 
-    def __getitem__(self, item):
-        x = super().__getitem__(item)
-        time_ids, flipped_left = self.items[item[0]][5]
-        x["time_ids"] = (*time_ids[:3], flipped_left, *time_ids[4:]) if item[1] else time_ids
+    def __getitem__(self, sample):
+        x, it = super().__getitem__(sample), self.items[sample[0]]
+        x["time_ids"] = (*it.time_ids[:3], it.flipped_left, *it.time_ids[4:]) if sample[1] else it.time_ids
         return x
 
-    def collate(self, tokenizer, items):
-        batch = super().collate(tokenizer, items)
-        batch["time_ids"] = torch.tensor([x["time_ids"] for x in items], dtype=torch.float32)
+    def collate(self, tokenizer, samples):
+        batch = super().collate(tokenizer, samples)
+        batch["time_ids"] = torch.tensor([x["time_ids"] for x in samples], dtype=torch.float32)
         return batch
 
 
-def sdxl_caption_inputs(text_encoder, ids, batch):
-    """SDXL's text inputs: the context, and its added conditioning: the pooled text and each sample's size."""
-    encoded = text_encoder(ids)
-    return {"encoder_hidden_states": encoded.last_hidden_state,
-            "added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])}
+def sdxl_training_data(cfg):
+    return training_data(cfg, SDXLLatents)
+
+
+def sdxl_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
+              per_image=False):
+    """sd_loss, the UNet also given SDXL's added conditioning: the pooled text and each image's size (time ids)."""
+    x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
+    with torch.no_grad(), autocast:
+        text = text_encoder(ids)
+        gligen = text_box_grounding(text_encoder, batch, masks)
+    added = dict(text_embeds=text.text_embeds, time_ids=batch["time_ids"])
+    with autocast:
+        pred = model(xt, t, encoder_hidden_states=text.last_hidden_state, added_cond_kwargs=added,
+                     cross_attention_kwargs={"gligen": gligen}).sample
+    return denoising_loss(pred, target, batch, levers, per_image, t.float() / len(schedule.alphas_cumprod))
 
 
 def sdxl_prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
@@ -1664,14 +1680,22 @@ def sdxl_prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
                                   "time_ids": time_ids.repeat_interleave(n, dim=0)}}
 
 
-FAMILIES["sdxl"] = dict(load=load_sdxl, training_data=partial(training_data, Latents=SDXLLatents),
-                        text_inputs=sdxl_caption_inputs, prompt_inputs=sdxl_prompt_inputs)
+def generate_sdxl(*args, **kwargs):
+    """generate, with SDXL's prompt inputs."""
+    return generate(*args, prompt_inputs=sdxl_prompt_inputs, **kwargs)
+
+
+FAMILIES["sdxl"] = dict(load=load_sdxl, training_data=sdxl_training_data, loss=sdxl_loss, generate=generate_sdxl)
 
 
 # =================================================================================================================
 # Video (ModelScope/Zeroscope, a UNet3DConditionModel). Replaces load (the 3-D UNet), add_adapters (fusers in the
-# spatial blocks only, grounding tokens made on the way in), noisy_input (images train as one-frame clips) and
-# generate (clips; boxes one list for all frames, or one list per frame).
+# spatial blocks only, grounding tokens made on the way in), training_data (images as one-frame clips) and generate
+# (clips; boxes one list for all frames, or one list per frame).
+def load_video(model, device, dtype):
+    return load_sd(model, device, dtype, unet_class="UNet3DConditionModel")
+
+
 class NoFuser(nn.Module):
     """The video UNet's temporal blocks get the grounding kwargs too, and are left as they are."""
 
@@ -1695,25 +1719,32 @@ def video_position_net(unet, args, kwargs):
     return args, kwargs
 
 
-def inject_video(unet, position_net=PositionNet):
+def inject_video(unet):
     """Fusers in the spatial blocks only, one set of grounding tokens per frame (boxes (batch x frames, 30, 4),
     frame-minor); the temporal blocks keep a NoFuser."""
     for block in transformer_blocks(unet):
         block.fuser = NoFuser()
-    inject_gligen(unet, position_net, blocks=spatial_blocks)
+    inject_gligen(unet, blocks=spatial_blocks)
     unet.register_forward_pre_hook(video_position_net, with_kwargs=True)
     return unet
 
 
-def one_frame(xt, target, x0, batch):
-    """A video UNet trains on images as one-frame clips: (b, 4, h, w) -> (b, 4, 1, h, w)."""
-    return xt[:, :, None], target[:, :, None]
+class OneFrameLatents(GroundedLatents):
+    """A video UNet trains on images as one-frame clips: latents (b, stats, 4, 1, h, w)."""
+
+    def collate(self, tokenizer, samples):
+        batch = super().collate(tokenizer, samples)
+        batch["latents"] = batch["latents"][:, :, :, None]
+        return batch
+
+
+def video_training_data(cfg):
+    return training_data(cfg, OneFrameLatents)
 
 
 @torch.no_grad()
 def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=25, guidance=7.5,
-                   beta=1.0, height=None, width=None, progress=False, frames=1, prompt_inputs=prompt_inputs,
-                   layout_grounding=layout_grounding):
+                   beta=1.0, height=None, width=None, progress=False, frames=1):
     """n clips of each layout (uint8, (len(layouts) n, frames, H, W, 3)) whose boxes are one list (still) or one per
     frame (moving); as generate, with one set of grounding tokens per frame."""
     scale = vae_scale(vae)
@@ -1733,18 +1764,17 @@ def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds
     return images.reshape(-1, frames, *images.shape[1:])
 
 
-FAMILIES["video"] = dict(load=partial(load_base, unet_class="UNet3DConditionModel"), add_adapters=inject_video,
-                         noisy_input=one_frame, generate=generate_video)
+FAMILIES["video"] = dict(load=load_video, add_adapters=inject_video, training_data=video_training_data,
+                         generate=generate_video)
 
 
 # =================================================================================================================
 # Inpainting, GLIGEN's mode: the UNet also sees the image outside the boxes, and generates inside them. Replaces
-# add_adapters (conv_in widened first), is_adapter (conv_in's weight trains too), noisy_input (the kept image and the
-# mask as extra input channels), generate (the image pasted back outside the boxes before each step) and val_options
-# (the validation grid's image: a training image).
+# load (conv_in widened: its weight is then an adapter, by adapter_state's rule), loss (the kept image and the mask
+# as input channels), generate (the photo pasted back outside the boxes each step) and val_inputs (a training image).
 def widen_conv_in(unet):
-    """conv_in takes [noisy latent (4), masked image latent z * m (4), mask m (1)], GLIGEN's order (not SD-inpainting's:
-    mask last, 1 where the image is kept). The new input channels start at zero: the UNet starts equal to its base."""
+    """conv_in takes [noisy latent (4), kept latent z * m (4), mask m (1)], GLIGEN's order (SD-inpainting's puts the
+    mask first, 0 where kept). The new inputs start at zero: the UNet starts equal to its base."""
     old, c = unet.conv_in, unet.conv_in.in_channels
     new = nn.Conv2d(2 * c + 1, old.out_channels, old.kernel_size, padding=old.padding, device="meta")
     new = new.to_empty(device=old.weight.device).to(old.weight.dtype)  # no random init: every value is set here
@@ -1756,9 +1786,14 @@ def widen_conv_in(unet):
     return unet
 
 
+def load_inpaint(model, device, dtype):
+    """SD's frozen parts, the UNet's conv_in widened."""
+    unet, text_encoder, tokenizer, scheduler = load_sd(model, device, dtype)
+    return widen_conv_in(unet), text_encoder, tokenizer, scheduler
+
+
 def inpaint_mask(boxes, masks, h, w):
-    """(B, 1, h, w): 1 where the image is kept, 0 inside any filled slot's box, on the latent grid with GLIGEN's and
-    diffusers' rounding (box_cells). boxes (B, 30, 4) x0, y0, x1, y1; masks (B, 30)."""
+    """(B, 1, h, w): 1 where the image is kept, 0 inside any filled slot's box, on the latent grid (box_cells)."""
     return 1 - in_boxes(boxes, masks, h, w)
 
 
@@ -1767,20 +1802,24 @@ def with_kept(x, z, m):
     return torch.cat([x, z * m, m], dim=1)
 
 
-def is_inpaint_adapter(name):
-    return is_adapter(name) or name == "conv_in.weight"
-
-
-def kept_image_input(xt, target, x0, batch):
-    """In training the kept image is the sample itself, the mask from all its boxes (even with grounding dropped)."""
-    return with_kept(xt, x0, inpaint_mask(batch["boxes"], batch["masks"], *x0.shape[-2:])), target
+def inpaint_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
+                 per_image=False):
+    """sd_loss, the UNet also given the sample itself outside all its boxes (even with grounding dropped)."""
+    x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
+    x = with_kept(xt, x0, inpaint_mask(batch["boxes"], batch["masks"], *x0.shape[-2:]))
+    with torch.no_grad(), autocast:
+        text = text_encoder(ids).last_hidden_state
+        gligen = text_box_grounding(text_encoder, batch, masks)
+    with autocast:
+        pred = model(x, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+    return denoising_loss(pred, target, batch, levers, per_image, t.float() / len(schedule.alphas_cumprod))
 
 
 @torch.no_grad()
-def generate_inpaint(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, inpaint_latent, **kwargs):
+def generate_inpaint(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, inpaint_latent,
+                     layout_grounding=layout_grounding, **kwargs):
     """As generate, keeping an image (inpaint_latent (1, 4, h, w)) outside each layout's boxes: noised to each step's
-    level and pasted in before it, as StableDiffusionGLIGENPipeline does; the phrases are generated inside the boxes.
-    One layout per UNet call (each has its own mask)."""
+    level and pasted in before it, as StableDiffusionGLIGENPipeline does. One layout per UNet call (each its mask)."""
     z = inpaint_latent.to(unet.device, torch.float32)
 
     def draw(layout, seed):
@@ -1794,29 +1833,24 @@ def generate_inpaint(unet, vae, text_encoder, tokenizer, scheduler, layouts, see
             return latents, with_kept(x.to(unet.dtype), *kept)
 
         return generate(unet, vae, text_encoder, tokenizer, scheduler, [layout], [seed], model_input=model_input,
-                        **kwargs)
+                        layout_grounding=layout_grounding, **kwargs)
 
     return np.concatenate([draw(l, s) for l, s in zip(layouts, seeds)])
 
 
-def inpaint_val_options(data, pick):
+def inpaint_val_inputs(data, pick):
     """The validation grid fills its layouts' boxes into a training image (the first of val_images)."""
-    return dict(inpaint_latent=data[(pick[0] if pick else 0, False)]["latent"][:1].float(), height=data.resolution,
-                width=data.resolution)
+    return dict(trained_size(data, pick), inpaint_latent=data[(pick[0] if pick else 0, False)]["latent"][:1].float())
 
 
-def inject_inpaint(unet, position_net=PositionNet):
-    return inject_gligen(widen_conv_in(unet), position_net)
-
-
-INPAINT = dict(add_adapters=inject_inpaint, is_adapter=is_inpaint_adapter,
-               noisy_input=kept_image_input, generate=generate_inpaint, val_options=inpaint_val_options)
+MODES[True, False] = dict(load=load_inpaint, loss=inpaint_loss, generate=generate_inpaint,
+                          val_inputs=inpaint_val_inputs)
 
 
 # =================================================================================================================
 # Grounding by reference image, GLIGEN's text-image-box mode: each box may have a phrase, a reference image, or both.
-# Replaces position_net (two MLPs), training_data (each box's image feature, from prep_latents.py
-# --image_encoder), grounding (half the boxes lose their phrase or their image) and layout_grounding (a box's image).
+# Replaces add_adapters (a position net of two MLPs), training_data (each box's image feature, from prep_latents.py
+# --image_encoder), loss (half the boxes lose their phrase or their image) and generate (a box's reference image).
 class PositionNetTextImage(nn.Module):
     """The same Fourier box code goes to two MLPs, one with the phrase feature and one with the image feature (CLIP
     image embedding, projected into the phrase space): 30 text tokens, then 30 image tokens. Empty slots, and each
@@ -1877,9 +1911,16 @@ def load_clip_tower(cls, src, **kwargs):
         logging.set_verbosity(level)
 
 
+@dataclass(slots=True)
+class ImageFeatureItem(Item):
+    feature_shard: Path  # prep_latents.py --image_encoder's shard of this image's box features
+    feature_rows: np.ndarray  # the kept boxes' rows in it
+
+
 class ImageFeatureLatents(GroundedLatents):
-    """Text-image training items also hold their kept boxes' image features (k, D), the same when mirrored (as GLIGEN's
+    """Text-image samples also hold their kept boxes' image features (k, D), the same when mirrored (as GLIGEN's
     precomputed ones), from prep_latents.py --image_encoder's output in image_features."""
+    Item = ImageFeatureItem
 
     def __init__(self, latents_dir, boxes_path, max_boxes, min_box_area, image_features):
         self.features = Path(image_features)
@@ -1899,7 +1940,7 @@ class ImageFeatureLatents(GroundedLatents):
         self.files = [self.features / "image_project.safetensors"]  # kept with the adapters, for sampling and export
 
     def item(self, rec, lay):
-        phrases, boxes, keep = self.crop_layout(lay, rec["crop"], self.max_boxes, self.min_box_area)
+        keep = self.crop_layout(lay, rec["crop"], self.max_boxes, self.min_box_area)[2]
         if rec["key"] not in self.feature_index:
             fail(f"{self.features / 'index.jsonl'} has no record for image {rec['key']!r} of "
                  f"{self.dir / 'index.jsonl'}: were the features made from the same images?")
@@ -1908,20 +1949,18 @@ class ImageFeatureLatents(GroundedLatents):
             fail(f"{self.features / 'index.jsonl'}:{line}: {f['boxes']} box features for image {rec['key']!r}, but "
                  f"its boxes record has {len(lay['boxes'])} boxes: were the features made from another boxes file?")
         shard, _ = self.need(self.features / f["shard"], f["row"] + f["boxes"] - 1, (self.image_meta["dim"],))
-        return (*self.need(self.dir / rec["shard"], rec["row"], self.row_shape), rec["caption"], phrases, boxes,
-                (shard, f["row"] + np.asarray(keep, np.int64)))
+        return super().item(rec, lay, feature_shard=shard, feature_rows=f["row"] + np.asarray(keep, np.int64))
 
-    def __getitem__(self, item):
-        x = super().__getitem__(item)
-        shard, rows = self.items[item[0]][5]
-        x["image_feats"] = self.array(shard)[rows].astype(np.float32)
+    def __getitem__(self, sample):
+        x, it = super().__getitem__(sample), self.items[sample[0]]
+        x["image_feats"] = self.array(it.feature_shard)[it.feature_rows].astype(np.float32)
         return x
 
-    def collate(self, tokenizer, items):
+    def collate(self, tokenizer, samples):
         """... and each box's image feature in its slot, (B, 30, D)."""
-        batch = super().collate(tokenizer, items)
-        f = np.zeros((len(items), N_SLOTS, self.image_meta["dim"]), np.float32)
-        for i, x in enumerate(items):
+        batch = super().collate(tokenizer, samples)
+        f = np.zeros((len(samples), N_SLOTS, self.image_meta["dim"]), np.float32)
+        for i, x in enumerate(samples):
             f[i, :len(x["image_feats"])] = x["image_feats"]
         batch["image_feats"] = torch.from_numpy(f)
         return batch
@@ -1981,9 +2020,51 @@ def text_image_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
                              feats[0].expand(len(rows), -1, -1), feats[1].expand(len(rows), -1, -1))
 
 
-TEXT_IMAGE = dict(position_net=PositionNetTextImage,
-                  training_data=text_image_training_data, grounding=text_image_grounding,
-                  layout_grounding=text_image_layout_grounding)
+def inject_text_image(unet):
+    return inject_gligen(unet, PositionNetTextImage)
+
+
+def text_image_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
+                    per_image=False):
+    """sd_loss with text-image grounding: half the boxes lose their phrase or their image."""
+    x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
+    with torch.no_grad(), autocast:
+        text = text_encoder(ids).last_hidden_state
+        gligen = text_image_grounding(text_encoder, batch, masks, g)
+    with autocast:
+        pred = model(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+    return denoising_loss(pred, target, batch, levers, per_image, t.float() / len(schedule.alphas_cumprod))
+
+
+def generate_text_image(*args, **kwargs):
+    """generate, a box grounded by its phrase, its reference image or both."""
+    return generate(*args, layout_grounding=text_image_layout_grounding, **kwargs)
+
+
+MODES[False, True] = dict(add_adapters=inject_text_image, training_data=text_image_training_data,
+                          loss=text_image_loss, generate=generate_text_image)
+
+
+# Both modes at once: inpainting's input with text-image grounding.
+def inpaint_text_image_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(),
+                            levers=None, per_image=False):
+    """inpaint_loss with text_image_loss's grounding."""
+    x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
+    x = with_kept(xt, x0, inpaint_mask(batch["boxes"], batch["masks"], *x0.shape[-2:]))
+    with torch.no_grad(), autocast:
+        text = text_encoder(ids).last_hidden_state
+        gligen = text_image_grounding(text_encoder, batch, masks, g)
+    with autocast:
+        pred = model(x, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+    return denoising_loss(pred, target, batch, levers, per_image, t.float() / len(schedule.alphas_cumprod))
+
+
+def generate_inpaint_text_image(*args, **kwargs):
+    return generate_inpaint(*args, layout_grounding=text_image_layout_grounding, **kwargs)
+
+
+MODES[True, True] = {**MODES[True, False], **MODES[False, True], "loss": inpaint_text_image_loss,
+                     "generate": generate_inpaint_text_image}
 
 
 # =================================================================================================================
@@ -1991,9 +2072,9 @@ TEXT_IMAGE = dict(position_net=PositionNetTextImage,
 # joint attention. GLIGEN's fuser goes after each joint block (SD3: all of them; Flux: its 19 double-stream blocks),
 # on the block's image tokens, before the next block's joint attention: the order GLIGEN has in a UNet (fuser, then
 # attention to the text, then the feed-forward), reached by forward hooks, since diffusers' MMDiTs call no fuser.
-# The objective is rectified flow. Replaces load, position_net's width, add_adapters, text_inputs, schedule,
-# step_loss, samplers, prompt_inputs and generate; the data, a box's grounding inputs (its phrase's pooled CLIP
-# feature, made by text_box_grounding), the levers, the checkpoints and the loop are the SD path's, unchanged.
+# The objective is rectified flow. Replaces load, schedule, add_adapters, loss, generate and samplers; the data, a
+# box's grounding inputs (its phrase's pooled CLIP feature: text_box_grounding), the levers, the checkpoints and the
+# loop are the SD path's.
 SD3_T5_TOKENS, FLUX_T5_TOKENS = 256, 512  # T5 tokens per caption, the pipelines' max_sequence_length defaults
 FLUX_GUIDANCE = 3.5  # Flux-dev's embedded guidance while training and sampling (diffusers' Flux scripts' default)
 
@@ -2172,7 +2253,7 @@ def fuse(block, args, out):
     return text, block.fuser(image, *block.grounding)
 
 
-def inject_mmdit(model, position_net=PositionNet, fuser=Fuser, code=None):
+def inject_mmdit(model, fuser=Fuser, code=None):
     """Fresh fusers on the joint blocks (transformer_blocks: all of SD3's, Flux's double-stream ones), each with the
     block's width and heads, and a fresh position net whose tokens are as wide as the blocks (from the phrase feature's
     width, the pooled text's). State-dict names as on a UNet: transformer_blocks.N.fuser.*, position_net.*."""
@@ -2182,7 +2263,7 @@ def inject_mmdit(model, position_net=PositionNet, fuser=Fuser, code=None):
         block.fuser = fuser(width, width, c.num_attention_heads, c.attention_head_dim).to(model.device)
         block.grounding = None
         block.register_forward_hook(fuse)
-    model.position_net = position_net(c.pooled_projection_dim, out_dim=width).to(model.device)
+    model.position_net = PositionNet(c.pooled_projection_dim, out_dim=width).to(model.device)
     model.register_forward_pre_hook(partial(take_grounding, code=code), with_kwargs=True)
     return model
 
@@ -2218,10 +2299,12 @@ def flux_position_code(model, kwargs):
 
 # Rectified flow: x_t = (1 - s) x0 + s noise, the model predicts noise - x0; s from the scheduler's 1,000 training
 # sigmas (SD3's already pushed through its static shift, Flux's unshifted: its shift is dynamic, at sampling only).
-def flow_schedule(noise_scheduler, model, device):
-    """The training timesteps (sigma * 1,000) and sigmas; the config records the objective."""
-    return ({"timesteps": noise_scheduler.timesteps.to(device), "sigmas": noise_scheduler.sigmas.to(device)},
-            {"prediction_type": "flow"})
+class FlowSchedule(NamedTuple):
+    """What the rectified-flow step needs: the training timesteps (sigma x 1,000), sigmas and noise level density."""
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    density: object  # (b, g) -> b noise levels in [0, 1)
+    prediction_type: str = "flow"  # what the checkpoints' config records
 
 
 def logit_normal(b, g):
@@ -2232,6 +2315,14 @@ def logit_normal(b, g):
 def uniform(b, g):
     """Flux's (its scripts' default): uniform in [0, 1)."""
     return torch.rand(b, generator=g, device=g.device)
+
+
+def sd3_schedule(noise_scheduler, model, device):
+    return FlowSchedule(noise_scheduler.timesteps.to(device), noise_scheduler.sigmas.to(device), logit_normal)
+
+
+def flux_schedule(noise_scheduler, model, device):
+    return FlowSchedule(noise_scheduler.timesteps.to(device), noise_scheduler.sigmas.to(device), uniform)
 
 
 def sd3_call(model, x, t, text, gligen):
@@ -2253,35 +2344,34 @@ def flux_call(model, x, t, text, gligen):
     return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
 
 
-def flow_step_loss(model, batch, g, text_encoder, timesteps, sigmas, empty_ids, cfg, autocast=nullcontext(),
-                   text_inputs=None, noisy_input=as_is, grounding=text_box_grounding, per_image=False,
-                   box_attention=None, call=sd3_call, density=logit_normal):
-    """micro_step_loss for rectified flow: the same drops, conditioning and losses; the noise level drawn by the
-    family's density (raised to --timestep_power: above 1 draws more high noise), the model called as its pipeline
-    calls it."""
-    device = sigmas.device
-    x0 = batch["latents"][:, 0].float()  # the VAE mean, shifted and scaled as the pipelines' latents
-    b = x0.shape[0]
+def flow_loss(call, model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast, levers, per_image):
+    """GLIGEN's loss under rectified flow, SD's drops and loss: the noise level drawn by the family's density (to
+    --timestep_power: above 1 draws more high noise), the model called (call) as its pipeline calls it."""
+    b, device, T = len(batch["latents"]), schedule.sigmas.device, len(schedule.timesteps)
     keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
     keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
-    noise = torch.randn(x0.shape, generator=g, device=device)
-    i = (density(b, g) ** cfg["timestep_power"] * len(timesteps)).long().clamp(max=len(timesteps) - 1)
-    if batch["latents"].shape[1] == 2:  # the std was stored: a fresh sample of the VAE's latent
-        x0 = x0 + batch["latents"][:, 1].float() * torch.randn(x0.shape, generator=g, device=device)
-    s = sigmas[i].view(-1, 1, 1, 1)
-    x, target = noisy_input((1 - s) * x0 + s * noise, noise - x0, x0, batch)
-    text, masks, gligen = conditioning(text_encoder, batch, g, empty_ids, keep_caption, keep_grounding, autocast,
-                                       text_inputs, grounding)
-    if cfg["box_attn_loss"] > 0:
-        box_attention.set(batch["boxes"], masks, x0.shape[-2:])
+    noise = torch.randn(batch["latents"][:, 0].shape, generator=g, device=device)
+    i = (schedule.density(b, g) ** cfg["timestep_power"] * T).long().clamp(max=T - 1)
+    x0 = vae_sample(batch["latents"], g)  # shifted and scaled as the pipelines' latents
+    s = schedule.sigmas[i].view(-1, 1, 1, 1)
+    xt, target = (1 - s) * x0 + s * noise, noise - x0
+    ids, masks = dropped(batch, keep_caption, keep_grounding, empty_ids)
+    with torch.no_grad(), autocast:
+        text = text_encoder.captions(ids)  # encoder_hidden_states, pooled_projections (Flux-dev: guidance)
+        gligen = text_box_grounding(text_encoder, batch, masks)
     with autocast:
-        pred = call(model, x, timesteps[i], text, {"gligen": gligen})
-    return step_loss_of(pred, target, batch, cfg, box_attention, per_image, sigmas[i].float())
+        pred = call(model, xt, schedule.timesteps[i], text, {"gligen": gligen})
+    return denoising_loss(pred, target, batch, levers, per_image, schedule.sigmas[i].float())
 
 
-def mmdit_caption_inputs(text_encoder, ids, batch):
-    """The transformer's text inputs for caption ids: encoder_hidden_states, pooled_projections (Flux-dev: guidance)."""
-    return text_encoder.captions(ids)
+def sd3_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
+             per_image=False):
+    return flow_loss(sd3_call, model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast, levers, per_image)
+
+
+def flux_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
+              per_image=False):
+    return flow_loss(flux_call, model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast, levers, per_image)
 
 
 def mmdit_prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
@@ -2340,21 +2430,23 @@ def flow_generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds,
     return decode(vae, latents)
 
 
-def trained_size(data, pick):
-    """The validation grid at the training images' size (Flux's transformer records no native size: its pipeline's
-    default, 1,024 pixels, would be drawn otherwise)."""
-    return dict(height=data.resolution, width=data.resolution)
+def generate_sd3(*args, **kwargs):
+    return flow_generate(*args, call=sd3_call, **kwargs)
 
 
-MMDIT = dict(text_inputs=mmdit_caption_inputs, schedule=flow_schedule, samplers=("flow_euler",),
-             prompt_inputs=mmdit_prompt_inputs, val_options=trained_size)
-FAMILIES["sd3"] = dict(MMDIT, load=load_sd3, add_adapters=inject_mmdit,
-                       step_loss=partial(flow_step_loss, call=sd3_call, density=logit_normal),
-                       generate=partial(flow_generate, call=sd3_call))
-FAMILIES["flux"] = dict(MMDIT, load=load_flux,
-                        add_adapters=partial(inject_mmdit, fuser=PositionedFuser, code=flux_position_code),
-                        step_loss=partial(flow_step_loss, call=flux_call, density=uniform),
-                        generate=partial(flow_generate, call=flux_call, flux=True))
+def generate_flux(*args, **kwargs):
+    return flow_generate(*args, call=flux_call, flux=True, **kwargs)
+
+
+def inject_flux(model):
+    return inject_mmdit(model, fuser=PositionedFuser, code=flux_position_code)
+
+
+MMDIT = dict(samplers=("flow_euler",))
+FAMILIES["sd3"] = dict(MMDIT, load=load_sd3, schedule=sd3_schedule, add_adapters=inject_mmdit, loss=sd3_loss,
+                       generate=generate_sd3)
+FAMILIES["flux"] = dict(MMDIT, load=load_flux, schedule=flux_schedule, add_adapters=inject_flux, loss=flux_loss,
+                        generate=generate_flux)
 
 
 def cli():

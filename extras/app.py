@@ -426,7 +426,7 @@ def build(cfg, sampler):
                         guidance = gr.Slider(0, 20, cfg["guidance"], step=0.5, label="Guidance")
                         beta = gr.Slider(0, 1, cfg["beta"], step=0.05,
                                          label="Beta: grounding for this share of the steps (scheduled sampling)")
-                        scheduler = gr.Dropdown(["auto", *sampler.seams.samplers], value=cfg["scheduler"],
+                        scheduler = gr.Dropdown(["auto", *sampler.stages.samplers], value=cfg["scheduler"],
                                                 label="Scheduler")
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=1):

@@ -7,7 +7,7 @@ Benchmarks, with no download.
 --what=train: images/s, model-FLOPs utilisation and peak memory of a GLIGEN training step on a randomly initialised
 full-size UNet and text encoder (--unet: sd15, sd21-base, sdxl; "tiny" for a CPU smoke run), for this project's step
 and for the reference recipe that IGLIGEN and diffusers' example train with, side by side in one process on one device:
-    ours        train_gligen.py's own micro_step_loss and optimizer_step: frozen base and text encoder in bf16, fp32
+    ours        train_gligen.py's own sd_loss and optimizer_step: frozen base and text encoder in bf16, fp32
                 adapters under bf16 autocast, distinct phrases padded to the longest and encoded once, SDPA, fused
                 AdamW with the on-device NaN skip (torch.compile with --compile=True)
     reference   IGLIGEN's step: diffusers' own attention_type="gated" UNet in fp32 under fp16 autocast, GradScaler,
@@ -193,21 +193,20 @@ def recipe(name, unet_name, device, compile_=False):
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     base, scheduler = UNet2DConditionModel(**UNETS[unet_name]), DDPMScheduler()
-    if name == "ours":  # train_gligen.py's own step: micro_step_loss and optimizer_step
+    if name == "ours":  # train_gligen.py's own step: sd_loss and optimizer_step
         dtype = torch.bfloat16 if cuda else torch.float32  # the frozen base; the adapters stay fp32
         unet = tg.inject_gligen(base.to(device, dtype).requires_grad_(False))
         te = text_encoder(unet_name).to(device, dtype).requires_grad_(False)
-        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]
+        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in tg.adapter_state(unet)]
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
         model = torch.compile(unet) if compile_ else unet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-        cfg = dict(caption_keep=0.5, grounding_drop=0.1, prediction_type="epsilon", **tg.GLIGEN_RECIPE)
-        alphas_cumprod = scheduler.alphas_cumprod.to(device)
-        seams = tg.choose_seams("sdxl" if unet_name == "sdxl" else "sd")  # SDXL: its text inputs
+        schedule = tg.noise_schedule(scheduler, unet_name, device)
+        loss_fn = tg.sdxl_loss if unet_name == "sdxl" else tg.sd_loss  # the trainer's step, GLIGEN's recipe
 
         def loss(batch, i, model=model):
             g = tg.sample_generator(0, i, 0, device)
-            return seams.step_loss(model, batch, g, te, alphas_cumprod, batch["empty_ids"], cfg, autocast)
+            return loss_fn(model, batch, g, te, schedule, batch["empty_ids"], tg.config, autocast)
 
         def step(batch, i):
             loss(batch, i).backward()
@@ -222,7 +221,7 @@ def recipe(name, unet_name, device, compile_=False):
     # fp16 autocast with a GradScaler and AdamW; the text encoder in fp16; each image's phrases encoded in a loop.
     unet = UNet2DConditionModel.from_config(base.config, attention_type="gated").to(device).requires_grad_(False)
     te = text_encoder(unet_name).to(device, torch.float16 if cuda else torch.float32).requires_grad_(False)
-    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if tg.is_adapter(n)]
+    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in tg.adapter_state(unet)]
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
