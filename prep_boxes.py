@@ -17,8 +17,9 @@ prep_latents.py.
 
 Detection (--detector): the inputs and captions are prep_latents.py's (--images or --tars, --captions). The phrases
 are the caption's tokens whose score on a box passes --text_threshold, for boxes whose best token score passes
---box_threshold (GroundingDINO's phrases from its token map, as IGLIGEN made them), or, with --phrases=<JSONL of {"image", "phrases"}>, the
-given phrases, each box labelled with the phrase its score is highest on. Overlapping
+--box_threshold (GroundingDINO's phrases from its token map, as IGLIGEN made them), or, with
+--phrases=<JSONL of {"image", "phrases"}>, the given phrases, each box labelled with the phrase its score is highest
+on. Overlapping
 boxes of one phrase are thinned by non-maximum suppression (--nms, IoU). Each image is detected whole, at the
 detector's own resolution, in batches; boxes are stored relative to the original image with its size, and with
 their "scores". Under torchrun the input shards are split over the ranks; each shard's boxes go to

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import (adapter_state, adapters_file, check_image, check_layouts, check_out_dir, choose_stages,
+from train_gligen import (adapter_params, adapters_file, check_image, check_layouts, check_out_dir, choose_stages,
                           configure, draw_layout, fail, family_of, in_range, is_moving, load_adapters, load_clip_tower,
                           load_image_project, load_model, mode_of, native_size, project_image_embeds, read_jsonl,
                           set_adapters, vae_scale, SCHEDULERS)
@@ -235,9 +235,8 @@ class Sampler:
         if self.adapters:
             stages.add_adapters(self.unet)
             set_adapters(self.unet, self.adapters, cfg["adapters"])
-            names = adapter_state(self.unet).keys()
-            for name, p in self.unet.named_parameters():  # the adapters in the sampling precision, as the base
-                p.data = p.data.to(dtype) if name in names else p.data
+            for p in adapter_params(self.unet):  # the adapters in the sampling precision, as the base
+                p.data = p.data.to(dtype)
         else:
             print("no --adapters: sampling the base model, boxes ignored")
         size = native_size(self.unet, self.vae)

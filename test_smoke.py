@@ -1,32 +1,12 @@
 """
 Smoke tests: a tiny end-to-end run on CPU with no downloads, plus checks that can fail.
 
-    pytest -q test_smoke.py        # 144 tests, about 10 minutes on 2 CPU cores (621 s of pytest in a clean clone's .ci/run of 6cf8345, 2026-12-02)
+    pytest -q test_smoke.py        # about 5 to 7 minutes on 2 CPU cores (docs/tests.md has the timings)
 
-Tiny randomly initialised SD components (UNet, VAE, CLIP text encoder, an offline CLIP tokenizer written as
-vocab.json + merges.txt, scheduler) are saved as a diffusers directory, so the real from_pretrained paths run.
+Tiny randomly initialised components are saved as diffusers directories, so the real from_pretrained paths run.
 The file reads: helpers and fixtures, then the method, prep, training, determinism, sampling, bad input, faults,
-extras, the app. The app's tests need extras/requirements.txt and Debian's chromium; without them they skip (under
-GLIGEN_CI=1, as .ci/run sets, they fail).
-
-`pytest --durations=15` on 2026-12-02, before the 5 tests of the levers (2-core x86 CPU; 118 passed in 367.9 s, the 4 app tests about 31 s of it, the
-shapes demo test 11.5 s since its scripts run in-process (41 s as subprocesses); a clean clone's bash .ci/run just
-before that change: 118 passed in 405.9 s):
-    24.21s call     test_smoke.py::test_gpu_check_dry_run_runs_every_stage
-    20.13s call     test_smoke.py::test_prep_boxes_detects_with_grounding_dino_and_resumes
-    18.67s call     test_smoke.py::test_prep_latents_killed_and_restarted_equals_uninterrupted
-    18.53s call     test_smoke.py::test_compile_setting_compiles_the_training_step_and_trains_the_same
-    16.88s call     test_smoke.py::test_two_processes_equal_one
-    15.71s call     test_smoke.py::test_corrupt_and_truncated_checkpoints_fall_back
-    15.18s call     test_smoke.py::test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks
-    14.69s call     test_smoke.py::test_kill_9_in_the_middle_of_a_save
-    13.80s call     test_smoke.py::test_sigterm_saves_at_a_step_boundary_and_a_restart_ends_equal
-    13.54s call     test_smoke.py::test_elastic_restart_after_a_worker_dies
-    13.39s call     test_smoke.py::test_training_overfits_one_batch_and_changes_only_adapters
-    11.57s call     test_smoke.py::test_app_gives_sample_py_pixels_and_survives_bad_layouts
-    10.58s call     test_smoke.py::test_score_grounding_runs_a_detector_from_a_directory
-    9.75s call     test_smoke.py::test_sample_equals_exported_pipeline[ddim]
-    9.55s setup    test_smoke.py::test_kill_9_in_the_middle_of_a_save
+extras, the code, the app. The app's tests need extras/requirements.txt and Debian's chromium; without them they skip
+(under GLIGEN_CI=1, as .ci/run sets, they fail).
 """
 import copy
 import errno
@@ -68,7 +48,7 @@ def keep_signal_handlers():
 def write_tokenizer(path):
     """A tiny CLIP BPE vocabulary: CLIP's byte alphabet, with and without the end-of-word mark, a few merges."""
     path.mkdir(parents=True, exist_ok=True)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -77,7 +57,8 @@ def write_tokenizer(path):
             n += 1
     chars = [chr(c) for c in cs]
     merges = ["a n", "t h", "th e</w>", "o n</w>", "e d</w>", "i n", "r e"]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return len(vocab)
@@ -126,8 +107,10 @@ def make_tiny_sd(path, prediction_type="epsilon", sd2=False):
     vae = tiny_vae()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
     return path
 
 
@@ -150,7 +133,8 @@ def make_tiny_sdxl(path):
                                        steps_offset=1, timestep_spacing="leading")
     StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(tiny_text_config(n_vocab)),
                               text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(n_vocab, projection_dim=32)),
-                              tokenizer=tok[0], tokenizer_2=tok[1], unet=unet, scheduler=scheduler).save_pretrained(path)
+                              tokenizer=tok[0], tokenizer_2=tok[1], unet=unet,
+                              scheduler=scheduler).save_pretrained(path)
     return path
 
 
@@ -238,8 +222,8 @@ def make_tiny_clip(path):
     n_vocab = write_tokenizer(path / "_tok")
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=32)
-    CLIPModel(CLIPConfig(text_config=tiny_text_config(n_vocab, projection_dim=32).to_dict(), vision_config=vision.to_dict(),
-                         projection_dim=32)).save_pretrained(path)
+    text = tiny_text_config(n_vocab, projection_dim=32).to_dict()
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=32)).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
 
@@ -247,8 +231,8 @@ def make_tiny_clip(path):
 def make_tiny_grounding_dino_vocab(path):
     """An offline BERT vocabulary: a few words, then single letters for everything else."""
     path.mkdir(parents=True, exist_ok=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", "a", "red", "blue", "square", "circle", "cat", "on",
-             "mat", "tall", "door", "five", "six"]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", "a", "red", "blue", "square", "circle", "cat",
+             "on", "mat", "tall", "door", "five", "six"]
     (path / "vocab.txt").write_text("\n".join(words + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
     return path
 
@@ -263,8 +247,9 @@ def make_tiny_grounding_dino(path):
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1],
                                    window_size=4, out_features=["stage2", "stage3"]),
-        text_config=BertConfig(vocab_size=len((path / "vocab.txt").read_text().split()), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=64),
+        text_config=BertConfig(vocab_size=len((path / "vocab.txt").read_text().split()), hidden_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                               max_position_embeddings=64),
         d_model=32, num_queries=8, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
         encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=2, encoder_n_points=2,
         decoder_n_points=2, max_text_len=32, use_timm_backbone=False, use_pretrained_backbone=False)
@@ -294,7 +279,8 @@ def make_coco(root, n=12, seed=0):
             w, h = int(rng.integers(8, W // 2)), int(rng.integers(8, H // 2))
             x, y = int(rng.integers(0, W - w)), int(rng.integers(0, H - h))
             arr[y:y + h, x:x + w] = SHAPES[cat][1]
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=cat, bbox=[x, y, w, h], iscrowd=0, area=w * h))
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=cat, bbox=[x, y, w, h], iscrowd=0,
+                             area=w * h))
         Image.fromarray(arr).save(root / "images" / name)
         images.append(dict(id=i + 1, file_name=name, width=W, height=H))
         caps += [dict(id=1000 + 2 * i + 1, image_id=i + 1, caption=f" second caption {i}"),
@@ -319,6 +305,13 @@ def jpeg_bytes(seed, size=(40, 28)):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
+
+
+def png_bytes(jpeg):
+    """A JPEG's image as PNG bytes."""
+    b = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(b, "PNG")
+    return b.getvalue()
 
 
 def write_tar(path, members, gz=False):
@@ -348,7 +341,7 @@ def make_tars(root):
     (root / "captions.json").write_text(json.dumps(captions))
     (root / "wds").mkdir()
     write_tar(root / "wds" / "part-000.tar.gz", [
-        ("000000.png", (lambda b: (Image.open(io.BytesIO(jpeg_bytes(8))).save(b, "PNG"), b.getvalue())[1])(io.BytesIO())),
+        ("000000.png", png_bytes(jpeg_bytes(8))),
         ("000000.txt", b"a png with a txt caption"), ("000001.jpg", jpeg_bytes(9)),
         ("000001.json", json.dumps(dict(caption="a jpg with a json caption")).encode()),
         ("000002.jpg", jpeg_bytes(10))], gz=True)
@@ -389,7 +382,8 @@ def grounding_inputs(B=2, D=32, seed=1, images=False):
     masks[0, :3] = 1
     masks[1, :1] = 1
     if images:  # text-image: box 0 has both, box 1 only a phrase, box 2 only an image
-        phrases_masks, image_masks = masks * torch.tensor([1.0, 1, 0] + [1] * 27), masks * torch.tensor([1.0, 0] + [1] * 28)
+        phrases_masks = masks * torch.tensor([1.0, 1, 0] + [1] * 27)
+        image_masks = masks * torch.tensor([1.0, 0] + [1] * 28)
         return dict(boxes=boxes, masks=masks, phrases_masks=phrases_masks, image_masks=image_masks,
                     phrases_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g),
                     image_embeddings=torch.randn(B, tg.N_SLOTS, D, generator=g))
@@ -398,7 +392,8 @@ def grounding_inputs(B=2, D=32, seed=1, images=False):
 
 def run(script, *args, torchrun=0, timeout=None, **env):
     """Run a project script as a user would; return its completed process (stdout and stderr as text)."""
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [])
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
+    cmd = [sys.executable, *launcher]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **env}
     return subprocess.run(cmd + [str(HERE / script), *args], capture_output=True, text=True, env=env, cwd=HERE,
                           timeout=timeout)
@@ -410,10 +405,14 @@ def train_cfg(tiny_sd, tiny_data, out_dir, **over):
             "val_every": 0, "warmup_steps": 2, "lr": 1e-3, **over}
 
 
+def args_of(cfg):
+    """A cfg as the trainer's command line: the settings that differ from config."""
+    return [f"--{k}={v}" for k, v in cfg.items() if k in tg.config and v != tg.config[k]]
+
+
 def fault_args(tiny_sd, tiny_data, out_dir, *extra):
-    return [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
-            "--global_batch=4", "--micro_batch=2", "--max_steps=20", "--lr=1e-3", "--warmup_steps=2",
-            "--num_workers=0", "--val_every=0", "--log_every=1", "--save_every=5", f"--out_dir={out_dir}", *extra]
+    """The command line of the fault tests' run: train_cfg's, 20 steps, a checkpoint every 5."""
+    return args_of(train_cfg(tiny_sd, tiny_data, out_dir, max_steps=20, save_every=5)) + list(extra)
 
 
 ONE_THREAD = dict(OMP_NUM_THREADS="1")  # as torchrun sets for its workers: the same float reductions everywhere
@@ -492,8 +491,8 @@ def random_adapters_of(stages, base, seed, path, gate=2.0, noise=1.0, **metadata
 
     torch.manual_seed(seed)
     sd = tg.adapter_state(stages.add_adapters(copy.deepcopy(base)))
-    sd = {k: torch.full_like(v, gate) if ".alpha_" in k else v + torch.randn_like(v) * noise * (0.5 if v.ndim < 2 else 0.3)
-          for k, v in sd.items()}
+    sd = {k: torch.full_like(v, gate) if ".alpha_" in k else
+          v + torch.randn_like(v) * noise * (0.5 if v.ndim < 2 else 0.3) for k, v in sd.items()}
     path.mkdir(parents=True, exist_ok=True)
     save_file(sd, path / "adapters.safetensors", metadata={"config": json.dumps(metadata)})
     return sd
@@ -636,12 +635,12 @@ def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_
     base = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     # diffusers' own gated UNet on the same base. (from_pretrained(..., attention_type="gated") would leave the new
     # tensors uninitialised in diffusers 0.42.1, non-finite values included; from_config initialises them.)
-    gated = UNet2DConditionModel.from_config(base.config, attention_type="gated-text-image" if images else "gated").eval()
+    kind = "gated-text-image" if images else "gated"
+    gated = UNet2DConditionModel.from_config(base.config, attention_type=kind).eval()
     assert gated.load_state_dict(base.state_dict(), strict=False).unexpected_keys == []
     with torch.no_grad():  # random adapters, gates open: every term of the fuser counts
-        for name, p in gated.named_parameters():
-            if name in tg.adapter_state(gated):
-                p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
+        for p in tg.adapter_params(gated):
+            p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
     ours = tg.inject_gligen(UNet2DConditionModel.from_pretrained(model, subfolder="unet"), **pn).eval()
     assert list(ours.state_dict()) == list(gated.state_dict())  # the same names, in the same order
     tg.set_adapters(ours, tg.adapter_state(gated), "diffusers")
@@ -653,7 +652,8 @@ def test_injection_equals_diffusers_gated_unet(variant, tiny_sd, tiny_sd2, tiny_
     t = torch.tensor([10, 700])
     kw = {"gligen": grounding_inputs(D=D, images=images)}
     added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g),
-                                   "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}} if variant == "sdxl" else {}
+                                   "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}}
+    added = added if variant == "sdxl" else {}
     with torch.no_grad():
         want = gated(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw, **added).sample
         got = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw, **added).sample
@@ -686,9 +686,8 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
     with torch.no_grad():
         base_out = base(x, t, encoder_hidden_states=text).sample
         assert torch.equal(ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample, base_out)
-        for name, p in ours.named_parameters():
-            if name in tg.adapter_state(ours):
-                p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
+        for p in tg.adapter_params(ours):
+            p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 0.05))
         got = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs=kw).sample
         moved = {**kw["gligen"], "boxes": kw["gligen"]["boxes"].flip(-1)}
         other = ours(x, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": moved}).sample
@@ -722,9 +721,11 @@ def test_video_unet_gets_fusers_in_its_spatial_blocks_only(tiny_video):
 def test_forward_process_matches_diffusers(prediction_type):
     from diffusers import DDPMScheduler
 
-    s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      prediction_type=prediction_type)
     g = torch.Generator().manual_seed(0)
-    x0, noise, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0, 500, 999])
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
     xt, target = tg.forward_process(s.alphas_cumprod, x0, noise, t, prediction_type)
     torch.testing.assert_close(xt, s.add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(target, noise if prediction_type == "epsilon" else s.get_velocity(x0, noise, t),
@@ -785,14 +786,15 @@ def test_prep_boxes_handles_coco_quirks(tiny_data):
     assert recs["img_001.jpg"]["boxes"][-1] == [0.0, round(20 / h, 6), round(12 / w, 6), 1.0]  # clipped left and bottom
     assert len(recs["img_002.png"]["boxes"]) == 3  # its zero-area box is dropped
     log = tiny_data["boxes_log"]
-    for quirk in ("1 crowd annotations left out", "1 boxes clipped", "1 boxes of zero area dropped", "3 images without boxes"):
+    for quirk in ("1 crowd annotations left out", "1 boxes clipped", "1 boxes of zero area dropped",
+                  "3 images without boxes"):
         assert quirk in log, log
 
 
 def test_prep_latents_encodes_crops_and_names_skipped(tiny_sd, tiny_data):
     out = tiny_data["latents"]
     meta = json.loads((out / "meta.json").read_text())
-    index = [json.loads(l) for l in (out / "index.jsonl").read_text().splitlines()]
+    index = [r for _, r in tg.read_jsonl(out / "index.jsonl")]
     assert meta["latent_shape"] == [4, 8, 8] and meta["resolution"] == 16 and meta["images"] == len(index) == 12
     assert (meta["views"], meta["stats"]) == (["original", "flipped"], ["mean", "std"])
     assert sorted(p.name for p in out.glob("*.npy")) == [f"images_0000{i}.npy" for i in range(4)]  # 15 files, 4 a shard
@@ -802,7 +804,8 @@ def test_prep_latents_encodes_crops_and_names_skipped(tiny_sd, tiny_data):
     assert "broken.jpg" in tiny_data["latents_log"] and "uncaptioned.png" in tiny_data["latents_log"]
     # stored: the VAE mean and std of the center crop and of its mirror image, times the scaling factor
     rec = next(r for r in index if r["key"] == "img_000.png")  # 48 x 32: the crop is x 8..40
-    assert (rec["width"], rec["height"], rec["crop"], rec["caption"]) == (48, 32, [8, 0, 40, 32], "a picture of shapes number 0")
+    got = (rec["width"], rec["height"], rec["crop"], rec["caption"])
+    assert got == (48, 32, [8, 0, 40, 32], "a picture of shapes number 0")
     assert_latents_of(tiny_sd, tiny_data["root"] / "images" / "img_000.png", out / rec["shard"], rec["row"], 16)
 
 
@@ -820,7 +823,8 @@ def test_captions_from_a_coco_json_a_name_map_and_a_jsonl(tiny_data, tmp_path):
 
 def test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks(tiny_sd, tars, tmp_path):
     out = tmp_path / "sa1b"
-    r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'sa_*.tar'}", f"--captions={tars / 'captions.json'}",
+    r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'sa_*.tar'}",
+            f"--captions={tars / 'captions.json'}",
             f"--out={out}", "--resolution=16", "--batch_size=2", "--num_workers=1", "--std=True", "--flip=True",
             torchrun=2, **ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -829,7 +833,8 @@ def test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks(tiny_sd, tars,
     assert sorted(index) == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg", "sa_6.jpg"]
     assert index["sa_2.jpg"]["caption"] == "a tall red door" and index["sa_6.jpg"]["shard"] == "sa_000001.npy"
     skipped = {s["image"]: s["reason"] for _, s in tg.read_jsonl(out / "skipped.jsonl")}
-    assert (skipped["sa_3.jpg"], skipped["sa_4.jpg"], skipped["sa_7.jpg"]) == ("unreadable", "no caption", "truncated tar")
+    got = (skipped["sa_3.jpg"], skipped["sa_4.jpg"], skipped["sa_7.jpg"])
+    assert got == ("unreadable", "no caption", "truncated tar")
     assert all(name in r.stdout for name in ("sa_3.jpg", "sa_4.jpg", "sa_7.jpg"))  # named in the summary
     with tarfile.open(tars / "sa_000000.tar") as tar:
         (tmp_path / "sa_2.jpg").write_bytes(tar.extractfile("sa_2.jpg").read())
@@ -890,8 +895,8 @@ def test_prep_latents_killed_and_restarted_equals_uninterrupted(tiny_sd, tiny_da
     (tmp_path / "bad.json").write_text("{")  # a job that stopped before its first shard: another setting is no conflict
     for flip in ("True", "False"):
         with pytest.raises(SystemExit, match="bad.json: not valid JSON"):
-            pl.main(pl.configure(pl.config, [*args[:2], f"--out={tmp_path / 'fresh'}", f"--captions={tmp_path / 'bad.json'}",
-                                             f"--flip={flip}"]))
+            pl.main(pl.configure(pl.config, [*args[:2], f"--out={tmp_path / 'fresh'}",
+                                             f"--captions={tmp_path / 'bad.json'}", f"--flip={flip}"]))
 
 
 def test_igligen_import_needs_opt_in_and_reads_its_pickles(tmp_path):
@@ -982,10 +987,12 @@ def test_prep_boxes_detects_with_grounding_dino_and_resumes(tars, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     recs = {rec["image"]: rec for _, rec in tg.read_jsonl(out)}
     assert sorted(recs) == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg", "sa_6.jpg"]
-    assert (recs["sa_2.jpg"]["width"], recs["sa_2.jpg"]["height"], recs["sa_2.jpg"]["caption"]) == (28, 40, "a tall red door")
+    door = recs["sa_2.jpg"]
+    assert (door["width"], door["height"], door["caption"]) == (28, 40, "a tall red door")
     for rec in recs.values():  # box threshold 0 and no NMS: every query is a box
         assert len(rec["boxes"]) == len(rec["phrases"]) == len(rec["scores"]) == 8
-        assert all(0 <= v <= 1 for b in rec["boxes"] for v in b) and all(b[2] > b[0] and b[3] > b[1] for b in rec["boxes"])
+        assert all(0 <= v <= 1 for b in rec["boxes"] for v in b)
+        assert all(b[2] > b[0] and b[3] > b[1] for b in rec["boxes"])
     assert recs["sa_1.jpg"]["phrases"][0] == "a cat on a mat"  # text threshold 0: all the caption's words, in order
     skipped = {s["image"]: s["skipped"] for _, s in tg.read_jsonl(tmp_path / "boxes.skipped.jsonl")}
     assert skipped["sa_3.jpg"] == "unreadable" and skipped["sa_4.jpg"] == "no caption" and "sa_7.jpg" in skipped
@@ -1011,7 +1018,8 @@ def test_prep_boxes_detects_with_grounding_dino_and_resumes(tars, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     recs = {rec["image"]: rec for _, rec in tg.read_jsonl(tmp_path / "given.jsonl")}
     assert sorted(recs) == ["0.jpg", "1.jpg"] and "2.jpg" in r.stdout  # 2.jpg has no phrases: skipped, named
-    assert set(recs["0.jpg"]["phrases"]) <= {"a red square", "circle"} and set(recs["1.jpg"]["phrases"]) == {"a blue circle"}
+    assert set(recs["0.jpg"]["phrases"]) <= {"a red square", "circle"}
+    assert set(recs["1.jpg"]["phrases"]) == {"a blue circle"}
     from prep_boxes import iou
     for rec in recs.values():  # after NMS no two boxes of a phrase overlap by more than 0.3
         for i, (p, a) in enumerate(zip(rec["phrases"], rec["boxes"])):
@@ -1024,7 +1032,8 @@ def test_loader_maps_boxes_through_the_crop(tiny_data):
     assert len(data) == 12
     # a 48 x 32 image cropped to x 8..40: a box over x 0..16 of the image keeps x 8..16, a quarter of the crop
     phrases, boxes, _ = tg.GroundedLatents.crop_layout(
-        dict(width=48, height=32, phrases=["a", "b", "c"], boxes=[[0, 0, 16 / 48, 0.5], [0, 0, 4 / 48, 1], [0.5, 0.5, 1, 1]]),
+        dict(width=48, height=32, phrases=["a", "b", "c"],
+             boxes=[[0, 0, 16 / 48, 0.5], [0, 0, 4 / 48, 1], [0.5, 0.5, 1, 1]]),
         [8, 0, 40, 32], max_boxes=2, min_box_area=0.01)
     assert phrases == ["c", "a"]  # largest first; "b" lies outside the crop and is dropped
     np.testing.assert_allclose(boxes, [[0.5, 0.5, 1, 1], [0, 0, 0.25, 0.5]], atol=1e-6)
@@ -1075,7 +1084,8 @@ def test_text_image_drops_a_phrase_or_an_image_never_both(tiny_sd):
     both, filled = got["phrases_masks"] + got["image_masks"], masks > 0
     assert both[~filled].eq(0).all() and both[filled].ge(1).all()  # never neither
     kept_both = both[filled].eq(2).float().mean()  # 1 - 0.5: half keep both, a quarter each lose one
-    assert 0.4 < kept_both < 0.6 and (got["phrases_masks"][filled] == 0).any() and (got["image_masks"][filled] == 0).any()
+    assert 0.4 < kept_both < 0.6
+    assert (got["phrases_masks"][filled] == 0).any() and (got["image_masks"][filled] == 0).any()
 
 
 def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_data, tmp_path):
@@ -1091,10 +1101,12 @@ def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_dat
     assert np.mean(log[-10:]) < 0.8 * np.mean(log[:10]), log
 
     assert_base_untouched(unet, UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
-    assert_same_tensors(text_encoder.state_dict(), CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").state_dict())
+    frozen = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    assert_same_tensors(text_encoder.state_dict(), frozen.state_dict())
     saved = adapters_of(tmp_path / "run")
     assert_same_tensors(saved, tg.adapter_state(unet))
-    assert sorted(p.name for p in (tmp_path / "run").glob("val_*.png")) == ["val_0000000.png", "val_0000030.png", "val_0000060.png"]
+    grids = sorted(p.name for p in (tmp_path / "run").glob("val_*.png"))
+    assert grids == ["val_0000000.png", "val_0000030.png", "val_0000060.png"]
 
 
 def test_training_draws_latents_from_the_stored_std(tiny_sd, tiny_data, tmp_path):
@@ -1124,16 +1136,18 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(family, fusers, t
     runs = {}
     for ckpt in (False, True):
         calls.clear()
-        tg.main({**train_cfg(None, data, tmp_path / str(ckpt), max_steps=2, save_every=2),
-                 "model": str(request.getfixturevalue(f"tiny_{family}")), "grad_checkpointing": ckpt, "box_attn_loss": 1.0})
+        model = str(request.getfixturevalue(f"tiny_{family}"))
+        tg.main(train_cfg(model, data, tmp_path / str(ckpt), max_steps=2, save_every=2, grad_checkpointing=ckpt,
+                          box_attn_loss=1.0))
         runs[ckpt] = (len(calls), adapters_of(tmp_path / str(ckpt)))
     # the fusers x (the FLOP-counting pass + 2 micro-batches x 2 steps), twice with checkpointing
     assert runs[True][0] == 2 * runs[False][0] == 2 * fusers * (1 + 2 * 2)
     assert_same_tensors(runs[True][1], runs[False][1])
     if family != "sdxl":
         return
-    with pytest.raises(SystemExit, match="--grad_checkpointing=True: diffusers' UNet3DConditionModel does not support it"):
-        tg.main(train_cfg(request.getfixturevalue("tiny_video"), tiny_data, tmp_path / "video", grad_checkpointing=True))
+    video = request.getfixturevalue("tiny_video")
+    with pytest.raises(SystemExit, match="--grad_checkpointing=True: diffusers' UNet3DConditionModel does not"):
+        tg.main(train_cfg(video, tiny_data, tmp_path / "video", grad_checkpointing=True))
 
 
 def test_compile_setting_compiles_the_training_step_and_trains_the_same(tiny_sd, tiny_data, tmp_path):
@@ -1148,7 +1162,8 @@ def test_compile_setting_compiles_the_training_step_and_trains_the_same(tiny_sd,
         torch._dynamo.utils.counters.clear()
         tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / (backend or "eager"), max_steps=2, save_every=2),
                  "compile": backend})
-        runs[backend] = (torch._dynamo.utils.counters["stats"]["unique_graphs"], adapters_of(tmp_path / (backend or "eager")))
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        runs[backend] = (graphs, adapters_of(tmp_path / (backend or "eager")))
     assert runs[""][0] == 0 and runs["aot_eager"][0] >= 1
     eager, compiled = runs[""][1], runs["aot_eager"][1]
     assert_same_tensors(eager, compiled)
@@ -1174,7 +1189,8 @@ def test_box_use_losses_mirror_the_boxes_and_drop_the_grounding(tiny_sd, tiny_da
     assert len(set(losses(got).values())) == 3, got
     b = batch["boxes"]
     mirrored = torch.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], -1)  # x -> 1 - x, x0 and x1 swapped
-    assert got["val_loss_mirrored"] == loss_of(unet, {**batch, "boxes": mirrored}, torch.Generator().manual_seed(5)).item()
+    five = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert got["val_loss_mirrored"] == loss_of(unet, {**batch, "boxes": mirrored}, five()).item()
     assert got["val_loss_boxes"] == loss_of(unet, batch, torch.Generator().manual_seed(5)).item()
     with torch.no_grad():
         (loss, true, t), (_, wrong, _) = (loss_of(unet, x, torch.Generator().manual_seed(5), per_image=True)
@@ -1206,7 +1222,8 @@ def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attenti
     boxes[0, 0], boxes[1, 0], masks[:, 0] = torch.tensor([0, 0, 0.5, 1]), torch.tensor([0.3, 0.3, 0.55, 0.55]), 1
     want = ((3 * 9 * 32 + 32) / (3 * 32 + 32) + (3 * 9 * 4 + 60) / (3 * 4 + 60)) / 2
     assert tg.box_weighted_mse(pred, target, boxes, masks, 3.0).item() == pytest.approx(want, rel=1e-6)
-    assert tg.box_weighted_mse(pred, target, boxes, masks, 1.0).item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item())
+    plain_mse = torch.nn.functional.mse_loss(pred, target).item()
+    assert tg.box_weighted_mse(pred, target, boxes, masks, 1.0).item() == pytest.approx(plain_mse)
 
     unet, te, tok, scheduler = tg.load_sd(str(tiny_sd), "cpu", torch.float32)
     torch.manual_seed(0)
@@ -1231,11 +1248,12 @@ def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attenti
 
     F = torch.nn.functional
     caught, sdpa = [], F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: caught.append((q, k)) or sdpa(q, k, v, *a, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: caught.append((q, k)) or sdpa(q, k, v, *a, **kw))
     supervised = loss_of(g(), cfg=cfg, levers=levers)
     supervised.backward()
     assert all(p.grad is not None and p.grad.any() for p in net)
-    fusers = [(q, k) for q, k in caught if k.shape[2] == q.shape[2] + tg.N_SLOTS]  # visual queries, [visual; grounding] keys
+    fusers = [(q, k) for q, k in caught if k.shape[2] == q.shape[2] + tg.N_SLOTS]  # [visual; grounding] keys
     assert len(fusers) == sum(isinstance(m, tg.Fuser) for m in unet.modules()) > 0
     want = []
     for q, k in fusers:  # the cross-entropy, by hand: cells by loops, logits of the grounding keys from SDPA's inputs
@@ -1248,8 +1266,8 @@ def test_levers_draw_high_noise_weigh_the_boxes_and_supervise_the_fusers_attenti
             logp = logits[b][..., filled].log_softmax(-1)  # (heads, N, filled)
             for n in range(N):
                 r, c = divmod(n, side)
-                ins = [j for j, s in enumerate(filled) if int(batch["boxes"][b, s, 1] * side) <= r < int(batch["boxes"][b, s, 3] * side)
-                       and int(batch["boxes"][b, s, 0] * side) <= c < int(batch["boxes"][b, s, 2] * side)]
+                cell = lambda s, i: int(batch["boxes"][b, s, i] * side)  # noqa: E731
+                ins = [j for j, s in enumerate(filled) if cell(s, 1) <= r < cell(s, 3) and cell(s, 0) <= c < cell(s, 2)]
                 if ins:
                     total, count = total - logp[:, n, ins].mean(-1).mean(), count + 1
         want.append(total / count)
@@ -1279,7 +1297,8 @@ def test_step_flops_are_counted_per_image(tiny_sd, tiny_data, tmp_path):
     # twice that backward (torch's counter gives the flash kernels' backward 2.5 times: it recomputes Q K^T; and on
     # a CPU it counts no attention at all)
     q, k, v = (torch.randn(1, 2, n, 4, requires_grad=True) for n in (8, 5, 5))
-    assert tg.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()) == 1280 * 3
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert tg.count_flops(lambda: sdpa(q, k, v).sum().backward()) == 1280 * 3
 
 
 def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters, tmp_path):
@@ -1311,10 +1330,11 @@ DATA = dict(sdxl="tiny_sdxl_data", sd3="tiny_flow_data", flux="tiny_flow_data") 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
-    """Every family and mode, and SD1 with every grounding-sooner lever on: 4 steps straight (validating every 2 steps) equal 2 steps, a resume and 2 steps, across
-    an epoch boundary (12 images, 4 a step): the same adapters, optimizer state and logged losses (validation leaves
-    the training stream alone). Every adapter tensor trained; every tensor of the frozen base stayed bit-equal; the
-    checkpoints keep what the run's data names (text-image: image_project) and the base's prediction type."""
+    """Every family and mode, and SD1 with every grounding-sooner lever on: 4 steps straight (validating every 2
+    steps) equal 2 steps, a resume and 2 steps, across an epoch boundary (12 images, 4 a step): the same adapters,
+    optimizer state and logged losses (validation leaves the training stream alone). Every adapter tensor trained;
+    every tensor of the frozen base stayed bit-equal; the checkpoints keep what the run's data names (text-image:
+    image_project) and the base's prediction type."""
     fixture, mode = VARIANTS[variant]
     model = request.getfixturevalue(fixture)
     mode = {k: str(request.getfixturevalue(v)) if k == "image_features" else v for k, v in mode.items()}
@@ -1326,9 +1346,10 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
     straight = adapters_of(tmp_path / "straight")
     assert_same_tensors(adapters_of(tmp_path / "resumed"), straight)
     assert_same_tensors(optimizer_state(tmp_path / "resumed"), optimizer_state(tmp_path / "straight"))
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and np.isfinite(losses(tmp_path / "straight")).all()
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    assert np.isfinite(losses(tmp_path / "straight")).all()
     val = [r["step"] for _, r in tg.read_jsonl(tmp_path / "straight" / "log.jsonl") if "val_loss_boxes" in r]
-    assert val == [0, 2, 4] and sorted(p.name for p in (tmp_path / "straight").glob("val_*.png"))[-1] == "val_0000004.png"
+    assert val == [0, 2, 4] and max(p.name for p in (tmp_path / "straight").glob("val_*.png")) == "val_0000004.png"
 
     stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode)
     base, _, _, scheduler = stages.load(str(model), "cpu", torch.float32)
@@ -1404,7 +1425,8 @@ def test_two_processes_equal_one_on_mmdits(tiny_sd3, tiny_flux, tiny_flow_data, 
                 "--global_batch=4", "--micro_batch=2", "--max_steps=3", "--lr=1e-3", "--warmup_steps=2",
                 "--num_workers=0", "--val_every=0", "--log_every=3", "--box_attn_loss=1"]
         one = run("train_gligen.py", *args, f"--out_dir={tmp_path / model.name / 'one'}", OMP_NUM_THREADS="1")
-        two = run("train_gligen.py", *args, f"--out_dir={tmp_path / model.name / 'two'}", torchrun=2, OMP_NUM_THREADS="1")
+        two = run("train_gligen.py", *args, f"--out_dir={tmp_path / model.name / 'two'}", torchrun=2,
+                  OMP_NUM_THREADS="1")
         assert one.returncode == 0, one.stderr[-3000:]
         assert two.returncode == 0, two.stderr[-3000:]
         a, b = adapters_of(tmp_path / model.name / "one"), adapters_of(tmp_path / model.name / "two")
@@ -1456,7 +1478,7 @@ def sample_and_export(tiny_sd, adapters, tmp_path, scheduler="ddim", command_lin
         import sample
         sample.main(sample.configure(sample.config, args))
     pipe = StableDiffusionGLIGENPipeline.from_pretrained(tmp_path / "pipe")
-    assert type(pipe.scheduler).__name__ == {"ddim": "DDIMScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}[scheduler]
+    assert type(pipe.scheduler).__name__ == tg.SCHEDULERS[scheduler]
 
     def pipeline(beta):
         images = pipe(LAYOUT["prompt"], gligen_phrases=LAYOUT["phrases"], gligen_boxes=LAYOUT["boxes"],
@@ -1569,7 +1591,8 @@ def test_mmdit_sampling_equals_diffusers_pipelines_and_fresh_adapters_change_not
     for k, (layout, seed) in enumerate(zip(layouts, [3, 4])):
         text = tg.mmdit_prompt_inputs(te, tok, layout["prompt"], 1, 32, 32)
         latents = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
-        embeds = dict(prompt_embeds=text["encoder_hidden_states"][1:], pooled_prompt_embeds=text["pooled_projections"][1:],
+        embeds = dict(prompt_embeds=text["encoder_hidden_states"][1:],
+                      pooled_prompt_embeds=text["pooled_projections"][1:],
                       negative_prompt_embeds=text["encoder_hidden_states"][:1],
                       negative_pooled_prompt_embeds=text["pooled_projections"][:1])
         if family == "sd3":
@@ -1648,7 +1671,8 @@ def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, ra
     z = sample.photo_latent(tmp_path / "photo.png", pipe.vae, 16, 16)
     final = []
     decode = pipe.vae.decode
-    monkeypatch.setattr(pipe.vae, "decode", lambda x, **kw: final.append(x * pipe.vae.config.scaling_factor) or decode(x))
+    monkeypatch.setattr(pipe.vae, "decode",
+                        lambda x, **kw: final.append(x * pipe.vae.config.scaling_factor) or decode(x))
     tg.generate_inpaint(pipe.unet, pipe.vae, pipe.text_encoder, tg.Tokenizer(pipe.tokenizer), pipe.scheduler,
                         [dict(prompt="a red square", phrases=phrases, boxes=boxes)], [7], inpaint_latent=z, n=2,
                         steps=8, beta=0.5)
@@ -1676,14 +1700,16 @@ def test_text_image_sample_equals_exported_pipeline(tiny_sd, tiny_clip, tiny_dat
     sd = {k: torch.full_like(v, 2.0) if ".alpha_" in k else v + torch.randn_like(v) * (0.5 if v.ndim < 2 else 0.3)
           for k, v in sd.items()}
     (tmp_path / "run").mkdir()
-    save_file(sd, tmp_path / "run" / "adapters.safetensors", metadata={"config": json.dumps({"image_encoder": str(tiny_clip)})})
+    save_file(sd, tmp_path / "run" / "adapters.safetensors",
+              metadata={"config": json.dumps({"image_encoder": str(tiny_clip)})})
     weight = CLIPTextModelWithProjection.from_pretrained(tiny_clip).text_projection.weight.T.contiguous()
     save_file({"project.weight": weight}, tmp_path / "run" / "image_project.safetensors")
     rng = np.random.default_rng(1)
     refs = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(2)]
     for i, im in enumerate(refs):
         im.save(tmp_path / f"ref{i}.png")
-    phrases, images = ["a red square", "a blue circle", None], [str(tmp_path / "ref0.png"), None, str(tmp_path / "ref1.png")]
+    phrases = ["a red square", "a blue circle", None]
+    images = [str(tmp_path / "ref0.png"), None, str(tmp_path / "ref1.png")]
     boxes = [[0.1, 0.1, 0.5, 0.6], [0.55, 0.4, 0.95, 0.95], [0.5, 0.0, 1.0, 0.4]]
     sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "run"), "prompt": "shapes",
                  "phrases": phrases, "images": images, "boxes": boxes, "n": 2, "seed": 7, "steps": 6, "beta": 1.0,
@@ -1738,9 +1764,9 @@ def test_video_sampling_gives_each_frame_its_boxes(tiny_video):
 def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_clip, tmp_path):
     """sample.py on adapters of each family and mode: SD2 and SDXL images; video clips (PNG frames and GIFs, boxes
     moving); inpainting keeps a photo (and asks for one); text-image boxes by phrase, image or both (and a box needs
-    one); SD3 and Flux images (their flow scheduler by default). Each also writes a copy with the boxes drawn on. In bf16 and fp16 (SDXL's VAE in fp32) the images are
-    close to fp32's: mean level differences under 8 and 2 (bf16 keeps 8 bits of mantissa, fp16 11; measured on these
-    tiny random models, through 2 guided steps: 0.7 to 4.6 and 0.1 to 0.6)."""
+    one); SD3 and Flux images (their flow scheduler by default). Each also writes a copy with the boxes drawn on. In
+    bf16 and fp16 (SDXL's VAE in fp32) the images are close to fp32's: mean level differences under 8 and 2 (bf16
+    keeps 8 bits of mantissa, fp16 11)."""
     import sample
 
     fixture, mode = VARIANTS[family]
@@ -1750,7 +1776,8 @@ def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_cl
                        noise=0.05, image_encoder=str(tiny_clip))  # mild: strong random ones amplify rounding
     out, cfg = tmp_path / "samples", {**sample.config, "model": str(model), "adapters": str(tmp_path / "run"),
                                       "prompt": "a red square", "phrases": ["a red square"],
-                                      "boxes": [[0.1, 0.2, 0.5, 0.8]], "n": 1, "steps": 2, "out_dir": str(tmp_path / "samples")}
+                                      "boxes": [[0.1, 0.2, 0.5, 0.8]], "n": 1, "steps": 2,
+                                      "out_dir": str(tmp_path / "samples")}
     if family == "flux":  # Flux's transformer names no native size (its pipeline's default: 128 latents)
         cfg.update(height=16, width=16)
     if family == "video":  # the shipped layouts: 16 frames, boxes moving
@@ -1797,7 +1824,7 @@ def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_cl
     (dict(width="40"), "width and height must be positive whole numbers, got '40'"),
 ])
 def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
-    recs = [json.loads(l) for l in tiny_data["boxes"].read_text().splitlines()]
+    recs = [r for _, r in tg.read_jsonl(tiny_data["boxes"])]
     bad = next(i for i, r in enumerate(recs) if r["image"] == "img_004.png")
     recs[bad] = {**recs[bad], "phrases": ["a"], "boxes": [[0.1, 0.1, 0.2, 0.5]], **change}
     path = write_boxes(tmp_path / "boxes.jsonl", recs)
@@ -1808,16 +1835,16 @@ def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
 
 def test_missing_records_and_models_are_named(tiny_sd, tiny_sdxl, tiny_data, tiny_features, tmp_path, monkeypatch,
                                               capsys):
-    recs = [json.loads(l) for l in tiny_data["boxes"].read_text().splitlines()]
+    recs = [r for _, r in tg.read_jsonl(tiny_data["boxes"])]
     path = write_boxes(tmp_path / "boxes.jsonl", [r for r in recs if r["image"] != "img_007.jpg"])
     with pytest.raises(SystemExit, match=r"has no record for 1 of the images .*img_007\.jpg"):
         tg.GroundedLatents(tiny_data["latents"], path)
     path = write_boxes(tmp_path / "twice.jsonl", recs + [recs[3]])
-    with pytest.raises(SystemExit, match=rf"twice.jsonl:{len(recs) + 1} .*a second record for this image \(the first: "):
+    with pytest.raises(SystemExit, match=rf"twice.jsonl:{len(recs) + 1} .*a second record for this image \(the first"):
         tg.GroundedLatents(tiny_data["latents"], path)
     latents = tmp_path / "latents"  # prep_latents.py run on the folder above the images: keys with its name
     shutil.copytree(tiny_data["latents"], latents)
-    index = [json.loads(l) for l in (latents / "index.jsonl").read_text().splitlines()]
+    index = [r for _, r in tg.read_jsonl(latents / "index.jsonl")]
     write_boxes(latents / "index.jsonl", [{**r, "key": "images/" + r["key"]} for r in index])
     with pytest.raises(SystemExit, match=r"by file name alone: was --images of prep_latents.py the folder above"):
         tg.GroundedLatents(latents, tiny_data["boxes"])
@@ -1830,8 +1857,8 @@ def test_missing_records_and_models_are_named(tiny_sd, tiny_sdxl, tiny_data, tin
         tg.training_data(train_cfg(tiny_sdxl, tiny_data, tmp_path / "run"))
     with pytest.raises(SystemExit, match="model directory not found: /no/such/model"):
         tg.family_of("/no/such/model")
-    r = run("train_gligen.py", "--model=/no/such/model", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
-            "--global_batch=4", "--micro_batch=2", "--max_steps=1")  # as a user meets it: one line, no traceback
+    r = run("train_gligen.py", "--model=/no/such/model", f"--latents={tiny_data['latents']}",
+            f"--boxes={tiny_data['boxes']}", "--global_batch=4", "--micro_batch=2", "--max_steps=1")  # as a user would
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: model directory not found: /no/such/model"
     import prep_boxes
 
@@ -1865,10 +1892,13 @@ LAYOUT_LINE = json.dumps(dict(prompt="many things", **THIRTY_ONE))
     ("train_gligen", dict(init_from="./no/such/adapters"), "--init_from=./no/such/adapters: adapters not found"),
     ("train_gligen", dict(out_dir="@a file"), "is a file, not a directory"),
     ("train_gligen", dict(val_layouts="no/such/layouts.jsonl"), "file not found: no/such/layouts.jsonl"),
-    ("train_gligen", dict(val_layouts="@" + LAYOUT_LINE), "val_layouts:1: 31 phrases and boxes; a layout has at most 30"),
+    ("train_gligen", dict(val_layouts="@" + LAYOUT_LINE),
+     "val_layouts:1: 31 phrases and boxes; a layout has at most 30"),
     ("train_gligen", dict(val_layouts="@\n"), "no layouts in it"),
-    ("train_gligen", dict(val_layouts='@["a dog", [0, 0, 1, 1]]'), "val_layouts:1: a record is a JSON object {...}, this line is a list"),
-    ("train_gligen", dict(val_layouts='@{"prompt": "a", "phrases": [null], "boxes": [[0, 0, 1, 1]], "images": ["a.png"]}'),
+    ("train_gligen", dict(val_layouts='@["a dog", [0, 0, 1, 1]]'),
+     "val_layouts:1: a record is a JSON object {...}, this line is a list"),
+    ("train_gligen", dict(val_layouts='@{"prompt": "a", "phrases": [null], "boxes": [[0, 0, 1, 1]], '
+                                      '"images": ["a.png"]}'),
      "val_layouts:1: phrase None is not a non-empty string"),  # reference images are for sample.py
     ("train_gligen", dict(model="@{}"), "is a file: give the model's diffusers directory"),
     ("sample", dict(phrases=["a dog"], boxes=[[0.5, 0.5, 0.4, 0.9]]),
@@ -2026,7 +2056,8 @@ def test_elastic_restart_after_a_worker_dies(tiny_sd, tiny_data, reference, tmp_
 def test_corrupt_and_truncated_checkpoints_fall_back(tiny_sd, tiny_data, reference, tmp_path):
     out = tmp_path / "run"
     r = run("train_gligen.py", *fault_args(tiny_sd, tiny_data, out, "--max_steps=15", "--keep_last=3"), **ONE_THREAD)
-    assert r.returncode == 0 and [p.name for p in tg.checkpoints(out)] == ["step_0000005", "step_0000010", "step_0000015"]
+    assert r.returncode == 0
+    assert [p.name for p in tg.checkpoints(out)] == ["step_0000005", "step_0000010", "step_0000015"]
     with open(out / "step_0000015" / "adapters.safetensors", "r+b") as f:  # flip bytes inside the newest
         f.seek(5000)
         f.write(b"\xff" * 16)
@@ -2044,26 +2075,27 @@ def test_corrupt_and_truncated_checkpoints_fall_back(tiny_sd, tiny_data, referen
 def test_nan_batch_is_skipped_and_counted(tiny_sd, tiny_data, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    keys = [json.loads(l)["key"] for l in (tiny_data["latents"] / "index.jsonl").read_text().splitlines()]
+    keys = [r["key"] for _, r in tg.read_jsonl(tiny_data["latents"] / "index.jsonl")]
     latents = nan_latents(tiny_data, tmp_path, {"img_004.png"})
     # the steps whose batch holds the bad image, from the same data order the trainer uses
     batches = tg.rank_batches(12, 4, 2, 1, 0, 0, 0)
     bad = {step + 1 for step in range(8) for _ in range(2) if keys.index("img_004.png") in dict(next(batches))}
     for dtype in ("bf16", "fp32"):  # bf16 (CUDA's precision) skips the same steps
         tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / dtype, max_steps=8, dtype=dtype), "latents": str(latents)})
-        log = [json.loads(l) for l in (tmp_path / dtype / "log.jsonl").read_text().splitlines()]
+        log = [r for _, r in tg.read_jsonl(tmp_path / dtype / "log.jsonl")]
         assert bad and {r["step"] for r in log if r["skipped"]} == bad and all(r["skipped"] <= 1 for r in log)
         assert all(np.isfinite(r["loss"]) for r in log)
     torch.manual_seed(0)
     fresh = tg.adapter_state(tg.inject_gligen(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")))
     trained = adapters_of(tmp_path / "fp32")
-    assert all(torch.isfinite(v).all() for v in trained.values()) and not torch.equal(trained[k := next(iter(fresh))], fresh[k])
+    k = next(iter(fresh))
+    assert all(torch.isfinite(v).all() for v in trained.values()) and not torch.equal(trained[k], fresh[k])
 
     # every batch bad: a few in a row stop the run, and nothing is saved
     latents = nan_latents(tiny_data, tmp_path / "all", set(keys))
     with pytest.raises(SystemExit, match="3 steps in a row had a NaN or Inf loss or gradient"):
-        tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / "all" / "run", max_steps=8, save_every=100, max_bad_steps=3),
-                 "latents": str(latents)})
+        tg.main(train_cfg(tiny_sd, {**tiny_data, "latents": latents}, tmp_path / "all" / "run", max_steps=8,
+                          save_every=100, max_bad_steps=3))
     assert not tg.checkpoints(tmp_path / "all" / "run")
 
 
@@ -2110,8 +2142,8 @@ def test_resume_with_another_setup_names_the_setting(tiny_sd, tiny_sd2, tiny_dat
     with pytest.raises(SystemExit, match=r"fuser\.linear\.weight has shape \(32, 48\), this UNet needs \(32, 32\)"):
         tg.set_adapters(unet, tg.adapter_state(wider), "wider")
     text_image = tg.inject_gligen(copy.deepcopy(base), position_net=tg.PositionNetTextImage)
-    with pytest.raises(SystemExit, match=r"^error: ti: adapters do not fit this UNet \(text-image adapters, and this run "
-                                         r"is text-box\): 7 missing"):
+    with pytest.raises(SystemExit, match=r"^error: ti: adapters do not fit this UNet \(text-image adapters, and "
+                                         r"this run is text-box\): 7 missing"):
         tg.set_adapters(unet, tg.adapter_state(text_image), "ti")
     sdxl_like = {k.replace("down_blocks.1", "down_blocks.3"): v for k, v in tg.adapter_state(unet).items()}
     sdxl_like["mid_block.attentions.0.transformer_blocks.1.fuser.alpha_attn"] = torch.zeros(())
@@ -2242,7 +2274,8 @@ def test_shapes_world_metric_and_tokenizer(tmp_path):
     boxes = [[0, 0, 10, 10], [12, 0, 22, 10], [22, 22, 32, 32], [0, 12, 10, 22], [11, 11, 21, 21], [20, 7, 30, 17]]
     caption = ds.caption(["red circle"] * 6, boxes)
     assert caption == ("a red circle at the top left and a red circle at the top and a red circle at the bottom "
-                       "right and a red circle at the left and a red circle in the center and a red circle at the right")
+                       "right and a red circle at the left and a red circle in the center and a red circle at the "
+                       "right")
     tok = ds.write_tokenizer(tmp_path / "tok_places", ds.WORDS_WITH_PLACES, 32)
     assert tok.convert_ids_to_tokens(tok(caption).input_ids)[1:-1] == [w + "</w>" for w in caption.split()]
 
@@ -2268,7 +2301,7 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
     captions = [c["caption"] for c in json.loads((out / "world" / "captions.json").read_text())["annotations"]]
     said = [c for c in captions if " at the " in c or " in the center" in c]
     assert 0 < len(said) < len(captions)  # about half say where; held-out prompts never do
-    assert not any(" the " in json.loads(l)["prompt"] for l in (out / "test_layouts.jsonl").read_text().splitlines())
+    assert not any(" the " in r["prompt"] for _, r in tg.read_jsonl(out / "test_layouts.jsonl"))
     scheduler = json.loads((out / "base-model" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
     assert json.loads((out / "base-model" / "settings.json").read_text()) == {k: cfg[k] for k in ds.BASE_SETTINGS}
@@ -2401,7 +2434,8 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     assert not [k for k, v in stages.items() if "error" in v or "skipped" in v], stages
     assert all(row["img_per_s"] > 0 for row in stages["sd15"]["rows"] + stages["sdxl"]["rows"] + [stages["compile"]])
     assert stages["resume"]["bit_equal"] and stages["sample"]["max_pixel_diff"] == 0  # on a CPU in fp32: exact
-    assert json.loads((tmp_path / "dry" / "results.json").read_text()) == r and r["versions"]["torch"] == torch.__version__
+    assert json.loads((tmp_path / "dry" / "results.json").read_text()) == r
+    assert r["versions"]["torch"] == torch.__version__
     (row,), prof = stages["benchmark"]["results"], stages["benchmark"]["profile"]
     assert calls.count("sd_loss") >= 4 and calls.count("optimizer_step") >= 4
     assert row["ours"]["img_per_s"] > 0 and row["reference"]["img_per_s"] > 0 and row["ratio"] > 0
@@ -2422,16 +2456,53 @@ def test_mmdit_sizes_count_the_trainers_own_injection(capsys, tmp_path, tiny_sd3
     import sample
 
     mmdit_sizes.main()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| SD3.5") or line.startswith("| FLUX")]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| SD3.5", "| FLUX"))]
     assert [r.split(" | ")[2:4] for r in rows] == [["24", "965M"], ["38", "3.82B"], ["19", "3.05B"], ["57", "9.15B"]]
     other = tmp_path / "pixart"
     shutil.copytree(tiny_sd3, other)
     config = json.loads((other / "transformer" / "config.json").read_text())
-    (other / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "PixArtTransformer2DModel"}))
+    pixart = {**config, "_class_name": "PixArtTransformer2DModel"}
+    (other / "transformer" / "config.json").write_text(json.dumps(pixart))
     with pytest.raises(SystemExit, match="its transformer is a 'PixArtTransformer2DModel'"):
         tg.family_of(str(other))
     with pytest.raises(SystemExit, match="--scheduler=ddim: a sd3 model samples with flow_euler"):
         sample.main({**sample.config, "model": str(tiny_sd3), "scheduler": "ddim", "out_dir": str(tmp_path / "s")})
+
+# ---------------------------------------------------------------------------------------------------------------
+# The code: the house style's two measurable limits
+def prose_words_per_code_line(path):
+    """Words of comments and docstrings in a Python file, per line of code (not blank, comment or docstring)."""
+    import tokenize
+
+    toks = list(tokenize.generate_tokens(io.StringIO(Path(path).read_text()).readline))
+    words, prose_lines, prev = 0, set(), None
+    for i, t in enumerate(toks):
+        if t.type == tokenize.COMMENT:
+            words += len(t.string.lstrip("#").split())
+        elif (t.type == tokenize.STRING and toks[i + 1].type in (tokenize.NEWLINE, tokenize.ENDMARKER)
+              and prev in (None, tokenize.INDENT, tokenize.DEDENT, tokenize.NEWLINE)):  # a statement of one string
+            words += len(t.string.strip("\"'").split())
+            prose_lines.update(range(t.start[0], t.end[0] + 1))
+        if t.type not in (tokenize.COMMENT, tokenize.NL):
+            prev = t.type
+    lines = Path(path).read_text().splitlines()
+    code = sum(1 for n, line in enumerate(lines, 1)
+               if line.strip() and not line.strip().startswith("#") and n not in prose_lines)
+    return words / code
+
+
+def test_code_keeps_to_120_columns_and_train_gligen_to_2_words_of_prose_a_line(tmp_path):
+    """No line of any .py over 120 columns; at most 2 words of comments and docstrings per code line in the trainer
+    (contracts, not history: measurements go to docs/). The counter counts what it should: a file of 3 code lines
+    and 12 words of prose reads 4."""
+    long = [f"{p.relative_to(HERE)}:{n}" for p in [*HERE.glob("*.py"), *HERE.glob("extras/*.py")]
+            for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+    assert not long, long
+    assert prose_words_per_code_line(HERE / "train_gligen.py") <= 2.0
+    (tmp_path / "f.py").write_text('"""one two three."""\nx = 1  # four five\n\n\ndef f():\n    """six seven"""\n'
+                                   '    # eight nine ten eleven twelve\n    return x\n')
+    assert prose_words_per_code_line(tmp_path / "f.py") == 4.0
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The app (extras/app.py): its layout and log reading, then the launched app through gradio_client and in a browser.
@@ -2497,7 +2568,8 @@ def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_
     assert len(shared) == 12 and {k: app.config[k] for k in shared} == {k: sample.config[k] for k in shared}
     rows = [["a dog", "0.1", 0.2, 0.4, "0.5"], ["", "", "", "", ""], ["a dog", 0.5, 0.2, 0.9, 0.6]]
     layout = app.table_to_layout("two dogs", rows)
-    assert layout == dict(prompt="two dogs", phrases=["a dog", "a dog"], boxes=[[0.1, 0.2, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6]])
+    assert layout == dict(prompt="two dogs", phrases=["a dog", "a dog"],
+                          boxes=[[0.1, 0.2, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6]])
     for bad in ([["a dog", 0.1, 0.2, 1.4, 0.5]], [["a dog", 0.5, 0.2, 0.1, 0.5]], [["", 0.1, 0.2, 0.4, 0.5]],
                 [["a dog", 0.1, 0.1, 0.2, 0.2]] * 31):  # outside the image, x1 < x0, no phrase, too many boxes
         with pytest.raises(SystemExit) as ours:

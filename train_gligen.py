@@ -1,15 +1,7 @@
 """
-Train GLIGEN grounding adapters on a frozen Stable Diffusion UNet (SD1.x/2.x, SDXL, ModelScope/Zeroscope video) or
-MMDiT (SD3/SD3.5, Flux.1).
-
-GLIGEN (Li et al., CVPR 2023) adds one gated self-attention layer ("fuser") to every transformer block of a frozen
-text-to-image model, fed by 30 grounding tokens made from each box (Fourier code) and its phrase (text encoder
-feature). Only the fusers and the position net train. Two more of GLIGEN's modes: --image_features (boxes grounded by
-reference images too) and --inpaint=True (generation inside the boxes of a kept image).
-
-The file reads as one story for SD1.x/2.x with text boxes: config, the method, the model, the data, the step,
-sampling, checkpoints, main. Then the levers, and one section per other family or mode, each replacing a few whole
-stages of that story (the STAGES table above main).
+Train GLIGEN grounding adapters on a frozen SD1.x/2.x, SDXL, ModelScope video, SD3/SD3.5 or Flux.1 model; also
+GLIGEN's text-image (--image_features) and inpainting (--inpaint=True) modes. SD1.x/2.x text-box training reads top
+to bottom; each other family or mode is a section after main that replaces whole stages (STAGES).
 
 One process (CPU or one GPU):
     python train_gligen.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --latents=data/coco/latents \
@@ -20,8 +12,7 @@ Several nodes (the same command on each, node_rank = 0, 1, ...):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train_gligen.py --model=... --latents=... --boxes=...
 
-Settings are the `config` values below; override any with --key=value (Python literals). Run the same command
-again and it resumes from the latest checkpoint in out_dir.
+Override any `config` value with --key=value. The same command again resumes from out_dir.
 """
 import ast
 import copy
@@ -59,8 +50,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------------------------------------------
-# Config: the GLIGEN recipe. Every value can be overridden with --key=value.
-VAL_LAYOUTS = [  # fixed validation layouts: boxes are x0, y0, x1, y1 relative to the image
+# Config: the GLIGEN recipe. Override any value with --key=value.
+VAL_LAYOUTS = [  # boxes: x0, y0, x1, y1 relative to the image
     dict(prompt="a dog and a cat sitting on a sofa", phrases=["a dog", "a cat"],
          boxes=[[0.05, 0.35, 0.45, 0.9], [0.55, 0.3, 0.95, 0.9]]),
     dict(prompt="a red car parked beside a tree", phrases=["a red car", "a tree"],
@@ -72,49 +63,49 @@ config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
     latents="data/latents",  # directory written by prep_latents.py
     boxes="data/boxes.jsonl",  # file written by prep_boxes.py: phrases and boxes per image
-    out_dir="out",  # checkpoints, log.jsonl and validation grids; a run started again resumes from here
-    init_from="",  # "" fresh adapters, else adapters to fine-tune: a checkpoint, or a diffusers GLIGEN model
-    global_batch=32,  # images per optimizer step = micro_batch * grad_accum * world_size
+    out_dir="out",  # checkpoints, log.jsonl, validation grids; a run started again resumes here
+    init_from="",  # "": fresh; else a checkpoint or diffusers GLIGEN model to fine-tune
+    global_batch=32,  # images per optimizer step
     micro_batch=8,  # images per forward pass on one GPU
     max_steps=500_000,  # optimizer steps
     lr=5e-5,  # AdamW
     weight_decay=0.0,  # AdamW's decoupled weight decay
     warmup_steps=1000,  # linear warmup, then constant
     grad_clip=1.0,  # clip the adapters' gradient norm to this
-    max_bad_steps=20,  # steps with a NaN/Inf loss or gradient are skipped; this many in a row stop the run
-    caption_keep=0.5,  # probability that a sample keeps its caption (else the empty caption)
-    grounding_drop=0.1,  # probability that a sample gets null grounding (all slots empty)
-    max_boxes=30,  # boxes per image, largest first (at most 30, the number of grounding slots)
-    min_box_area=0.01,  # boxes under this fraction of the training crop are dropped
-    flip=True,  # mirror half the samples, boxes too, where prep_latents.py stored flipped latents (--flip=True)
-    seed=0,  # adapter init, data order, noise, timesteps and drops all follow from it
-    dtype="auto",  # "bf16": a bf16 frozen base, fp32 adapters, bf16 autocast; "fp32"; "auto": bf16 on CUDA, else fp32
-    inpaint=False,  # GLIGEN's inpainting mode: conv_in also takes the image outside the boxes; conv_in.weight trains
-    image_features="",  # GLIGEN's text-image mode: prep_latents.py --image_encoder's output; boxes get images too
-    grad_checkpointing=False,  # recompute the UNet's activations in the backward pass: less memory (SDXL), slower
-    compile="",  # torch.compile backend for the UNet's training step: "" off, "inductor" (compiles for minutes first)
+    max_bad_steps=20,  # NaN/Inf steps are skipped; this many in a row stop
+    caption_keep=0.5,  # probability that a sample keeps its caption
+    grounding_drop=0.1,  # probability that a sample gets null grounding
+    max_boxes=30,  # boxes per image, largest first (at most 30)
+    min_box_area=0.01,  # boxes under this share of the crop are dropped
+    flip=True,  # mirror half the samples where prep_latents.py stored flipped latents
+    seed=0,  # init, data order, noise, timesteps and drops follow from it
+    dtype="auto",  # bf16: bf16 base, fp32 adapters, bf16 autocast; fp32; auto: bf16 on CUDA
+    inpaint=False,  # GLIGEN's inpainting mode: the UNet also sees the image outside the boxes
+    image_features="",  # GLIGEN's text-image mode: prep_latents.py --image_encoder's output
+    grad_checkpointing=False,  # recompute activations in backward: less memory, slower
+    compile="",  # torch.compile backend for the step: "" off, or e.g. inductor
     num_workers=4,  # data loader processes per GPU
-    log_every=20,  # log line (step, loss, lr, images/s, peak memory), also appended to out_dir/log.jsonl
+    log_every=20,  # log line every N steps, also in out_dir/log.jsonl
     save_every=2000,  # checkpoint every N steps, and at the end
-    keep_last=2,  # checkpoints kept in out_dir (the newest that verify)
-    val_every=2000,  # validation (a grid, the losses of val_images) every N steps, at the start and the end; 0 = never
+    keep_last=2,  # checkpoints kept (the newest that verify)
+    val_every=2000,  # grid and box-use losses every N steps, at start and end; 0 = never
     val_steps=25,  # DDIM steps for the validation grid
-    val_layouts="",  # JSONL file of {prompt, phrases, boxes} for the validation grid; "" = VAL_LAYOUTS above
-    val_images=64,  # training images whose loss each validation logs with true, mirrored and no boxes; 0 = none
-    # Levers that may make the boxes count sooner (docs/time-to-grounding.md); the defaults are GLIGEN's recipe.
-    timestep_power=1.0,  # timesteps t = (1 - u^p) T, u uniform: 1 is uniform (GLIGEN); 3 is T2I-Adapter's cubic
-    box_loss_weight=1.0,  # the denoising loss's weight inside the boxes (1 outside), normalised per image; 1 = off
-    box_attn_loss=0.0,  # weight of a loss asking each fuser's visual tokens inside box k to attend to token k; 0 = off
+    val_layouts="",  # JSONL of {prompt, phrases, boxes}; "" = VAL_LAYOUTS
+    val_images=64,  # images whose loss is logged with true, mirrored, no boxes
+    # Levers that may make boxes count sooner (docs/time-to-grounding.md); the defaults are GLIGEN's.
+    timestep_power=1.0,  # timesteps t = (1 - u^p) T, u uniform: 1 uniform (GLIGEN), 3 cubic
+    box_loss_weight=1.0,  # loss weight inside the boxes, normalised per image; 1 = off
+    box_attn_loss=0.0,  # weight of a loss sending box k's tokens' attention to token k; 0 = off
 )
 
 
 def check_settings(cfg):
-    """Stop on a setting that cannot work, before anything slow starts: the range of every number is here."""
+    """Stop on a setting that cannot work, before anything slow."""
     in_range(cfg, "global_batch micro_batch max_steps max_bad_steps log_every save_every keep_last val_steps", 1)
     in_range(cfg, "lr weight_decay warmup_steps seed num_workers val_every val_images box_attn_loss", 0)
     in_range(cfg, "caption_keep grounding_drop min_box_area", 0, 1)
     in_range(cfg, "max_boxes", 1, N_SLOTS)
-    for k in ("timestep_power", "box_loss_weight", "grad_clip"):  # grad_clip 0 would clip every gradient to nothing
+    for k in ("timestep_power", "box_loss_weight", "grad_clip"):  # grad_clip 0 would clip every gradient away
         if not cfg[k] > 0:
             fail(f"--{k}={cfg[k]}: must be above 0")
     if cfg["dtype"] not in ("auto", "bf16", "fp32"):
@@ -127,15 +118,15 @@ def check_settings(cfg):
 
 
 def fail(msg):
-    """Stop with one line that says what is wrong and where (setting, file, record): no traceback, exit status 1."""
+    """Stop with one line naming what is wrong; exit status 1."""
     raise SystemExit(f"error: {msg}")
 
 
 def configure(defaults, argv, doc=""):
-    """Override a script's defaults with --key=value arguments; values are Python literals, strings may be bare."""
+    """Override defaults with --key=value arguments (Python literals; strings may be bare)."""
     cfg = dict(defaults)
     for arg in argv:
-        if arg in ("-h", "--help"):  # the docstring, then each setting with its default and its comment
+        if arg in ("-h", "--help"):
             notes = dict(re.findall(r"^ {4}(\w+)=.*?# (.*)$", Path(sys.argv[0]).read_text(), re.M))
             print(doc + "\nSettings:\n" + "\n".join(f"  --{k}={v!r}  {notes.get(k, '')}" for k, v in cfg.items()))
             raise SystemExit(0)
@@ -151,13 +142,13 @@ def configure(defaults, argv, doc=""):
             fail(f"--{key}={value}: not a Python literal")
         want = type(cfg[key])
         if isinstance(v, bool) != (want is bool) or not (isinstance(v, want) or (want is float and isinstance(v, int))):
-            fail(f"--{key}={value}: expected {want.__name__}")  # True is an int to Python, not a batch size
+            fail(f"--{key}={value}: expected {want.__name__}")  # True is an int to Python
         cfg[key] = float(v) if want is float else v
     return cfg
 
 
 def check_out_dir(path, setting):
-    """Stop now, not after hours of work, if --setting=path cannot be (or become) a directory to write in."""
+    """Stop now if --setting=path cannot become a directory to write in."""
     path = Path(path).absolute()
     first = next(p for p in [path, *path.parents] if p.exists())
     if not first.is_dir():
@@ -167,22 +158,20 @@ def check_out_dir(path, setting):
 
 
 def in_range(cfg, keys, low, high=math.inf):
-    """Stop, naming the setting, unless each of the settings `keys` (space-separated) is in [low, high]."""
+    """Stop unless each of the settings `keys` is in [low, high]."""
     for k in keys.split():
         if not low <= cfg[k] <= high:
             fail(f"--{k}={cfg[k]}: must be " + (f"at least {low}" if high == math.inf else f"in [{low}, {high}]"))
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The method: gated self-attention ("fuser") and the position net, injected into a stock diffusers UNet. This block
-# needs only torch and diffusers: lift it into another project as it is. Parameter names equal diffusers'
-# attention_type="gated" UNet, so weights move both ways without renaming. Every loader reads adapters through
-# set_adapters: a new parameter that older files lack goes in MAY_BE_MISSING there.
+# The method: the fuser and the position net, on a stock diffusers UNet; lift it out as it is. Names equal
+# diffusers' attention_type="gated" UNet's. A new parameter older files lack goes in MAY_BE_MISSING (set_adapters).
 N_SLOTS = 30  # grounding tokens per image
 
 
 class Attention(nn.Module):
-    """Multi-head attention: queries from x, keys and values from ctx; no bias on q/k/v, bias on the output."""
+    """Multi-head attention of x over ctx; bias on the output only."""
 
     def __init__(self, dim, heads, head_dim):
         super().__init__()
@@ -221,7 +210,7 @@ class FeedForward(nn.Module):
 
 
 class Fuser(nn.Module):
-    """Gated self-attention: visual tokens attend to [visual; grounding] tokens; added back through tanh gates."""
+    """Gated self-attention: visual tokens attend to [visual; grounding], added through tanh gates."""
 
     def __init__(self, dim, ctx_dim, heads, head_dim):
         super().__init__()
@@ -233,35 +222,35 @@ class Fuser(nn.Module):
         self.alpha_attn = nn.Parameter(torch.tensor(0.0))  # tanh(0) = 0: the UNet starts equal to its base
         self.alpha_dense = nn.Parameter(torch.tensor(0.0))
 
-    def forward(self, x, objs):  # x (B, N, C) visual tokens, objs (B, 30, D) grounding tokens
+    def forward(self, x, objs):  # x (B, N, C) visual, objs (B, 30, D) grounding tokens
         n = x.shape[1]
         h = self.norm1(torch.cat([x, self.linear(objs)], dim=1))  # (B, N + 30, C)
-        # only the visual tokens' outputs are kept, so only they need to query
+        # only the visual tokens' outputs are kept
         x = x + self.alpha_attn.tanh() * self.attn(h[:, :n], h)
         x = x + self.alpha_dense.tanh() * self.ff(self.norm2(x))
         return x
 
 
 def fourier_boxes(boxes, n_freqs=8):
-    """(B, S, 4) xyxy in [0, 1] -> (B, S, 64): for each frequency 100^(k/8), sin of x0,y0,x1,y1 then cos; fp32."""
+    """(B, S, 4) boxes -> (B, S, 64): sin, then cos, at frequencies 100^(k/8); fp32."""
     freqs = 100 ** (torch.arange(n_freqs, device=boxes.device) / n_freqs)
     x = boxes.float()[..., None, :] * freqs[:, None]  # (B, S, 8, 4)
     return torch.cat([x.sin(), x.cos()], dim=-1).flatten(2)
 
 
 def or_null(masks, x, null):
-    """x (B, S, F) in the slots that masks (B, S) fills, the learned null feature (F,) in the others."""
+    """x in the filled slots, the learned null elsewhere."""
     return torch.where(masks[..., None] > 0, x.to(null.dtype), null)
 
 
 def position_mlp(dim, n_freqs=8, out_dim=None):
-    """[phrase feature (D); box code (64)] -> 512 -> 512 -> a token as wide as the phrase (an MMDiT's: out_dim)."""
+    """[phrase feature; box code] -> 512 -> 512 -> a token."""
     return nn.Sequential(nn.Linear(dim + 8 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
                          nn.Linear(512, out_dim or dim))
 
 
 class PositionNet(nn.Module):
-    """Grounding tokens from (phrase feature, Fourier box code); empty slots take learned null features."""
+    """Grounding tokens from phrase features and box codes; empty slots get nulls."""
 
     def __init__(self, dim, n_freqs=8, out_dim=None):
         super().__init__()
@@ -276,16 +265,15 @@ class PositionNet(nn.Module):
 
 
 def transformer_blocks(unet):
-    """The UNet's transformer blocks (diffusers' BasicTransformerBlock), in module order."""
+    """The UNet's transformer blocks, in module order."""
     from diffusers.models.attention import BasicTransformerBlock
 
     return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
 
 
 def inject_gligen(unet, position_net=PositionNet, blocks=transformer_blocks):
-    """Give a stock diffusers UNet fresh fusers and a fresh position net. Its blocks already call `self.fuser` when
-    cross_attention_kwargs holds "gligen", and it makes the tokens with `self.position_net`: injecting is attaching.
-    Call it as unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes", "masks", "positive_embeddings"}})."""
+    """Fresh fusers and position net on a stock UNet, whose blocks call `self.fuser` given "gligen" inputs:
+    unet(x, t, text, cross_attention_kwargs={"gligen": {"boxes", "masks", "positive_embeddings"}})."""
     D = unet.config.cross_attention_dim
     for block in blocks(unet):
         a = block.attn1
@@ -295,10 +283,9 @@ def inject_gligen(unet, position_net=PositionNet, blocks=transformer_blocks):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The model: which family the base is (decided once, with the mode: choose_stages); its frozen parts; the adapters,
-# from this project's checkpoints or from diffusers GLIGEN models.
+# The model: its family, its frozen parts, and the adapters in and out.
 def family_of(model):
-    """"sd", "sdxl", "video", "sd3" or "flux", from the model's configs; stops on a model GLIGEN cannot start from."""
+    """"sd", "sdxl", "video", "sd3" or "flux"; stops on a model GLIGEN cannot start from."""
     from diffusers import UNet2DConditionModel
 
     if missing_local_path(model):
@@ -324,23 +311,23 @@ def family_of(model):
 
 
 def has_transformer(model):
-    """Whether the model's model_index.json names a transformer (an MMDiT) rather than a UNet."""
+    """Whether the model's model_index.json names a transformer (an MMDiT)."""
     from diffusers import DiffusionPipeline
 
     try:
         return "transformer" in DiffusionPipeline.load_config(model)
-    except (OSError, ValueError):  # no model_index.json: a UNet model's directory may have only unet/
+    except (OSError, ValueError):  # a UNet model's directory may have only unet/
         return False
 
 
 def mode_of(adapters):
-    """(inpaint, text_image): the mode that adapter tensors were trained in, from their names."""
+    """(inpaint, text_image): the adapters' mode, from their names."""
     return "conv_in.weight" in adapters, "position_net.linears_text.0.weight" in adapters
 
 
 @contextmanager
 def loading(model):
-    """A model that cannot be read (no such directory, no network for a Hub id, a broken file): one error line."""
+    """A model that cannot be read stops with one error line."""
     try:
         yield
     except (OSError, ValueError) as e:
@@ -349,14 +336,14 @@ def loading(model):
 
 
 def load_model(cls, model, **kwargs):
-    """cls.from_pretrained, saying low_cpu_mem_usage as diffusers falls back to it, so it gives no accelerate advice."""
+    """cls.from_pretrained, quietly: diffusers without accelerate advises installing it."""
     from diffusers.utils import is_accelerate_available
 
     return cls.from_pretrained(model, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
 
 
 def load_sd(model, device, dtype, unet_class="UNet2DConditionModel"):
-    """SD's frozen parts (a directory or Hub id): the UNet, the text encoder, the tokenizer, the noise scheduler."""
+    """SD's frozen parts: the UNet, text encoder, tokenizer and noise scheduler."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -368,19 +355,25 @@ def load_sd(model, device, dtype, unet_class="UNet2DConditionModel"):
     return unet.to(device).requires_grad_(False), text_encoder.to(device).requires_grad_(False), tokenizer, scheduler
 
 
-# The adapters: the one rule for what they are, and the one loader every reader of adapter files goes through.
-MAY_BE_MISSING = ("conv_in.weight",)  # may be absent from a file, and keep their start (inpainting from text-box)
+# The adapters: one rule for what they are, one loader.
+MAY_BE_MISSING = ("conv_in.weight",)  # absent from a file, they keep their start: inpainting from text-box
 
 
 def adapter_state(unet):
-    """What trains and what a checkpoint holds: the fusers, the position net, and inpainting's widened conv_in."""
+    """What trains and is saved: fusers, position net, a widened conv_in's weight."""
     widened = hasattr(unet, "conv_in") and unet.config.in_channels != unet.config.out_channels
     return {k: v for k, v in unet.state_dict().items()
             if ".fuser." in k or k.startswith("position_net.") or (widened and k == "conv_in.weight")}
 
 
+def adapter_params(unet):
+    """The adapters' parameters, in the model's order."""
+    names = adapter_state(unet).keys()
+    return [p for name, p in unet.named_parameters() if name in names]
+
+
 def set_adapters(unet, sd, source):
-    """Load adapter tensors into an injected model: every name and shape must match, but MAY_BE_MISSING's."""
+    """Load adapters: every name and shape must match, but MAY_BE_MISSING's."""
     own = adapter_state(unet)
     missing = sorted(k for k in own.keys() - sd.keys() if k not in MAY_BE_MISSING)
     unexpected = sorted(sd.keys() - own.keys())
@@ -398,14 +391,14 @@ def set_adapters(unet, sd, source):
 
 
 def missing_local_path(src):
-    """Whether src reads as a local path (not a Hub id "owner/name") that does not exist."""
+    """Whether src reads as a missing local path."""
     src = str(src)
     return not os.path.exists(src) and (src.startswith((".", "/", "~")) or src.count("/") != 1
                                         or src.endswith(".safetensors"))
 
 
 def adapters_file(src):
-    """The adapters.safetensors that src names (itself, a checkpoint's, an out_dir's latest), or None: diffusers'."""
+    """The adapters.safetensors that src names; None for a diffusers model."""
     path = Path(src)
     if missing_local_path(src):
         fail(f"adapters not found: {src}")
@@ -417,7 +410,7 @@ def adapters_file(src):
 
 
 def read_safetensors(path):
-    """The tensors of a .safetensors file; a damaged or foreign file stops with its name."""
+    """A .safetensors file's tensors; a damaged one stops with its name."""
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
@@ -425,8 +418,7 @@ def read_safetensors(path):
 
 
 def load_adapters(src):
-    """Adapter tensors from this project's file, checkpoint or out_dir, or from a diffusers GLIGEN model (directory
-    or Hub id, e.g. the official SD1.4 text-box model): its fusers, position net and an inpainting conv_in."""
+    """Adapter tensors from this project's files or a diffusers GLIGEN model."""
     path = adapters_file(src)
     if path is not None:
         return read_safetensors(path)
@@ -443,22 +435,21 @@ def load_adapters(src):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Text and layouts: tokenization, checks on phrases and boxes, and batching them into the 30 grounding slots.
+# Text and layouts: tokenizing, checking, batching into the 30 slots.
 class Tokenizer:
-    """CLIP's tokenizer as the trainer uses it: captions padded to 77, as SD expects; phrases padded to the longest
-    (CLIP is causal: the pooled feature is the phrase's alone), each tokenized once per process and kept."""
+    """CLIP's tokenizer: captions padded to 77, phrases to the longest (CLIP is causal), each once."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.known = tokenizer, {}
 
     def captions(self, texts):
-        """Token ids (B, 77). Lists, then one torch.tensor: transformers' own conversion is 3x slower."""
+        """Token ids (B, 77), by lists: 3x faster than transformers' tensors."""
         t = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True)
         return torch.tensor(t["input_ids"])
 
     def phrases(self, phrases):
-        """Token ids (U, L) and attention mask of phrases, padded to the longest L."""
-        if len(self.known) > 200_000:  # a bound on memory, over a long run's many phrases
+        """Token ids (U, L) and mask, padded to the longest."""
+        if len(self.known) > 200_000:  # a bound on memory
             self.known.clear()
         new = [p for p in phrases if p not in self.known]
         if new:
@@ -473,8 +464,7 @@ class Tokenizer:
 
 
 def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
-    """Fail, naming `where`, unless phrases and boxes are equal-length lists (at most max_boxes; None: any number)
-    of non-empty strings and xyxy in [0, 1]."""
+    """Stop, naming `where`, unless phrases are strings and boxes xyxy in [0, 1], as many."""
     if not isinstance(phrases, list) or not isinstance(boxes, list) or len(phrases) != len(boxes):
         fail(f"{where}: phrases and boxes must be lists of the same length, got {phrases!r} and {boxes!r}")
     if max_boxes is not None and len(boxes) > max_boxes:
@@ -493,8 +483,7 @@ def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
 
 
 def check_layouts(layouts, frames=None, images=False):
-    """Fail, naming the layout, unless each (where, layout) has a prompt, and phrases and boxes check_layout takes;
-    with images (sample.py), one reference image or None per box; with frames (video), boxes may be one list a frame."""
+    """Stop, naming the layout, unless its prompt, phrases, boxes and images check."""
     for where, l in layouts:
         if not isinstance(l, dict) or not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string, got {l!r}")
@@ -507,7 +496,7 @@ def check_layouts(layouts, frames=None, images=False):
                     check_image(im, f"{where}: reference image")
                 if p is None and im is None:
                     fail(f"{where}: box {k} has neither a phrase nor an image")
-            phrases = [p if p is not None else "(image)" for p in phrases]  # an image-only box passes as text
+            phrases = [p if p is not None else "(image)" for p in phrases]
         per_frame = is_moving(boxes)
         if per_frame and frames is None:
             fail(f"{where}: one list of boxes per frame is for video models")
@@ -518,7 +507,7 @@ def check_layouts(layouts, frames=None, images=False):
 
 
 def check_image(path, what):
-    """Stop unless path is an image PIL can read (decoded whole: a file cut short fails here)."""
+    """Stop unless path is an image PIL decodes whole."""
     if not Path(str(path)).is_file():
         fail(f"{what} not found: {path}")
     try:
@@ -529,24 +518,24 @@ def check_image(path, what):
 
 
 def is_moving(boxes):
-    """Whether a video layout's boxes are one list per frame (they move) rather than one list for all frames."""
+    """Whether a video layout's boxes are one list per frame."""
     first = boxes[0] if isinstance(boxes, list) and boxes else None
     return isinstance(first, (list, tuple)) and bool(first) and isinstance(first[0], (list, tuple))
 
 
 def mirror(boxes):
-    """Boxes (..., 4) x0, y0, x1, y1 mirrored left to right; numpy or torch, a new array."""
+    """Boxes (..., 4) mirrored left to right, in a new array."""
     m = boxes[..., [2, 1, 0, 3]]
     m[..., [0, 2]] = 1 - m[..., [0, 2]]
     return m
 
 
 def layout_tensors(tokenizer, layouts):
-    """[(phrases, boxes)] -> the distinct phrases' ids and mask, slot -> phrase (B, 30), boxes (B, 30, 4), masks."""
+    """[(phrases, boxes)] -> distinct phrases' ids and mask, slot -> phrase, boxes, masks."""
     phrases = list(dict.fromkeys(p for phr, _ in layouts for p in phr)) or [""]  # distinct, in order of appearance
     ids, mask = tokenizer.phrases(phrases)
     row = {p: i for i, p in enumerate(phrases)}
-    slot_phrase = np.zeros((len(layouts), N_SLOTS), np.int64)  # filled in numpy: a torch call per row costs more
+    slot_phrase = np.zeros((len(layouts), N_SLOTS), np.int64)  # numpy: a torch call per row costs more
     boxes, masks = np.zeros((len(layouts), N_SLOTS, 4), np.float32), np.zeros((len(layouts), N_SLOTS), np.float32)
     for i, (phr, bxs) in enumerate(layouts):
         slot_phrase[i, :len(phr)] = [row[p] for p in phr]
@@ -556,9 +545,9 @@ def layout_tensors(tokenizer, layouts):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The data: latents from prep_latents.py joined with phrases and boxes from prep_boxes.py.
+# The data: prep_latents.py's latents joined with prep_boxes.py's phrases and boxes.
 def read_jsonl(path):
-    """(line number, record) for each line of a JSONL file; a bad line stops with the file and line named."""
+    """(line number, record) of a JSONL file; a bad line stops, named."""
     if not Path(path).is_file():
         fail(f"file not found: {path}")
     with open(path) as f:
@@ -575,7 +564,7 @@ def read_jsonl(path):
 
 @dataclass(slots=True)
 class Item:
-    """A training image as the loader keeps it: its latent's shard and row, its caption, its kept phrases and boxes."""
+    """A training image as the loader keeps it."""
     shard: Path
     row: int
     caption: str
@@ -584,12 +573,9 @@ class Item:
 
 
 class GroundedLatents(torch.utils.data.Dataset):
-    """Sample (i, flip): image i's latent (stats, 4, h, w) (stats: mean, or mean and std), caption, and up to max_boxes
-    (phrase, box) in its training crop, all mirrored if flip. Boxes are stored relative to the original image; they
-    go through prep_latents.py's crop, are clipped to it, dropped under min_box_area of it, and kept largest first.
-    Shards are memmapped: a sample reads only its own rows."""
+    """Sample (i, flip): image i's latent, caption and (phrase, box)es in its crop, mirrored if flip."""
     Item = Item
-    files = ()  # what a checkpoint copies beside the adapters (the text-image mode's image_project)
+    files = ()  # copied beside a checkpoint's adapters
 
     def __init__(self, latents_dir, boxes_path, max_boxes=N_SLOTS, min_box_area=0.01):
         self.dir, self.max_boxes, self.min_box_area = Path(latents_dir), max_boxes, min_box_area
@@ -611,11 +597,11 @@ class GroundedLatents(torch.utils.data.Dataset):
             size = (rec["width"], rec["height"])
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 and v % 1 == 0 for v in size):
                 fail(f"{where}: width and height must be positive whole numbers, got {size[0]!r} and {size[1]!r}")
-            check_layout(rec["phrases"], rec["boxes"], where, max_boxes=None)  # the largest max_boxes are kept
+            check_layout(rec["phrases"], rec["boxes"], where, max_boxes=None)
             if rec["image"] in layouts:
                 fail(f"{where}: a second record for this image (the first: {layouts[rec['image']][0]})")
             layouts[rec["image"]] = (where, rec)
-        self.items, self.rows, missing = [], {}, []  # rows: shard -> (rows the index needs, the shape of one)
+        self.items, self.rows, missing = [], {}, []  # shard -> (rows needed, a row's shape)
         for line, rec in read_jsonl(self.dir / "index.jsonl"):
             if rec["key"] not in layouts:
                 missing.append(rec["key"])
@@ -633,22 +619,22 @@ class GroundedLatents(torch.utils.data.Dataset):
             fail(f"{boxes_path} has no record for {len(missing)} of the images in {self.dir / 'index.jsonl'} "
                  f"(e.g. {missing[:3]}): were they made from the same images?{hint}")
         self.check_shards()
-        self.config = dict(resolution=self.resolution, images=len(self.items))  # joins the run's config
+        self.config = dict(resolution=self.resolution, images=len(self.items))
         self.arrays = {}
 
     def item(self, rec, lay, **more):
-        """The Item of an index record and its layout; more: a subclass's own fields."""
+        """An index record and its layout as an Item."""
         phrases, boxes, _ = self.crop_layout(lay, rec["crop"], self.max_boxes, self.min_box_area)
         shard, row = self.need(self.dir / rec["shard"], rec["row"], self.row_shape)
         return self.Item(shard=shard, row=row, caption=rec["caption"], phrases=phrases, boxes=boxes, **more)
 
     def need(self, shard, row, shape):
-        """(shard, row), noting that the shard must hold that row, of that shape."""
+        """(shard, row), noting that the shard must hold that row."""
         self.rows[shard] = (max(self.rows.get(shard, (0,))[0], row + 1), shape)
         return shard, row
 
     def check_shards(self):
-        """A shard cut short (a copy that stopped) fails here, not in a loader worker."""
+        """A shard cut short fails here, not in a loader worker."""
         for path, (n, shape) in self.rows.items():
             try:
                 got = np.load(path, mmap_mode="r").shape
@@ -662,11 +648,11 @@ class GroundedLatents(torch.utils.data.Dataset):
 
     @staticmethod
     def crop_layout(lay, crop, max_boxes, min_box_area):
-        """A layout's phrases and boxes in the (square) crop, clipped, small ones dropped, largest first; their rows."""
+        """A layout in the square crop: clipped, small boxes dropped, largest first."""
         cx0, cy0, cx1, cy1 = crop  # in original pixels
         W, H, side = lay["width"], lay["height"], cx1 - cx0
-        b = np.asarray(lay["boxes"], dtype=np.float64).reshape(-1, 4) * [W, H, W, H]  # to pixels
-        b = ((b - [cx0, cy0, cx0, cy0]) / side).clip(0, 1)  # to the crop, clipped to it
+        b = np.asarray(lay["boxes"], dtype=np.float64).reshape(-1, 4) * [W, H, W, H]
+        b = ((b - [cx0, cy0, cx0, cy0]) / side).clip(0, 1)
         area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
         keep = [i for i in np.argsort(-area, kind="stable") if area[i] >= min_box_area][:max_boxes]
         return [lay["phrases"][i] for i in keep], b[keep].astype(np.float32), keep
@@ -675,18 +661,18 @@ class GroundedLatents(torch.utils.data.Dataset):
         return len(self.items)
 
     def array(self, path):
-        if path not in self.arrays:  # memmapped, opened once per worker process
+        if path not in self.arrays:  # opened once per worker
             self.arrays[path] = np.load(path, mmap_mode="r")
         return self.arrays[path]
 
     def __getitem__(self, sample):
         i, flip = sample
         it = self.items[i]
-        latent = torch.from_numpy(np.array(self.array(it.shard)[it.row, int(flip)]))  # view 1: the mirrored image
+        latent = torch.from_numpy(np.array(self.array(it.shard)[it.row, int(flip)]))  # view 1: mirrored
         return dict(latent=latent, caption=it.caption, phrases=it.phrases, boxes=mirror(it.boxes) if flip else it.boxes)
 
     def collate(self, tokenizer, samples):
-        """Samples -> a micro-batch of tensors. Strings are tokenized here, in the loader workers, not in the loop."""
+        """Samples -> a micro-batch, tokenized in the loader workers."""
         ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, [(x["phrases"], x["boxes"]) for x in samples])
         return dict(latents=torch.stack([x["latent"] for x in samples]),
                     caption_ids=tokenizer.captions([x["caption"] for x in samples]), phrase_ids=ids, phrase_mask=mask,
@@ -694,7 +680,7 @@ class GroundedLatents(torch.utils.data.Dataset):
 
 
 def training_data(cfg, Latents=GroundedLatents):
-    """The training set the settings name; its latents must be of this model's VAE (scaling, shift, channels)."""
+    """The training set; its latents must be of this model's VAE."""
     from diffusers import AutoencoderKL
 
     data = Latents(cfg["latents"], cfg["boxes"], cfg["max_boxes"], cfg["min_box_area"])
@@ -710,9 +696,7 @@ def training_data(cfg, Latents=GroundedLatents):
 
 
 def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step, flip=False):
-    """This rank's micro-batches [(dataset index, flip)], step after step from start_step. Each epoch is a permutation
-    (with flip, a coin per sample) seeded by (seed, epoch) on all ranks; a step's global batch is split into
-    micro-batches ordered by (micro-step, rank). Any step's position follows from the step: a resume replays nothing."""
+    """This rank's micro-batches [(index, flip)] from start_step; a resume replays nothing."""
     accum, per_epoch = global_batch // (micro_batch * world), n // global_batch
     step, perm_epoch = start_step, -1
     while True:
@@ -727,22 +711,21 @@ def rank_batches(n, global_batch, micro_batch, world, rank, seed, start_step, fl
 
 
 def sample_generator(seed, step, slot, device):
-    """The random stream of one micro-batch, keyed by (seed, step, its first slot in the global batch): a resumed run
-    and a run on any number of GPUs draw the same noise, timesteps and drops for the same sample."""
+    """A micro-batch's random stream by (seed, step, first slot): the same on any number of GPUs."""
     g = torch.Generator(device)
     return g.manual_seed(int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0]))
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The training step: the loss of one micro-batch (noised and sd_loss), and the update. benchmark.py times these.
+# The step: a micro-batch's loss, and the update.
 class Schedule(NamedTuple):
-    """What SD's step needs of the noise scheduler: the cumulative alphas (T,) on the device, and what it predicts."""
+    """What SD's step needs of the noise scheduler."""
     alphas_cumprod: torch.Tensor
-    prediction_type: str  # "epsilon" or "v_prediction": the base's, recorded in the checkpoints' config
+    prediction_type: str  # epsilon or v_prediction, recorded in checkpoints
 
 
 def noise_schedule(noise_scheduler, model, device):
-    """The Schedule of a base's DDPM noise scheduler; stops on a target SD cannot train."""
+    """The Schedule of a DDPM noise scheduler."""
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         fail(f"{model}: prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
@@ -750,7 +733,7 @@ def noise_schedule(noise_scheduler, model, device):
 
 
 def draw_timesteps(T, b, g, power=1.0):
-    """b timesteps: uniform (power 1, GLIGEN), or t = (1 - u^power) T for u uniform, more of them at high noise."""
+    """b timesteps: uniform (power 1, GLIGEN's), or t = (1 - u^power) T, more of them at high noise."""
     if power == 1:
         return torch.randint(0, T, (b,), generator=g, device=g.device)
     u = torch.rand(b, generator=g, device=g.device)
@@ -758,14 +741,14 @@ def draw_timesteps(T, b, g, power=1.0):
 
 
 def forward_process(alphas_cumprod, x0, noise, t, prediction_type):
-    """The noised latent x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, and the UNet's target: the noise, or v."""
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, and the target: the noise, or v."""
     a = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     return xt, noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 def vae_sample(latents, g):
-    """The VAE's mean (b, 4, h, w), or a fresh sample of its latent where prep_latents.py stored the std too."""
+    """The VAE's mean, or a sample where the std was stored."""
     x0 = latents[:, 0].float()
     if latents.shape[1] == 2:
         x0 = x0 + latents[:, 1].float() * torch.randn(x0.shape, generator=g, device=g.device)
@@ -773,14 +756,14 @@ def vae_sample(latents, g):
 
 
 def dropped(batch, keep_caption, keep_grounding, empty_ids):
-    """The caption ids with the dropped captions empty, and the filled slots (B, 30), none where grounding drops."""
-    keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))  # (b, 1): per sample, whatever the ids' shape
+    """The caption ids (dropped: empty), and the filled slots (dropped grounding: none)."""
+    keep = keep_caption.view(-1, *[1] * (empty_ids.dim() - 1))  # (b, 1): whatever the ids' shape
     return torch.where(keep, batch["caption_ids"], empty_ids), batch["masks"] * keep_grounding[:, None]
 
 
 def noised(batch, g, schedule, empty_ids, cfg):
-    """The first half of SD's step: a micro-batch's draws from g, in this order (caption keeps, grounding keeps, the
-    noise, the timesteps, the latent's sample), and x0, x_t, t, the target, the caption ids and the filled slots."""
+    """The first half of SD's step: the draws from g, in an order resumes and ranks rely on (caption keeps,
+    grounding keeps, noise, timesteps, the latent's sample), and what follows from them."""
     b, device = len(batch["latents"]), schedule.alphas_cumprod.device
     keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
     keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
@@ -792,14 +775,14 @@ def noised(batch, g, schedule, empty_ids, cfg):
 
 
 def text_box_grounding(text_encoder, batch, masks):
-    """The UNet's "gligen" inputs: each distinct phrase encoded alone (pooler_output), placed in its slots."""
+    """The UNet's "gligen" inputs: each phrase's pooled feature in its slots."""
     feats = text_encoder(batch["phrase_ids"], attention_mask=batch["phrase_mask"]).pooler_output  # (U, D)
     return {"boxes": batch["boxes"], "masks": masks, "positive_embeddings": feats[batch["slot_phrase"]]}  # (B, 30, D)
 
 
 def sd_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
             per_image=False):
-    """GLIGEN's loss on one micro-batch; model: the UNet, perhaps DDP-wrapped or compiled; the rest stays frozen."""
+    """GLIGEN's loss on a micro-batch; model: the UNet, maybe DDP-wrapped or compiled."""
     x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
     with torch.no_grad(), autocast:
         text = text_encoder(ids).last_hidden_state  # (b, 77, D)
@@ -810,7 +793,7 @@ def sd_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nu
 
 
 def denoising_loss(pred, target, batch, levers=None, per_image=False, level=None):
-    """The loss of every family: the MSE to the target (or the levers'); per_image: also each image's, and its level."""
+    """Every family's loss: the MSE (or the levers'); per_image: also each image's, and its level."""
     loss = F.mse_loss(pred.float(), target) if levers is None else levers.loss(pred.float(), target, batch)
     if per_image:
         return loss, F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1), level
@@ -819,16 +802,14 @@ def denoising_loss(pred, target, batch, levers=None, per_image=False, level=None
 
 @torch.no_grad()
 def box_use_losses(image_losses, unet, batches, seed, resamples=1000):
-    """Do the adapters use the boxes? The loss on fixed training batches (noise and timesteps fixed by seed) with the
-    true boxes, mirrored ones and none: once they count, the true boxes' loss is clearly lower (the gap), long before
-    a picture shows it. Also the gap's bootstrap standard error, and the gap at high noise (t >= T / 2) with its own.
-    image_losses(unet, batch, g): (the mean loss, each image's, each one's noise level), every caption and box kept."""
+    """Do the adapters use the boxes? The loss on fixed batches with true, mirrored and no boxes, the gap's
+    bootstrap standard error, and the gap at high noise; image_losses -> (loss, each image's, each one's level)."""
     losses, n = dict(boxes=0.0, mirrored=0.0, no_grounding=0.0), sum(len(b["latents"]) for b in batches)
     each, level = dict(boxes=[], mirrored=[]), []
     for k, b in enumerate(batches):
         variants = dict(boxes=b, mirrored={**b, "boxes": mirror(b["boxes"])},
                         no_grounding={**b, "masks": torch.zeros_like(b["masks"])})
-        for name, batch in variants.items():  # the same noise and timesteps for each
+        for name, batch in variants.items():  # the same noise and timesteps
             g = torch.Generator(b["latents"].device).manual_seed(seed + k)
             loss, per_image, t = image_losses(unet, batch, g)
             losses[name] += loss.item() * len(b["latents"]) / n
@@ -839,7 +820,7 @@ def box_use_losses(image_losses, unet, batches, seed, resamples=1000):
     high = gap[torch.cat(level).numpy() >= 0.5]
     rng = np.random.default_rng(seed)
 
-    def se(x):  # the bootstrap standard error of x's mean
+    def se(x):
         return float(x[rng.integers(0, len(x), (resamples, len(x)))].mean(1).std()) if len(x) > 1 else None
 
     return {**{f"val_loss_{k}": v for k, v in losses.items()}, "val_gap_se": se(gap),
@@ -847,16 +828,14 @@ def box_use_losses(image_losses, unet, batches, seed, resamples=1000):
 
 
 def count_flops(fn):
-    """The model FLOPs of fn() (a forward and backward pass) by torch's counter, with SDPA's math kernel: a flash
-    kernel's backward recomputes attention, which is not work the model needs. Count on one image."""
+    """fn()'s model FLOPs, with SDPA's math kernel (no flash recompute)."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
 def optimizer_step(opt, params, grad_clip):
-    """Clip the adapters' gradient and step fused AdamW, which skips the whole update on the device when the norm is
-    not finite (on any rank), as GradScaler's found_inf: no host sync. Returns whether it stepped (a 0-dim tensor)."""
+    """Clip and step fused AdamW, which skips a non-finite step on the device (no host sync); whether it stepped."""
     ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     opt.found_inf = (~ok).float()
     opt.step()
@@ -865,22 +844,21 @@ def optimizer_step(opt, params, grad_clip):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Sampling: the validation grid's images here, and sample.py's.
+# Sampling: the validation grid's images, and sample.py's.
 SCHEDULERS = dict(ddim="DDIMScheduler", dpm="DPMSolverMultistepScheduler", euler="EulerDiscreteScheduler",
                   euler_a="EulerAncestralDiscreteScheduler", pndm="PNDMScheduler", ddpm="DDPMScheduler",
-                  flow_euler="FlowMatchEulerDiscreteScheduler")  # sample.py's --scheduler: diffusers' class
-UNET_SAMPLERS = ("ddim", "dpm", "euler", "euler_a", "pndm", "ddpm")  # what a UNet family samples with; ddim validates
+                  flow_euler="FlowMatchEulerDiscreteScheduler")  # sample.py's --scheduler -> diffusers' class
+UNET_SAMPLERS = ("ddim", "dpm", "euler", "euler_a", "pndm", "ddpm")  # the first validates
 
 
 def prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
-    """The UNet's text inputs for n x [unconditional; conditional]: the empty caption's, then the prompt's."""
+    """The UNet's text inputs of n x [unconditional; conditional]."""
     ids = tokenizer.captions(["", prompt]).to(next(text_encoder.parameters()).device)
     return {"encoder_hidden_states": text_encoder(ids).last_hidden_state.repeat_interleave(n, dim=0)}
 
 
 def layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
-    """The UNet's "gligen" inputs for a layout's rows [(phrases, boxes)], the first half unconditional (null).
-    dtype: the text features' (under autocast, not the encoder's)."""
+    """A layout's "gligen" inputs, the first half null."""
     device = next(text_encoder.parameters()).device
     ids, mask, slot_phrase, boxes, masks = layout_tensors(tokenizer, rows)
     masks[:len(rows) // 2] = 0
@@ -890,13 +868,12 @@ def layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
 
 
 def both_halves(scheduler, latents, t, g):
-    """A layout's latents, and the UNet's input at step t: them twice, [unconditional; conditional], scaled."""
+    """A layout's latents, and the UNet's input: them twice, scaled."""
     return latents, scheduler.scale_model_input(torch.cat([latents] * 2), t)
 
 
 def stack_halves(parts):
-    """Several layouts' UNet inputs, each [unconditional; conditional] (tensors, or dicts of them, nested), as one:
-    every unconditional half, then every conditional half, in layout order."""
+    """Layouts' [unconditional; conditional] inputs as one, unconditional halves first."""
     if isinstance(parts[0], dict):
         return {k: stack_halves([p[k] for p in parts]) for k in parts[0]}
     halves = [p.chunk(2) for p in parts]
@@ -904,7 +881,7 @@ def stack_halves(parts):
 
 
 def grounded(layouts, seeds):
-    """Whether a batch of layouts gets grounding: each has phrases, or none has (no grounding: not null grounding)."""
+    """Whether a batch of layouts gets grounding (all or none have phrases)."""
     if len(seeds) != len(layouts):
         fail(f"{len(layouts)} layouts and {len(seeds)} seeds: give one seed per layout")
     if len({bool(l["phrases"]) for l in layouts}) > 1:
@@ -913,8 +890,7 @@ def grounded(layouts, seeds):
 
 
 def batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding):
-    """The "gligen" inputs of a batch of layouts (rows: each one's (phrases, boxes) per UNet row), every
-    unconditional half first; None where the layouts have no phrases."""
+    """A batch of layouts' "gligen" inputs; None without phrases."""
     if not grounded(layouts, seeds):
         return None
     return {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype)
@@ -922,8 +898,7 @@ def batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout
 
 
 def batch_noise(seeds, shape):
-    """Each layout's starting latents (shape) from its own seed, and its random stream for the steps after; drawn on
-    the CPU, so that a seed gives the same image on any device."""
+    """Each layout's first latents and stream, from its own seed, on the CPU."""
     streams = [torch.Generator().manual_seed(s) for s in seeds]
     return torch.cat([torch.randn(shape, generator=g) for g in streams]), streams
 
@@ -932,11 +907,8 @@ def batch_noise(seeds, shape):
 def generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=25, guidance=7.5, beta=1.0,
              height=None, width=None, progress=False, model_input=both_halves, prompt_inputs=prompt_inputs,
              layout_grounding=layout_grounding):
-    """n images (uint8, (len(layouts) n, H, W, 3)) of each layout {prompt, phrases, boxes}, as
-    StableDiffusionGLIGENPipeline makes them: the unconditional half null-grounded, the fusers on for the first
-    beta * steps steps. The layouts share each UNet call; layout k draws from seeds[k], so it gets the same images
-    alone or in company. The pieces a family or mode replaces: model_input (see denoise), prompt_inputs and
-    layout_grounding."""
+    """n images (uint8, (layouts x n, H, W, 3)) of each layout, as StableDiffusionGLIGENPipeline makes them; layout k
+    from seeds[k], the same in any batch. Families pass their own model_input, prompt_inputs and layout_grounding."""
     scale = vae_scale(vae)
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
@@ -951,10 +923,8 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1,
 
 def denoise(unet, scheduler, latents, text, gligen, streams, steps, guidance, beta, progress=False,
             model_input=both_halves):
-    """The sampler's loop: the UNet on [unconditional; conditional], guided; grounding (gligen: the UNet's
-    cross_attention_kwargs) for the first beta * steps steps. The latents are len(streams) layouts' in a row, each
-    stepped by its own copy of the scheduler with its own random stream. model_input(scheduler, latents, t, g) ->
-    (a layout's latents, its UNet input [unconditional; conditional] at step t)."""
+    """The sampler's loop: guidance, grounding for beta * steps steps, each layout its own scheduler copy and
+    stream; model_input(scheduler, latents, t, g) -> (a layout's latents, its UNet input)."""
     schedulers = [copy.deepcopy(scheduler) for _ in streams]
     for s in schedulers:
         s.set_timesteps(steps, device=latents.device)
@@ -979,20 +949,20 @@ def vae_scale(vae):
 
 
 def native_size(unet, vae):
-    """The image side the model was made for, in pixels (512 for SD1.5); where it names none (Flux), 1,024."""
+    """The model's image side; 1,024 where it names none (Flux)."""
     return unet.config.get("sample_size", 128) * vae_scale(vae)
 
 
 def decode(vae, latents):
-    """Latents (n, 4, h, w) -> images, uint8 (n, H, W, 3); the whole batch at once."""
-    shift = vae.config.get("shift_factor") or 0.0  # SD3's and Flux's VAEs shift; None on SD's
+    """Latents (n, 4, h, w) -> images, uint8 (n, H, W, 3)."""
+    shift = vae.config.get("shift_factor") or 0.0  # None on SD's VAEs
     image = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
     image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return (image * 255).round().astype(np.uint8)
 
 
 def trained_size(data, pick):
-    """The validation grid's inputs to generate: the size of the training images (pick: the val_images)."""
+    """The validation grid at the training images' size."""
     return dict(height=data.resolution, width=data.resolution)
 
 
@@ -1000,7 +970,7 @@ COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f0
 
 
 def draw_layout(image, phrases, boxes):
-    """A copy of a PIL image with each box and its phrase drawn on (small images enlarged first, to be readable)."""
+    """A copy of an image with its boxes and phrases drawn on."""
     image = image.convert("RGB")
     scale = max(1, 256 // max(image.size))
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
@@ -1009,7 +979,7 @@ def draw_layout(image, phrases, boxes):
     for i, (p, (x0, y0, x1, y1)) in enumerate(zip(phrases, boxes)):
         c = COLORS[i % len(COLORS)]
         d.rectangle([x0 * W, y0 * H, x1 * W, y1 * H], outline=c, width=max(1, W // 128))
-        tag = d.textbbox((x0 * W, y0 * H), p, font=font)  # the phrase on a tag in the box's colour
+        tag = d.textbbox((x0 * W, y0 * H), p, font=font)
         d.rectangle([tag[0], tag[1], tag[2] + 4, tag[3] + 2], fill=c)
         d.text((x0 * W + 2, y0 * H), p, fill="white", font=font)
     return image
@@ -1017,8 +987,8 @@ def draw_layout(image, phrases, boxes):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config) and
-# manifest.json (each file's size and sha256, written last), written as step_0002000.tmp and renamed when whole: a
-# kill while saving leaves the previous one the latest, and one that fails its manifest is set aside.
+# manifest.json (sizes, sha256), written as step_0002000.tmp and renamed when whole; a checkpoint that fails
+# its manifest is set aside.
 def checkpoints(out_dir):
     """The finished checkpoints in out_dir, oldest first."""
     return sorted(p for p in Path(out_dir).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
@@ -1050,7 +1020,7 @@ def verify_checkpoint(ckpt):
 
 
 def latest_good_checkpoint(out_dir, set_aside=False):
-    """The newest checkpoint that verifies. Newer broken ones are reported, and renamed *.corrupt if set_aside."""
+    """The newest checkpoint that verifies; newer broken ones are reported (and set aside)."""
     for ckpt in reversed(checkpoints(out_dir)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
@@ -1064,8 +1034,7 @@ def latest_good_checkpoint(out_dir, set_aside=False):
 
 
 def save_checkpoint(out_dir, step, unet, opt, cfg, files=()):
-    """Write out_dir/step_<step>, with copies of files (text-image's image_project). Returns None, or what went
-    wrong (a full disk, say); the previous checkpoint is then intact."""
+    """Write out_dir/step_<step> (and copies of files); None, or what went wrong."""
     final = Path(out_dir) / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet).items()}
@@ -1090,7 +1059,7 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, files=()):
             os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        dir_fd = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
+        dir_fd = os.open(out_dir, os.O_RDONLY)
         os.fsync(dir_fd)
         os.close(dir_fd)
     except OSError as e:
@@ -1101,29 +1070,29 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, files=()):
                 + (f"The previous checkpoint {prev[-1]} is intact" if prev else "There is no earlier checkpoint")
                 + ": make room, then run the same command to resume.")
     for old in checkpoints(out_dir)[:-cfg["keep_last"]] + list(Path(out_dir).glob("step_*.tmp")):
-        shutil.rmtree(old)  # older checkpoints, and saves cut off by a kill
+        shutil.rmtree(old)  # older ones, and saves cut off by a kill
     return None
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The stages of a run: SD1.x/2.x's are the functions above. Each other family or mode (a section after main)
-# replaces whole stages with its own; choose_stages decides once, at the start, and main calls them by name.
+# The stages of a run: SD1.x/2.x's here; each family or mode after main replaces some.
+# choose_stages decides once; main calls them by name.
 STAGES = dict(
-    load=load_sd,  # model directory -> its frozen UNet, text encoder, tokenizer and noise scheduler
-    schedule=noise_schedule,  # the noise scheduler -> what the loss needs of it
-    add_adapters=inject_gligen,  # fresh fusers and a fresh position net on the UNet
-    training_data=training_data,  # the settings -> the training set
-    loss=sd_loss,  # a micro-batch -> its loss
+    load=load_sd,  # model -> frozen UNet, text encoder, tokenizer, noise scheduler
+    schedule=noise_schedule,  # noise scheduler -> what the loss needs of it
+    add_adapters=inject_gligen,  # UNet -> with fresh fusers and position net
+    training_data=training_data,  # settings -> the training set
+    loss=sd_loss,  # micro-batch -> loss
     generate=generate,  # layouts -> images
-    samplers=UNET_SAMPLERS,  # the schedulers it samples with (sample.py's names); the first validates
-    val_inputs=trained_size,  # the validation grid's inputs to generate
+    samplers=UNET_SAMPLERS,  # sample.py's schedulers; the first validates
+    val_inputs=trained_size,  # the validation grid's extra inputs to generate
 )
-FAMILIES = {"sd": {}}  # family -> the stages its section replaces
-MODES = {(False, False): {}}  # (inpaint, text_image) -> the stages that mode's section replaces
+FAMILIES = {"sd": {}}
+MODES = {(False, False): {}}
 
 
 def choose_stages(family, inpaint=False, text_image=False):
-    """The stages of this run: SD's, with those its family and its mode replace."""
+    """This run's stages: SD's, with those its family and mode replace."""
     if (inpaint or text_image) and family != "sd":
         fail(f"{'inpainting' if inpaint else 'text-image grounding'} is for SD1.x/2.x models; this is {family}")
     return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image,
@@ -1131,18 +1100,17 @@ def choose_stages(family, inpaint=False, text_image=False):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# main, in stages: settings, setup, data, model, validation, the loop, the exit; its helpers first.
+# main: settings, setup, data, model, validation, the loop, the exit; its helpers first.
 def setup_distributed(cuda):
-    """Under torchrun: join the process group. Returns rank, world size, device, and a CPU group for small votes."""
-    # torchrun --max-restarts starts new workers on the same store: keys prefixed by the attempt keep them from
-    # reading the dead group's addresses
+    """Join torchrun's process group: rank, world, device, a CPU group for votes."""
+    # keys by restart attempt: a restarted worker never reads a dead group's addresses
     store, rank, world = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
     device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
-    return rank, world, device, dist.new_group(backend="gloo") if cuda else dist.group.WORLD  # votes skip the GPU
+    return rank, world, device, dist.new_group(backend="gloo") if cuda else dist.group.WORLD
 
 
 def validation_layouts(cfg):
@@ -1157,28 +1125,26 @@ def validation_layouts(cfg):
 
 
 def restore(cfg, unet, resume):
-    """Adapters from the checkpoint to resume (of the same setup), or from init_from. Returns the step and the
-    optimizer state to continue from (0 and None for a new run)."""
+    """Adapters to resume or init from; the step and optimizer state."""
     if resume:
         state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
-        for key in ("model", "resolution", "global_batch", "images", "inpaint"):  # what a checkpoint cannot carry over
-            if state["config"].get(key, False) != cfg[key]:  # a setting newer than the checkpoint: False, inpaint's
+        for key in ("model", "resolution", "global_batch", "images", "inpaint"):
+            if state["config"].get(key, False) != cfg[key]:  # a setting newer than the checkpoint: False
                 fail(f"{resume} was trained with {key}={state['config'].get(key, False)!r}, this run has "
                      f"{key}={cfg[key]!r}. Run with the same {key}, or start a new out_dir with --init_from={resume}")
-        set_adapters(unet, read_safetensors(resume / "adapters.safetensors"), resume)  # checks all first
+        set_adapters(unet, read_safetensors(resume / "adapters.safetensors"), resume)
         return state["step"], state["optimizer"]
     if cfg["init_from"]:
         set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
     return 0, None
 
 
-VAL_OVERRIDES = dict(caption_keep=1.0, grounding_drop=0.0, timestep_power=1.0)  # validation's loss; levers=None
+VAL_OVERRIDES = dict(caption_keep=1.0, grounding_drop=0.0, timestep_power=1.0)  # validation's loss, levers off
 
 
 def setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, schedule, empty_ids, device, dtype,
                      autocast):
-    """What each validation needs: the grid's layouts and sampler, and the box-use losses' fixed batches (val_images
-    training images, unflipped) and loss (every caption and box kept, the levers off)."""
+    """What validation needs: the grid's sampler, and its loss on fixed training batches."""
     import diffusers
 
     vae = load_model(diffusers.AutoencoderKL, cfg["model"], subfolder="vae", torch_dtype=dtype).to(device)
@@ -1187,7 +1153,7 @@ def setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, 
     chunks = (pick[j:j + cfg["micro_batch"]] for j in range(0, len(pick), cfg["micro_batch"]))
     val_cfg, inputs = {**cfg, **VAL_OVERRIDES}, stages.val_inputs(data, pick)
 
-    def draw(layout):  # its first image (a video model's: the first frame of its clip)
+    def draw(layout):  # its first image (a clip's first frame)
         with autocast:
             im = stages.generate(unet, vae, text_encoder, tokenizer, sampler, [layout], [cfg["seed"]],
                                  steps=cfg["val_steps"], **inputs)
@@ -1203,8 +1169,7 @@ def setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, 
 
 
 def validate(val, step, unet, out, bar):
-    """The grid of the validation layouts (out/val_<step>.png), and the loss with the true boxes, mirrored ones and
-    none (log.jsonl)."""
+    """The grid (out/val_<step>.png), and the box-use losses (log.jsonl)."""
     images = [draw_layout(Image.fromarray(val.draw(l)), l["phrases"], l["boxes"]) for l in val.layouts]
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
     for k, im in enumerate(images):
@@ -1223,8 +1188,7 @@ def validate(val, step, unet, out, bar):
 
 
 class Preemption:
-    """SIGTERM (SLURM, torchrun) and SIGUSR1 (SLURM's warning) ask to save and stop at a step boundary, the same one
-    on every rank: a vote on the CPU group (None in one process), started at one step and read at the next."""
+    """SIGTERM or SIGUSR1 stops every rank at the same step, after a save."""
 
     def __init__(self, group):
         self.group, self.signals, self.vote, self.work = group, [], None, None
@@ -1254,8 +1218,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6
 
 
 class Meter:
-    """What the log line reports since the last one, summed on the device with no host sync a step; the clock stops
-    while checkpoints and validation run (pause)."""
+    """The log line's sums, on the device; the clock pauses for saves and validation."""
 
     def __init__(self, device, world):
         self.world, zero = world, torch.zeros((), device=device)
@@ -1263,7 +1226,7 @@ class Meter:
         self.steps, self.t0 = 0, time.perf_counter()
 
     def add(self, step_loss, ok):
-        """A step's loss, and whether it was taken (a NaN or Inf on any rank skips it)."""
+        """A step's loss, and whether it was taken."""
         self.loss += torch.where(ok, step_loss, torch.zeros_like(step_loss))
         self.good += ok
         self.bad_run = (self.bad_run + 1) * ~ok
@@ -1277,10 +1240,10 @@ class Meter:
         self.t0 += time.perf_counter() - t
 
     def read(self):
-        """(the mean loss of the steps taken, over the ranks; steps; skipped; the longest run skipped; seconds)."""
+        """(mean loss of steps taken, steps, skipped, longest skipped run, seconds)."""
         if self.world > 1:
             dist.all_reduce(self.loss)
-        good = int(self.good.item())  # .item() waits for the GPU, so the clock below is right
+        good = int(self.good.item())  # .item() waits for the GPU, so the clock is right
         read = (self.loss.item() / self.world / max(good, 1), self.steps, self.steps - good,
                 int(self.worst_run.item()), time.perf_counter() - self.t0)
         self.loss.zero_(), self.good.zero_(), self.worst_run.zero_()
@@ -1289,14 +1252,14 @@ class Meter:
 
 
 def peak_memory():
-    """The GPU's peak allocated bytes, or on the CPU the process's peak resident size."""
+    """Peak GPU memory, or on a CPU peak resident size."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # in KiB on Linux
 
 
 def log_line(out, rec, bar):
-    """The log line of rec, printed and appended to out/log.jsonl."""
+    """Print the log line, and append its record to out/log.jsonl."""
     skipped = f" | skipped {rec['skipped']} (NaN/Inf)" if rec["skipped"] else ""
     mfu = f" | MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else ""
     bar.write(f"step {rec['step']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['img_per_s']:.1f} img/s{mfu} | "
@@ -1306,7 +1269,7 @@ def log_line(out, rec, bar):
 
 
 def print_header(cfg, out, step, resume, n_params):
-    """Versions, the resolved config, the batch's make-up; and log.jsonl cut back to the step resumed from."""
+    """Versions, config, the batch; log.jsonl cut back to the step resumed."""
     import diffusers
     import transformers
 
@@ -1320,20 +1283,20 @@ def print_header(cfg, out, step, resume, n_params):
     if step >= cfg["max_steps"]:
         print(f"note: {resume} is at step {step}, and --max_steps={cfg['max_steps']}: nothing to train (raise "
               f"--max_steps to train on)")
-    if (out / "log.jsonl").exists():  # steps logged after the checkpoint resumed from run again: drop them
+    if (out / "log.jsonl").exists():
         kept = [json.dumps(r) + "\n" for _, r in read_jsonl(out / "log.jsonl") if r["step"] <= step]
         (out / "log.jsonl").write_text("".join(kept))
 
 
 def ignore_stop_signals(worker_id):
-    """Loader workers leave SIGTERM and SIGUSR1 to the main process, which saves, then stops them."""
+    """Loader workers leave SIGTERM and SIGUSR1 to the main process."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
 
 def main(cfg):
     check_settings(cfg)
-    # Setup: DDP when torchrun sets RANK, else one process; the stages; precision; preemption signals.
+    # Setup: DDP under torchrun, else one process; stages; precision.
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     rank, world, device, cpu_group = setup_distributed(cuda) if ddp else (0, 1, "cuda" if cuda else "cpu", None)
     master, G, B, out = rank == 0, cfg["global_batch"], cfg["micro_batch"], Path(cfg["out_dir"])
@@ -1342,25 +1305,24 @@ def main(cfg):
     accum = G // (B * world)
     stages = choose_stages(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]))
     bf16 = cfg["dtype"] == "bf16" or cfg["dtype"] == "auto" and cuda
-    base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base; adapters stay fp32
+    base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base's; adapters stay fp32
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     preemption = Preemption(cpu_group)
 
-    # Data: read and checked before the model loads, so bad data fails in seconds, not after minutes of loading.
+    # Data: checked before the model loads, so bad data fails in seconds.
     data = stages.training_data(cfg)
     if len(data) < G:
         fail(f"{cfg['latents']} has {len(data)} usable images, fewer than one global batch ({G})")
     layouts = validation_layouts(cfg)
 
-    # Model: the frozen base (bf16 on CUDA) + adapters (fp32): resumed, from init_from, or fresh.
+    # Model: the frozen base + fp32 adapters.
     unet, text_encoder, tokenizer, noise_scheduler = stages.load(cfg["model"], device, base_dtype)
     schedule = stages.schedule(noise_scheduler, cfg["model"], device)
-    torch.manual_seed(cfg["seed"])  # fresh adapters are the same for any number of processes
+    torch.manual_seed(cfg["seed"])  # the same init on any number of processes
     stages.add_adapters(unet)
-    adapters = adapter_state(unet).keys()
-    for name, p in unet.named_parameters():
-        p.data = p.data.float() if name in adapters else p.data
+    for p in adapter_params(unet):
+        p.data = p.data.float()
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
         dist.broadcast_object_list(resume, src=0, group=cpu_group)
@@ -1369,13 +1331,13 @@ def main(cfg):
         fail(f"--val_steps={cfg['val_steps']}: at most {noise_scheduler.config.num_train_timesteps}, the scheduler's "
              f"timesteps")
     step, opt_state = restore(cfg, unet, resume[0])
-    params = [p.requires_grad_(True) for name, p in unet.named_parameters() if name in adapters]
-    if cfg["grad_checkpointing"]:  # diffusers checkpoints each resnet and transformer block, fusers included
+    params = [p.requires_grad_(True) for p in adapter_params(unet)]
+    if cfg["grad_checkpointing"]:  # each block checkpointed, fusers included
         if not getattr(unet, "_supports_gradient_checkpointing", False):
             fail(f"--grad_checkpointing=True: diffusers' {type(unet).__name__} does not support it")
         unet.enable_gradient_checkpointing()
-        unet.train()  # older diffusers checkpoint in training mode only; SD has no dropout, so nothing else changes
-    # what the step calls: the UNet, DDP-wrapped under torchrun (its adapters' gradients all-reduced), compiled
+        unet.train()  # older diffusers checkpoint in training mode only
+    # the model the step calls: DDP-wrapped (gradients all-reduced), compiled
     device_ids = [torch.cuda.current_device()] if cuda else None
     model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=device_ids) if ddp else unet
     model = torch.compile(model, backend=cfg["compile"]) if cfg["compile"] else model
@@ -1383,15 +1345,15 @@ def main(cfg):
     if opt_state:
         opt.load_state_dict(opt_state)
     empty_ids = tokenizer.captions([""]).to(device)  # the dropped caption
-    levers = make_levers(unet, cfg)  # None with GLIGEN's recipe
-    # Each rank loads its own micro-batches from the data position that the step implies.
+    levers = make_levers(unet, cfg)  # None under GLIGEN's recipe
+    # Each rank loads its own micro-batches from the step's position.
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=rank_batches(len(data), G, B, world, rank, cfg["seed"], step,
                                          cfg["flip"] and data.has_flipped),
         num_workers=cfg["num_workers"], collate_fn=partial(data.collate, tokenizer), pin_memory=cuda,
         worker_init_fn=ignore_stop_signals))
 
-    # Logging and validation, on rank 0; the FLOPs of a step, counted once for the MFU.
+    # Logging and validation on rank 0; a step's FLOPs, for the MFU.
     out.mkdir(parents=True, exist_ok=True)
     if master:
         print_header(cfg, out, step, resume[0], sum(p.numel() for p in params))
@@ -1399,8 +1361,8 @@ def main(cfg):
                            base_dtype, autocast) if master and cfg["val_every"] else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
     if val and step == 0:
-        validate(val, step, unet, out, bar)  # the base model, before training: what the adapters start from
-    # counted on one image, in a pass of its own (a dispatch mode may pick other kernels: not a training step)
+        validate(val, step, unet, out, bar)  # the base, before training
+    # on one image, in a pass of its own (the counter may pick other kernels)
     probe = {k: v.to(device) for k, v in data.collate(tokenizer, [data[(0, False)]]).items()}
     flops = count_flops(lambda: stages.loss(unet, probe, torch.Generator(device).manual_seed(0), text_encoder,
                                             schedule, empty_ids, cfg, autocast, levers).backward())
@@ -1411,7 +1373,7 @@ def main(cfg):
         bar.write(f"one step: {flops / 1e12:.4g} TFLOP per image (model FLOPs, torch flop counter)"
                   + (f"; {peak / 1e12:.0f} TFLOP/s bf16 peak per GPU" if peak else ""))
 
-    # The loop: accumulate micro-batches, step, log, save, validate; stop at max_steps or on a signal.
+    # The loop: accumulate, step, log, save, validate; stop at max_steps or a signal.
     while step < cfg["max_steps"]:
         lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))  # linear warmup, then constant
         for group in opt.param_groups:
@@ -1424,18 +1386,18 @@ def main(cfg):
                 loss = stages.loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast, levers) / accum
                 loss.backward()
             step_loss += loss.detach()
-        # a NaN or Inf loss or gradient on any rank makes the all-reduced gradient norm non-finite: a skipped step
+        # a NaN or Inf on any rank makes the all-reduced norm non-finite: the step is skipped
         meter.add(step_loss, optimizer_step(opt, params, cfg["grad_clip"]))
         step += 1
         bar.update()
         stop, last = preemption.stop(), step == cfg["max_steps"]
-        if step % cfg["log_every"] == 0 or last or stop:  # the log line is built here: a new field is one line
+        if step % cfg["log_every"] == 0 or last or stop:  # the record is built here: a field is one line
             mean_loss, steps, skipped, worst, seconds = meter.read()
             speed = steps * G / seconds
             rec = dict(step=step, loss=round(mean_loss, 6), lr=lr, img_per_s=round(speed, 2),
                        mem_gb=round(peak_memory() / 2**30, 2), skipped=skipped, tflop_per_image=round(flops / 1e12, 6),
                        max_steps=cfg["max_steps"], left_s=round((cfg["max_steps"] - step) * G / speed))
-            if peak:  # model-FLOPs utilisation: the counted FLOPs at this speed over the GPUs' bf16 peak
+            if peak:  # model-FLOPs utilisation against the bf16 peak
                 rec["mfu"] = round(flops * speed / world / peak, 4)
             if master:
                 log_line(out, rec, bar)
@@ -1443,7 +1405,7 @@ def main(cfg):
                 fail(f"{worst} steps in a row had a NaN or Inf loss or gradient (by step {step}): stopping. Skipped "
                      f"steps leave the adapters untouched, so nothing poisoned was saved; look for bad latents in "
                      f"{cfg['latents']}, or lower lr")
-        with meter.pause():  # checkpoints and validation do not count against images/s
+        with meter.pause():  # not counted against images/s
             if step % cfg["save_every"] == 0 or last or stop:
                 error = [save_checkpoint(out, step, unet, opt, cfg, data.files) if master else None]
                 if ddp:
@@ -1458,7 +1420,7 @@ def main(cfg):
                       f"command to resume")
             break
 
-    # The exit: wait for the last vote, give the signals back, leave the process group.
+    # The exit.
     bar.close()
     preemption.close()
     if ddp:
@@ -1467,9 +1429,8 @@ def main(cfg):
 
 
 # =================================================================================================================
-# The levers that may make the boxes count sooner (docs/time-to-grounding.md), off by default: GLIGEN's recipe.
-# --timestep_power is draw_timesteps' power; the two that change the loss are here, reached from denoising_loss
-# through levers.loss, and absent (levers=None) when off. None adds a parameter: the adapters load and export as any.
+# The levers that may make boxes count sooner (docs/time-to-grounding.md), off by default; levers is None when
+# off. --timestep_power is draw_timesteps'.
 def make_levers(unet, cfg):
     """The Levers of these settings, or None where they are off."""
     if cfg["box_loss_weight"] == 1 and cfg["box_attn_loss"] == 0:
@@ -1478,7 +1439,7 @@ def make_levers(unet, cfg):
 
 
 class Levers:
-    """The loss with --box_loss_weight (GeoDiffusion's in-box weights) and --box_attn_loss (BoxAttention's term)."""
+    """The loss with --box_loss_weight's in-box weights and --box_attn_loss's attention term."""
 
     def __init__(self, unet, box_loss_weight, box_attn_loss):
         self.weight, self.attn_weight = box_loss_weight, box_attn_loss
@@ -1495,8 +1456,7 @@ class Levers:
 
 
 def box_cells(boxes, h, w):
-    """(B, S, h, w): the cells of an h x w grid that each box (B, S, 4) covers, with GLIGEN's and diffusers' rounding:
-    rows int(y0 * h) to int(y1 * h), columns likewise."""
+    """(B, S, h, w): the grid cells each box covers, rounded as GLIGEN and diffusers: rows int(y0 h) to int(y1 h)."""
     b = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64, device=boxes.device)
     b = b.floor()[..., None]  # (B, S, 4, 1)
     x, y = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
@@ -1504,13 +1464,12 @@ def box_cells(boxes, h, w):
 
 
 def in_boxes(boxes, masks, h, w):
-    """(B, 1, h, w): 1 on the cells inside any filled slot's box (masks (B, S) > 0), 0 elsewhere."""
+    """(B, 1, h, w): 1 inside any filled slot's box."""
     return (box_cells(boxes, h, w) & (masks[..., None, None] > 0)).any(1, keepdim=True).float()
 
 
 def box_weighted_mse(pred, target, boxes, masks, weight):
-    """The MSE with `weight` on the latent cells inside any filled slot's box and 1 outside, each image divided by
-    its mean weight, so that the loss keeps its scale."""
+    """The MSE, `weight` inside the boxes, normalised per image (GeoDiffusion's)."""
     h, w = target.shape[-2:]
     m = 1 + (weight - 1) * in_boxes(boxes, masks, h, w)  # (B, 1, h, w)
     m = m.view(len(target), *[1] * (target.dim() - 3), h, w).expand_as(target)
@@ -1518,12 +1477,9 @@ def box_weighted_mse(pred, target, boxes, masks, weight):
 
 
 class BoxAttention:
-    """Supervise where the fusers look: a visual token inside box k is asked to attend to grounding token k, by a
-    cross-entropy over the filled slots of the fuser's own attention logits (q.k / sqrt(d)), averaged over heads,
-    such tokens and fusers; tokens in several boxes share the target, tokens in none are left alone. It reaches the
-    position net, to_q and to_k from the first step, while the closed gates give them no gradient. Hooks catch the
-    boxes and filled slots on their way into the position net, and the queries and keys each fuser makes; with
-    gradient checkpointing they run again in the recompute, and what they add then is dropped at the next forward."""
+    """Ask each fuser's visual tokens in box k to attend to grounding token k (a cross-entropy of its attention
+    logits; tokens in no box are left alone): it reaches the position net while the gates are closed. Hooks catch
+    what it needs; with gradient checkpointing they run again in backward, and that is dropped at the next forward."""
 
     def __init__(self, unet):
         self.targets, self.losses, self.caught = None, [], {}
@@ -1533,17 +1489,17 @@ class BoxAttention:
             fuser.attn.to_k.register_forward_hook(self.catch)
             fuser.register_forward_hook(self.hook)
 
-    def loss(self):  # after the forward: the mean over the fusers (none without gradients)
+    def loss(self):  # the mean over the fusers (none without gradients)
         return torch.stack(self.losses).mean() if self.losses else 0.0
 
-    def on(self):  # validation and sampling (no gradients) have no loss to add
+    def on(self):
         return self.targets is not None and torch.is_grad_enabled()
 
-    def start(self, position_net, args, kwargs):  # a forward begins: its boxes (B, 30, 4) and filled slots (B, 30)
+    def start(self, position_net, args, kwargs):
         self.losses, self.caught = [], {}
         self.targets = (kwargs["boxes"], kwargs["masks"]) if torch.is_grad_enabled() else None
 
-    def catch(self, linear, args, out):  # to_q: (B, N, heads d), the visual tokens'; to_k: the same, then grounding's
+    def catch(self, linear, args, out):  # to_q: the visual tokens'; to_k: theirs, then grounding's
         if self.on():
             self.caught[linear] = out
 
@@ -1552,30 +1508,28 @@ class BoxAttention:
             return
         (x, objs), (boxes, masks) = args[:2], self.targets  # args[2]: Flux's position code
         B, N, heads = x.shape[0], x.shape[1], fuser.attn.heads
-        h = math.isqrt(N)  # this block's token grid: the training latent's (square), downsampled
+        h = math.isqrt(N)  # the block's token grid: the latent's, downsampled
         if h * h != N:
             fail(f"--box_attn_loss: a fuser's {N} tokens are not a square grid, as the training latents are")
-        r = objs.shape[1] // masks.shape[1]  # tokens per slot: 1; text-image 2 (all phrases', then all images')
-        masks = masks.repeat(1, r)  # (B, r S)
+        r = objs.shape[1] // masks.shape[1]  # tokens per slot: 1, text-image's 2
+        masks = masks.repeat(1, r)
         cells = box_cells(boxes.repeat(1, r, 1), h, h) & (masks[..., None, None] > 0)  # (B, r S, h, w)
         target = cells.flatten(2).transpose(1, 2).float()  # (B, N, r S)
-        inside = target.sum(-1)  # (B, N): how many of those tokens each visual token is sent to
-        q = self.caught.pop(fuser.attn.to_q).view(B, N, heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = self.caught.pop(fuser.attn.to_k)[:, N:]  # the grounding tokens' keys: (B, r S, heads d)
-        k = k.reshape(B, -1, heads, q.shape[-1]).transpose(1, 2)  # (B, heads, r S, d)
+        inside = target.sum(-1)  # (B, N): tokens each is sent to
+        q = self.caught.pop(fuser.attn.to_q).view(B, N, heads, -1).transpose(1, 2)
+        k = self.caught.pop(fuser.attn.to_k)[:, N:]  # the grounding tokens' keys
+        k = k.reshape(B, -1, heads, q.shape[-1]).transpose(1, 2)
         logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, heads, N, r S)
         logp = logits.masked_fill(masks[:, None, None] == 0, -1e9).log_softmax(-1)
-        ce = -(target[:, None] / inside.clamp(min=1)[:, None, :, None] * logp).sum(-1).mean(1)  # (B, N)
+        ce = -(target[:, None] / inside.clamp(min=1)[:, None, :, None] * logp).sum(-1).mean(1)
         self.losses.append((ce * (inside > 0)).sum() / (inside > 0).sum().clamp(min=1))
 
 
 # =================================================================================================================
-# SDXL: two text encoders and size conditioning. Replaces load, training_data (each item's size conditioning), loss
-# and generate (the pooled text and the size conditioning the UNet also takes).
+# SDXL: two text encoders and size conditioning. Replaces load, training_data, loss and generate.
 class SDXLTextEncoders(nn.Module):
-    """SDXL's two text encoders (CLIP ViT-L, OpenCLIP ViT-bigG) as one, on ids (B, 2, L) from both tokenizers: the
-    context is both penultimate states side by side (768 + 1280 = 2048), text_embeds bigG's projected EOS feature, and
-    a phrase's feature (pooler_output) ViT-L's EOS feature beside bigG's projected one (2048, the UNet's context)."""
+    """SDXL's two text encoders as one on ids (B, 2, L): the context both penultimate states; a phrase's feature
+    ViT-L's EOS beside bigG's projected one (2048, the UNet's context width)."""
 
     def __init__(self, te1, te2):
         super().__init__()
@@ -1590,8 +1544,7 @@ class SDXLTextEncoders(nn.Module):
 
 
 class SDXLTokenizers:
-    """SDXL's two tokenizers behind Tokenizer's calls: ids (B, 2, L), a row from each (one vocabulary, so the same
-    lengths; their pad tokens differ), and the first one's mask."""
+    """SDXL's two tokenizers as one: ids (B, 2, L)."""
 
     def __init__(self, first, second):
         self.pair = (first, second)
@@ -1605,7 +1558,7 @@ class SDXLTokenizers:
 
 
 def load_sdxl(model, device, dtype):
-    """SDXL's frozen parts: as SD's, with both text encoders as one SDXLTextEncoders and both tokenizers."""
+    """SDXL's frozen parts: both text encoders as one, both tokenizers."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     unet, text_encoder, tokenizer, scheduler = load_sd(model, device, dtype)
@@ -1618,12 +1571,12 @@ def load_sdxl(model, device, dtype):
 
 @dataclass(slots=True)
 class SDXLItem(Item):
-    time_ids: tuple  # SDXL's size conditioning: original (H, W), the crop's top and left, the target (R, R)
-    flipped_left: int  # the crop's left in the mirrored image
+    time_ids: tuple  # original (H, W), crop top and left, target (R, R)
+    flipped_left: int  # the mirrored crop's left
 
 
 class SDXLLatents(GroundedLatents):
-    """SDXL's training samples also carry their size conditioning (time ids), the mirrored image's if flipped."""
+    """SDXL's samples carry their time ids, the mirror's if flipped."""
     Item = SDXLItem
 
     def item(self, rec, lay):
@@ -1632,8 +1585,7 @@ class SDXLLatents(GroundedLatents):
 
     @staticmethod
     def time_ids(rec, R):
-        """SDXL's size conditioning: original (height, width), the crop's top-left in the image resized to the crop
-        side R, the target (R, R); and the crop's left in the mirrored image."""
+        """SDXL's time ids of a crop at side R, and the mirrored crop's left."""
         x0, y0, x1, _ = rec["crop"]
         scale = R / (x1 - x0)
         top, left, width = round(y0 * scale), round(x0 * scale), round(rec["width"] * scale)
@@ -1656,7 +1608,7 @@ def sdxl_training_data(cfg):
 
 def sdxl_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
               per_image=False):
-    """sd_loss, the UNet also given SDXL's added conditioning: the pooled text and each image's size (time ids)."""
+    """sd_loss, the UNet also given SDXL's pooled text and time ids."""
     x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
     with torch.no_grad(), autocast:
         text = text_encoder(ids)
@@ -1669,7 +1621,7 @@ def sdxl_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=
 
 
 def sdxl_prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
-    """As SDXL's pipeline: the unconditional half has zero text features, and size conditioning (H, W, 0, 0, H, W)."""
+    """As SDXL's pipeline: zero unconditional text; size conditioning."""
     ids = tokenizer.captions(["", prompt]).to(next(text_encoder.parameters()).device)
     encoded = text_encoder(ids)
     text = torch.cat([torch.zeros_like(encoded.last_hidden_state[:1]), encoded.last_hidden_state[1:]])
@@ -1681,7 +1633,6 @@ def sdxl_prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
 
 
 def generate_sdxl(*args, **kwargs):
-    """generate, with SDXL's prompt inputs."""
     return generate(*args, prompt_inputs=sdxl_prompt_inputs, **kwargs)
 
 
@@ -1689,29 +1640,28 @@ FAMILIES["sdxl"] = dict(load=load_sdxl, training_data=sdxl_training_data, loss=s
 
 
 # =================================================================================================================
-# Video (ModelScope/Zeroscope, a UNet3DConditionModel). Replaces load (the 3-D UNet), add_adapters (fusers in the
-# spatial blocks only, grounding tokens made on the way in), training_data (images as one-frame clips) and generate
-# (clips; boxes one list for all frames, or one list per frame).
+# Video (ModelScope, Zeroscope). Replaces load, add_adapters (spatial blocks), training_data (images as
+# one-frame clips) and generate (clips, boxes still or per frame).
 def load_video(model, device, dtype):
     return load_sd(model, device, dtype, unet_class="UNet3DConditionModel")
 
 
 class NoFuser(nn.Module):
-    """The video UNet's temporal blocks get the grounding kwargs too, and are left as they are."""
+    """The temporal blocks get the grounding kwargs too, and ignore them."""
 
     def forward(self, x, objs):
         return x
 
 
 def spatial_blocks(unet):
-    """The transformer blocks of the UNet's spatial transformers (Transformer2DModel), in module order."""
+    """The transformer blocks of the spatial transformers, in module order."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     return [b for m in unet.modules() if isinstance(m, Transformer2DModel) for b in m.transformer_blocks]
 
 
 def video_position_net(unet, args, kwargs):
-    """The video UNet does not make grounding tokens itself as the image UNet does: make them on the way in."""
+    """The video UNet makes no grounding tokens: make them on the way in."""
     gligen = (kwargs.get("cross_attention_kwargs") or {}).get("gligen")
     if gligen is not None and "objs" not in gligen:
         kwargs["cross_attention_kwargs"] = {**kwargs["cross_attention_kwargs"],
@@ -1720,8 +1670,7 @@ def video_position_net(unet, args, kwargs):
 
 
 def inject_video(unet):
-    """Fusers in the spatial blocks only, one set of grounding tokens per frame (boxes (batch x frames, 30, 4),
-    frame-minor); the temporal blocks keep a NoFuser."""
+    """Fusers in the spatial blocks, tokens per frame; NoFuser in the temporal ones."""
     for block in transformer_blocks(unet):
         block.fuser = NoFuser()
     inject_gligen(unet, blocks=spatial_blocks)
@@ -1730,7 +1679,7 @@ def inject_video(unet):
 
 
 class OneFrameLatents(GroundedLatents):
-    """A video UNet trains on images as one-frame clips: latents (b, stats, 4, 1, h, w)."""
+    """Images as one-frame clips: latents (b, stats, 4, 1, h, w)."""
 
     def collate(self, tokenizer, samples):
         batch = super().collate(tokenizer, samples)
@@ -1745,8 +1694,7 @@ def video_training_data(cfg):
 @torch.no_grad()
 def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=25, guidance=7.5,
                    beta=1.0, height=None, width=None, progress=False, frames=1):
-    """n clips of each layout (uint8, (len(layouts) n, frames, H, W, 3)) whose boxes are one list (still) or one per
-    frame (moving); as generate, with one set of grounding tokens per frame."""
+    """n clips of each layout; boxes still or one list per frame."""
     scale = vae_scale(vae)
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     text = stack_halves([prompt_inputs(text_encoder, tokenizer, l["prompt"], n, height, width) for l in layouts])
@@ -1760,7 +1708,7 @@ def generate_video(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds
     gligen = batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding)
     latents, streams = batch_noise(seeds, (n, unet.config.out_channels, frames, height // scale, width // scale))
     latents = denoise(unet, scheduler, latents.to(unet.device), text, gligen, streams, steps, guidance, beta, progress)
-    images = decode(vae, latents.transpose(1, 2).flatten(0, 1))  # (K n, C, F, h, w) -> frames (K n F, C, h, w)
+    images = decode(vae, latents.transpose(1, 2).flatten(0, 1))  # -> frames (K n F, C, h, w)
     return images.reshape(-1, frames, *images.shape[1:])
 
 
@@ -1769,15 +1717,13 @@ FAMILIES["video"] = dict(load=load_video, add_adapters=inject_video, training_da
 
 
 # =================================================================================================================
-# Inpainting, GLIGEN's mode: the UNet also sees the image outside the boxes, and generates inside them. Replaces
-# load (conv_in widened: its weight is then an adapter, by adapter_state's rule), loss (the kept image and the mask
-# as input channels), generate (the photo pasted back outside the boxes each step) and val_inputs (a training image).
+# Inpainting, GLIGEN's mode: generate inside the boxes, keep the image outside. Replaces load (conv_in widened),
+# loss (the kept image and mask as inputs), generate and val_inputs.
 def widen_conv_in(unet):
-    """conv_in takes [noisy latent (4), kept latent z * m (4), mask m (1)], GLIGEN's order (SD-inpainting's puts the
-    mask first, 0 where kept). The new inputs start at zero: the UNet starts equal to its base."""
+    """conv_in takes [noisy latent, z * m, mask m]; the new inputs zero, the UNet starts as its base."""
     old, c = unet.conv_in, unet.conv_in.in_channels
     new = nn.Conv2d(2 * c + 1, old.out_channels, old.kernel_size, padding=old.padding, device="meta")
-    new = new.to_empty(device=old.weight.device).to(old.weight.dtype)  # no random init: every value is set here
+    new = new.to_empty(device=old.weight.device).to(old.weight.dtype)  # every value is set below
     with torch.no_grad():
         new.weight.zero_()[:, :c] = old.weight
         new.bias.copy_(old.bias)
@@ -1787,24 +1733,23 @@ def widen_conv_in(unet):
 
 
 def load_inpaint(model, device, dtype):
-    """SD's frozen parts, the UNet's conv_in widened."""
     unet, text_encoder, tokenizer, scheduler = load_sd(model, device, dtype)
     return widen_conv_in(unet), text_encoder, tokenizer, scheduler
 
 
 def inpaint_mask(boxes, masks, h, w):
-    """(B, 1, h, w): 1 where the image is kept, 0 inside any filled slot's box, on the latent grid (box_cells)."""
+    """(B, 1, h, w): 0 inside the boxes, 1 where kept."""
     return 1 - in_boxes(boxes, masks, h, w)
 
 
 def with_kept(x, z, m):
-    """The inpainting UNet's input: [x (4), the kept image's latent z * m (4), the mask m (1)]."""
+    """The inpainting UNet's input: [x, the kept latent z * m, the mask m]."""
     return torch.cat([x, z * m, m], dim=1)
 
 
 def inpaint_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
                  per_image=False):
-    """sd_loss, the UNet also given the sample itself outside all its boxes (even with grounding dropped)."""
+    """sd_loss, the UNet also given the sample outside all its boxes, even where grounding is dropped."""
     x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
     x = with_kept(xt, x0, inpaint_mask(batch["boxes"], batch["masks"], *x0.shape[-2:]))
     with torch.no_grad(), autocast:
@@ -1818,15 +1763,14 @@ def inpaint_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autoca
 @torch.no_grad()
 def generate_inpaint(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, inpaint_latent,
                      layout_grounding=layout_grounding, **kwargs):
-    """As generate, keeping an image (inpaint_latent (1, 4, h, w)) outside each layout's boxes: noised to each step's
-    level and pasted in before it, as StableDiffusionGLIGENPipeline does. One layout per UNet call (each its mask)."""
+    """As generate, inpaint_latent pasted in outside the boxes each step, as diffusers does."""
     z = inpaint_latent.to(unet.device, torch.float32)
 
     def draw(layout, seed):
         boxes = torch.tensor(layout["boxes"], dtype=torch.float64).reshape(1, -1, 4)
         m = inpaint_mask(boxes, torch.ones(1, len(layout["boxes"])), *z.shape[-2:]).to(unet.device)
 
-        def model_input(scheduler, latents, t, g):  # the image outside the boxes, at this step's noise level, pasted in
+        def model_input(scheduler, latents, t, g):
             noisy = scheduler.add_noise(z, torch.randn(z.shape, generator=g).to(unet.device), t.reshape(1))
             latents, x = both_halves(scheduler, noisy * m + latents * (1 - m), t, g)
             kept = (v.to(unet.dtype).expand(len(x), -1, -1, -1) for v in (z, m))
@@ -1839,7 +1783,7 @@ def generate_inpaint(unet, vae, text_encoder, tokenizer, scheduler, layouts, see
 
 
 def inpaint_val_inputs(data, pick):
-    """The validation grid fills its layouts' boxes into a training image (the first of val_images)."""
+    """The grid fills its boxes into a training image."""
     return dict(trained_size(data, pick), inpaint_latent=data[(pick[0] if pick else 0, False)]["latent"][:1].float())
 
 
@@ -1848,13 +1792,10 @@ MODES[True, False] = dict(load=load_inpaint, loss=inpaint_loss, generate=generat
 
 
 # =================================================================================================================
-# Grounding by reference image, GLIGEN's text-image-box mode: each box may have a phrase, a reference image, or both.
-# Replaces add_adapters (a position net of two MLPs), training_data (each box's image feature, from prep_latents.py
-# --image_encoder), loss (half the boxes lose their phrase or their image) and generate (a box's reference image).
+# Text-image, GLIGEN's mode: a box has a phrase, a reference image, or both. Replaces add_adapters, training_data,
+# loss and generate.
 class PositionNetTextImage(nn.Module):
-    """The same Fourier box code goes to two MLPs, one with the phrase feature and one with the image feature (CLIP
-    image embedding, projected into the phrase space): 30 text tokens, then 30 image tokens. Empty slots, and each
-    missing feature, take nulls."""
+    """The box code goes to two MLPs, with phrase and image features: 30 text, then 30 image tokens."""
 
     def __init__(self, dim, n_freqs=8):
         super().__init__()
@@ -1863,7 +1804,7 @@ class PositionNetTextImage(nn.Module):
         self.null_image_feature = nn.Parameter(torch.zeros(dim))
         self.null_position_feature = nn.Parameter(torch.zeros(8 * n_freqs))
 
-    def forward(self, boxes, masks, phrases_masks, image_masks, phrases_embeddings, image_embeddings):  # diffusers'
+    def forward(self, boxes, masks, phrases_masks, image_masks, phrases_embeddings, image_embeddings):
         pos = or_null(masks, fourier_boxes(boxes), self.null_position_feature)
         phr = or_null(phrases_masks, phrases_embeddings, self.null_text_feature)
         img = or_null(image_masks, image_embeddings, self.null_image_feature)
@@ -1872,15 +1813,13 @@ class PositionNetTextImage(nn.Module):
 
 
 def project_image_embeds(image_embeds, weight, norm=28.7):
-    """CLIP image embeddings (N, D) into the phrase space, through image_project's weight, then scaled to norm 28.7
-    (a phrase's pooled text feature's), as GLIGEN and diffusers' text-image pipeline do."""
+    """CLIP image embeddings through image_project, scaled to norm 28.7."""
     f = F.linear(image_embeds, weight)
-    return torch.stack([r / r.norm() * norm for r in f])  # row by row, as the pipeline: the same last bits
+    return torch.stack([r / r.norm() * norm for r in f])  # row by row, as the pipeline: the same bits
 
 
 def load_image_project(src, required=True):
-    """A text-image model's image_project weight (D, D): beside this project's adapters.safetensors, or a diffusers
-    text-image model's own (its image_project folder). None where src has none and it is not required."""
+    """image_project's weight, beside adapters or in a diffusers model."""
     from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
 
     path = adapters_file(src)
@@ -1899,8 +1838,7 @@ def load_image_project(src, required=True):
 
 
 def load_clip_tower(cls, src, **kwargs):
-    """One tower of a CLIP model (CLIPVisionModelWithProjection, CLIPTextModelWithProjection), quietly: from a whole
-    CLIP checkpoint, transformers would list each tensor of the other tower, which is not needed, as unexpected."""
+    """One tower of a CLIP model, quietly."""
     from transformers.utils import logging
 
     level = logging.get_verbosity()
@@ -1913,13 +1851,12 @@ def load_clip_tower(cls, src, **kwargs):
 
 @dataclass(slots=True)
 class ImageFeatureItem(Item):
-    feature_shard: Path  # prep_latents.py --image_encoder's shard of this image's box features
-    feature_rows: np.ndarray  # the kept boxes' rows in it
+    feature_shard: Path
+    feature_rows: np.ndarray
 
 
 class ImageFeatureLatents(GroundedLatents):
-    """Text-image samples also hold their kept boxes' image features (k, D), the same when mirrored (as GLIGEN's
-    precomputed ones), from prep_latents.py --image_encoder's output in image_features."""
+    """Text-image samples also hold their kept boxes' image features (k, D)."""
     Item = ImageFeatureItem
 
     def __init__(self, latents_dir, boxes_path, max_boxes, min_box_area, image_features):
@@ -1937,7 +1874,7 @@ class ImageFeatureLatents(GroundedLatents):
         self.feature_index = {r["key"]: (line, r) for line, r in read_jsonl(self.features / "index.jsonl")}
         super().__init__(latents_dir, boxes_path, max_boxes, min_box_area)
         self.config["image_encoder"] = self.image_meta["image_encoder"]
-        self.files = [self.features / "image_project.safetensors"]  # kept with the adapters, for sampling and export
+        self.files = [self.features / "image_project.safetensors"]  # kept with the adapters
 
     def item(self, rec, lay):
         keep = self.crop_layout(lay, rec["crop"], self.max_boxes, self.min_box_area)[2]
@@ -1957,7 +1894,7 @@ class ImageFeatureLatents(GroundedLatents):
         return x
 
     def collate(self, tokenizer, samples):
-        """... and each box's image feature in its slot, (B, 30, D)."""
+        """... and each box's image feature in its slot (B, 30, D)."""
         batch = super().collate(tokenizer, samples)
         f = np.zeros((len(samples), N_SLOTS, self.image_meta["dim"]), np.float32)
         for i, x in enumerate(samples):
@@ -1967,8 +1904,7 @@ class ImageFeatureLatents(GroundedLatents):
 
 
 def text_image_training_data(cfg):
-    """The training set with each box's image feature; the features must fit the model, and come through the same
-    image_project as a text-image --init_from's."""
+    """The training set with box image features, checked against the model."""
     from diffusers import UNet2DConditionModel
 
     data = training_data(cfg, partial(ImageFeatureLatents, image_features=cfg["image_features"]))
@@ -1977,7 +1913,7 @@ def text_image_training_data(cfg):
     if data.image_meta["dim"] != D:
         fail(f"{cfg['image_features']}: image features of {data.image_meta['dim']}, but {cfg['model']} takes {D} "
              f"(SD1.x: a CLIP ViT-L/14, SD2.x: an OpenCLIP ViT-H/14 image encoder)")
-    own = load_image_project(cfg["init_from"], required=False) if cfg["init_from"] else None  # a text-image model's
+    own = load_image_project(cfg["init_from"], required=False) if cfg["init_from"] else None
     if own is not None and not torch.equal(own.float(), read_safetensors(data.files[0])["project.weight"]):
         fail(f"{cfg['image_features']} was made with another image_project than {cfg['init_from']}'s: "
              f"run prep_latents.py --image_encoder with --image_project={cfg['init_from']}")
@@ -1985,15 +1921,13 @@ def text_image_training_data(cfg):
 
 
 def text_image_inputs(boxes, masks, has_phrase, has_image, phrase_feats, image_feats):
-    """The text-image position net's inputs, under diffusers' names: a box's phrase (image) counts where its slot is
-    filled and it has one. boxes (B, 30, 4), masks and has_* (B, 30) or (30,), features (B, 30, D)."""
+    """The text-image position net's inputs under diffusers' names."""
     return {"boxes": boxes, "masks": masks, "phrases_masks": masks * has_phrase, "image_masks": masks * has_image,
             "phrases_embeddings": phrase_feats, "image_embeddings": image_feats}
 
 
 def text_image_grounding(text_encoder, batch, masks, g):
-    """Text-image training: the phrases' features and the boxes' image features; half the boxes lose one of the two
-    (never both), drawn from g."""
+    """Text-image training: half the boxes lose their phrase or image, drawn from g."""
     drop = torch.rand(masks.shape, generator=g, device=masks.device) < 0.5
     image_side = torch.rand(masks.shape, generator=g, device=masks.device) < 0.5
     feats = text_encoder(batch["phrase_ids"], attention_mask=batch["phrase_mask"]).pooler_output  # (U, D)
@@ -2002,13 +1936,11 @@ def text_image_grounding(text_encoder, batch, masks, g):
 
 
 def text_image_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
-    """Text-image sampling: a box has a phrase (not None), a reference image's feature (layout["images"], from
-    project_image_embeds; or None), or both. Each phrase is encoded alone, as the text-image pipeline does: the same
-    last bits."""
+    """Text-image sampling: a box's phrase, reference image feature, or both."""
     device, phrases = next(text_encoder.parameters()).device, layout["phrases"]
     _, _, _, boxes, masks = layout_tensors(tokenizer, [([q or "" for q in phr], b) for phr, b in rows])
     masks[:len(rows) // 2] = 0
-    feats = torch.zeros(2, N_SLOTS, text_encoder.config.hidden_size, device=device, dtype=dtype)  # phrases, images
+    feats = torch.zeros(2, N_SLOTS, text_encoder.config.hidden_size, device=device, dtype=dtype)
     has = torch.zeros(2, N_SLOTS, device=device, dtype=dtype)
     for k, (phrase, im) in enumerate(zip(phrases, layout.get("images") or [None] * len(phrases))):
         if phrase is not None:
@@ -2026,7 +1958,7 @@ def inject_text_image(unet):
 
 def text_image_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
                     per_image=False):
-    """sd_loss with text-image grounding: half the boxes lose their phrase or their image."""
+    """sd_loss with text-image grounding."""
     x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
     with torch.no_grad(), autocast:
         text = text_encoder(ids).last_hidden_state
@@ -2037,7 +1969,6 @@ def text_image_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, aut
 
 
 def generate_text_image(*args, **kwargs):
-    """generate, a box grounded by its phrase, its reference image or both."""
     return generate(*args, layout_grounding=text_image_layout_grounding, **kwargs)
 
 
@@ -2045,10 +1976,9 @@ MODES[False, True] = dict(add_adapters=inject_text_image, training_data=text_ima
                           loss=text_image_loss, generate=generate_text_image)
 
 
-# Both modes at once: inpainting's input with text-image grounding.
+# Both modes at once.
 def inpaint_text_image_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(),
                             levers=None, per_image=False):
-    """inpaint_loss with text_image_loss's grounding."""
     x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
     x = with_kept(xt, x0, inpaint_mask(batch["boxes"], batch["masks"], *x0.shape[-2:]))
     with torch.no_grad(), autocast:
@@ -2068,24 +1998,18 @@ MODES[True, True] = {**MODES[True, False], **MODES[False, True], "loss": inpaint
 
 
 # =================================================================================================================
-# MMDiT: Stable Diffusion 3/3.5 and Flux.1, transformers whose image and text tokens attend to each other in one
-# joint attention. GLIGEN's fuser goes after each joint block (SD3: all of them; Flux: its 19 double-stream blocks),
-# on the block's image tokens, before the next block's joint attention: the order GLIGEN has in a UNet (fuser, then
-# attention to the text, then the feed-forward), reached by forward hooks, since diffusers' MMDiTs call no fuser.
-# The objective is rectified flow. Replaces load, schedule, add_adapters, loss, generate and samplers; the data, a
-# box's grounding inputs (its phrase's pooled CLIP feature: text_box_grounding), the levers, the checkpoints and the
-# loop are the SD path's.
-SD3_T5_TOKENS, FLUX_T5_TOKENS = 256, 512  # T5 tokens per caption, the pipelines' max_sequence_length defaults
-FLUX_GUIDANCE = 3.5  # Flux-dev's embedded guidance while training and sampling (diffusers' Flux scripts' default)
+# MMDiT: SD3/SD3.5, Flux.1. A fuser after each joint block, on its image tokens, by hooks; rectified flow.
+# Replaces load, schedule, add_adapters, loss, generate and samplers.
+SD3_T5_TOKENS, FLUX_T5_TOKENS = 256, 512  # the pipelines' max_sequence_length
+FLUX_GUIDANCE = 3.5  # Flux-dev's guidance input (diffusers' scripts' default)
 
 
 def mmdit_family(model):
-    """"sd3" or "flux", from the transformer's config; stops on another transformer, or a Flux that takes more than
-    its latents (Fill, Kontext: not a text-to-image base)."""
+    """"sd3" or "flux"; stops on other transformers, Flux Fill or Kontext."""
     from diffusers import SD3Transformer2DModel
 
     with loading(model):
-        t = SD3Transformer2DModel.load_config(model, subfolder="transformer")  # any transformer's config.json
+        t = SD3Transformer2DModel.load_config(model, subfolder="transformer")
     family = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(t.get("_class_name"))
     if family is None:
         fail(f"{model}: its transformer is a {t.get('_class_name')!r}; GLIGEN trains on a UNet (SD1.x/2.x, SDXL, "
@@ -2097,17 +2021,13 @@ def mmdit_family(model):
 
 
 class SD3TextEncoders(nn.Module):
-    """SD3's three text encoders behind the calls the trainer makes. captions(ids: CLIP-L's 77, CLIP-G's 77 and T5's,
-    side by side) as SD3's pipeline encodes them: both CLIPs' penultimate states side by side (768 + 1280 = 2048),
-    zero-padded to T5's width (4096), then T5's states after them (zeros where the model comes without T5, dropped for
-    memory); pooled: both CLIPs' projected EOS features (768 + 1280 = 2048). A phrase's feature (pooler_output) is that
-    pooled pair too: one vector a box, in the space the model already reads through pooled_projections."""
+    """SD3's three text encoders as one; a phrase's feature: both CLIPs' pooled."""
 
     def __init__(self, clip_l, clip_g, t5, split, joint_dim):
         super().__init__()
         self.clip_l, self.clip_g, self.t5, self.split, self.joint_dim = clip_l, clip_g, t5, split, joint_dim
 
-    def forward(self, ids, attention_mask=None):  # phrases: ids (U, 2, L)
+    def forward(self, ids, attention_mask=None):
         l = self.clip_l(ids[:, 0], attention_mask=attention_mask).text_embeds
         g = self.clip_g(ids[:, 1], attention_mask=attention_mask).text_embeds
         return SimpleNamespace(pooler_output=torch.cat([l, g], -1))
@@ -2125,35 +2045,33 @@ class SD3TextEncoders(nn.Module):
 
 
 class FluxTextEncoders(nn.Module):
-    """Flux's two text encoders: captions(ids: CLIP-L's 77 and T5's, side by side) as FluxPipeline encodes them (T5's
-    last states the context, CLIP-L's pooler_output the pooled vector; dev's guidance value beside them); a phrase's
-    feature (pooler_output) is CLIP-L's pooler_output (768): GLIGEN's own feature, and the model's pooled space."""
+    """Flux's two text encoders as one; a phrase's feature: CLIP-L's pooled."""
 
     def __init__(self, clip, t5, split, guidance):
         super().__init__()
         self.clip, self.t5, self.split, self.guidance = clip, t5, split, guidance
 
-    def forward(self, ids, attention_mask=None):  # phrases: ids (U, L)
+    def forward(self, ids, attention_mask=None):
         return SimpleNamespace(pooler_output=self.clip(ids, attention_mask=attention_mask).pooler_output)
 
     def captions(self, ids):
         ids_clip, ids_t5 = ids.split(self.split, dim=1)
         text = {"encoder_hidden_states": self.t5(ids_t5).last_hidden_state,
                 "pooled_projections": self.clip(ids_clip).pooler_output}
-        if self.guidance is not None:  # dev: guidance-distilled, its guidance value an input
+        if self.guidance is not None:  # dev is guidance-distilled
             text["guidance"] = torch.full((len(ids),), self.guidance, device=ids.device)
         return text
 
 
 def t5_ids(tokenizer, texts, length):
-    """T5's ids for captions (B, length): padded to length, as the pipelines do; (B, 0) without T5."""
+    """T5's ids of captions, padded; (B, 0) without T5."""
     if tokenizer is None:
         return torch.zeros(len(texts), 0, dtype=torch.long)
     return torch.tensor(tokenizer(texts, padding="max_length", max_length=length, truncation=True)["input_ids"])
 
 
 class SD3Tokenizers(SDXLTokenizers):
-    """SD3's tokenizers: captions through all three, side by side (B, 77 + 77 + T5's); phrases through both CLIPs."""
+    """SD3's tokenizers: captions through all three, phrases the CLIPs."""
 
     def __init__(self, first, second, t5, t5_tokens):
         super().__init__(first, second)
@@ -2164,7 +2082,7 @@ class SD3Tokenizers(SDXLTokenizers):
 
 
 class FluxTokenizers(Tokenizer):
-    """Flux's tokenizers: captions through CLIP-L and T5, side by side (B, 77 + T5's); phrases through CLIP-L."""
+    """Flux's tokenizers: captions through CLIP-L and T5, phrases through CLIP-L."""
 
     def __init__(self, clip, t5, t5_tokens):
         super().__init__(clip)
@@ -2175,8 +2093,7 @@ class FluxTokenizers(Tokenizer):
 
 
 def load_t5(model, index, dtype, encoder, tokenizer, max_tokens):
-    """The model's T5 encoder and tokenizer, or (None, None) where its model_index.json names none; and its tokens
-    per caption: max_tokens, or fewer where the tokenizer says so."""
+    """The model's T5 encoder, tokenizer and tokens a caption; None, None, 0 without."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     if (index.get(encoder) or [None])[0] is None:
@@ -2187,8 +2104,7 @@ def load_t5(model, index, dtype, encoder, tokenizer, max_tokens):
 
 
 def load_sd3(model, device, dtype):
-    """SD3/SD3.5's frozen parts: the transformer, the three text encoders as one SD3TextEncoders (T5 optional: a model
-    saved with text_encoder_3=None runs without it, as SD3's pipeline does), their tokenizers, the flow scheduler."""
+    """SD3's frozen parts (T5 optional, as its pipeline)."""
     import diffusers
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -2202,14 +2118,13 @@ def load_sd3(model, device, dtype):
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
     L = toks[0].tokenizer.model_max_length
     encoders = SD3TextEncoders(*clips, t5, (L, L, n), transformer.config.joint_attention_dim)
-    transformer = transformer.to(device, dtype)  # diffusers 0.42 without accelerate loads this one in fp32 regardless
+    transformer = transformer.to(device, dtype)  # diffusers may load it in fp32
     return (transformer.requires_grad_(False), encoders.to(device).requires_grad_(False),
             SD3Tokenizers(*toks, t5_tok, n), scheduler)
 
 
 def load_flux(model, device, dtype):
-    """Flux.1's frozen parts: the transformer, CLIP-L and T5 as one FluxTextEncoders, their tokenizers, the flow
-    scheduler. Dev (guidance_embeds) gets FLUX_GUIDANCE as its guidance input; schnell has none."""
+    """Flux's frozen parts; dev gets FLUX_GUIDANCE."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -2228,14 +2143,10 @@ def load_flux(model, device, dtype):
             FluxTokenizers(tok, t5_tok, n), scheduler)
 
 
-# The method on an MMDiT: a fuser after each joint block, run by hooks. The transformer takes the grounding inputs in
-# joint_attention_kwargs["gligen"] (popped before its attention processors see them), so a stock pipeline call
-# carries boxes too: transformer(..., joint_attention_kwargs={"gligen": {"boxes", "masks", "positive_embeddings"}}).
+# The method on an MMDiT: joint_attention_kwargs["gligen"] carries the grounding inputs, popped by a hook.
 def take_grounding(model, args, kwargs, code=None):
-    """Before the transformer runs: pop "gligen" from joint_attention_kwargs, make the grounding tokens with the
-    position net (and code(model, kwargs), Flux's position code), and leave them with each fused block until the next
-    call (under gradient checkpointing the blocks run again in backward, and must find them). Without "gligen": none,
-    and the model is its base."""
+    """Before the transformer: pop "gligen" and leave its tokens with each block until the next call (a
+    checkpointing recompute must find them). Without "gligen": the base."""
     extra = dict(kwargs.get("joint_attention_kwargs") or {})
     gligen = extra.pop("gligen", None)
     tokens = None if gligen is None else \
@@ -2246,7 +2157,7 @@ def take_grounding(model, args, kwargs, code=None):
 
 
 def fuse(block, args, out):
-    """After a joint block, which returns (text tokens, image tokens): the image tokens through its fuser."""
+    """After a joint block: its image tokens through its fuser."""
     if block.grounding is None:
         return None
     text, image = out
@@ -2254,9 +2165,7 @@ def fuse(block, args, out):
 
 
 def inject_mmdit(model, fuser=Fuser, code=None):
-    """Fresh fusers on the joint blocks (transformer_blocks: all of SD3's, Flux's double-stream ones), each with the
-    block's width and heads, and a fresh position net whose tokens are as wide as the blocks (from the phrase feature's
-    width, the pooled text's). State-dict names as on a UNet: transformer_blocks.N.fuser.*, position_net.*."""
+    """Fresh fusers on the joint blocks and a fresh position net, as wide as the blocks; names as on a UNet."""
     c = model.config
     width = c.num_attention_heads * c.attention_head_dim
     for block in model.transformer_blocks:
@@ -2269,9 +2178,7 @@ def inject_mmdit(model, fuser=Fuser, code=None):
 
 
 class PositionedFuser(Fuser):
-    """Flux's fuser: GLIGEN's, with each image token's position code added to its normalized features before the
-    attention, where the fuser matches tokens to boxes. Flux's image tokens carry no absolute position (RoPE only,
-    inside its own attention), as a UNet's features and SD3's (a sin/cos embedding at the input) do."""
+    """Flux's fuser: a position code added before the attention (Flux's tokens have RoPE only)."""
 
     def forward(self, x, objs, pos):
         n = x.shape[1]
@@ -2283,11 +2190,9 @@ class PositionedFuser(Fuser):
 
 
 def flux_position_code(model, kwargs):
-    """(N, width): a fixed 2-D sin/cos code of each image token's place, from Flux's img_ids (0, row, column): x and y
-    of the token's centre relative to the image, at width / 4 frequencies from 1 to 100 (the range of fourier_boxes,
-    so that a token's code and its box's speak of the same coordinates)."""
+    """(N, width): a sin/cos code of each image token's centre."""
     ids = kwargs["img_ids"]
-    ids = ids[0] if ids.dim() == 3 else ids  # diffusers before 0.31 took them batched
+    ids = ids[0] if ids.dim() == 3 else ids  # diffusers < 0.31: batched
     width = model.config.num_attention_heads * model.config.attention_head_dim
     rows, cols = ids[:, 1].float(), ids[:, 2].float()
     y, x = (rows + 0.5) / (rows.max() + 1), (cols + 0.5) / (cols.max() + 1)
@@ -2297,23 +2202,22 @@ def flux_position_code(model, kwargs):
     return F.pad(code, (0, width - 4 * k))
 
 
-# Rectified flow: x_t = (1 - s) x0 + s noise, the model predicts noise - x0; s from the scheduler's 1,000 training
-# sigmas (SD3's already pushed through its static shift, Flux's unshifted: its shift is dynamic, at sampling only).
+# Rectified flow: x_t = (1 - s) x0 + s noise, the target noise - x0.
 class FlowSchedule(NamedTuple):
-    """What the rectified-flow step needs: the training timesteps (sigma x 1,000), sigmas and noise level density."""
+    """What the rectified-flow step needs."""
     timesteps: torch.Tensor
     sigmas: torch.Tensor
-    density: object  # (b, g) -> b noise levels in [0, 1)
-    prediction_type: str = "flow"  # what the checkpoints' config records
+    density: object  # (b, g) -> b levels in [0, 1)
+    prediction_type: str = "flow"
 
 
 def logit_normal(b, g):
-    """SD3's timestep density (its scripts' default): sigmoid of a standard normal, in (0, 1)."""
+    """SD3's noise level density: sigmoid of a standard normal."""
     return torch.randn(b, generator=g, device=g.device).sigmoid()
 
 
 def uniform(b, g):
-    """Flux's (its scripts' default): uniform in [0, 1)."""
+    """Flux's: uniform."""
     return torch.rand(b, generator=g, device=g.device)
 
 
@@ -2326,13 +2230,12 @@ def flux_schedule(noise_scheduler, model, device):
 
 
 def sd3_call(model, x, t, text, gligen):
-    """SD3's transformer on latents x (B, C, h, w) at timesteps t (sigma * 1,000, as its pipeline passes them)."""
+    """SD3's transformer, called as its pipeline calls it."""
     return model(hidden_states=x, timestep=t, **text, joint_attention_kwargs=gligen).sample
 
 
 def flux_call(model, x, t, text, gligen):
-    """Flux's transformer on latents x (B, C, h, w): packed 2 x 2 into (B, hw / 4, 4C) tokens with their ids (0, row,
-    column), timesteps / 1,000, as FluxPipeline calls it; unpacked again."""
+    """Flux's transformer, its latents packed 2 x 2 as FluxPipeline packs them."""
     B, C, h, w = x.shape
     tokens = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w // 4, 4 * C)
     img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
@@ -2345,19 +2248,18 @@ def flux_call(model, x, t, text, gligen):
 
 
 def flow_loss(call, model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast, levers, per_image):
-    """GLIGEN's loss under rectified flow, SD's drops and loss: the noise level drawn by the family's density (to
-    --timestep_power: above 1 draws more high noise), the model called (call) as its pipeline calls it."""
+    """GLIGEN's loss under rectified flow: the family's density, its call."""
     b, device, T = len(batch["latents"]), schedule.sigmas.device, len(schedule.timesteps)
     keep_caption = torch.rand(b, generator=g, device=device) < cfg["caption_keep"]
     keep_grounding = torch.rand(b, generator=g, device=device) >= cfg["grounding_drop"]
     noise = torch.randn(batch["latents"][:, 0].shape, generator=g, device=device)
     i = (schedule.density(b, g) ** cfg["timestep_power"] * T).long().clamp(max=T - 1)
-    x0 = vae_sample(batch["latents"], g)  # shifted and scaled as the pipelines' latents
+    x0 = vae_sample(batch["latents"], g)
     s = schedule.sigmas[i].view(-1, 1, 1, 1)
     xt, target = (1 - s) * x0 + s * noise, noise - x0
     ids, masks = dropped(batch, keep_caption, keep_grounding, empty_ids)
     with torch.no_grad(), autocast:
-        text = text_encoder.captions(ids)  # encoder_hidden_states, pooled_projections (Flux-dev: guidance)
+        text = text_encoder.captions(ids)
         gligen = text_box_grounding(text_encoder, batch, masks)
     with autocast:
         pred = call(model, xt, schedule.timesteps[i], text, {"gligen": gligen})
@@ -2375,19 +2277,17 @@ def flux_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=
 
 
 def mmdit_prompt_inputs(text_encoder, tokenizer, prompt, n, height, width):
-    """The text inputs of n x [unconditional; conditional]: the empty caption's, then the prompt's (SD3's pipeline's
-    default negative prompt; Flux's true classifier-free guidance with an empty one)."""
+    """The text inputs of n x [unconditional; conditional]."""
     ids = tokenizer.captions(["", prompt]).to(next(text_encoder.parameters()).device)
     return {k: v.repeat_interleave(n, dim=0) for k, v in text_encoder.captions(ids).items()}
 
 
 def flow_timesteps(scheduler, steps, tokens, device, sigmas=False, max_shift=1.16):
-    """The sampling schedule, set on scheduler as SD3's pipeline sets it (steps; the shift by image size where the
-    scheduler shifts dynamically: SD3.5's configs may) or, with sigmas, as FluxPipeline (sigmas 1 to 1 / steps)."""
+    """The sampling schedule, as SD3's pipeline (or, sigmas, FluxPipeline) sets it."""
     c = scheduler.config
     (base, top), shift = (c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)), c.get("base_shift", 0.5)
     m = (max_shift - shift) / (top - base)
-    mu = tokens * m + (shift - m * base)  # the pipelines' calculate_shift, in its order of operations
+    mu = tokens * m + (shift - m * base)  # the pipelines' calculate_shift
     kwargs = {"mu": mu} if c.get("use_dynamic_shifting") else {}
     if sigmas:
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, **kwargs)
@@ -2399,10 +2299,7 @@ def flow_timesteps(scheduler, steps, tokens, device, sigmas=False, max_shift=1.1
 def flow_generate(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, n=1, steps=28, guidance=7.0,
                   beta=1.0, height=None, width=None, progress=False, prompt_inputs=mmdit_prompt_inputs,
                   layout_grounding=layout_grounding, call=sd3_call, flux=False):
-    """generate for an MMDiT (unet: its transformer): classifier-free guidance with null grounding in the unconditional
-    half, grounding for the first beta * steps steps, each layout from its own seed; the flow-matching Euler steps
-    as SD3's pipeline (flux: FluxPipeline's schedule and true classifier-free guidance, the latents' sides a multiple of
-    2 latents). Without grounding, the pipeline's images."""
+    """generate for an MMDiT: flow-matching Euler steps as the pipelines."""
     scale = vae_scale(vae) * (2 if flux else 1)
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
     if height % scale or width % scale:
@@ -2450,19 +2347,16 @@ FAMILIES["flux"] = dict(MMDIT, load=load_flux, schedule=flux_schedule, add_adapt
 
 
 def cli():
-    """The script: main with the command line's settings, and the process's exit."""
+    """The script: main with the command line's settings."""
     try:
         main(configure(config, sys.argv[1:], __doc__))
     except BaseException:
-        # The loader workers ignore SIGTERM (it is for this process, which saves first), so after an error, in this
-        # process or a worker, the interpreter's exit would wait for them forever: stop them.
+        # after an error, stop the loader workers (they ignore SIGTERM)
         for worker in multiprocessing.active_children():
             worker.kill()
         raise
     if "RANK" in os.environ:
-        # DDP keeps its process group alive after destroy_process_group (a torch leak), so gloo's threads would be
-        # torn down by C++ exit handlers, which now and then abort a finished run (SIGABRT, "terminate called without
-        # an active exception"): everything is saved and closed, so leave without them.
+        # gloo's exit handlers may abort a finished run: leave without them
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -472,8 +472,8 @@ def build(cfg, sampler):
             c, rows, msg = load_layout(path, len(columns))
             return c, rows, rows_to_canvas(rows, value), msg
 
-        save.click(shown(lambda c, rows, r: save_layout(c, rows, r, tempfile.mkdtemp(dir=work))), [caption, table, refs],
-                   saved, api_visibility="private")
+        save.click(shown(lambda c, rows, r: save_layout(c, rows, r, tempfile.mkdtemp(dir=work))),
+                   [caption, table, refs], saved, api_visibility="private")
         load.upload(on_load, [load, canvas], [caption, table, canvas, note], api_visibility="private")
         watched = [status, verdict, loss_plot, speed_plot, use_plot, gap_plot, grid]
         watch.submit(watch_run, watch, watched, api_name="watch", queue=False)
@@ -500,5 +500,5 @@ def main(cfg, argv):
 if __name__ == "__main__":
     argv = sys.argv[1:]
     cfg = configure(config, argv, __doc__)
-    main(cfg, argv).launch(server_name=cfg["host"], server_port=cfg["port"] or None, share=cfg["share"], show_error=True,
-                           footer_links=["gradio"])
+    main(cfg, argv).launch(server_name=cfg["host"], server_port=cfg["port"] or None, share=cfg["share"],
+                           show_error=True, footer_links=["gradio"])

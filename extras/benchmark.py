@@ -75,7 +75,8 @@ UNETS = dict(
               use_linear_projection=True, transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
               addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
     tiny=dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-              attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2),
+              attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 2,
+              up_block_types=("CrossAttnUpBlock2D",) * 2),
 )
 WORDS = ("a the dog cat red blue car tree man woman sitting standing on in near beside under large small green "
          "house street table chair with and of photo image bowl person bicycle grass sky white black").split()
@@ -89,7 +90,8 @@ def write_data(root, n, resolution, rng, scaling_factor=0.18215):
     h, index, boxes = resolution // 8, [], []
     for s in range(0, n, 4096):
         rows = min(4096, n - s)
-        np.save(root / f"bench_{s // 4096:05d}.npy", rng.standard_normal((rows, 1, 1, 4, h, h), np.float32).astype(np.float16))
+        shard = rng.standard_normal((rows, 1, 1, 4, h, h), np.float32).astype(np.float16)
+        np.save(root / f"bench_{s // 4096:05d}.npy", shard)
         for r in range(rows):
             key = f"{s + r:08d}.jpg"
             index.append(dict(key=key, caption=" ".join(rng.choice(WORDS, rng.integers(8, 25))),
@@ -97,10 +99,11 @@ def write_data(root, n, resolution, rng, scaling_factor=0.18215):
             k = int(rng.integers(1, 11))
             xy = rng.uniform(0, 0.6, (k, 2))
             b = np.concatenate([xy, xy + rng.uniform(0.15, 0.4, (k, 2))], 1).clip(0, 1).round(4)
-            boxes.append(dict(image=key, width=640, height=480, phrases=[" ".join(rng.choice(WORDS, 2)) for _ in range(k)],
-                              boxes=b.tolist()))
-    (root / "meta.json").write_text(json.dumps(dict(model="synthetic", resolution=resolution, scaling_factor=scaling_factor,
-                                                    latent_shape=[4, h, h], views=["original"], stats=["mean"], images=n)))
+            phrases = [" ".join(rng.choice(WORDS, 2)) for _ in range(k)]
+            boxes.append(dict(image=key, width=640, height=480, phrases=phrases, boxes=b.tolist()))
+    meta = dict(model="synthetic", resolution=resolution, scaling_factor=scaling_factor, latent_shape=[4, h, h],
+                views=["original"], stats=["mean"], images=n)
+    (root / "meta.json").write_text(json.dumps(meta))
     (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
     (root / "boxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in boxes))
 
@@ -117,8 +120,8 @@ def loader_benchmark(cfg):
     data = tg.GroundedLatents(root, root / "boxes.jsonl")
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=tg.rank_batches(len(data), cfg["batch"], cfg["batch"], 1, 0, 0, 0),
-        num_workers=cfg["workers"], collate_fn=partial(data.collate, tokenizer), prefetch_factor=4 if cfg["workers"] else None,
-        persistent_workers=False)
+        num_workers=cfg["workers"], collate_fn=partial(data.collate, tokenizer),
+        prefetch_factor=4 if cfg["workers"] else None, persistent_workers=False)
     it = iter(loader)
     for _ in range(cfg["warmup"]):
         next(it)
@@ -197,7 +200,7 @@ def recipe(name, unet_name, device, compile_=False):
         dtype = torch.bfloat16 if cuda else torch.float32  # the frozen base; the adapters stay fp32
         unet = tg.inject_gligen(base.to(device, dtype).requires_grad_(False))
         te = text_encoder(unet_name).to(device, dtype).requires_grad_(False)
-        params = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in tg.adapter_state(unet)]
+        params = [p.requires_grad_(True) for p in tg.adapter_params(unet)]
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
         model = torch.compile(unet) if compile_ else unet
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -216,12 +219,13 @@ def recipe(name, unet_name, device, compile_=False):
             n = tg.count_flops(lambda: loss(batch, 0, unet).backward())
             opt.zero_grad(set_to_none=True)
             return n
-        return step, dict(unet=unet, model=model, text_encoder=te, autocast=autocast, opt=opt, params=params, flops=flops)
+        return step, dict(unet=unet, model=model, text_encoder=te, autocast=autocast, opt=opt, params=params,
+                          flops=flops)
     # The reference: IGLIGEN's step (diffusers' example trains the same way). diffusers' gated UNet in fp32 under
     # fp16 autocast with a GradScaler and AdamW; the text encoder in fp16; each image's phrases encoded in a loop.
     unet = UNet2DConditionModel.from_config(base.config, attention_type="gated").to(device).requires_grad_(False)
     te = text_encoder(unet_name).to(device, torch.float16 if cuda else torch.float32).requires_grad_(False)
-    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in tg.adapter_state(unet)]
+    params = [p.requires_grad_(True) for p in tg.adapter_params(unet)]
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
@@ -233,7 +237,8 @@ def recipe(name, unet_name, device, compile_=False):
         t = torch.randint(0, 1000, (x0.shape[0],), device=device)
         with torch.no_grad():
             encoded = te(batch["caption_ids"])
-            feats = torch.zeros(x0.shape[0], tg.N_SLOTS, D, device=device, dtype=torch.float16 if cuda else torch.float32)
+            dtype = torch.float16 if cuda else torch.float32
+            feats = torch.zeros(x0.shape[0], tg.N_SLOTS, D, device=device, dtype=dtype)
             for b, (ids, mask) in enumerate(batch["per_image"]):
                 feats[b, :ids.shape[0]] = te(ids, attention_mask=mask).pooler_output
         added = {"added_cond_kwargs": dict(text_embeds=encoded.text_embeds, time_ids=batch["time_ids"])} if sdxl else {}
@@ -280,7 +285,8 @@ def profile(step, parts, batch, device, n):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    unet, model, te, autocast, opt, params = (parts[k] for k in ("unet", "model", "text_encoder", "autocast", "opt", "params"))
+    names = ("unet", "model", "text_encoder", "autocast", "opt", "params")
+    unet, model, te, autocast, opt, params = (parts[k] for k in names)
     cuda, sdxl = device.type == "cuda", isinstance(te, tg.SDXLTextEncoders)
     counter = iter(range(10**6))
     t_step = seconds_per_call(lambda: step(batch, next(counter)), device, n)
@@ -318,13 +324,14 @@ def profile(step, parts, batch, device, n):
         sync(device)
     events = prof.key_averages()
     if cuda:  # the GPU's kernels, by device time
-        ops, self_time, total_time = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation], \
-            (lambda e: e.self_device_time_total), (lambda e: e.device_time_total)
+        ops = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        self_time, total_time = (lambda e: e.self_device_time_total), (lambda e: e.device_time_total)
     else:  # the CPU's ops, by their own time (children excluded)
         ops, self_time, total_time = list(events), (lambda e: e.self_cpu_time_total), (lambda e: e.cpu_time_total)
     everything = max(sum(self_time(e) for e in ops), 1)
     # SDPA's implementations and their backwards (flash, memory-efficient, cuDNN, CPU), kernels included
-    shares["attention"] = sum(total_time(e) for e in events if e.key.startswith("aten::_scaled_dot_product_")) / everything
+    attention = sum(total_time(e) for e in events if e.key.startswith("aten::_scaled_dot_product_"))
+    shares["attention"] = attention / everything
     top = sorted(ops, key=self_time, reverse=True)[:15]
     result = dict(step_ms=round(t_step * 1e3, 2), shares={k: round(v, 3) for k, v in shares.items()},
                   top_ops=[dict(name=e.key, self_ms_per_step=round(self_time(e) / 1e3 / n, 3),
@@ -341,7 +348,8 @@ def profile(step, parts, batch, device, n):
           + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["shares"].items())
           + (f"; host syncs per step: {result['host_syncs_per_step']}" if cuda else ""))
     for e in result["top_ops"]:
-        print(f"  {e['share'] * 100:5.1f}%  {e['self_ms_per_step']:9.3f} ms  x{e['calls_per_step']:<4d} {e['name'][:90]}")
+        print(f"  {e['share'] * 100:5.1f}%  {e['self_ms_per_step']:9.3f} ms  x{e['calls_per_step']:<4d} "
+              f"{e['name'][:90]}")
     return result
 
 

@@ -50,7 +50,8 @@ def count(cls, config, **inject):
     # the base's buffers count too: SD3's fixed sin/cos position table (226M numbers on medium) is stored in the
     # checkpoint and cast to bf16 with the weights
     sizes = {name: t.numel() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    adapter = sum(n for name, n in sizes.items() if name in tg.adapter_state(model))
+    names = tg.adapter_state(model).keys()
+    adapter = sum(n for name, n in sizes.items() if name in names)
     one_fuser = sum(p.numel() for p in model.transformer_blocks[0].fuser.parameters())
     width = config["num_attention_heads"] * config["attention_head_dim"]
     return adapter, one_fuser, sum(sizes.values()) - adapter, width
