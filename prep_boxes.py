@@ -71,19 +71,24 @@ def load_json(path):
         fail(f"{path}: not valid JSON ({e})")
 
 
-def main(cfg):
-    in_range(cfg, "batch_size shard_size", 1)  # a setting that cannot work stops here, before anything slow
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before anything is read."""
+    in_range(cfg, "batch_size shard_size", 1)
     in_range(cfg, "num_workers", 0)
     in_range(cfg, "box_threshold text_threshold nms", 0, 1)
     out = Path(cfg["out"])
     if out.is_dir():
         fail(f"--out={out} is a directory: give the path of the .jsonl file to write")
     check_out_dir(out.parent, "out")
-    if cfg["detector"]:
-        return detect_main(cfg)
-    if cfg["images"] or cfg["tars"] or cfg["phrases"]:
+    if not cfg["detector"] and (cfg["images"] or cfg["tars"] or cfg["phrases"]):
         fail("--images, --tars and --phrases are for detection: add --detector=<a GroundingDINO> (or, for COCO "
              "annotations, give --instances alone)")
+
+
+def main(cfg):
+    check_settings(cfg)
+    if cfg["detector"]:
+        return detect_main(cfg)
     coco = load_json(cfg["instances"])
     where = cfg["instances"]
     for key in ("images", "annotations", "categories"):
@@ -142,6 +147,7 @@ def main(cfg):
         for ann in sorted(anns, key=lambda a: a["id"]):
             captions.setdefault(ann.get("image_id"), ann["caption"].strip())
 
+    out = Path(cfg["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(out.name + ".tmp"), "w") as f:
         for im in sorted(images.values(), key=lambda im: im["id"]):

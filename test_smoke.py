@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1395,6 +1396,28 @@ def test_bf16_trains_every_family_and_mode(variant, request, tmp_path):
     assert all(not torch.equal(trained[k], fresh[k].float()) for k in fresh)
 
 
+def test_batch_plan_takes_global_batch_images_a_step_on_any_world_size():
+    n, G, steps = 70, 32, 4  # two epochs and a bit: the last partial batch of an epoch is never drawn
+    steps_of = {}
+    for world in (1, 2, 4, 8, 16, 32):
+        B, accum = tg.batch_plan(G, 8, world)
+        assert B <= 8 and B * accum * world == G
+        ranks = [tg.rank_batches(n, G, B, world, r, 0, 0) for r in range(world)]
+        steps_of[world] = []
+        for _ in range(steps):
+            step = [i for batches in ranks for _ in range(accum) for i, _ in next(batches)]
+            assert len(step) == len(set(step)) == G  # each image once, exactly G of them, across ranks and passes
+            steps_of[world].append(set(step))
+    assert all(s == steps_of[1] for s in steps_of.values())  # the same images each step, whatever the world size
+    assert tg.batch_plan(32, 8, 8) == (4, 1) and tg.batch_plan(36, 8, 4) == (3, 3) and tg.batch_plan(32, 8, 1) == (8, 4)
+    with pytest.raises(SystemExit, match=r"--global_batch=32 images a step cannot be shared by 64 GPUs: use "
+                                         r"--global_batch=64, or 32 GPUs"):
+        tg.batch_plan(32, 8, 64)
+    with pytest.raises(SystemExit, match=r"cannot be shared by 8 GPUs: use --global_batch=24 or --global_batch=32, "
+                                         r"or 6 GPUs"):
+        tg.batch_plan(30, 8, 8)
+
+
 def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     """In the inpainting and text-image modes at once, so that every trainable tensor of every mode is in the
     all-reduce (fusers, both position nets' parts, conv_in); text-box training is the same code less those. With the
@@ -1408,7 +1431,7 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     two = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'two'}", torchrun=2, OMP_NUM_THREADS="1")  # 2 x 1 x 2
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 processes x 1 micro-steps x 2 = 4 per step" in two.stdout
+    assert "batch plan: 4 images a step = 2 processes x 1 pass x 2 images" in two.stdout
     a, b = adapters_of(tmp_path / "one"), adapters_of(tmp_path / "two")
     assert not torch.equal(a["position_net.null_position_feature"], torch.zeros(64))  # they trained
     assert "conv_in.weight" in a and "position_net.linears_image.0.weight" in a
@@ -2502,6 +2525,156 @@ def test_code_keeps_to_120_columns_and_train_gligen_to_2_words_of_prose_a_line(t
     (tmp_path / "f.py").write_text('"""one two three."""\nx = 1  # four five\n\n\ndef f():\n    """six seven"""\n'
                                    '    # eight nine ten eleven twelve\n    return x\n')
     assert prose_words_per_code_line(tmp_path / "f.py") == 4.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The docs: every command of a project script in README.md and docs/*.md works as written
+DOC_SCRIPTS = {p.relative_to(HERE).as_posix() for p in [*HERE.glob("*.py"), *HERE.glob("extras/*.py")]}
+PLACEHOLDER = re.compile(r"^\.\.\.$|<[^<>]+>")  # --model=... or --out_dir=out/<run>: the text says what goes there
+SEPARATORS = {"&&", "||", ";", "|", "&"}
+
+
+def doc_commands(text, where):
+    """The project-script commands of a markdown text's bash blocks: (file:line, script, its arguments, world size).
+    Lines ending in a backslash are joined, VAR=value assignments expanded (an unset $VAR becomes a placeholder),
+    and a torchrun line's world is --nnodes x --nproc_per_node, with $SLURM_NNODES from the block's #SBATCH --nodes."""
+    import shlex
+
+    commands, fence, pending, start, env = [], None, "", 0, {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+            env.update(SLURM_NNODES="1", SLURM_JOB_NUM_NODES="1")
+            continue
+        if fence not in ("bash", "sh", "shell"):
+            continue
+        if m := re.match(r"#SBATCH .*--nodes[= ](\d+)", line):
+            env.update(SLURM_NNODES=m[1], SLURM_JOB_NUM_NODES=m[1])
+        start = start or n
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        full, pending, first, start = pending + line, "", start, 0
+        full = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m[1], f"<{m[1]}>"), full)
+        lex = shlex.shlex(full, posix=True, punctuation_chars="|&;")  # <x> is a placeholder
+        lex.whitespace_split = True
+        tokens, segment = list(lex) + [";"], []
+        for tok in tokens:
+            if tok not in SEPARATORS:
+                segment.append(tok)
+                continue
+            while segment and re.fullmatch(r"[A-Za-z_]\w*=.*", segment[0]):  # VAR=value, alone or before a command
+                key, _, value = segment.pop(0).partition("=")
+                env[key] = value if not segment else env.get(key, "")
+            segment = [t for t in segment if t != "..."]  # "and more settings"
+            scripts = [i for i, t in enumerate(segment) if t.removeprefix("./") in DOC_SCRIPTS]
+            if scripts:
+                i = scripts[0]
+                launcher = " ".join(segment[:i])
+                world = 1
+                if "torchrun" in launcher or "torch.distributed.run" in launcher:
+                    get = lambda k: re.search(rf"--{k}[= ](\S+)", launcher)  # noqa: E731
+                    world = int(get("nproc[_-]per[_-]node")[1]) * int((get("nnodes") or [0, "1"])[1])
+                commands.append((f"{where}:{first}", segment[i].removeprefix("./"), segment[i + 1:], world))
+            segment = []
+    return commands
+
+
+def doc_command_problem(script, args, world):
+    """What is wrong with one command, or None: a --key that is not the script's setting, a value that does not parse,
+    settings its own checks refuse (they load nothing), or, for the trainer, no batch plan for the world size."""
+    import importlib
+
+    if "--help" in args or "-h" in args:
+        return None
+    try:
+        mod = importlib.import_module(Path(script).stem)
+    except ImportError as e:
+        return None if os.environ.get("GLIGEN_CI") != "1" else f"cannot import {script}: {e}"
+    config = getattr(mod, "config", {})
+    keys = [a.removeprefix("--").partition("=")[0] for a in args]
+    if unknown := [k for k in keys if k not in config]:
+        return f"--{unknown[0]} is not a setting of {script}"
+    try:
+        cfg = tg.configure(config, [a for a in args if not PLACEHOLDER.search(a.partition("=")[2])])
+        getattr(mod, "check_settings", lambda cfg: None)(cfg)
+        if config is tg.config:
+            tg.batch_plan(cfg["global_batch"], cfg["micro_batch"], world)
+    except SystemExit as e:
+        return str(e)
+
+
+def doc_problems(text, where):
+    return [f"{w}: {script}: {problem}" for w, script, args, world in doc_commands(text, where)
+            if (problem := doc_command_problem(script, args, world))]
+
+
+def test_every_command_in_readme_and_docs_works_as_written(monkeypatch, tmp_path):
+    """Each command of a project script in a bash block of README.md and docs/*.md: real settings, values that parse,
+    passing the script's checks, and a batch plan for the trainer's world size. Broken commands are caught."""
+    monkeypatch.chdir(tmp_path)  # relative output paths land nowhere that exists
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    found = [c for p in pages for c in doc_commands(p.read_text(), p.relative_to(HERE))]
+    assert len({c[1] for c in found}) >= 6 and any(c[3] == 8 for c in found)  # the scripts, and the 8-GPU commands
+    assert [p for page in pages for p in doc_problems(page.read_text(), page.relative_to(HERE))] == []
+
+    broken = """
+```bash
+RUN=out/a
+python train_gligen.py --model=... --latents=<dir> --out_dir=$RUN/x  # fine
+torchrun --standalone --nproc_per_node=8 train_gligen.py --model=... --global_batch=30
+python prep_latents.py --resolution=100 && python sample.py --phrase=a
+CUDA_VISIBLE_DEVICES=0 python sample.py --n=two
+python train_gligen.py \\
+    --lr=-1
+```
+```text
+python train_gligen.py --not_checked=1
+```
+```bash
+#SBATCH --nodes=2
+srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 train_gligen.py --global_batch=8 --out_dir=$RUN
+```
+"""
+    assert [c[1:] for c in doc_commands(broken, "x")][0] == ("train_gligen.py", ["--model=...", "--latents=<dir>",
+                                                                                 "--out_dir=out/a/x"], 1)
+    assert doc_problems(broken, "x") == [
+        "x:5: train_gligen.py: error: --global_batch=30 images a step cannot be shared by 8 GPUs: use "
+        "--global_batch=24 or --global_batch=32, or 6 GPUs",
+        "x:6: prep_latents.py: error: --resolution=100: must be a multiple of 8 (the VAE's downsampling factor)",
+        "x:6: sample.py: --phrase is not a setting of sample.py",
+        "x:7: sample.py: error: --n=two: not a Python literal",
+        "x:8: train_gligen.py: error: --lr=-1.0: must be at least 0",
+        "x:16: train_gligen.py: error: --global_batch=8 images a step cannot be shared by 16 GPUs: use "
+        "--global_batch=16, or 8 GPUs"]
+
+
+def test_readme_8_gpu_coco_command_trains_under_torchrun_with_8_processes(tiny_sd, tmp_path):
+    """The README's 8-GPU COCO training command, its batch settings as written, starts and trains 2 steps under
+    torchrun with 8 processes (gloo, the tiny SD, 40 images): the batch plan shares 32 images a step among them."""
+    import prep_boxes
+    import prep_latents
+
+    readme = (HERE / "README.md").read_text()
+    coco = [c for c in doc_commands(readme, "README.md")
+            if c[1] == "train_gligen.py" and c[3] == 8 and any("coco" in a for a in c[2])]
+    assert coco, "no 8-GPU COCO training command in the README"
+    root = make_coco(tmp_path / "coco", n=40)
+    prep_boxes.main({**prep_boxes.config, "instances": str(root / "instances.json"),
+                     "captions": str(root / "captions.json"), "out": str(root / "boxes.jsonl")})
+    prep_latents.main({**prep_latents.config, "model": str(tiny_sd), "images": str(root / "images"),
+                       "captions": str(root / "boxes.jsonl"), "out": str(root / "latents"), "resolution": 16,
+                       "num_workers": 0, "flip": True})
+    ours = dict(model=tiny_sd, latents=root / "latents", boxes=root / "boxes.jsonl", out_dir=tmp_path / "run")
+    args = [a for a in coco[0][2] if a.removeprefix("--").partition("=")[0] not in ours]
+    args += [f"--{k}={v}" for k, v in ours.items()] + ["--max_steps=2", "--num_workers=0", "--val_every=0", "--log_every=1"]
+    assert not any(a.startswith(("--global_batch", "--micro_batch")) for a in args)  # the defaults
+    r = run("train_gligen.py", *args, torchrun=8, timeout=600, **ONE_THREAD)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "batch plan: 32 images a step = 8 processes x 1 pass x 4 images (micro_batch 8 at most)" in r.stdout
+    log = [r for _, r in tg.read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    assert "position_net.null_position_feature" in adapters_of(tmp_path / "run")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ config = dict(
     out_dir="out",  # checkpoints, log.jsonl, validation grids; a run started again resumes here
     init_from="",  # "": fresh; else a checkpoint or diffusers GLIGEN model to fine-tune
     global_batch=32,  # images per optimizer step
-    micro_batch=8,  # images per forward pass on one GPU
+    micro_batch=8,  # the most images one GPU takes per forward pass (fewer where the batch plan needs)
     max_steps=500_000,  # optimizer steps
     lr=5e-5,  # AdamW
     weight_decay=0.0,  # AdamW's decoupled weight decay
@@ -110,11 +110,21 @@ def check_settings(cfg):
             fail(f"--{k}={cfg[k]}: must be above 0")
     if cfg["dtype"] not in ("auto", "bf16", "fp32"):
         fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
-    if cfg["init_from"] and missing_local_path(cfg["init_from"]):
-        fail(f"--init_from={cfg['init_from']}: adapters not found")
     if cfg["compile"] and cfg["compile"] not in torch._dynamo.list_backends(exclude_tags=()):
         fail(f"--compile={cfg['compile']}: not a torch.compile backend (e.g. inductor, aot_eager)")
     check_out_dir(cfg["out_dir"], "out_dir")
+
+
+def batch_plan(global_batch, micro_batch, world):
+    """(images a GPU takes a pass, passes a step): global_batch a step on world GPUs, passes of at most micro_batch."""
+    if global_batch < world or global_batch % world:
+        near = sorted({max(world, global_batch // world * world), -(-global_batch // world) * world})
+        gpus = max(d for d in range(1, world + 1) if global_batch % d == 0)
+        fail(f"--global_batch={global_batch} images a step cannot be shared by {world} GPUs: use "
+             f"{' or '.join(f'--global_batch={g}' for g in near)}, or {gpus} GPUs")
+    share = global_batch // world
+    per_pass = max(d for d in range(1, min(micro_batch, share) + 1) if share % d == 0)
+    return per_pass, share // per_pass
 
 
 def fail(msg):
@@ -1277,8 +1287,10 @@ def print_header(cfg, out, step, resume, n_params):
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
           f"{gpu}")
     print(json.dumps(cfg))
-    print(f"{cfg['images']} images; {cfg['world_size']} processes x {cfg['grad_accum']} micro-steps x "
-          f"{cfg['micro_batch']} = {cfg['global_batch']} per step; {n_params / 1e6:.2f}M trainable parameters; "
+    passes = f"{cfg['grad_accum']} pass" + ("es" if cfg["grad_accum"] > 1 else "")
+    print(f"{cfg['images']} images; batch plan: {cfg['global_batch']} images a step = {cfg['world_size']} processes x "
+          f"{passes} x {cfg['per_pass']} images (micro_batch {cfg['micro_batch']} at most); "
+          f"{n_params / 1e6:.2f}M trainable parameters; "
           + (f"resuming from {resume}" if resume else f"adapters from {cfg['init_from'] or 'a fresh init'}"))
     if step >= cfg["max_steps"]:
         print(f"note: {resume} is at step {step}, and --max_steps={cfg['max_steps']}: nothing to train (raise "
@@ -1299,10 +1311,8 @@ def main(cfg):
     # Setup: DDP under torchrun, else one process; stages; precision.
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     rank, world, device, cpu_group = setup_distributed(cuda) if ddp else (0, 1, "cuda" if cuda else "cpu", None)
-    master, G, B, out = rank == 0, cfg["global_batch"], cfg["micro_batch"], Path(cfg["out_dir"])
-    if G % (B * world):
-        fail(f"global_batch {G} is not a multiple of micro_batch {B} x world size {world}")
-    accum = G // (B * world)
+    master, G, out = rank == 0, cfg["global_batch"], Path(cfg["out_dir"])
+    B, accum = batch_plan(G, cfg["micro_batch"], world)  # images a pass, passes a step, on each GPU
     stages = choose_stages(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]))
     bf16 = cfg["dtype"] == "bf16" or cfg["dtype"] == "auto" and cuda
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base's; adapters stay fp32
@@ -1315,6 +1325,8 @@ def main(cfg):
     if len(data) < G:
         fail(f"{cfg['latents']} has {len(data)} usable images, fewer than one global batch ({G})")
     layouts = validation_layouts(cfg)
+    if cfg["init_from"] and missing_local_path(cfg["init_from"]):
+        fail(f"--init_from={cfg['init_from']}: adapters not found")
 
     # Model: the frozen base + fp32 adapters.
     unet, text_encoder, tokenizer, noise_scheduler = stages.load(cfg["model"], device, base_dtype)
@@ -1326,7 +1338,8 @@ def main(cfg):
     resume = [latest_good_checkpoint(out, set_aside=True) if master else None]
     if ddp:
         dist.broadcast_object_list(resume, src=0, group=cpu_group)
-    cfg = {**cfg, "world_size": world, "grad_accum": accum, **data.config, "prediction_type": schedule.prediction_type}
+    cfg = {**cfg, "world_size": world, "per_pass": B, "grad_accum": accum, **data.config,
+           "prediction_type": schedule.prediction_type}
     if cfg["val_every"] and cfg["val_steps"] > noise_scheduler.config.num_train_timesteps:
         fail(f"--val_steps={cfg['val_steps']}: at most {noise_scheduler.config.num_train_timesteps}, the scheduler's "
              f"timesteps")

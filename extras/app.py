@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "extras"))
 import sample  # noqa: E402  (the project's sampling code, after the path is set)
 from demo_shapes import config as demo  # noqa: E402
-from train_gligen import check_image, check_layouts, configure, fail, is_moving  # noqa: E402
+from train_gligen import check_image, check_layouts, configure, fail, in_range, is_moving  # noqa: E402
 
 # the shipped demo: its base, its trained adapters, and the settings it was scored with
 SHAPES = dict(model=str(ROOT / "extras" / "shapes_base"), adapters=str(ROOT / "extras" / "shapes_adapters"),
@@ -484,13 +484,23 @@ def build(cfg, sampler):
     return app
 
 
+def sample_settings(cfg):
+    """sample.py's settings for the app's."""
+    return {**sample.config, **cfg, "export": "", "out_dir": tempfile.gettempdir()}
+
+
+def check_settings(cfg):
+    """sample.py's checks of the app's settings, and the port's, before the model loads."""
+    in_range(cfg, "port", 0, 65535)
+    sample.check_settings(sample_settings(cfg))
+
+
 def main(cfg, argv):
     given = {a.removeprefix("--").partition("=")[0] for a in argv}
     if not given & {"model", "adapters"}:  # the shipped demo: score-setting controls unless set
         cfg.update({k: v for k, v in SHAPES.items() if k not in given})
-    settings = {**sample.config, **cfg, "export": "", "out_dir": tempfile.gettempdir()}  # sample.py's settings
-    sample.check_settings(settings)  # sample.py's checks of them, before the model loads
-    sampler = sample.Sampler(settings)
+    check_settings(cfg)
+    sampler = sample.Sampler(sample_settings(cfg))
     sampler.load()
     app = build(cfg, sampler)
     app.queue(default_concurrency_limit=1)

@@ -398,8 +398,8 @@ def train_benchmark(cfg):
     return results, profiled
 
 
-if __name__ == "__main__":
-    cfg = tg.configure(config, sys.argv[1:], __doc__)
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before anything is built."""
     if cfg["what"] not in ("loader", "train"):
         tg.fail(f"--what={cfg['what']!r}: loader or train")
     if not all(b.strip().isdigit() and int(b) > 0 for b in cfg["batch_sizes"].split(",")):
@@ -410,4 +410,9 @@ if __name__ == "__main__":
         tg.fail(f"--resolution={cfg['resolution']}: must be a multiple of 8")
     if cfg["images"] < cfg["batch"]:
         tg.fail(f"--images={cfg['images']}: fewer than one --batch ({cfg['batch']})")
+
+
+if __name__ == "__main__":
+    cfg = tg.configure(config, sys.argv[1:], __doc__)
+    check_settings(cfg)
     loader_benchmark(cfg) if cfg["what"] == "loader" else train_benchmark(cfg)

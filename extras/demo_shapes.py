@@ -477,7 +477,8 @@ def picture(layouts, rows, path):
     grid.save(path)
 
 
-def main(cfg):
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before anything is made."""
     tg.in_range(cfg, "train_images", 32)  # at least one GLIGEN batch
     tg.in_range(cfg, "test_layouts vae_steps base_steps gligen_steps sample_steps sample_batch check_layouts", 1)
     tg.in_range(cfg, "seed gligen_lr gligen_box_attn_loss position_aux sample_guidance", 0)
@@ -490,6 +491,10 @@ def main(cfg):
         fail(f"--family={cfg['family']}: one of {', '.join(SHIPPED_BASES)}")
     if cfg["family"] != "sd" and cfg["positions"]:
         fail("--positions: the MMDiT bases are trained on captions that never say where (--positions=0)")
+
+
+def main(cfg):
+    check_settings(cfg)
     out, t0 = Path(cfg["out"] or ("demo" if cfg["family"] == "sd" else f"demo_{cfg['family']}")), time.time()
     world, data, adapters = out / "world", out / "data", out / "gligen"
     model = out / "base-model" if cfg["train_base"] else SHIPPED_BASES[cfg["family"]]

@@ -15,10 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gligen as tg
 
+config, check_settings = tg.config, tg.check_settings  # the trainer's
+
 
 def main(argv):
     tg.FAMILIES["flux"]["add_adapters"] = tg.inject_mmdit  # Fuser, no code: SD3's injection
-    cfg = tg.configure(tg.config, argv, __doc__)
+    cfg = tg.configure(config, argv, __doc__)
     if tg.family_of(cfg["model"]) != "flux":
         tg.fail(f"{cfg['model']}: not a Flux model; this ablation is of Flux's position code")
     tg.main(cfg)

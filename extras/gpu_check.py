@@ -190,13 +190,18 @@ def sample_vs_pipeline(cfg, model, adapters, log, device):
     return dict(dtype=dtype, max_pixel_diff=int(d.max()), mean_pixel_diff=round(float(d.mean()), 4))
 
 
-def main(cfg):
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before anything starts."""
     tg.in_range(cfg, "steps", 3)
     tg.in_range(cfg, "budget_s gpus", 0)
+    tg.check_out_dir(cfg["out"], "out")
+
+
+def main(cfg):
+    check_settings(cfg)
     cuda = torch.cuda.is_available()
     if not cuda and not cfg["dry_run"]:
         tg.fail("no GPU here: this measures what a GPU does (--dry_run=True runs the same code on a CPU, tiny)")
-    tg.check_out_dir(cfg["out"], "out")
     out, t_start = Path(cfg["out"]), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     log, device = out / "log.txt", "cuda" if cuda else "cpu"

@@ -101,9 +101,14 @@ def detector(name, device):
     return detect
 
 
-def main(cfg):
+def check_settings(cfg):
+    """Stop on a setting that cannot work, before anything is read."""
     in_range(cfg, "n", 1)
     in_range(cfg, "threshold", 0, 1)
+
+
+def main(cfg):
+    check_settings(cfg)
     layouts = [r for _, r in read_jsonl(cfg["layouts"])]
     for k, lay in enumerate(layouts):
         check_layout(lay.get("phrases"), lay.get("boxes"), f"{cfg['layouts']}:{k + 1}")

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "extras"))
 import demo_shapes as ds
+import train_gligen as tg
 from train_gligen import configure, fail, in_range, read_jsonl
 
 config = dict(
@@ -125,11 +126,17 @@ def plot(cfg):
     print(f"wrote {Path(cfg['out']) / 'curves.png'}")
 
 
+def check_settings(cfg):
+    """Stop on a setting that cannot work, the trainer's in --train included, before anything is made."""
+    in_range(cfg, "seed", 0)
+    in_range(cfg, "min_steps max_steps onset_every dev_layouts", 1)
+    tg.check_settings(tg.configure(tg.config, shlex.split(cfg["train"])))
+
+
 def main(cfg):
     if cfg["plot"]:
         return plot(cfg)
-    in_range(cfg, "seed", 0)
-    in_range(cfg, "min_steps max_steps onset_every dev_layouts", 1)
+    check_settings(cfg)
     seed, out = cfg["seed"], Path(cfg["out"])
     data = Path(cfg["data"] or out.parent / f"data{seed}")
     base = ds.SHIPPED_BASES["sd"]
