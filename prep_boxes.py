@@ -197,7 +197,7 @@ class Detect(pl.Images):
         key, file, offset, size, _ = self.items[i]
         try:
             with pl.read_image(file, offset, size, self.handles) as im:
-                im = im.convert("RGB")
+                im = pl.to_rgb(im)
         except Exception as e:  # a corrupt or truncated image; an error of the detector's own code is not caught
             return key, None, None, f"{type(e).__name__}: {e}"
         return key, self.processor.image_processor(im, return_tensors="pt"), im.size, None

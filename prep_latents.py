@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from train_gligen import (check_layout, check_out_dir, configure, fail, in_range, load_clip_tower,
@@ -88,7 +88,10 @@ config = dict(
     boxes="",  # with --image_encoder: prep_boxes.py's file, whose boxes are cropped from the same images
     image_project="",  # with --image_encoder: a diffusers text-image GLIGEN model whose image_project to use
 )
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+Image.init()
+IMAGE_SUFFIXES = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}  # all PIL opens
+SIDECARS = {".txt", ".json", ".caption"}  # a folder's or tar's captions and metadata, not images
+DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1}  # grey: full scale
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -146,9 +149,10 @@ def input_shards(cfg):
     root = Path(cfg["images"])
     if not root.is_dir():
         fail(f"--images={root}: " + ("a file, not a folder of images" if root.is_file() else "folder not found"))
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        fail(f"no images in {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in SIDECARS)
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+        others = f" ({len(files)} other files, e.g. {', '.join(p.name for p in files[:3])}: no type PIL opens)"
+        fail(f"no images in {root}" + (others if files else ""))
     n = cfg["shard_size"]
     return [(f"images_{i // n:05d}", files[i:i + n]) for i in range(0, len(files), n)]
 
@@ -171,12 +175,16 @@ def shard_items(source, captions, root, out, need_caption=True):
     if isinstance(source, list):  # a folder
         for p in source:
             key = p.relative_to(root).as_posix()
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((key, "not an image (no type PIL opens)"))
+                continue
             cap = find_caption(captions, key) if captions is not None else (
                 p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None)
             items.append((key, str(p), 0, -1, cap))
         if not need_caption:
-            return items, [], None
-        return [i for i in items if i[4] is not None], [(i[0], "no caption") for i in items if i[4] is None], None
+            return items, skipped, None
+        return [i for i in items if i[4] is not None], skipped + [(i[0], "no caption") for i in items
+                                                                  if i[4] is None], None
     path = open_tar(source, out)
     size, groups, truncated = path.stat().st_size, defaultdict(dict), None
     try:
@@ -192,6 +200,8 @@ def shard_items(source, captions, root, out, need_caption=True):
                     groups[key][ext.lower()] = tar.extractfile(m).read()
                 elif "." + ext.lower() in IMAGE_SUFFIXES:
                     groups[key]["image"] = (name, m.offset_data, m.size)
+                elif "." + ext.lower() not in SIDECARS:
+                    skipped.append((name, "not an image (no type PIL opens)"))
     except (tarfile.ReadError, EOFError, OSError) as e:  # a truncated tar: keep what was listed before the break
         truncated = f"{type(e).__name__}: {e}"
     for key, g in groups.items():
@@ -216,9 +226,11 @@ def shard_items(source, captions, root, out, need_caption=True):
 
 
 def read_image(file, offset, size, handles):
-    """The image at (file, offset, size); handles caches one open file per tar in each worker."""
+    """The image at (file, offset, size) upright, its EXIF orientation applied (as viewers show it, and boxes are
+    drawn on it); handles caches one open file per tar in each worker."""
     if size < 0:
-        return Image.open(file)
+        with Image.open(file) as im:
+            return ImageOps.exif_transpose(im)
     if file not in handles:
         handles[file] = open(file, "rb")
     f = handles[file]
@@ -226,7 +238,26 @@ def read_image(file, offset, size, handles):
     data = f.read(size)
     if len(data) < size:
         raise EOFError(f"the tar ends {size - len(data)} bytes into this image")
-    return Image.open(io.BytesIO(data))
+    with Image.open(io.BytesIO(data)) as im:
+        return ImageOps.exif_transpose(im)
+
+
+def to_rgb(im):
+    """The image in 8-bit RGB; a 16-bit or float grey one scaled from its full range, not clipped at 255."""
+    if im.mode not in DEEP_MODES:
+        return im.convert("RGB")
+    grey = np.asarray(im.convert("F"), dtype=np.float32) / DEEP_MODES[im.mode]
+    return Image.fromarray((grey.clip(0, 1) * 255).round().astype(np.uint8)).convert("RGB")
+
+
+def square_pixels(im, crop, resolution):
+    """(3, R, R) float in [-1, 1]: the crop resized to R, at the image's own depth (16-bit grey resized as floats)."""
+    if im.mode not in DEEP_MODES:
+        x = im.convert("RGB").resize((resolution,) * 2, Image.Resampling.BICUBIC, box=crop)
+        return torch.from_numpy(np.asarray(x, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    x = im.convert("F").resize((resolution,) * 2, Image.Resampling.BICUBIC, box=crop)
+    grey = torch.from_numpy(np.asarray(x, dtype=np.float32) / DEEP_MODES[im.mode]).clamp(0, 1) * 2 - 1
+    return grey.expand(3, -1, -1).clone()
 
 
 def center_crop_box(width, height):
@@ -253,10 +284,8 @@ class Images(torch.utils.data.Dataset):
             with read_image(file, offset, size, self.handles) as im:
                 if min(im.size) * self.max_upscale < self.resolution:
                     return key, None, None, None, ("too small", f"{im.width}x{im.height} px")
-                im = im.convert("RGB")
                 crop = center_crop_box(*im.size)
-                x = im.resize((self.resolution,) * 2, Image.Resampling.BICUBIC, box=crop)
-            x = torch.from_numpy(np.asarray(x, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, R, R) in [-1, 1]
+                x = square_pixels(im, crop, self.resolution)
             x = torch.stack([x, x.flip(-1)] if self.flip else [x])
             return key, x, im.size, crop, None
         except Exception as e:  # a corrupt or truncated file: skipped, counted, named
@@ -410,7 +439,7 @@ class Crops(Images):
         key, file, offset, size, _ = self.items[i]
         try:
             with read_image(file, offset, size, self.handles) as im:
-                im = im.convert("RGB")
+                im = to_rgb(im)
             W, H = im.size
             crops = [im.crop((round(x0 * W), round(y0 * H), max(round(x1 * W), round(x0 * W) + 1),
                               max(round(y1 * H), round(y0 * H) + 1))) for x0, y0, x1, y1 in self.boxes[key]]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from train_gligen import (adapter_params, adapters_file, check_image, check_layouts, check_out_dir, choose_stages,
@@ -107,6 +107,12 @@ def load_image_tower(cfg, device, dtype):
     return processor, encoder.to(device, dtype).eval(), weight
 
 
+def open_photo(path):
+    """A photo in RGB as viewers show it: its EXIF orientation applied, as prep_latents.py does."""
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
 @torch.no_grad()
 def image_features(paths, image_tower):
     """Each reference image's feature (D,) as the text-image pipeline makes it, or None where a box has none."""
@@ -114,7 +120,7 @@ def image_features(paths, image_tower):
     feats = []
     for p in paths:
         if p is not None:
-            x = processor(images=[Image.open(p).convert("RGB")], return_tensors="pt")["pixel_values"]
+            x = processor(images=[open_photo(p)], return_tensors="pt")["pixel_values"]
             embeds = encoder(pixel_values=x.to(encoder.device, encoder.dtype)).image_embeds
             p = project_image_embeds(embeds.float(), weight)[0]
         feats.append(p)
@@ -131,7 +137,7 @@ def center_crop(size, height, width):
 def photo_latent(path, vae, height, width):
     """An inpainting photo's VAE latent (1, 4, h, w): center-cropped to the output's shape and resized (LANCZOS), as
     the GLIGEN pipeline prepares it; the VAE's mean (the pipeline draws a sample)."""
-    im = Image.open(path).convert("RGB")
+    im = open_photo(path)
     if im.size != (width, height):
         im = im.crop(center_crop(im.size, height, width)).resize((width, height), Image.Resampling.LANCZOS)
     # (1, 3, H, W) in [-1, 1], channels last in memory as the pipeline's image processor leaves it: the VAE's

@@ -822,6 +822,45 @@ def test_captions_from_a_coco_json_a_name_map_and_a_jsonl(tiny_data, tmp_path):
         pl.load_captions(tmp_path / "bad.json")
 
 
+def test_own_images_upright_at_their_depth_of_any_type_and_non_images_named(tiny_sd, tmp_path):
+    """A phone photo's EXIF orientation is applied (its size too), a 16-bit grey image is scaled from its full range
+    (not clipped at 255), .tif and .gif encode, and a file PIL cannot open is named in skipped.jsonl."""
+    import prep_latents as pl
+
+    folder, rng = tmp_path / "images", np.random.default_rng(0)
+    folder.mkdir()
+    a = rng.integers(0, 256, (16, 24, 3)).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    Image.fromarray(a).save(folder / "phone.png", exif=exif.tobytes())
+    Image.fromarray(np.ascontiguousarray(np.rot90(a, -1))).save(folder / "upright.png")
+    deep = (np.linspace(0, 65535, 20 * 20).reshape(20, 20)).astype(np.uint16)
+    Image.fromarray(deep).save(folder / "deep.png")
+    Image.fromarray((deep / 257).round().astype(np.uint8)).convert("RGB").save(folder / "deep8.png")
+    Image.fromarray(a).save(folder / "scan.tif")
+    Image.fromarray(a).save(folder / "anim.gif")
+    (folder / "notes.docx").write_bytes(b"PK not an image")
+    (folder / "readme.txt").write_text("a sidecar, not an image")
+    names = ["phone.png", "upright.png", "deep.png", "deep8.png", "scan.tif", "anim.gif", "notes.docx"]
+    (tmp_path / "captions.json").write_text(json.dumps({n: f"picture {n}" for n in names}))
+    out = tmp_path / "latents"
+    pl.main({**pl.config, "model": str(tiny_sd), "images": str(folder), "captions": str(tmp_path / "captions.json"),
+             "out": str(out), "resolution": 16, "batch_size": 8, "num_workers": 0})
+    index = {r["key"]: r for _, r in tg.read_jsonl(out / "index.jsonl")}
+    assert sorted(index) == sorted(names[:-1])
+    assert [r for _, r in tg.read_jsonl(out / "skipped.jsonl")] == [
+        dict(image="notes.docx", shard="images_00000", reason="not an image (no type PIL opens)")]
+    phone, upright = index["phone.png"], index["upright.png"]
+    assert (phone["width"], phone["height"], phone["crop"]) == (16, 24, [0, 4, 16, 20]) == (
+        upright["width"], upright["height"], upright["crop"])
+    row = lambda r: np.load(out / r["shard"])[r["row"]]
+    assert np.array_equal(row(phone), row(upright))
+    x16, x8 = (pl.Images([(n, str(folder / n), 0, -1, "")], 16, False)[0][1] for n in ("deep.png", "deep8.png"))
+    assert (x16 - x8).abs().max() <= 2 / 127.5 and x16.min() < -0.95 and x16.max() > 0.95  # full range, unclipped
+    assert np.asarray(pl.to_rgb(Image.open(folder / "deep.png")))[10, 10, 0] == np.asarray(
+        Image.open(folder / "deep8.png"))[10, 10, 0]
+
+
 def test_prep_latents_reads_sa1b_and_webdataset_tars_on_two_ranks(tiny_sd, tars, tmp_path):
     out = tmp_path / "sa1b"
     r = run("prep_latents.py", f"--model={tiny_sd}", f"--tars={tars / 'sa_*.tar'}",
@@ -1844,6 +1883,7 @@ def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_cl
     (dict(boxes=[[0.1, float("nan"), 0.2, 0.5]]), "NaN"),
     (dict(phrases=["a", "b"], boxes=[[0.1, 0.1, 0.2, 0.5]]), "same length"),
     (dict(width=999), "latents and boxes are of different images"),
+    (dict(width=48, height=32), "or a photo turned by its EXIF orientation"),  # img_004.png is 32 x 48
     (dict(width="40"), "width and height must be positive whole numbers, got '40'"),
 ])
 def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
@@ -1924,6 +1964,8 @@ LAYOUT_LINE = json.dumps(dict(prompt="many things", **THIRTY_ONE))
                                       '"images": ["a.png"]}'),
      "val_layouts:1: phrase None is not a non-empty string"),  # reference images are for sample.py
     ("train_gligen", dict(model="@{}"), "is a file: give the model's diffusers directory"),
+    ("train_gligen", dict(val_layouts='@{"prompt": "a", "phrase": ["a dog"], "boxes": [[0, 0, 1, 1]]}'),
+     "val_layouts:1: unknown key 'phrase' (did you mean 'phrases'?)"),
     ("sample", dict(phrases=["a dog"], boxes=[[0.5, 0.5, 0.4, 0.9]]),
      "--prompt/--phrases/--boxes: box [0.5, 0.5, 0.4, 0.9] for 'a dog' has x1 < x0"),
     ("sample", dict(n=0), "--n=0: must be at least 1"),
@@ -1933,6 +1975,8 @@ LAYOUT_LINE = json.dumps(dict(prompt="many things", **THIRTY_ONE))
     ("sample", THIRTY_ONE, "--prompt/--phrases/--boxes: 31 phrases and boxes; a layout has at most 30"),
     ("sample", dict(layouts="@"), "no layouts in it"),
     ("sample", dict(layouts='@"a dog in a box"'), "layouts:1: a record is a JSON object {...}, this line is a str"),
+    ("sample", dict(layouts='@{"prompt": "a", "phrases": [], "boxes": []}\n{"prompt": "b", "phrases": [], "box": []}'),
+     "layouts:2: unknown key 'box' (did you mean 'boxes'?)"),
     ("sample", dict(phrases=["a dog"], images=["@not an image"]), "images is not a readable image"),
     ("sample", dict(adapters="./some/local/dir"), "adapters not found: ./some/local/dir"),
     ("sample", dict(adapters="out/run/adapters.safetensors"), "adapters not found: out/run/adapters.safetensors"),

@@ -16,6 +16,7 @@ Override any `config` value with --key=value. The same command again resumes fro
 """
 import ast
 import copy
+import difflib
 import hashlib
 import inspect
 import json
@@ -492,11 +493,18 @@ def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
             fail(f"{where}: box {b!r} for {p!r} has x1 < x0 or y1 < y0 (boxes are x0, y0, x1, y1)")
 
 
+LAYOUT_KEYS = ("prompt", "phrases", "boxes", "images")  # a layout line of sample.py and --val_layouts
+
+
 def check_layouts(layouts, frames=None, images=False):
     """Stop, naming the layout, unless its prompt, phrases, boxes and images check."""
     for where, l in layouts:
         if not isinstance(l, dict) or not isinstance(l.get("prompt"), str):
             fail(f"{where}: a layout needs a prompt string, got {l!r}")
+        for key in l.keys() - set(LAYOUT_KEYS):
+            near = difflib.get_close_matches(key, LAYOUT_KEYS, 1)
+            fail(f"{where}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                 + f"; a layout has {', '.join(LAYOUT_KEYS)} (images: text-image adapters only)")
         phrases, boxes, images = l.get("phrases"), l.get("boxes"), l.get("images") if images else None
         if images:
             if not isinstance(images, list) or not isinstance(phrases, list) or len(images) != len(phrases):
@@ -618,9 +626,11 @@ class GroundedLatents(torch.utils.data.Dataset):
                 continue
             where, lay = layouts[rec["key"]]
             if (lay["width"], lay["height"]) != (rec["width"], rec["height"]):
+                turned = (lay["width"], lay["height"]) == (rec["height"], rec["width"])
                 fail(f"{where}: image size {lay['width']}x{lay['height']} does not match "
                      f"{rec['width']}x{rec['height']} in {self.dir / 'index.jsonl'}:{line}: latents and boxes are "
-                     f"of different images")
+                     f"of different images" + (" (or a photo turned by its EXIF orientation: prep_latents.py "
+                                               "encodes it upright, as shown; give its size and boxes so)" * turned))
             self.items.append(self.item(rec, lay))
         if missing:
             named = {Path(k).name for k in layouts}

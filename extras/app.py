@@ -185,7 +185,7 @@ def photo_canvas(path, height, width):
     """The inpainting photo as the sampler sees it (center-cropped to the output's shape) at canvas size, so the
     boxes drawn on it are relative to the output image."""
     check_image(path, "the photo")
-    im = Image.open(path).convert("RGB")
+    im = sample.open_photo(path)
     size = blank_canvas(height, width).shape[:2][::-1]
     return np.asarray(im.crop(sample.center_crop(im.size, height, width)).resize(size, Image.Resampling.LANCZOS))
 
