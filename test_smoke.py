@@ -2284,7 +2284,7 @@ def test_score_grounding_runs_a_detector_from_a_directory(tmp_path):
 
 
 def test_onset_is_the_first_of_two_validations_over_3_standard_errors():
-    """time_to_grounding.py's onset (README's "Time to grounding"): read on its grid of steps; one validation above 3
+    """time_to_grounding.py's onset (docs/time-to-grounding.md): read on its grid of steps; one validation above 3
     standard errors is not enough, the next must be above too; a gap of exactly 3 is not above."""
     import time_to_grounding as ttg
 
@@ -2296,7 +2296,7 @@ def test_onset_is_the_first_of_two_validations_over_3_standard_errors():
 
 
 def test_curves_draw_each_runs_gap_in_its_seeds_panel(tmp_path):
-    """time_to_grounding.py --plot (README's picture of the gaps): finished runs' logs, a panel per seed, a line per
+    """time_to_grounding.py --plot (docs/time_to_grounding.png): finished runs' logs, a panel per seed, a line per
     run in its label's colour; a directory that is not a finished run is named."""
     import time_to_grounding as ttg
 
@@ -2515,16 +2515,20 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     r = gpu_check.main({**gpu_check.config, "dry_run": True, "budget_s": 0, "out": str(tmp_path / "late")})
     assert all("out of time" in v["skipped"] for v in r["stages"].values())
 
-def test_mmdit_sizes_count_the_trainers_own_injection(capsys, tmp_path, tiny_sd3):
-    """extras/mmdit_sizes.py builds the full SD3.5 and Flux configs on the meta device, injects the trainer's fusers and
-    counts them (checked inside against 16d^2 + d^2 + 15d + 2 per fuser). And an MMDiT the trainer cannot take, or a
-    UNet scheduler asked of one, stops with one line."""
-    import mmdit_sizes
+
+def test_model_sizes_count_the_trainers_own_adapters(capsys, tmp_path, tiny_sd3):
+    """extras/model_sizes.py builds each family's full published config on the meta device, adds the adapters with the
+    trainer's own stage and counts them (the MMDiTs checked inside against 16d^2 + d^2 + 15d + 2 per fuser). And an
+    MMDiT the trainer cannot take, or a UNet scheduler asked of one, stops with one line."""
+    import model_sizes
     import sample
 
-    mmdit_sizes.main()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| SD3.5", "| FLUX"))]
-    assert [r.split(" | ")[2:4] for r in rows] == [["24", "965M"], ["38", "3.82B"], ["19", "3.05B"], ["57", "9.15B"]]
+    model_sizes.main()
+    rows = [line.split(" | ")[1:5] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| sd", "| video", "| flux"))]
+    assert rows == [["SD1.5", "512", "16", "209M"], ["SD2.1", "768", "16", "213M"], ["SDXL", "1024", "70", "1.81B"],
+                    ["ModelScope T2V", "256", "16", "213M"], ["SD3.5-medium", "1024", "24", "965M"],
+                    ["SD3.5-large", "1024", "38", "3.82B"], ["FLUX.1-dev", "1024", "19", "3.05B"]]
     other = tmp_path / "pixart"
     shutil.copytree(tiny_sd3, other)
     config = json.loads((other / "transformer" / "config.json").read_text())
@@ -2653,6 +2657,17 @@ def doc_problems(text, where):
             if (problem := doc_command_problem(script, args, world))]
 
 
+def test_settings_page_is_what_the_scripts_config_dicts_say():
+    """docs/settings.md is extras/settings_doc.py's page of every script's settings, current; and the page follows the
+    code: a setting added to a config dict, with its comment, is a row of it."""
+    import settings_doc
+
+    assert (HERE / "docs" / "settings.md").read_text() == settings_doc.page(), "run: python extras/settings_doc.py"
+    source = (HERE / "sample.py").read_text().replace("config = dict(\n", "config = dict(\n    knob=3,  # a knob\n", 1)
+    rows = settings_doc.settings(source)
+    assert rows[0] == ("knob", "3", "a knob") and rows[1:] == settings_doc.settings((HERE / "sample.py").read_text())
+
+
 def test_every_command_in_readme_and_docs_works_as_written(monkeypatch, tmp_path):
     """Each command of a project script in a bash block of README.md and docs/*.md: real settings, values that parse,
     passing the script's checks, and a batch plan for the trainer's world size. Broken commands are caught."""
@@ -2711,7 +2726,8 @@ def test_readme_8_gpu_coco_command_trains_under_torchrun_with_8_processes(tiny_s
                        "num_workers": 0, "flip": True})
     ours = dict(model=tiny_sd, latents=root / "latents", boxes=root / "boxes.jsonl", out_dir=tmp_path / "run")
     args = [a for a in coco[0][2] if a.removeprefix("--").partition("=")[0] not in ours]
-    args += [f"--{k}={v}" for k, v in ours.items()] + ["--max_steps=2", "--num_workers=0", "--val_every=0", "--log_every=1"]
+    args += [f"--{k}={v}" for k, v in ours.items()]
+    args += ["--max_steps=2", "--num_workers=0", "--val_every=0", "--log_every=1"]
     assert not any(a.startswith(("--global_batch", "--micro_batch")) for a in args)  # the defaults
     r = run("train_gligen.py", *args, torchrun=8, timeout=600, **ONE_THREAD)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
@@ -2881,6 +2897,15 @@ def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_pat
     import sample
     from gradio_client import Client
 
+    import app
+    import demo_shapes
+
+    known = demo_shapes.vocabulary(HERE / "extras" / "shapes_base")
+    assert known == demo_shapes.PHRASES and len(known) == 12 and demo_shapes.vocabulary(HERE / "layouts") is None
+    assert app.off_vocabulary({"phrases": ["red circle", None, "a red circle"]}, known).startswith(
+        "not phrases this model knows, so they will not ground: 'a red circle'. It knows: red square, red circle")
+    assert app.off_vocabulary({"phrases": ["red circle"]}, known) is None is app.off_vocabulary(
+        {"phrases": ["a red circle"]}, None)
     client = Client(launch_app(), verbose=False)
     rows = {"headers": ["phrase", "x0", "y0", "x1", "y1"],
             "data": [["a red circle", 0.1, 0.1, 0.45, 0.45], ["a blue square", 0.55, 0.5, 0.95, 0.9]]}
@@ -2966,7 +2991,7 @@ def test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine(launch
     """The app in headless Chromium (the system's, through Playwright; nothing downloaded): drag a box on the canvas,
     type its phrase, write the caption, press Generate and get the images with the box drawn on; the training tab
     shows a run's verdict. Every request the page makes is recorded: any to another host fails the test (no CDN, no
-    web fonts, no analytics). GLIGEN_APP_SCREENSHOTS=folder also saves the two screenshots there (the README's)."""
+    web fonts, no analytics). GLIGEN_APP_SCREENSHOTS=folder also saves the two screenshots there (docs/app.md's)."""
     chromium = app_extras(browser=True)
     from urllib.parse import urlparse
 
@@ -3006,7 +3031,9 @@ def test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine(launch
             page.locator("#model-box-edit button", has_text="OK").click()
             expect(page.locator("#table")).to_contain_text("a red circle", timeout=20_000)  # the canvas -> the table
             page.locator("#caption textarea").fill("a red circle")
+            expect(page.locator("#vocabulary")).to_contain_text("red circle")  # the shapes model's 12 phrases
             page.locator("#generate").click()
+            expect(page.get_by_text("so they will not ground: 'a red circle'").first).to_be_visible(timeout=20_000)
             expect(page.locator("#boxed img")).to_have_count(4, timeout=120_000)
             page.screenshot(path=tmp_path / "app.png", full_page=True)
             page.get_by_role("tab", name="Training").click()

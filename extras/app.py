@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "extras"))
 import sample  # noqa: E402  (the project's sampling code, after the path is set)
-from demo_shapes import config as demo  # noqa: E402
+from demo_shapes import config as demo, vocabulary  # noqa: E402
 from train_gligen import check_image, check_layouts, configure, fail, in_range, is_moving  # noqa: E402
 
 # the shipped demo: its base, its trained adapters, and the settings it was scored with
@@ -278,8 +278,8 @@ def read_log(path):
 
 
 def boxes_verdict(val):
-    """In words, whether the adapters use their boxes yet, from the box-use validations (README, "Do the boxes count
-    yet?"): the gap is the loss with the boxes mirrored minus the loss with the true boxes."""
+    """In words, whether the adapters use their boxes yet, from the box-use validations (docs/time-to-grounding.md):
+    the gap is the loss with the boxes mirrored minus the loss with the true boxes."""
     if not val:
         return "No box-use validation yet: the trainer writes one at step 0 and every --val_every steps."
     last, where = val[-1], f"At step {val[-1]['step']}"
@@ -369,6 +369,7 @@ def build(cfg, sampler):
     kind = dict(sd="Stable Diffusion", sdxl="SDXL", video="video", sd3="SD3", flux="Flux")[sampler.family]
     mode = "inpainting" if sampler.inpaint else "text-image" if sampler.text_image else "text-box"
     columns = HEADERS + (["image"] if sampler.text_image else [])
+    known = vocabulary(cfg["model"])  # the shapes base's 12 phrases; None for a real model
 
     def shown(fn):
         """fn with the scripts' one-line "error: ..." (a SystemExit) shown in the page, the server kept running."""
@@ -385,6 +386,8 @@ def build(cfg, sampler):
                  progress=gr.Progress(track_tqdm=True)):
         layout = table_to_layout(caption, rows, refs)
         sampler.check([layout], photo)  # sample.py's checks and messages: the photo, reference images, video
+        if warning := off_vocabulary(layout, known):
+            gr.Warning(warning)
         for k, v in dict(images=n, seed=seed, steps=steps, guidance=guidance, beta=beta).items():
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 fail(f"{k} must be a number, got {v!r}")
@@ -418,6 +421,9 @@ def build(cfg, sampler):
                     refs = gr.File(label="Reference images (name each in the table's image column)",
                                    file_count="multiple", file_types=["image"], visible=sampler.text_image)
                     caption = gr.Textbox(label="Caption", value="", elem_id="caption")
+                    if known:
+                        gr.Markdown(f"This shapes model knows {len(known)} phrases, and only these ground: "
+                                    + ", ".join(f"`{p}`" for p in known), elem_id="vocabulary")
                     with gr.Row():
                         n = gr.Slider(1, max(8, cfg["n"]), cfg["n"], step=1, label="Images")
                         seed = gr.Number(cfg["seed"], precision=0, label="Seed")
@@ -487,6 +493,15 @@ def build(cfg, sampler):
 def sample_settings(cfg):
     """sample.py's settings for the app's."""
     return {**sample.config, **cfg, "export": "", "out_dir": tempfile.gettempdir()}
+
+
+def off_vocabulary(layout, known):
+    """A warning naming the layout's phrases that a fixed-vocabulary model (the shapes base) never saw, or None."""
+    if known is None:
+        return None
+    unknown = [p for p in layout["phrases"] if p is not None and p not in known]
+    return f"not phrases this model knows, so they will not ground: {', '.join(map(repr, unknown))}. It knows: " \
+           f"{', '.join(known)}" if unknown else None
 
 
 def check_settings(cfg):

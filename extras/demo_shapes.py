@@ -1,6 +1,6 @@
 """
 The shapes demo: a test, on a laptop CPU and with no download, of whether trained adapters put objects in their
-boxes. Under 10 minutes on a 2-core CPU; the README has the measured tables (seeds 0 to 4).
+boxes. Under 10 minutes on a 2-core CPU; docs/shapes-demo.md has the measured tables (seeds 0 to 4).
 
     python extras/demo_shapes.py                    # 2,000 GLIGEN steps on the shipped base; writes demo/
     python extras/demo_shapes.py --train_base=True  # the same after retraining the base from scratch (+12 minutes)
@@ -23,8 +23,8 @@ boxes. Under 10 minutes on a 2-core CPU; the README has the measured tables (see
    COCO JSON, train_gligen.py with the base frozen, sample.py on held-out layouts. The GLIGEN stage is GLIGEN's
    recipe plus one lever, the trainer's --box_attn_loss: each fuser's visual tokens inside box k are asked to attend
    to grounding token k, which opens the box-use gap at the first validation instead of after 2,000-4,000 steps
-   (README, "Time to grounding"). sample.py draws 50 layouts per UNet call, at guidance 1.5: at SD's 7.5 this tiny
-   base oversaturates, and a shape's colour is then often missing from the image (README, the demo's section).
+   (docs/time-to-grounding.md). sample.py draws 50 layouts per UNet call, at guidance 1.5: at SD's 7.5 this tiny
+   base oversaturates, and a shape's colour is then often missing from the image (docs/shapes-demo.md).
 4. The metric: each requested shape is found in the generated image by its colour, and its box is compared with the
    requested one (IoU). Reported for the base model (no grounding) and the adapters at beta = 1. Also checked: with
    the fusers off (beta = 0) the images equal the base model's (on the first 50 layouts); and whether the adapters
@@ -65,7 +65,7 @@ config = dict(
     gligen_caption_keep=0.5,  # share of samples that keep their caption (GLIGEN's 0.5); the rest learn from boxes only
     gligen_box_attn_loss=1.0,  # the trainer's --box_attn_loss, fusers' attention sent to their boxes; 0: GLIGEN's
     sample_steps=25,  # sampling steps for the held-out layouts (DDIM; the MMDiTs: flow-matching Euler)
-    sample_guidance=1.5,  # classifier-free guidance scale; SD's 7.5 oversaturates this tiny base (README)
+    sample_guidance=1.5,  # classifier-free guidance scale; SD's 7.5 oversaturates this tiny base (docs/shapes-demo.md)
     sample_batch=50,  # layouts per UNet call in sample.py (--batch; main takes its gcd with check_layouts)
     # the base model: the shipped one, or with --train_base=True one trained here with these settings
     train_base=False,
@@ -83,6 +83,7 @@ SIZE = 32  # image side in pixels
 COLORS = dict(red=(220, 30, 30), green=(30, 160, 50), blue=(30, 60, 220), yellow=(235, 195, 20))
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND = (235, 235, 235)
+PHRASES = [f"{c} {s}" for c in COLORS for s in SHAPES]  # every phrase the shapes world's boxes are trained on
 WORDS = ["a", "and", *COLORS, *SHAPES]
 WORDS_WITH_PLACES = ["a", "and", "at", "in", "the", *COLORS, *SHAPES, "top", "bottom", "left", "right", "center"]
 
@@ -300,6 +301,12 @@ def train_base(root, model_dir, cfg):
         z = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
     DENOISERS[cfg["family"]](vae, z, captions, root, model_dir, cfg, device)
     (model_dir / "settings.json").write_text(json.dumps(base_settings(cfg), indent=1) + "\n")
+
+
+def vocabulary(model):
+    """PHRASES for a base that train_base made (its settings.json says so), else None: a real model's is open."""
+    made = Path(model) / "settings.json"
+    return PHRASES if made.is_file() and "base_steps" in json.loads(made.read_text()) else None
 
 
 def base_settings(cfg):

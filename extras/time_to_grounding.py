@@ -1,6 +1,6 @@
 """
 How soon do the boxes count? One run of the shapes demo's GLIGEN stage with any trainer settings (a lever), measured
-as README's "Time to grounding" table measures it: the onset of the box-use gap, and held-out-free IoU on
+as docs/time-to-grounding.md's table measures it: the onset of the box-use gap, and held-out-free IoU on
 development layouts at every 1,000 steps.
 
     python extras/time_to_grounding.py --seed=0 --out=levers/base                                  # GLIGEN's recipe
@@ -12,9 +12,9 @@ development layouts at every 1,000 steps.
    otherwise), validating every 250 steps on 512 training images and keeping every 1,000-step checkpoint. Onset: the
    first validation on the --onset_every grid whose gap exceeds 3 of its standard errors and stays above them at the
    next. Once onset is confirmed and at least --min_steps are done, the run stops at the next 1,000 steps.
-3. sample.py (DDIM 25 steps, beta 1, guidance 7.5, as the README's lever table was measured; the demo now samples
-   at 1.5) from each 1,000-step checkpoint on --dev_layouts layouts drawn with seed + 100 (not the demo's held-out
-   layouts, seed + 1), scored with the demo's colour-blob IoU.
+3. sample.py (DDIM 25 steps, beta 1, guidance 7.5, as docs/time-to-grounding.md's lever table was measured; the
+   demo samples at 1.5) from each 1,000-step checkpoint on --dev_layouts layouts drawn with seed + 100 (not the demo's
+   held-out layouts, seed + 1), scored with the demo's colour-blob IoU.
 
 Writes <out>/lever.json: the onset, each validation's gap and standard error, IoU per checkpoint, images/s. Run it
 again and finished parts are skipped (a stopped training resumes). About 7-14 minutes a run on a 2-core CPU.
@@ -22,7 +22,7 @@ again and finished parts are skipped (a stopped training resumes). About 7-14 mi
     python extras/time_to_grounding.py --plot=levers/gligen,levers/attn --out=levers   # levers/curves.png
 
 --plot draws instead: the box-use gap against step of finished runs (their log.jsonl; each labelled and grouped by
-seed from its lever.json), one panel per seed, the gap's 3 standard errors as a band (README's picture).
+seed from its lever.json), one panel per seed, the gap's 3 standard errors as a band (docs/time_to_grounding.png).
 """
 import json
 import shlex
@@ -48,7 +48,7 @@ config = dict(
     train="",  # more train_gligen.py settings, as on its command line (the lever): "--timestep_power=3"
     min_steps=2000,  # train at least this long
     max_steps=4000,  # and at most this long
-    onset_every=500,  # the validation grid on which onset is read (README's table: 500)
+    onset_every=500,  # the validation grid on which onset is read (docs/time-to-grounding.md's table: 500)
     dev_layouts=60,  # development layouts for the IoU
     plot="",  # instead of a run: finished runs' directories, comma-separated, drawn into <out>/curves.png
 )
