@@ -451,7 +451,7 @@ class Crops(Images):
 def image_project_weight(cfg):
     """image_project's (D, D) weight: a diffusers text-image model's own, or the transpose of the CLIP model's text
     projection, which maps CLIP's joint space back towards the pooled text features the phrases use (GLIGEN)."""
-    from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
+    from diffusers import CLIPImageProjection
     from transformers import CLIPTextModelWithProjection
 
     try:

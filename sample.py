@@ -68,7 +68,7 @@ def export(path, unet, vae, text_encoder, tokenizer, scheduler, image_tower=None
     Text-image adapters (image_tower: processor, image encoder, image_project weight): a
     StableDiffusionGLIGENTextImagePipeline with a gated-text-image UNet."""
     from diffusers import StableDiffusionGLIGENPipeline, StableDiffusionGLIGENTextImagePipeline, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
+    from diffusers import CLIPImageProjection
     from transformers import CLIPProcessor
 
     gated = UNet2DConditionModel.from_config(unet.config, attention_type="gated-text-image" if image_tower else "gated")

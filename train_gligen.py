@@ -1843,7 +1843,7 @@ def project_image_embeds(image_embeds, weight, norm=28.7):
 
 def load_image_project(src, required=True):
     """image_project's weight, beside adapters or in a diffusers model."""
-    from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
+    from diffusers import CLIPImageProjection
 
     path = adapters_file(src)
     if path is not None and path.with_name("image_project.safetensors").is_file():

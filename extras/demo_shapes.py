@@ -219,6 +219,19 @@ def write_tokenizer(path, words=WORDS, max_length=16):  # 16: "<bos> a red circl
     return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
 
 
+def save_base(pipeline, model_dir):
+    """The base's pipeline, its tokenizers also as vocab.json + merges.txt (what transformers 4's CLIPTokenizer reads;
+    transformers 5 writes tokenizer.json alone)."""
+    pipeline.save_pretrained(model_dir)
+    for folder in Path(model_dir).glob("tokenizer*"):
+        if (folder / "vocab.json").is_file():  # transformers 4 wrote them
+            continue
+        bpe = json.loads((folder / "tokenizer.json").read_text())["model"]
+        (folder / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
 def build_vae(family="sd"):
     """The base's tiny autoencoder, untrained: 32 x 32 x 3 -> 8 x 8 x 4 and back; an MMDiT's -> 16 x 16 x 4 (its
     transformer cuts 2 x 2 patches: 8 x 8 tokens, as many as the UNet's first level has)."""
@@ -359,9 +372,9 @@ def train_unet(vae, z, captions, root, model_dir, cfg, device):
     for hook in hooks:
         hook.remove()
     scheduler = DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(model_dir)
+    save_base(StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False), model_dir)
 
 
 def text_encoder_parts(tokenizer_dir, clip_width):
@@ -455,7 +468,7 @@ def train_mmdit(vae, z, captions, root, model_dir, cfg, device, build):
         feats.clear()
     for hook in hooks:
         hook.remove()
-    m.pipeline(vae=vae).save_pretrained(model_dir)
+    save_base(m.pipeline(vae=vae), model_dir)
 
 
 DENOISERS = {"sd": train_unet, "sd3": partial(train_mmdit, build=build_sd3),

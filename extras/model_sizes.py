@@ -5,9 +5,10 @@ How many parameters GLIGEN adds to each family's real model, and how much memory
 
 Builds SD1.5, SD2.1, SDXL, ModelScope text-to-video, SD3.5-medium, SD3.5-large and FLUX.1-dev from their published
 configs (written out below) on the meta device, so nothing is allocated, adds the adapters with the trainer's own
-add_adapters stage, and counts. Prints the markdown table of the README's families. GB = 1e9 bytes. Memory per GPU under
-DDP (every GPU holds all of it): the adapters in fp32 with fp32 grads and AdamW's two fp32 moments (16 bytes/param),
-plus the frozen denoiser, text encoders and VAE in bf16 (2 bytes/param, buffers included). Activations come on top.
+add_adapters stage, and counts. Prints the table of docs/families.md, which the README's families table takes from.
+GB = 1e9 bytes. Memory per GPU under DDP (every GPU holds all of it): the adapters in fp32 with fp32 grads and AdamW's
+two fp32 moments (16 bytes/param), plus the frozen denoiser, text encoders and VAE in bf16 (2 bytes/param, buffers
+included). Activations come on top.
 """
 import os
 import sys
@@ -96,20 +97,6 @@ def formula(n_fusers, d, pooled):
     fuser = 17 * d * d + 15 * d + 2
     position_net = (pooled + 64) * 512 + 512 + 512 * 512 + 512 + 512 * d + d + pooled + 64
     return n_fusers * fuser + position_net
-
-
-def count(cls, config, **inject):
-    """Adapter parameters, one fuser's, base parameters + buffers, and the fused blocks' width, on the meta device."""
-    with torch.device("meta"):  # shapes only: a 12B model costs nothing
-        model = tg.inject_mmdit(cls(**config), **inject)
-    # the base's buffers count too: SD3's fixed sin/cos position table (226M numbers on medium) is stored in the
-    # checkpoint and cast to bf16 with the weights
-    sizes = {name: t.numel() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    names = tg.adapter_state(model).keys()
-    adapter = sum(n for name, n in sizes.items() if name in names)
-    one_fuser = sum(p.numel() for p in model.transformer_blocks[0].fuser.parameters())
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    return adapter, one_fuser, sum(sizes.values()) - adapter, width
 
 
 def count(family, denoiser, config):
