@@ -1435,6 +1435,23 @@ def test_bf16_trains_every_family_and_mode(variant, request, tmp_path):
     assert all(not torch.equal(trained[k], fresh[k].float()) for k in fresh)
 
 
+def test_memory_plan_counts_what_a_gpu_holds_before_activations(tiny_sd):
+    """The start-up memory plan: 16 bytes a trainable parameter (fp32 weights, gradients, AdamW's two moments) and
+    the frozen base's own bytes at its dtype, the adapters not counted twice."""
+    unet, text_encoder, _, _ = tg.load_sd(str(tiny_sd), "cpu", torch.bfloat16)
+    tg.inject_gligen(unet)
+    params = tg.adapter_params(unet)
+    for p in params:
+        p.data = p.data.float()
+    n = sum(p.numel() for p in params)
+    names = set(tg.adapter_state(unet))
+    frozen = sum(t.numel() * 2 for k, t in [*unet.named_parameters(), *unet.named_buffers()] if k not in names)
+    frozen += sum(t.numel() * t.element_size() for t in [*text_encoder.parameters(), *text_encoder.buffers()])
+    assert all(t.dtype == torch.bfloat16 for k, t in unet.named_parameters() if k not in names)
+    assert tg.memory_plan(unet, text_encoder, params) == dict(adapters=4 * n, gradients=4 * n, adamw=8 * n,
+                                                              frozen=frozen)
+
+
 def test_batch_plan_takes_global_batch_images_a_step_on_any_world_size():
     n, G, steps = 70, 32, 4  # two epochs and a bit: the last partial batch of an epoch is never drawn
     steps_of = {}
@@ -1471,6 +1488,7 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     assert "batch plan: 4 images a step = 2 processes x 1 pass x 2 images" in two.stdout
+    assert "memory a GPU holds before activations (computed): " in two.stdout
     a, b = adapters_of(tmp_path / "one"), adapters_of(tmp_path / "two")
     assert not torch.equal(a["position_net.null_position_feature"], torch.zeros(64))  # they trained
     assert "conv_in.weight" in a and "position_net.linears_image.0.weight" in a

@@ -1288,8 +1288,16 @@ def log_line(out, rec, bar):
         f.write(json.dumps(rec) + "\n")
 
 
-def print_header(cfg, out, step, resume, n_params):
-    """Versions, config, the batch; log.jsonl cut back to the step resumed."""
+def memory_plan(unet, text_encoder, params):
+    """Bytes a GPU holds before activations, computed: fp32 adapters, their gradients, AdamW's two moments, and the
+    frozen rest (the denoiser's other parameters and buffers, the text encoders) at their dtypes."""
+    n = sum(p.numel() for p in params)
+    held = sum(t.numel() * t.element_size() for m in (unet, text_encoder) for t in [*m.parameters(), *m.buffers()])
+    return dict(adapters=4 * n, gradients=4 * n, adamw=8 * n, frozen=held - 4 * n)
+
+
+def print_header(cfg, out, step, resume, n_params, memory):
+    """Versions, config, the batch, the memory plan; log.jsonl cut back to the step resumed."""
     import diffusers
     import transformers
 
@@ -1302,6 +1310,8 @@ def print_header(cfg, out, step, resume, n_params):
           f"{passes} x {cfg['per_pass']} images (micro_batch {cfg['micro_batch']} at most); "
           f"{n_params / 1e6:.2f}M trainable parameters; "
           + (f"resuming from {resume}" if resume else f"adapters from {cfg['init_from'] or 'a fresh init'}"))
+    print(f"memory a GPU holds before activations (computed): {sum(memory.values()) / 1e9:.3g} GB = "
+          + " + ".join(f"{k} {v / 1e9:.3g}" for k, v in memory.items()))
     if step >= cfg["max_steps"]:
         print(f"note: {resume} is at step {step}, and --max_steps={cfg['max_steps']}: nothing to train (raise "
               f"--max_steps to train on)")
@@ -1355,6 +1365,12 @@ def main(cfg):
              f"timesteps")
     step, opt_state = restore(cfg, unet, resume[0])
     params = [p.requires_grad_(True) for p in adapter_params(unet)]
+    memory = memory_plan(unet, text_encoder, params)
+    has = torch.cuda.get_device_properties(device).total_memory if cuda else math.inf
+    if sum(memory.values()) > has:
+        fail(f"{cfg['model']} needs {sum(memory.values()) / 1e9:.1f} GB a GPU before activations (computed: "
+             + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in memory.items()) + f"), more than this GPU's "
+             f"{has / 1e9:.1f} GB (docs/families.md has each family's)")
     if cfg["grad_checkpointing"]:  # each block checkpointed, fusers included
         if not getattr(unet, "_supports_gradient_checkpointing", False):
             fail(f"--grad_checkpointing=True: diffusers' {type(unet).__name__} does not support it")
@@ -1379,7 +1395,7 @@ def main(cfg):
     # Logging and validation on rank 0; a step's FLOPs, for the MFU.
     out.mkdir(parents=True, exist_ok=True)
     if master:
-        print_header(cfg, out, step, resume[0], sum(p.numel() for p in params))
+        print_header(cfg, out, step, resume[0], sum(p.numel() for p in params), memory)
     val = setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, schedule, empty_ids, device,
                            base_dtype, autocast) if master and cfg["val_every"] else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
