@@ -1497,6 +1497,33 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     # the logged loss is averaged over ranks (summed in another order than one process accumulates it)
     np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=1e-5)
 
+def test_sharded_training_equals_ddp_and_resumes_on_another_world_size(tiny_sd, tiny_data, tmp_path):
+    """--shard=True (FSDP2: adapters, gradients and AdamW state split over 2 ranks, accumulating over 2 passes, with
+    validation) trains the adapters DDP trains; its whole checkpoint resumes on 1 rank, sharded, as a straight run
+    goes on, and loads as plain adapters (0-d gates) in sample.py's loader."""
+    args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
+            "--global_batch=4", "--micro_batch=1", "--lr=1e-3", "--warmup_steps=2", "--num_workers=0",
+            "--val_every=2", "--val_images=2", "--val_steps=2", "--log_every=2", "--save_every=2"]
+    runs = dict(ddp=(2, 4, []), shard=(2, 4, ["--shard=True"]), resumed=(2, 2, ["--shard=True"]))
+    for name, (ranks, steps, extra) in runs.items():
+        r = run("train_gligen.py", *args, *extra, f"--max_steps={steps}", f"--out_dir={tmp_path / name}",
+                torchrun=ranks, OMP_NUM_THREADS="1")
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = run("train_gligen.py", *args, "--shard=True", "--max_steps=4", f"--out_dir={tmp_path / 'resumed'}",
+            torchrun=1, OMP_NUM_THREADS="1")
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
+    ddp, shard, resumed = (adapters_of(tmp_path / n) for n in ("ddp", "shard", "resumed"))
+    gate = "down_blocks.0.attentions.0.transformer_blocks.0.fuser.alpha_attn"
+    assert ddp[gate].dim() == 0 == shard[gate].dim() and len(ddp) == len(shard) == 127
+    assert not torch.equal(shard["position_net.null_position_feature"], torch.zeros(64))  # they trained
+    assert_same_tensors(ddp, shard)  # exact: a reduce-scatter's average is the all-reduce's, element by element
+    assert shard.keys() == resumed.keys()  # 4 passes on 1 rank add the same gradients in another order: 6e-8 measured
+    for k in shard:
+        torch.testing.assert_close(shard[k], resumed[k], rtol=0, atol=1e-6, msg=k)
+    vals = [r for _, r in tg.read_jsonl(tmp_path / "shard" / "log.jsonl") if "val_loss_boxes" in r]
+    assert [r["step"] for r in vals] == [0, 2, 4] and (tmp_path / "shard" / "val_0000004.png").is_file()
+
+
 def test_two_processes_equal_one_on_mmdits(tiny_sd3, tiny_flux, tiny_flow_data, tmp_path):
     """SD3 and Flux (with the attention loss, and Flux's position code in its fusers) on 2 processes equal 1: the
     rectified-flow step draws its noise levels per sample, as the UNets' step draws its timesteps."""

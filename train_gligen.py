@@ -85,6 +85,7 @@ config = dict(
     image_features="",  # GLIGEN's text-image mode: prep_latents.py --image_encoder's output
     grad_checkpointing=False,  # recompute activations in backward: less memory, slower
     compile="",  # torch.compile backend for the step: "" off, or e.g. inductor
+    shard=False,  # FSDP2 under torchrun: adapters, gradients and AdamW state sharded across the GPUs (not DDP)
     num_workers=4,  # data loader processes per GPU
     log_every=20,  # log line every N steps, also in out_dir/log.jsonl
     save_every=2000,  # checkpoint every N steps, and at the end
@@ -856,7 +857,8 @@ def count_flops(fn):
 
 def optimizer_step(opt, params, grad_clip):
     """Clip and step fused AdamW, which skips a non-finite step on the device (no host sync); whether it stepped."""
-    ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    ok = torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: the global norm
     opt.found_inf = (~ok).float()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -1053,11 +1055,13 @@ def latest_good_checkpoint(out_dir, set_aside=False):
     return None
 
 
-def save_checkpoint(out_dir, step, unet, opt, cfg, files=()):
-    """Write out_dir/step_<step> (and copies of files); None, or what went wrong."""
+def save_checkpoint(out_dir, step, unet, opt, cfg, files=(), gathered=None):
+    """Write out_dir/step_<step> (and copies of files); None, or what went wrong. gathered: a sharded run's whole
+    (adapters, optimizer state)."""
     final = Path(out_dir) / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(unet).items()}
+    adapters, opt_state = gathered or (adapter_state(unet), opt.state_dict())
+    adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapters.items()}
     if not all(torch.isfinite(v).all() for v in adapters.values()):
         return f"the adapters hold NaN or Inf at step {step}: not saved"  # never let poisoned weights be resumed
     try:
@@ -1065,7 +1069,7 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, files=()):
         tmp.mkdir(parents=True)
         meta = {"format": "gligen-adapters", "config": json.dumps(cfg)}
         save_file(adapters, tmp / "adapters.safetensors", metadata=meta)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "config": cfg}, tmp / "state.pt")
+        torch.save({"step": step, "optimizer": opt_state, "config": cfg}, tmp / "state.pt")
         for f in files:
             shutil.copyfile(f, tmp / Path(f).name)
         manifest = {}
@@ -1188,9 +1192,12 @@ def setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, 
                            seed=cfg["seed"])
 
 
-def validate(val, step, unet, out, bar):
-    """The grid (out/val_<step>.png), and the box-use losses (log.jsonl)."""
+def validate(val, step, unet, out, bar, write=True):
+    """The grid (out/val_<step>.png), and the box-use losses (log.jsonl); write: False on a sharded run's other
+    ranks, which compute the same to take part in the gathers."""
     images = [draw_layout(Image.fromarray(val.draw(l)), l["phrases"], l["boxes"]) for l in val.layouts]
+    if not write:
+        return val.batches and box_use_losses(val.image_losses, unet, val.batches, val.seed)
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
     for k, im in enumerate(images):
         grid.paste(im, (k * im.width, 0))
@@ -1288,12 +1295,12 @@ def log_line(out, rec, bar):
         f.write(json.dumps(rec) + "\n")
 
 
-def memory_plan(unet, text_encoder, params):
-    """Bytes a GPU holds before activations, computed: fp32 adapters, their gradients, AdamW's two moments, and the
-    frozen rest (the denoiser's other parameters and buffers, the text encoders) at their dtypes."""
+def memory_plan(unet, text_encoder, params, shards=1):
+    """Bytes a GPU holds before activations, computed: fp32 adapters, their gradients, AdamW's two moments (a
+    1/shards share of each), and the frozen rest (the denoiser's other parameters and buffers, the text encoders)."""
     n = sum(p.numel() for p in params)
     held = sum(t.numel() * t.element_size() for m in (unet, text_encoder) for t in [*m.parameters(), *m.buffers()])
-    return dict(adapters=4 * n, gradients=4 * n, adamw=8 * n, frozen=held - 4 * n)
+    return dict(adapters=4 * n // shards, gradients=4 * n // shards, adamw=8 * n // shards, frozen=held - 4 * n)
 
 
 def print_header(cfg, out, step, resume, n_params, memory):
@@ -1330,6 +1337,8 @@ def main(cfg):
     check_settings(cfg)
     # Setup: DDP under torchrun, else one process; stages; precision.
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    if cfg["shard"] and not ddp:
+        fail("--shard=True runs under torchrun (torchrun --nproc_per_node=1 for one process)")
     rank, world, device, cpu_group = setup_distributed(cuda) if ddp else (0, 1, "cuda" if cuda else "cpu", None)
     master, G, out = rank == 0, cfg["global_batch"], Path(cfg["out_dir"])
     B, accum = batch_plan(G, cfg["micro_batch"], world)  # images a pass, passes a step, on each GPU
@@ -1365,7 +1374,7 @@ def main(cfg):
              f"timesteps")
     step, opt_state = restore(cfg, unet, resume[0])
     params = [p.requires_grad_(True) for p in adapter_params(unet)]
-    memory = memory_plan(unet, text_encoder, params)
+    memory = memory_plan(unet, text_encoder, params, world if cfg["shard"] else 1)
     has = torch.cuda.get_device_properties(device).total_memory if cuda else math.inf
     if sum(memory.values()) > has:
         fail(f"{cfg['model']} needs {sum(memory.values()) / 1e9:.1f} GB a GPU before activations (computed: "
@@ -1376,13 +1385,16 @@ def main(cfg):
             fail(f"--grad_checkpointing=True: diffusers' {type(unet).__name__} does not support it")
         unet.enable_gradient_checkpointing()
         unet.train()  # older diffusers checkpoint in training mode only
-    # the model the step calls: DDP-wrapped (gradients all-reduced), compiled
+    # the model the step calls: DDP-wrapped (gradients all-reduced) or sharded (reduce-scattered), compiled
     device_ids = [torch.cuda.current_device()] if cuda else None
-    model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=device_ids) if ddp else unet
+    if cfg["shard"]:
+        model, params = shard_adapters(unet), adapter_params(unet)  # the parameters are now shards (DTensors)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=device_ids) if ddp else unet
     model = torch.compile(model, backend=cfg["compile"]) if cfg["compile"] else model
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if opt_state:
-        opt.load_state_dict(opt_state)
+        load_optimizer_state(unet, opt, opt_state) if cfg["shard"] else opt.load_state_dict(opt_state)
     empty_ids = tokenizer.captions([""]).to(device)  # the dropped caption
     levers = make_levers(unet, cfg)  # None under GLIGEN's recipe
     # Each rank loads its own micro-batches from the step's position.
@@ -1397,10 +1409,10 @@ def main(cfg):
     if master:
         print_header(cfg, out, step, resume[0], sum(p.numel() for p in params), memory)
     val = setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, schedule, empty_ids, device,
-                           base_dtype, autocast) if master and cfg["val_every"] else None
+                           base_dtype, autocast) if (master or cfg["shard"]) and cfg["val_every"] else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
     if val and step == 0:
-        validate(val, step, unet, out, bar)  # the base, before training
+        validate(val, step, unet, out, bar, master)  # the base, before training
     # on one image, in a pass of its own (the counter may pick other kernels)
     probe = {k: v.to(device) for k, v in data.collate(tokenizer, [data[(0, False)]]).items()}
     flops = count_flops(lambda: stages.loss(unet, probe, torch.Generator(device).manual_seed(0), text_encoder,
@@ -1421,7 +1433,9 @@ def main(cfg):
         for micro in range(accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
             g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
-            with model.no_sync() if ddp and micro < accum - 1 else nullcontext():  # all-reduce once
+            if cfg["shard"]:
+                model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once
+            with model.no_sync() if ddp and not cfg["shard"] and micro < accum - 1 else nullcontext():  # once
                 loss = stages.loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast, levers) / accum
                 loss.backward()
             step_loss += loss.detach()
@@ -1446,13 +1460,14 @@ def main(cfg):
                      f"{cfg['latents']}, or lower lr")
         with meter.pause():  # not counted against images/s
             if step % cfg["save_every"] == 0 or last or stop:
-                error = [save_checkpoint(out, step, unet, opt, cfg, data.files) if master else None]
+                gathered = gather_state(unet, opt) if cfg["shard"] else None  # on every rank
+                error = [save_checkpoint(out, step, unet, opt, cfg, data.files, gathered) if master else None]
                 if ddp:
                     dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a save
                 if error[0]:
                     fail(error[0])
             if val and (step % cfg["val_every"] == 0 or last):
-                validate(val, step, unet, out, bar)
+                validate(val, step, unet, out, bar, master)
         if stop:
             why = ", ".join(preemption.signals) or "another rank got a signal"
             bar.write(f"rank {rank}: {why}: stopped at step {step}, saved {out / f'step_{step:07d}'}; run the same "
@@ -1562,6 +1577,53 @@ class BoxAttention:
         logp = logits.masked_fill(masks[:, None, None] == 0, -1e9).log_softmax(-1)
         ce = -(target[:, None] / inside.clamp(min=1)[:, None, :, None] * logp).sum(-1).mean(1)
         self.losses.append((ce * (inside > 0)).sum() / (inside > 0).sum().clamp(min=1))
+
+
+# =================================================================================================================
+# Sharded training (--shard=True): FSDP2 instead of DDP. Each fuser and the position net is a unit whose parameters,
+# gradients and AdamW state are split across the ranks; the frozen base stays whole on every rank. Checkpoints are
+# gathered whole, so they load on any number of ranks, sharded or not, and in sample.py.
+def shard_adapters(unet):
+    """The UNet with its adapters sharded (FSDP2); 0-d gates become (1,), which FSDP2 can split, and back on save."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(adapter_state(unet))
+    for name, p in unet.named_parameters():
+        if name in names and p.dim() == 0:
+            p.data = p.data.reshape(1)
+    for m in [m for m in unet.modules() if isinstance(getattr(m, "fuser", None), Fuser)]:
+        fully_shard(m.fuser)
+    fully_shard(unet.position_net)
+    return fully_shard(unet, ignored_params={p for k, p in unet.named_parameters() if k not in names})
+
+
+def gather_state(unet, opt):
+    """(whole adapters, whole optimizer state as opt.state_dict() keys it) on rank 0, None on the others: every rank
+    calls it (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model, optim = get_state_dict(unet, opt, options=whole)
+    if dist.get_rank() != 0:
+        return None
+    adapters = {k: v.reshape(()) if k.endswith((".alpha_attn", ".alpha_dense")) else v
+                for k, v in model.items() if k in adapter_state(unet)}
+    names = optim["param_groups"][0]["params"]  # one group, in params' order
+    state = {i: {k: v.reshape(()) if k != "step" and n.endswith((".alpha_attn", ".alpha_dense")) else v
+                 for k, v in optim["state"][n].items()} for i, n in enumerate(names) if n in optim["state"]}
+    return adapters, dict(state=state, param_groups=[{**optim["param_groups"][0], "params": list(range(len(names)))}])
+
+
+def load_optimizer_state(unet, opt, state):
+    """A whole optimizer state (opt.state_dict()'s keys, any run's) into a sharded run's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [k for k, p in unet.named_parameters() if p.requires_grad]
+    shape = {k: p.shape for k, p in unet.named_parameters()}
+    optim = dict(state={names[i]: {k: v.reshape(shape[names[i]]) if k != "step" else v for k, v in st.items()}
+                        for i, st in state["state"].items()},
+                 param_groups=[{**state["param_groups"][0], "params": names}])
+    set_optimizer_state_dict(unet, opt, optim, options=StateDictOptions(full_state_dict=True))
 
 
 # =================================================================================================================
