@@ -1524,6 +1524,23 @@ def test_sharded_training_equals_ddp_and_resumes_on_another_world_size(tiny_sd, 
     assert [r["step"] for r in vals] == [0, 2, 4] and (tmp_path / "shard" / "val_0000004.png").is_file()
 
 
+def test_sharded_training_equals_ddp_on_sdxl_sd3_and_flux(tiny_sdxl, tiny_sdxl_data, tiny_sd3, tiny_flux,
+                                                          tiny_flow_data, tmp_path):
+    """--shard=True on the other families' tiny models (SDXL's two text encoders and size ids; the MMDiTs' fusers run
+    by hooks, Flux's with its position code): 2 sharded ranks give 2 DDP ranks' adapters bit for bit."""
+    for model, data in ((tiny_sdxl, tiny_sdxl_data), (tiny_sd3, tiny_flow_data), (tiny_flux, tiny_flow_data)):
+        args = [f"--model={model}", f"--latents={data['latents']}", f"--boxes={data['boxes']}", "--global_batch=4",
+                "--micro_batch=2", "--max_steps=2", "--lr=1e-3", "--warmup_steps=2", "--num_workers=0",
+                "--val_every=0", "--log_every=2"]
+        for name, extra in (("ddp", []), ("shard", ["--shard=True"])):
+            r = run("train_gligen.py", *args, *extra, f"--out_dir={tmp_path / model.name / name}", torchrun=2,
+                    OMP_NUM_THREADS="1")
+            assert r.returncode == 0, r.stderr[-3000:]
+        ddp, shard = adapters_of(tmp_path / model.name / "ddp"), adapters_of(tmp_path / model.name / "shard")
+        assert not torch.equal(shard["position_net.null_position_feature"], torch.zeros(64))  # they trained
+        assert_same_tensors(ddp, shard)
+
+
 def test_two_processes_equal_one_on_mmdits(tiny_sd3, tiny_flux, tiny_flow_data, tmp_path):
     """SD3 and Flux (with the attention loss, and Flux's position code in its fusers) on 2 processes equal 1: the
     rectified-flow step draws its noise levels per sample, as the UNets' step draws its timesteps."""
