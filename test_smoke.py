@@ -2544,13 +2544,13 @@ def test_shipped_mmdit_shapes_bases_are_what_train_base_builds(tmp_path, family)
 
 def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     """extras/gpu_check.py, the command that measures what a GPU must show, runs every stage on tiny models on a CPU
-    (--dry_run=True), so it cannot rot before a GPU comes: speeds from train_gligen.py, a resumed run bit-equal to a
-    straight one, sample.py equal to its exported pipeline, SDXL with gradient checkpointing, compile, and
-    extras/benchmark.py --what=train: the trainer's own step (sd_loss, optimizer_step: not a copy) against the
-    reference recipe (IGLIGEN's: diffusers' gated UNet, fp32 + GradScaler, phrases encoded per image) on the same
-    network, FLOPs within 10% (the reference's fusers also let the grounding tokens query, and it pads each image's
-    phrases to their own longest), and the profile of ours, its shares adding up. Without a GPU and without --dry_run
-    it stops with one line; out of time, stages are skipped."""
+    (--dry_run=True), so the command is checked without a GPU: speeds from train_gligen.py, a resumed run bit-equal
+    to a straight one, sample.py equal to its exported pipeline, SDXL with gradient checkpointing under DDP and
+    sharded (under torchrun), compile, and extras/benchmark.py --what=train: the trainer's own step (sd_loss,
+    optimizer_step: not a copy) against the reference recipe (IGLIGEN's: diffusers' gated UNet, fp32 + GradScaler,
+    phrases encoded per image) on the same network, FLOPs within 10% (the reference's fusers also let the grounding
+    tokens query, and it pads each image's phrases to their own longest), and the profile of ours, its shares adding
+    up. Without a GPU and without --dry_run it stops with one line; out of time, stages are skipped."""
     import gpu_check
 
     with pytest.raises(SystemExit, match="^error: no GPU here"):
@@ -2561,9 +2561,10 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
         monkeypatch.setattr(tg, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     r = gpu_check.main({**gpu_check.config, "dry_run": True, "out": str(tmp_path / "dry")})
     stages = r["stages"]
-    assert list(stages) == ["build", "sd15", "resume", "sample", "benchmark", "sdxl", "compile"]
+    assert list(stages) == ["build", "sd15", "resume", "sample", "benchmark", "sdxl", "sharded", "compile"]
     assert not [k for k, v in stages.items() if "error" in v or "skipped" in v], stages
-    assert all(row["img_per_s"] > 0 for row in stages["sd15"]["rows"] + stages["sdxl"]["rows"] + [stages["compile"]])
+    assert all(row["img_per_s"] > 0 for row in stages["sd15"]["rows"] + stages["sdxl"]["rows"] + [stages["compile"]]
+               + stages["sharded"]["rows"]) and stages["sharded"]["ddp_rows"] == stages["sdxl"]["rows"]
     assert stages["resume"]["bit_equal"] and stages["sample"]["max_pixel_diff"] == 0  # on a CPU in fp32: exact
     assert json.loads((tmp_path / "dry" / "results.json").read_text()) == r
     assert r["versions"]["torch"] == torch.__version__

@@ -17,6 +17,8 @@ stage after stage:
   benchmark extras/benchmark.py --what=train on SD1.5: this trainer's step against the reference recipe (IGLIGEN's)
             in one process, and the profile of ours (shares of the step, top kernels, host syncs per step)
   sdxl      SDXL at 1024 with --grad_checkpointing=True at micro-batch 2 and 4: images/s, peak memory
+  sharded   the same with --shard=True (FSDP2), under torchrun even on one GPU: images/s and peak memory per GPU
+            beside the sdxl stage's (DDP)
   compile   --compile=inductor at micro-batch 16: the run's wall time against the eager one's (the compile), and
             images/s after it
 The GPU, driver, CUDA, torch, diffusers and transformers versions come first. A stage starts only while the time
@@ -103,12 +105,12 @@ def build_model(path, sdxl, tiny, device):
     return path
 
 
-def launch(script, args, gpus, log, in_process=False):
+def launch(script, args, gpus, log, in_process=False, torchrun=False):
     """Run a project script as a command (under torchrun for more than one process); the dry run runs it in this
     process instead (as __main__: the same code, without starting Python and torch again each time). Returns its wall
     time; the command and the end of its output go to the log; an exit other than 0 raises."""
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] \
-        if gpus > 1 else [sys.executable]
+        if gpus > 1 or torchrun else [sys.executable]
     cmd, t0 = runner + [str(ROOT / script), *args], time.perf_counter()
     if in_process:
         buf, argv, code = io.StringIO(), sys.argv, 0
@@ -133,7 +135,7 @@ def launch(script, args, gpus, log, in_process=False):
     return wall
 
 
-def train(cfg, name, model, data, micro, log, gpus, *extra, steps=None, fresh=True, keep=False):
+def train(cfg, name, model, data, micro, log, gpus, *extra, steps=None, fresh=True, keep=False, torchrun=False):
     """A train_gligen.py run (fresh: in an emptied out_dir, else resuming); its last logged speed, MFU and peak
     memory, and its wall time. Its out_dir is deleted unless kept: checkpoints are 2.5 GB (SD1.5) to 22 GB (SDXL)."""
     out = Path(cfg["out"]) / "runs" / name
@@ -144,7 +146,7 @@ def train(cfg, name, model, data, micro, log, gpus, *extra, steps=None, fresh=Tr
             f"--micro_batch={micro}", f"--global_batch={micro * gpus}", f"--max_steps={steps}",
             f"--log_every={max(1, steps // 2)}", "--val_every=0", f"--save_every={steps}", "--warmup_steps=0",
             f"--num_workers={0 if cfg['dry_run'] else 4}", *extra]
-    wall = launch("train_gligen.py", args, gpus, log, cfg["dry_run"])
+    wall = launch("train_gligen.py", args, gpus, log, cfg["dry_run"] and not torchrun, torchrun)
     rec = [r for _, r in tg.read_jsonl(out / "log.jsonl") if "img_per_s" in r][-1]
     if not keep:
         shutil.rmtree(out)
@@ -274,6 +276,11 @@ def main(cfg):
                       steps=max(4, steps // 3))[1] for m in ([1] if tiny else [2, 4])]
         return dict(rows=rows)
 
+    def sharded():
+        rows = [train(cfg, f"sdxl-shard-mb{m}", *built["sdxl"], m, log, gpus, "--grad_checkpointing=True",
+                      "--shard=True", steps=max(4, steps // 3), torchrun=True)[1] for m in ([1] if tiny else [2, 4])]
+        return dict(rows=rows, ddp_rows=results["stages"].get("sdxl", {}).get("rows"))
+
     def compiled():
         m = micro[1] if len(micro) > 1 else micro[0]
         backend = "eager" if tiny else "inductor"  # the dry run: dynamo's capture alone, in seconds
@@ -282,7 +289,7 @@ def main(cfg):
         return dict(backend=backend, **row, compile_s=round(row["wall_s"] - eager["wall_s"], 1) if eager else None)
 
     for name, fn in (("build", build), ("sd15", sd15), ("resume", resume), ("sample", sample),
-                     ("benchmark", benchmark), ("sdxl", sdxl), ("compile", compiled)):
+                     ("benchmark", benchmark), ("sdxl", sdxl), ("sharded", sharded), ("compile", compiled)):
         if name != "build" and "error" in results["stages"].get("build", {}):
             break
         stage(name, fn)
