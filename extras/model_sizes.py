@@ -8,7 +8,7 @@ configs (written out below) on the meta device, so nothing is allocated, adds th
 add_adapters stage, and counts. Prints the table of docs/families.md, which the README's families table takes from.
 GB = 1e9 bytes. Memory per GPU under DDP (every GPU holds all of it): the adapters in fp32 with fp32 grads and AdamW's
 two fp32 moments (16 bytes/param), plus the frozen denoiser, text encoders and VAE in bf16 (2 bytes/param, buffers
-included). Activations come on top.
+included); with --shard over 8 GPUs, an eighth of the adapters' part. Activations come on top.
 """
 import os
 import sys
@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gligen as tg  # noqa: E402
 
 config = {}  # no settings
+SHARDS = 8  # the GPUs of one node: --shard splits the adapters' fp32 state over them, the frozen parts stay whole
 
 # The published unet/ or transformer/ config.json of each model (the fields diffusers' constructors take).
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
@@ -141,12 +142,13 @@ def rows():
 def main():
     start = time.time()
     print("| family | model | resolution | fusers | adapter params | frozen params (denoiser + text encoders + VAE) "
-          "| adapters fp32 + grads + AdamW (GB) | frozen bf16 (GB) | per GPU, DDP (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| adapters fp32 + grads + AdamW (GB) | frozen bf16 (GB) | per GPU, DDP (GB) | per GPU, --shard over {SHARDS} "
+          f"(GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows():
         print(f"| {r['family']} | {r['model']} | {r['resolution']} | {r['fusers']} | {human(r['adapter'])} | "
               f"{human(r['frozen'])} | {r['train_gb']:.1f} | {r['frozen_gb']:.1f} | "
-              f"{r['train_gb'] + r['frozen_gb']:.1f} |")
+              f"{r['train_gb'] + r['frozen_gb']:.1f} | {r['train_gb'] / SHARDS + r['frozen_gb']:.1f} |")
     print("\nComputed, not measured: GB = 1e9 bytes; activations (which --micro_batch and --grad_checkpointing set) "
           "come on top.")
     print(f"({time.time() - start:.1f} s)", file=sys.stderr)
