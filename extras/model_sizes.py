@@ -142,8 +142,8 @@ def rows():
 def main():
     start = time.time()
     print("| family | model | resolution | fusers | adapter params | frozen params (denoiser + text encoders + VAE) "
-          f"| adapters fp32 + grads + AdamW (GB) | frozen bf16 (GB) | per GPU, DDP (GB) | per GPU, --shard over {SHARDS} "
-          f"(GB) |")
+          "| adapters fp32 + grads + AdamW (GB) | frozen bf16 (GB) | per GPU, DDP (GB) | "
+          f"per GPU, --shard over {SHARDS} (GB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows():
         print(f"| {r['family']} | {r['model']} | {r['resolution']} | {r['fusers']} | {human(r['adapter'])} | "
