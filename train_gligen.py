@@ -1377,9 +1377,11 @@ def main(cfg):
     memory = memory_plan(unet, text_encoder, params, world if cfg["shard"] else 1)
     has = torch.cuda.get_device_properties(device).total_memory if cuda else math.inf
     if sum(memory.values()) > has:
+        sharded = sum(memory_plan(unet, text_encoder, params, world).values())
         fail(f"{cfg['model']} needs {sum(memory.values()) / 1e9:.1f} GB a GPU before activations (computed: "
              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in memory.items()) + f"), more than this GPU's "
-             f"{has / 1e9:.1f} GB (docs/families.md has each family's)")
+             f"{has / 1e9:.1f} GB" + (f"; --shard=True would hold {sharded / 1e9:.1f} GB on {world} GPUs" if
+                                      not cfg["shard"] and sharded < has else "") + " (docs/families.md)")
     if cfg["grad_checkpointing"]:  # each block checkpointed, fusers included
         if not getattr(unet, "_supports_gradient_checkpointing", False):
             fail(f"--grad_checkpointing=True: diffusers' {type(unet).__name__} does not support it")
