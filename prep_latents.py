@@ -61,11 +61,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from train_gligen import (check_layout, check_out_dir, configure, fail, in_range, load_clip_tower,
-                          project_image_embeds, read_jsonl, sha256)
+                          project_image_embeds, read_jsonl, sha256, upright)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images
@@ -226,11 +226,10 @@ def shard_items(source, captions, root, out, need_caption=True):
 
 
 def read_image(file, offset, size, handles):
-    """The image at (file, offset, size) upright, its EXIF orientation applied (as viewers show it, and boxes are
-    drawn on it); handles caches one open file per tar in each worker."""
+    """The image at (file, offset, size), upright (its EXIF orientation applied); handles caches one open file per
+    tar in each worker."""
     if size < 0:
-        with Image.open(file) as im:
-            return ImageOps.exif_transpose(im)
+        return upright(Image.open(file))
     if file not in handles:
         handles[file] = open(file, "rb")
     f = handles[file]
@@ -238,8 +237,7 @@ def read_image(file, offset, size, handles):
     data = f.read(size)
     if len(data) < size:
         raise EOFError(f"the tar ends {size - len(data)} bytes into this image")
-    with Image.open(io.BytesIO(data)) as im:
-        return ImageOps.exif_transpose(im)
+    return upright(Image.open(io.BytesIO(data)))
 
 
 def to_rgb(im):

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from train_gligen import (adapter_params, adapters_file, check_image, check_layouts, check_out_dir, choose_stages,
                           configure, draw_layout, fail, family_of, in_range, is_moving, load_adapters, load_clip_tower,
                           load_image_project, load_model, mode_of, native_size, project_image_embeds, read_jsonl,
-                          set_adapters, vae_scale, SCHEDULERS)
+                          set_adapters, upright, vae_scale, SCHEDULERS)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -109,8 +109,8 @@ def load_image_tower(cfg, device, dtype):
 
 def open_photo(path):
     """A photo in RGB as viewers show it: its EXIF orientation applied, as prep_latents.py does."""
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+    with upright(Image.open(path)) as im:
+        return im.convert("RGB")
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -525,6 +525,12 @@ def check_layouts(layouts, frames=None, images=False):
             check_layout(phrases, frame_boxes, where + (f" frame {f}" if per_frame else ""))
 
 
+def upright(im):
+    """im turned in place by its EXIF orientation, as viewers show it and boxes are drawn."""
+    ImageOps.exif_transpose(im, in_place=True)
+    return im
+
+
 def check_image(path, what):
     """Stop unless path is an image PIL decodes whole."""
     if not Path(str(path)).is_file():
@@ -855,6 +861,14 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def reduced_on(model, last):
+    """A pass's backward context: gradients reduced across ranks on a step's last pass only."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+    return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+
+
 def optimizer_step(opt, params, grad_clip):
     """Clip and step fused AdamW, which skips a non-finite step on the device (no host sync); whether it stepped."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -1056,8 +1070,7 @@ def latest_good_checkpoint(out_dir, set_aside=False):
 
 
 def save_checkpoint(out_dir, step, unet, opt, cfg, files=(), gathered=None):
-    """Write out_dir/step_<step> (and copies of files); None, or what went wrong. gathered: a sharded run's whole
-    (adapters, optimizer state)."""
+    """Write out_dir/step_<step> (and copies of files); None, or what went wrong. gathered: gather_state's."""
     final = Path(out_dir) / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     adapters, opt_state = gathered or (adapter_state(unet), opt.state_dict())
@@ -1193,8 +1206,8 @@ def setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, 
 
 
 def validate(val, step, unet, out, bar, write=True):
-    """The grid (out/val_<step>.png), and the box-use losses (log.jsonl); write: False on a sharded run's other
-    ranks, which compute the same to take part in the gathers."""
+    """The grid (out/val_<step>.png), and the box-use losses (log.jsonl); write False: a sharded run's other ranks,
+    computing along for the gathers."""
     images = [draw_layout(Image.fromarray(val.draw(l)), l["phrases"], l["boxes"]) for l in val.layouts]
     if not write:
         return val.batches and box_use_losses(val.image_losses, unet, val.batches, val.seed)
@@ -1435,9 +1448,7 @@ def main(cfg):
         for micro in range(accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
             g = sample_generator(cfg["seed"], step, (micro * world + rank) * B, device)
-            if cfg["shard"]:
-                model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once
-            with model.no_sync() if ddp and not cfg["shard"] and micro < accum - 1 else nullcontext():  # once
+            with reduced_on(model, micro == accum - 1):  # all-reduce (or reduce-scatter) once
                 loss = stages.loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast, levers) / accum
                 loss.backward()
             step_loss += loss.detach()
@@ -1582,16 +1593,18 @@ class BoxAttention:
 
 
 # =================================================================================================================
-# Sharded training (--shard=True): FSDP2 instead of DDP. Each fuser and the position net is a unit whose parameters,
-# gradients and AdamW state are split across the ranks; the frozen base stays whole on every rank. Checkpoints are
-# gathered whole, so they load on any number of ranks, sharded or not, and in sample.py.
+# Sharded training (--shard=True): FSDP2 instead of DDP. Each fuser and the position net is a unit split across the
+# ranks; the frozen base stays whole. Checkpoints are gathered whole: they load on any number of ranks.
+GATES = (".alpha_attn", ".alpha_dense")  # 0-d, which FSDP2 cannot split: (1,) while sharded
+
+
 def shard_adapters(unet):
-    """The UNet with its adapters sharded (FSDP2); 0-d gates become (1,), which FSDP2 can split, and back on save."""
+    """The UNet with its adapters sharded (FSDP2); the GATES become (1,), and 0-d again on save."""
     from torch.distributed.fsdp import fully_shard
 
     names = set(adapter_state(unet))
     for name, p in unet.named_parameters():
-        if name in names and p.dim() == 0:
+        if name.endswith(GATES):
             p.data = p.data.reshape(1)
     for m in [m for m in unet.modules() if isinstance(getattr(m, "fuser", None), Fuser)]:
         fully_shard(m.fuser)
@@ -1600,20 +1613,19 @@ def shard_adapters(unet):
 
 
 def gather_state(unet, opt):
-    """(whole adapters, whole optimizer state as opt.state_dict() keys it) on rank 0, None on the others: every rank
-    calls it (a collective)."""
+    """(whole adapters, whole optimizer state keyed as opt.state_dict()) on rank 0, else None; a collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model, optim = get_state_dict(unet, opt, options=whole)
     if dist.get_rank() != 0:
         return None
-    adapters = {k: v.reshape(()) if k.endswith((".alpha_attn", ".alpha_dense")) else v
-                for k, v in model.items() if k in adapter_state(unet)}
-    names = optim["param_groups"][0]["params"]  # one group, in params' order
-    state = {i: {k: v.reshape(()) if k != "step" and n.endswith((".alpha_attn", ".alpha_dense")) else v
-                 for k, v in optim["state"][n].items()} for i, n in enumerate(names) if n in optim["state"]}
-    return adapters, dict(state=state, param_groups=[{**optim["param_groups"][0], "params": list(range(len(names)))}])
+    names = set(adapter_state(unet))
+    adapters = {k: v.reshape(()) if k.endswith(GATES) else v for k, v in model.items() if k in names}
+    order = optim["param_groups"][0]["params"]  # one group, in params' order
+    state = {i: {k: v.reshape(()) if k != "step" and n.endswith(GATES) else v
+                 for k, v in optim["state"][n].items()} for i, n in enumerate(order) if n in optim["state"]}
+    return adapters, dict(state=state, param_groups=[{**optim["param_groups"][0], "params": list(range(len(order)))}])
 
 
 def load_optimizer_state(unet, opt, state):
