@@ -1504,14 +1504,21 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
 
 def test_sharded_checkpoint_resumes_on_another_world_size(tiny_sd, tiny_data, tmp_path):
     """A --shard=True run on 2 ranks (2 accumulation passes each, validation on), stopped at step 2, resumes sharded on
-    1 rank from its whole checkpoint and ends where one process goes straight; the adapters file holds diffusers'
-    0-d gates."""
+    1 rank from its checkpoint (whole adapters, the optimizer's 2 shards resharded to 1) and ends where one process
+    goes straight; the adapters file holds diffusers' 0-d gates. Unsharded, the run refuses that checkpoint."""
     args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
             "--global_batch=4", "--micro_batch=1", "--lr=1e-3", "--warmup_steps=2", "--num_workers=0",
             "--log_every=2", "--save_every=2"]
     sharded = [*args, "--shard=True", "--val_every=2", "--val_images=2", "--val_steps=2",
                f"--out_dir={tmp_path / 'sharded'}"]
     first = run("train_gligen.py", *sharded, "--max_steps=2", torchrun=2, OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "sharded" / "step_0000002"
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert torch.load(ckpt / "state.pt", weights_only=True)["optimizer"] is None  # in optimizer/, each rank's shard
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert {"optimizer/.metadata", "optimizer/__0_0.distcp", "optimizer/__1_0.distcp"} <= manifest.keys()
+    unsharded = run("train_gligen.py", *args, "--max_steps=4", f"--out_dir={tmp_path / 'sharded'}")
+    assert unsharded.returncode == 1 and "was saved by a sharded run" in unsharded.stderr, unsharded.stderr[-3000:]
     resumed = run("train_gligen.py", *sharded, "--max_steps=4", torchrun=1, OMP_NUM_THREADS="1")
     straight = run("train_gligen.py", *args, "--max_steps=4", f"--out_dir={tmp_path / 'straight'}", OMP_NUM_THREADS="1")
     for r in (first, resumed, straight):

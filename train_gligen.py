@@ -1022,9 +1022,9 @@ def draw_layout(image, phrases, boxes):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config) and
-# manifest.json (sizes, sha256), written as step_0002000.tmp and renamed when whole; a checkpoint that fails
-# its manifest is set aside.
+# Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config; a sharded
+# run's optimizer is in optimizer/, a DCP checkpoint) and manifest.json (sizes, sha256), written as
+# step_0002000.tmp and renamed when whole; a checkpoint that fails its manifest is set aside.
 def checkpoints(out_dir):
     """The finished checkpoints in out_dir, oldest first."""
     return sorted(p for p in Path(out_dir).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
@@ -1082,14 +1082,17 @@ def save_checkpoint(out_dir, step, unet, opt, cfg, files=(), gathered=None):
         tmp.mkdir(parents=True)
         meta = {"format": "gligen-adapters", "config": json.dumps(cfg)}
         save_file(adapters, tmp / "adapters.safetensors", metadata=meta)
+        if isinstance(opt_state, Path):  # the sharded optimizer, already written by every rank
+            os.replace(opt_state, tmp / "optimizer")
+            opt_state = None
         torch.save({"step": step, "optimizer": opt_state, "config": cfg}, tmp / "state.pt")
         for f in files:
             shutil.copyfile(f, tmp / Path(f).name)
         manifest = {}
-        for f in sorted(tmp.iterdir()):
+        for f in sorted(f for f in tmp.rglob("*") if f.is_file()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            manifest[f.name] = dict(bytes=f.stat().st_size, sha256=sha256(f))
+            manifest[f.relative_to(tmp).as_posix()] = dict(bytes=f.stat().st_size, sha256=sha256(f))
         with open(tmp / "manifest.json", "w") as fh:
             json.dump(manifest, fh)
             fh.flush()
@@ -1169,8 +1172,11 @@ def restore(cfg, unet, resume):
             if state["config"].get(key, False) != cfg[key]:  # a setting newer than the checkpoint: False
                 fail(f"{resume} was trained with {key}={state['config'].get(key, False)!r}, this run has "
                      f"{key}={cfg[key]!r}. Run with the same {key}, or start a new out_dir with --init_from={resume}")
+        if state["optimizer"] is None and not cfg["shard"]:
+            fail(f"{resume} was saved by a sharded run (its optimizer state is in optimizer/): resume it with "
+                 f"--shard=True, on any number of ranks, or start a new out_dir with --init_from={resume}")
         set_adapters(unet, read_safetensors(resume / "adapters.safetensors"), resume)
-        return state["step"], state["optimizer"]
+        return state["step"], resume / "optimizer" if state["optimizer"] is None else state["optimizer"]
     if cfg["init_from"]:
         set_adapters(unet, load_adapters(cfg["init_from"]), cfg["init_from"])
     return 0, None
@@ -1473,7 +1479,7 @@ def main(cfg):
                      f"{cfg['latents']}, or lower lr")
         with meter.pause():  # not counted against images/s
             if step % cfg["save_every"] == 0 or last or stop:
-                gathered = gather_state(unet, opt) if cfg["shard"] else None  # on every rank
+                gathered = gather_state(unet, opt, out / f"step_{step:07d}.optimizer.tmp") if cfg["shard"] else None
                 error = [save_checkpoint(out, step, unet, opt, cfg, data.files, gathered) if master else None]
                 if ddp:
                     dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a save
@@ -1594,7 +1600,8 @@ class BoxAttention:
 
 # =================================================================================================================
 # Sharded training (--shard=True): FSDP2 instead of DDP. Each fuser and the position net is a unit split across the
-# ranks; the frozen base stays whole. Checkpoints are gathered whole: they load on any number of ranks.
+# ranks; the frozen base stays whole. Checkpoints hold the adapters whole, and the optimizer state as each rank's
+# shards (torch.distributed.checkpoint), which a run on any number of ranks reshards as it loads.
 GATES = (".alpha_attn", ".alpha_dense")  # 0-d, which FSDP2 cannot split: (1,) while sharded
 
 
@@ -1612,26 +1619,34 @@ def shard_adapters(unet):
     return fully_shard(unet, ignored_params={p for k, p in unet.named_parameters() if k not in names})
 
 
-def gather_state(unet, opt):
-    """(whole adapters, whole optimizer state keyed as opt.state_dict()) on rank 0, else None; a collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def gather_state(unet, opt, optimizer_dir):
+    """(whole adapters, optimizer_dir) on rank 0, else None; a collective: every rank writes its optimizer shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+    if dist.get_rank() == 0:  # dcp.save's first collective waits for it
+        shutil.rmtree(optimizer_dir, ignore_errors=True)
+    dcp.save(get_optimizer_state_dict(unet, opt), checkpoint_id=optimizer_dir)
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    model, optim = get_state_dict(unet, opt, options=whole)
+    model = get_model_state_dict(unet, options=whole)
     if dist.get_rank() != 0:
         return None
     names = set(adapter_state(unet))
-    adapters = {k: v.reshape(()) if k.endswith(GATES) else v for k, v in model.items() if k in names}
-    order = optim["param_groups"][0]["params"]  # one group, in params' order
-    state = {i: {k: v.reshape(()) if k != "step" and n.endswith(GATES) else v
-                 for k, v in optim["state"][n].items()} for i, n in enumerate(order) if n in optim["state"]}
-    return adapters, dict(state=state, param_groups=[{**optim["param_groups"][0], "params": list(range(len(order)))}])
+    return {k: v.reshape(()) if k.endswith(GATES) else v for k, v in model.items() if k in names}, optimizer_dir
 
 
 def load_optimizer_state(unet, opt, state):
-    """A whole optimizer state (opt.state_dict()'s keys, any run's) into a sharded run's optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """An optimizer state into a sharded run's optimizer: a sharded run's optimizer/ (resharded as it loads), or a
+    whole one (opt.state_dict()'s keys, a DDP run's)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, \
+        set_optimizer_state_dict
 
+    if isinstance(state, Path):
+        optim = get_optimizer_state_dict(unet, opt)
+        dcp.load(optim, checkpoint_id=state)
+        set_optimizer_state_dict(unet, opt, optim)
+        return
     names = [k for k, p in unet.named_parameters() if p.requires_grad]
     shape = {k: p.shape for k, p in unet.named_parameters()}
     optim = dict(state={names[i]: {k: v.reshape(shape[names[i]]) if k != "step" else v for k, v in st.items()}
