@@ -1450,6 +1450,11 @@ def test_memory_plan_counts_what_a_gpu_holds_before_activations(tiny_sd):
     assert all(t.dtype == torch.bfloat16 for k, t in unet.named_parameters() if k not in names)
     assert tg.memory_plan(unet, text_encoder, params) == dict(adapters=4 * n, gradients=4 * n, adamw=8 * n,
                                                               frozen=frozen)
+    # --shard_base over 4: a quarter of each frozen block of the UNet, the rest whole
+    split = sum(t.numel() * 2 for k, t in unet.named_parameters() if k not in names and k.startswith(
+        ("down_blocks.", "mid_block.", "up_blocks.")))
+    assert tg.memory_plan(unet, text_encoder, params, 4, base=True) == dict(
+        adapters=n, gradients=n, adamw=2 * n, frozen=frozen - split + split // 4)
 
 
 def test_batch_plan_takes_global_batch_images_a_step_on_any_world_size():
@@ -1535,23 +1540,25 @@ def test_sharded_checkpoint_resumes_on_another_world_size(tiny_sd, tiny_data, tm
 
 
 def test_sharded_sdxl_equals_one_process(tiny_sdxl, tiny_sdxl_data, tmp_path):
-    """--shard=True on SDXL (two text encoders, size ids) over 2 ranks gives one process's adapters bit for bit."""
+    """--shard=True on SDXL (two text encoders, size ids), its frozen blocks sharded too, over 2 ranks ends within
+    1e-6 of one process: FSDP2's hooks on a block's inputs change the order autograd sums their gradients in."""
     args = [f"--model={tiny_sdxl}", f"--latents={tiny_sdxl_data['latents']}", f"--boxes={tiny_sdxl_data['boxes']}",
             "--global_batch=4", "--micro_batch=2", "--max_steps=2", "--lr=1e-3", "--warmup_steps=2",
             "--num_workers=0", "--val_every=0", "--log_every=2"]
     one = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'one'}", OMP_NUM_THREADS="1")
-    shard = run("train_gligen.py", *args, "--shard=True", f"--out_dir={tmp_path / 'shard'}", torchrun=2,
-                OMP_NUM_THREADS="1")
+    shard = run("train_gligen.py", *args, "--shard=True", "--shard_base=True", f"--out_dir={tmp_path / 'shard'}",
+                torchrun=2, OMP_NUM_THREADS="1")
     assert one.returncode == 0 and shard.returncode == 0, (one.stderr + shard.stderr)[-3000:]
     a, b = adapters_of(tmp_path / "one"), adapters_of(tmp_path / "shard")
     assert not torch.equal(b["position_net.null_position_feature"], torch.zeros(64))  # they trained
-    assert_same_tensors(a, b)
+    for k in a:  # 6e-8 measured
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_two_processes_equal_one_on_mmdits(tiny_sd3, tiny_flux, tiny_flow_data, tmp_path):
     """SD3 and Flux (with the attention loss, and Flux's position code in its fusers) on 2 processes equal 1: the
     rectified-flow step draws its noise levels per sample, as the UNets' step draws its timesteps. Sharded
-    (--shard=True; the fusers run by hooks) the 2 give DDP's bits."""
+    (--shard=True; the fusers run by hooks; on Flux the frozen blocks sharded too) the 2 give DDP's bits."""
     for model in (tiny_sd3, tiny_flux):
         args = [f"--model={model}", f"--latents={tiny_flow_data['latents']}", f"--boxes={tiny_flow_data['boxes']}",
                 "--global_batch=4", "--micro_batch=2", "--max_steps=3", "--lr=1e-3", "--warmup_steps=2",
@@ -1559,7 +1566,8 @@ def test_two_processes_equal_one_on_mmdits(tiny_sd3, tiny_flux, tiny_flow_data, 
         one = run("train_gligen.py", *args, f"--out_dir={tmp_path / model.name / 'one'}", OMP_NUM_THREADS="1")
         two = run("train_gligen.py", *args, f"--out_dir={tmp_path / model.name / 'two'}", torchrun=2,
                   OMP_NUM_THREADS="1")
-        shard = run("train_gligen.py", *args, "--shard=True", f"--out_dir={tmp_path / model.name / 'shard'}",
+        base = ["--shard_base=True"] if model == tiny_flux else []
+        shard = run("train_gligen.py", *args, "--shard=True", *base, f"--out_dir={tmp_path / model.name / 'shard'}",
                     torchrun=2, OMP_NUM_THREADS="1")
         assert one.returncode == 0, one.stderr[-3000:]
         assert two.returncode == 0, two.stderr[-3000:]

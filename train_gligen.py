@@ -86,6 +86,7 @@ config = dict(
     grad_checkpointing=False,  # recompute activations in backward: less memory, slower
     compile="",  # torch.compile backend for the step: "" off, or e.g. inductor
     shard=False,  # FSDP2 under torchrun: adapters, gradients and AdamW state sharded across the GPUs (not DDP)
+    shard_base=False,  # with --shard: the denoiser's frozen blocks sharded too
     num_workers=4,  # data loader processes per GPU
     log_every=20,  # log line every N steps, also in out_dir/log.jsonl
     save_every=2000,  # checkpoint every N steps, and at the end
@@ -114,6 +115,8 @@ def check_settings(cfg):
         fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
     if cfg["compile"] and cfg["compile"] not in torch._dynamo.list_backends(exclude_tags=()):
         fail(f"--compile={cfg['compile']}: not a torch.compile backend (e.g. inductor, aot_eager)")
+    if cfg["shard_base"] and not cfg["shard"]:
+        fail("--shard_base=True shards the base beside the adapters: it needs --shard=True")
     check_out_dir(cfg["out_dir"], "out_dir")
 
 
@@ -1314,12 +1317,17 @@ def log_line(out, rec, bar):
         f.write(json.dumps(rec) + "\n")
 
 
-def memory_plan(unet, text_encoder, params, shards=1):
+def memory_plan(unet, text_encoder, params, shards=1, base=False):
     """Bytes a GPU holds before activations, computed: fp32 adapters, their gradients, AdamW's two moments (a
-    1/shards share of each), and the frozen rest (the denoiser's other parameters and buffers, the text encoders)."""
+    1/shards share of each), and the frozen rest (the denoiser, its blocks 1/shards with base; the text encoders)."""
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     n = sum(p.numel() for p in params)
-    held = sum(t.numel() * t.element_size() for m in (unet, text_encoder) for t in [*m.parameters(), *m.buffers()])
-    return dict(adapters=4 * n // shards, gradients=4 * n // shards, adamw=8 * n // shards, frozen=held - 4 * n)
+    held = size(t for m in (unet, text_encoder) for t in [*m.parameters(), *m.buffers()])
+    split = size(p for b in frozen_blocks(unet) for p in b.parameters() if not p.requires_grad) if base else 0
+    return dict(adapters=4 * n // shards, gradients=4 * n // shards, adamw=8 * n // shards,
+                frozen=held - 4 * n - split + split // shards)
 
 
 def print_header(cfg, out, step, resume, n_params, memory):
@@ -1393,13 +1401,14 @@ def main(cfg):
              f"timesteps")
     step, opt_state = restore(cfg, unet, resume[0])
     params = [p.requires_grad_(True) for p in adapter_params(unet)]
-    memory = memory_plan(unet, text_encoder, params, world if cfg["shard"] else 1)
+    memory = memory_plan(unet, text_encoder, params, world if cfg["shard"] else 1, cfg["shard_base"])
     has = torch.cuda.get_device_properties(device).total_memory if cuda else math.inf
     if sum(memory.values()) > has:
-        sharded = sum(memory_plan(unet, text_encoder, params, world).values())
+        sharded = sum(memory_plan(unet, text_encoder, params, world, base=True).values())
         fail(f"{cfg['model']} needs {sum(memory.values()) / 1e9:.1f} GB a GPU before activations (computed: "
              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in memory.items()) + f"), more than this GPU's "
-             f"{has / 1e9:.1f} GB" + (f"; --shard=True would hold {sharded / 1e9:.1f} GB on {world} GPUs" if
+             f"{has / 1e9:.1f} GB" + (f"; --shard=True --shard_base=True would hold {sharded / 1e9:.1f} GB on "
+                                      f"{world} GPUs" if
                                       not cfg["shard"] and sharded < has else "") + " (docs/families.md)")
     if cfg["grad_checkpointing"]:  # each block checkpointed, fusers included
         if not getattr(unet, "_supports_gradient_checkpointing", False):
@@ -1409,7 +1418,8 @@ def main(cfg):
     # the model the step calls: DDP-wrapped (gradients all-reduced) or sharded (reduce-scattered), compiled
     device_ids = [torch.cuda.current_device()] if cuda else None
     if cfg["shard"]:
-        model, params = shard_adapters(unet), adapter_params(unet)  # the parameters are now shards (DTensors)
+        model = shard_model(unet, cfg["shard_base"])
+        params = adapter_params(unet)  # now shards (DTensors)
     else:
         model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=device_ids) if ddp else unet
     model = torch.compile(model, backend=cfg["compile"]) if cfg["compile"] else model
@@ -1600,13 +1610,14 @@ class BoxAttention:
 
 # =================================================================================================================
 # Sharded training (--shard=True): FSDP2 instead of DDP. Each fuser and the position net is a unit split across the
-# ranks; the frozen base stays whole. Checkpoints hold the adapters whole, and the optimizer state as each rank's
-# shards (torch.distributed.checkpoint), which a run on any number of ranks reshards as it loads.
+# ranks, and with --shard_base=True each frozen block of the denoiser.
+# Checkpoints hold the adapters whole, and the optimizer state as each rank's shards (torch.distributed.checkpoint),
+# which a run on any number of ranks reshards as it loads.
 GATES = (".alpha_attn", ".alpha_dense")  # 0-d, which FSDP2 cannot split: (1,) while sharded
 
 
-def shard_adapters(unet):
-    """The UNet with its adapters sharded (FSDP2); the GATES become (1,), and 0-d again on save."""
+def shard_model(unet, base):
+    """The UNet with its adapters (and with base its frozen blocks) sharded; the GATES (1,) until saved."""
     from torch.distributed.fsdp import fully_shard
 
     names = set(adapter_state(unet))
@@ -1616,7 +1627,20 @@ def shard_adapters(unet):
     for m in [m for m in unet.modules() if isinstance(getattr(m, "fuser", None), Fuser)]:
         fully_shard(m.fuser)
     fully_shard(unet.position_net)
+    for block in frozen_blocks(unet) if base else []:
+        fully_shard(block)
     return fully_shard(unet, ignored_params={p for k, p in unet.named_parameters() if k not in names})
+
+
+def frozen_blocks(model):
+    """--shard_base's units: the items of the outermost ModuleLists outside the adapters."""
+    def walk(m):
+        for child in m.children():
+            if all(p.requires_grad for p in child.parameters()):  # an adapter
+                continue
+            yield from child if isinstance(child, nn.ModuleList) else walk(child)
+
+    return list(walk(model))
 
 
 def gather_state(unet, opt, optimizer_dir):
