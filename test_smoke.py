@@ -1457,6 +1457,43 @@ def test_memory_plan_counts_what_a_gpu_holds_before_activations(tiny_sd):
         adapters=n, gradients=n, adamw=2 * n, frozen=frozen - split + split // 4)
 
 
+def test_shard_base_shards_the_frozen_blocks_and_t5(tiny_flux, tmp_path):
+    """--shard_base on Flux, in-process on a world of 1: the transformer's blocks and all of T5 become FSDP2 shards
+    (DTensors), counted 1/shards in the memory plan, CLIP and the rest stay whole; T5 gives the same context sharded
+    and is sharded again after its forward (a root by default stays gathered)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    stages = tg.choose_stages("flux")
+    unet, text_encoder, tokenizer, _ = stages.load(str(tiny_flux), "cpu", torch.float32)
+    stages.add_adapters(unet)
+    params, names = tg.adapter_params(unet), set(tg.adapter_state(unet))
+    n = sum(p.numel() for p in params)
+    blocks = sum(p.numel() * 4 for k, p in unet.named_parameters() if k not in names and k.startswith(
+        ("transformer_blocks.", "single_transformer_blocks.")))
+    t5 = sum(p.numel() * 4 for p in text_encoder.t5.parameters())
+    whole = tg.memory_plan(unet, text_encoder, params)["frozen"]
+    assert tg.memory_plan(unet, text_encoder, params, 4, base=True) == dict(
+        adapters=n, gradients=n, adamw=2 * n, frozen=whole - blocks - t5 + (blocks + t5) // 4)
+    ids = tokenizer.captions(["a red circle", "two squares"])
+    with torch.no_grad():
+        want = text_encoder.captions(ids)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        tg.shard_model(unet, text_encoder, base=True)
+        with torch.no_grad():
+            got = text_encoder.captions(ids)
+        sharded = {k for k, p in [*unet.named_parameters(), *text_encoder.named_parameters()] if isinstance(p, DTensor)}
+    finally:
+        dist.destroy_process_group()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert {f"t5.{k}" for k, _ in text_encoder.t5.named_parameters()} <= sharded  # and after its forward
+    assert names <= sharded and "transformer_blocks.0.attn.to_q.weight" in sharded
+    assert "single_transformer_blocks.0.proj_out.weight" in sharded
+    assert not any(k.startswith(("clip.", "x_embedder.", "proj_out.")) for k in sharded)
+
+
 def test_batch_plan_takes_global_batch_images_a_step_on_any_world_size():
     n, G, steps = 70, 32, 4  # two epochs and a bit: the last partial batch of an epoch is never drawn
     steps_of = {}
@@ -1508,27 +1545,41 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=1e-5)
 
 def test_sharded_checkpoint_resumes_on_another_world_size(tiny_sd, tiny_data, tmp_path):
-    """A --shard=True run on 2 ranks (2 accumulation passes each, validation on), stopped at step 2, resumes sharded on
-    1 rank from its checkpoint (whole adapters, the optimizer's 2 shards resharded to 1) and ends where one process
-    goes straight; the adapters file holds diffusers' 0-d gates. Unsharded, the run refuses that checkpoint."""
+    """A --shard=True run on 2 ranks (2 accumulation passes each, validation on), killed in its step-4 save after the
+    optimizer's shards are written, resumes sharded on 1 rank from its step-2 checkpoint (whole adapters, the
+    optimizer's 2 shards resharded to 1) and ends where one process goes straight; the adapters file holds diffusers'
+    0-d gates. Unsharded, the run refuses that checkpoint."""
     args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
             "--global_batch=4", "--micro_batch=1", "--lr=1e-3", "--warmup_steps=2", "--num_workers=0",
-            "--log_every=2", "--save_every=2"]
+            "--log_every=2", "--save_every=2", "--max_steps=4"]
     sharded = [*args, "--shard=True", "--val_every=2", "--val_images=2", "--val_steps=2",
                f"--out_dir={tmp_path / 'sharded'}"]
-    first = run("train_gligen.py", *sharded, "--max_steps=2", torchrun=2, OMP_NUM_THREADS="1")
+    (tmp_path / "dies_while_saving.py").write_text(  # rank 0 SIGKILLs itself once step 4's shards are on disk
+        "import os, signal, sys\n"
+        "import torch.distributed as dist, torch.distributed.checkpoint as dcp\n"
+        "import train_gligen as tg\n"
+        "real_save = dcp.save\n"
+        "def save(state, checkpoint_id, **kwargs):\n"
+        "    real_save(state, checkpoint_id=checkpoint_id, **kwargs)\n"
+        "    if 'step_0000004' in str(checkpoint_id) and dist.get_rank() == 0:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "dcp.save = save\n"
+        "tg.main(tg.configure(tg.config, sys.argv[1:]))\n")
+    first = run(tmp_path / "dies_while_saving.py", *sharded, torchrun=2, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
     ckpt = tmp_path / "sharded" / "step_0000002"
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode != 0 and "Signal 9 (SIGKILL)" in first.stderr, first.stderr[-3000:]
+    assert tg.checkpoints(tmp_path / "sharded") == [ckpt]
+    assert (tmp_path / "sharded" / "step_0000004.optimizer.tmp" / ".metadata").is_file()  # the kill came after it
     assert torch.load(ckpt / "state.pt", weights_only=True)["optimizer"] is None  # in optimizer/, each rank's shard
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert {"optimizer/.metadata", "optimizer/__0_0.distcp", "optimizer/__1_0.distcp"} <= manifest.keys()
-    unsharded = run("train_gligen.py", *args, "--max_steps=4", f"--out_dir={tmp_path / 'sharded'}")
+    unsharded = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'sharded'}")
     assert unsharded.returncode == 1 and "was saved by a sharded run" in unsharded.stderr, unsharded.stderr[-3000:]
-    resumed = run("train_gligen.py", *sharded, "--max_steps=4", torchrun=1, OMP_NUM_THREADS="1")
-    straight = run("train_gligen.py", *args, "--max_steps=4", f"--out_dir={tmp_path / 'straight'}", OMP_NUM_THREADS="1")
-    for r in (first, resumed, straight):
+    resumed = run("train_gligen.py", *sharded, torchrun=1, OMP_NUM_THREADS="1")
+    straight = run("train_gligen.py", *args, f"--out_dir={tmp_path / 'straight'}", OMP_NUM_THREADS="1")
+    for r in (resumed, straight):
         assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resuming from {tmp_path / 'sharded' / 'step_0000002'}" in resumed.stdout
+    assert f"resuming from {ckpt}" in resumed.stdout and not list((tmp_path / "sharded").glob("*.tmp"))
     sharded, straight = adapters_of(tmp_path / "sharded"), adapters_of(tmp_path / "straight")
     gate = "down_blocks.0.attentions.0.transformer_blocks.0.fuser.alpha_attn"
     assert sharded[gate].dim() == 0 and sharded.keys() == straight.keys() and len(sharded) == 127
@@ -2603,14 +2654,18 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
 
 def test_model_sizes_count_the_trainers_own_adapters(capsys, tmp_path, tiny_sd3):
     """extras/model_sizes.py builds each family's full published config on the meta device, adds the adapters with the
-    trainer's own stage and counts them (the MMDiTs checked inside against 16d^2 + d^2 + 15d + 2 per fuser). And an
+    trainer's own stage and counts them (the MMDiTs checked inside against 16d^2 + d^2 + 15d + 2 per fuser) and their
+    memory with the trainer's memory_plan. And an
     MMDiT the trainer cannot take, or a UNet scheduler asked of one, stops with one line."""
     import model_sizes
     import sample
 
     model_sizes.main()
-    rows = [line.split(" | ")[1:5] for line in capsys.readouterr().out.splitlines()
-            if line.startswith(("| sd", "| video", "| flux"))]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| sd", "| video", "| flux"))]
+    rows = [line.split(" | ")[1:5] for line in lines]
+    for line in lines:  # GB a GPU: DDP > --shard > --shard --shard_base (the base's blocks found on the meta device)
+        ddp, shard, base = (float(x) for x in line.rstrip(" |").split(" | ")[-3:])
+        assert ddp > shard > base, line
     assert rows == [["SD1.5", "512", "16", "209M"], ["SD2.1", "768", "16", "213M"], ["SDXL", "1024", "70", "1.81B"],
                     ["ModelScope T2V", "256", "16", "213M"], ["SD3.5-medium", "1024", "24", "965M"],
                     ["SD3.5-large", "1024", "38", "3.82B"], ["FLUX.1-dev", "1024", "19", "3.05B"]]

@@ -86,7 +86,7 @@ config = dict(
     grad_checkpointing=False,  # recompute activations in backward: less memory, slower
     compile="",  # torch.compile backend for the step: "" off, or e.g. inductor
     shard=False,  # FSDP2 under torchrun: adapters, gradients and AdamW state sharded across the GPUs (not DDP)
-    shard_base=False,  # with --shard: the denoiser's frozen blocks sharded too
+    shard_base=False,  # with --shard: the frozen denoiser blocks and T5 sharded too
     num_workers=4,  # data loader processes per GPU
     log_every=20,  # log line every N steps, also in out_dir/log.jsonl
     save_every=2000,  # checkpoint every N steps, and at the end
@@ -1028,6 +1028,10 @@ def draw_layout(image, phrases, boxes):
 # Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config; a sharded
 # run's optimizer is in optimizer/, a DCP checkpoint) and manifest.json (sizes, sha256), written as
 # step_0002000.tmp and renamed when whole; a checkpoint that fails its manifest is set aside.
+def checkpoint_dir(out_dir, step):
+    return Path(out_dir) / f"step_{step:07d}"
+
+
 def checkpoints(out_dir):
     """The finished checkpoints in out_dir, oldest first."""
     return sorted(p for p in Path(out_dir).glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
@@ -1074,7 +1078,7 @@ def latest_good_checkpoint(out_dir, set_aside=False):
 
 def save_checkpoint(out_dir, step, unet, opt, cfg, files=(), gathered=None):
     """Write out_dir/step_<step> (and copies of files); None, or what went wrong. gathered: gather_state's."""
-    final = Path(out_dir) / f"step_{step:07d}"
+    final = checkpoint_dir(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     adapters, opt_state = gathered or (adapter_state(unet), opt.state_dict())
     adapters = {k: v.detach().float().cpu().contiguous() for k, v in adapters.items()}
@@ -1319,13 +1323,14 @@ def log_line(out, rec, bar):
 
 def memory_plan(unet, text_encoder, params, shards=1, base=False):
     """Bytes a GPU holds before activations, computed: fp32 adapters, their gradients, AdamW's two moments (a
-    1/shards share of each), and the frozen rest (the denoiser, its blocks 1/shards with base; the text encoders)."""
+    1/shards share of each), and the frozen rest (the denoiser and text encoders; base_units' 1/shards with base)."""
     def size(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     n = sum(p.numel() for p in params)
     held = size(t for m in (unet, text_encoder) for t in [*m.parameters(), *m.buffers()])
-    split = size(p for b in frozen_blocks(unet) for p in b.parameters() if not p.requires_grad) if base else 0
+    split = size({id(p): p for b in base_units(unet, text_encoder) for p in b.parameters()
+                  if not p.requires_grad}.values()) if base else 0
     return dict(adapters=4 * n // shards, gradients=4 * n // shards, adamw=8 * n // shards,
                 frozen=held - 4 * n - split + split // shards)
 
@@ -1408,8 +1413,8 @@ def main(cfg):
         fail(f"{cfg['model']} needs {sum(memory.values()) / 1e9:.1f} GB a GPU before activations (computed: "
              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in memory.items()) + f"), more than this GPU's "
              f"{has / 1e9:.1f} GB" + (f"; --shard=True --shard_base=True would hold {sharded / 1e9:.1f} GB on "
-                                      f"{world} GPUs" if
-                                      not cfg["shard"] and sharded < has else "") + " (docs/families.md)")
+                                      f"{world} GPUs" if not cfg["shard_base"] and sharded < has else "")
+             + " (docs/families.md)")
     if cfg["grad_checkpointing"]:  # each block checkpointed, fusers included
         if not getattr(unet, "_supports_gradient_checkpointing", False):
             fail(f"--grad_checkpointing=True: diffusers' {type(unet).__name__} does not support it")
@@ -1418,7 +1423,7 @@ def main(cfg):
     # the model the step calls: DDP-wrapped (gradients all-reduced) or sharded (reduce-scattered), compiled
     device_ids = [torch.cuda.current_device()] if cuda else None
     if cfg["shard"]:
-        model = shard_model(unet, cfg["shard_base"])
+        model = shard_model(unet, text_encoder, cfg["shard_base"])
         params = adapter_params(unet)  # now shards (DTensors)
     else:
         model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=device_ids) if ddp else unet
@@ -1489,7 +1494,8 @@ def main(cfg):
                      f"{cfg['latents']}, or lower lr")
         with meter.pause():  # not counted against images/s
             if step % cfg["save_every"] == 0 or last or stop:
-                gathered = gather_state(unet, opt, out / f"step_{step:07d}.optimizer.tmp") if cfg["shard"] else None
+                staged = checkpoint_dir(out, step).with_suffix(".optimizer.tmp")
+                gathered = gather_state(unet, opt, staged) if cfg["shard"] else None
                 error = [save_checkpoint(out, step, unet, opt, cfg, data.files, gathered) if master else None]
                 if ddp:
                     dist.broadcast_object_list(error, src=0, group=cpu_group)  # and no rank runs ahead of a save
@@ -1499,7 +1505,7 @@ def main(cfg):
                 validate(val, step, unet, out, bar, master)
         if stop:
             why = ", ".join(preemption.signals) or "another rank got a signal"
-            bar.write(f"rank {rank}: {why}: stopped at step {step}, saved {out / f'step_{step:07d}'}; run the same "
+            bar.write(f"rank {rank}: {why}: stopped at step {step}, saved {checkpoint_dir(out, step)}; run the same "
                       f"command to resume")
             break
 
@@ -1610,14 +1616,14 @@ class BoxAttention:
 
 # =================================================================================================================
 # Sharded training (--shard=True): FSDP2 instead of DDP. Each fuser and the position net is a unit split across the
-# ranks, and with --shard_base=True each frozen block of the denoiser.
+# ranks, and with --shard_base=True each frozen block of the denoiser and of T5.
 # Checkpoints hold the adapters whole, and the optimizer state as each rank's shards (torch.distributed.checkpoint),
 # which a run on any number of ranks reshards as it loads.
 GATES = (".alpha_attn", ".alpha_dense")  # 0-d, which FSDP2 cannot split: (1,) while sharded
 
 
-def shard_model(unet, base):
-    """The UNet with its adapters (and with base its frozen blocks) sharded; the GATES (1,) until saved."""
+def shard_model(unet, text_encoder, base):
+    """The UNet with its adapters (and with base, base_units) sharded; the GATES (1,) until saved."""
     from torch.distributed.fsdp import fully_shard
 
     names = set(adapter_state(unet))
@@ -1627,13 +1633,20 @@ def shard_model(unet, base):
     for m in [m for m in unet.modules() if isinstance(getattr(m, "fuser", None), Fuser)]:
         fully_shard(m.fuser)
     fully_shard(unet.position_net)
-    for block in frozen_blocks(unet) if base else []:
-        fully_shard(block)
+    for unit in base_units(unet, text_encoder) if base else []:
+        fully_shard(unit, reshard_after_forward=True)  # else T5, a root, stays gathered
     return fully_shard(unet, ignored_params={p for k, p in unet.named_parameters() if k not in names})
 
 
+def base_units(unet, text_encoder):
+    """--shard_base's units, inner first: the denoiser's frozen blocks, T5's, and T5 (sharded CLIPs lose
+    hidden_states)."""
+    t5 = getattr(text_encoder, "t5", None)
+    return frozen_blocks(unet) + ([*t5.encoder.block, t5] if t5 is not None else [])
+
+
 def frozen_blocks(model):
-    """--shard_base's units: the items of the outermost ModuleLists outside the adapters."""
+    """The items of the denoiser's outermost ModuleLists, adapters aside."""
     def walk(m):
         for child in m.children():
             if all(p.requires_grad for p in child.parameters()):  # an adapter

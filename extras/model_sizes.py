@@ -8,7 +8,8 @@ configs (written out below) on the meta device, so nothing is allocated, adds th
 add_adapters stage, and counts. Prints the table of docs/families.md, which the README's families table takes from.
 GB = 1e9 bytes. Memory per GPU under DDP (every GPU holds all of it): the adapters in fp32 with fp32 grads and AdamW's
 two fp32 moments (16 bytes/param), plus the frozen denoiser, text encoders and VAE in bf16 (2 bytes/param, buffers
-included); with --shard over 8 GPUs, an eighth of the adapters' part. Activations come on top.
+included), as the trainer's own memory_plan counts them; with --shard over 8 GPUs, an eighth of the adapters' part;
+with --shard_base too, an eighth of the denoiser's frozen blocks and of T5 as well. Activations come on top.
 """
 import os
 import sys
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gligen as tg  # noqa: E402
 
 config = {}  # no settings
-SHARDS = 8  # the GPUs of one node: --shard splits the adapters' fp32 state over them, the frozen parts stay whole
+SHARDS = 8  # the GPUs of one node: --shard splits the adapters' fp32 state over them, --shard_base more
 
 # The published unet/ or transformer/ config.json of each model (the fields diffusers' constructors take).
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
@@ -100,25 +101,30 @@ def formula(n_fusers, d, pooled):
     return n_fusers * fuser + position_net
 
 
-def count(family, denoiser, config):
-    """(adapter params, fusers, the denoiser's other params + buffers), with the family's own add_adapters."""
+def build(family, denoiser, config, encoders):
+    """(frozen bf16 denoiser with fp32 adapters, its adapter parameters, frozen bf16 text encoders) on the meta
+    device: a 12B model costs nothing. The text encoders sit in one module, T5 as .t5, as the trainer's do."""
     import diffusers
 
-    with torch.device("meta"):  # shapes only: a 12B model costs nothing
-        model = tg.choose_stages(family).add_adapters(getattr(diffusers, denoiser)(**config))
-    names = tg.adapter_state(model).keys()
-    sizes = {name: t.numel() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    adapter = sum(n for name, n in sizes.items() if name in names)
-    fusers = sum(isinstance(m, (tg.Fuser, tg.PositionedFuser)) for m in model.modules())
-    return adapter, fusers, sum(sizes.values()) - adapter
+    with torch.device("meta"):
+        model = getattr(diffusers, denoiser)(**config).requires_grad_(False)
+        torch.nn.Module.to(model, torch.bfloat16)  # buffers too, as the trainer's load; diffusers' .to warns here
+        model = tg.choose_stages(family).add_adapters(model)
+        text = torch.nn.Module()
+        for i, (cls, cfg) in enumerate(encoders):
+            name = "t5" if cls is T5EncoderModel else f"clip_{i}"
+            setattr(text, name, text_encoder(cls, cfg).requires_grad_(False).to(torch.bfloat16))
+    params = tg.adapter_params(model)
+    for p in params:
+        p.data = p.data.float()
+    return model, params, text
 
 
-def frozen_rest(encoders, vae):
-    """Text encoders' and the VAE's parameters + buffers."""
+def vae_numel(vae):
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        return sum(numel(text_encoder(cls, cfg)) for cls, cfg in encoders) + numel(AutoencoderKL(**vae))
+        return numel(AutoencoderKL(**vae))
 
 
 def human(n):
@@ -126,16 +132,22 @@ def human(n):
 
 
 def rows():
-    """One record per model: its adapters, frozen parts and static training memory per GPU under DDP."""
+    """One record per model: its adapters, frozen parts and static training memory per GPU (the trainer's own
+    memory_plan, plus the VAE in bf16) under DDP, --shard and --shard --shard_base over SHARDS GPUs."""
     out = []
     for family, name, resolution, denoiser, config, encoders, vae in MODELS:
-        adapter, fusers, base = count(family, denoiser, config)
+        model, params, text = build(family, denoiser, config, encoders)
+        adapter = sum(p.numel() for p in params)
         if family in ("sd3", "flux"):
             width = config["num_attention_heads"] * config["attention_head_dim"]
             assert adapter == formula(config["num_layers"], width, config["pooled_projection_dim"]), (name, adapter)
-        frozen = base + frozen_rest(encoders, vae)
-        out.append(dict(family=family, model=name, resolution=resolution, adapter=adapter, fusers=fusers, denoiser=base,
-                        frozen=frozen, train_gb=adapter * 16 / 1e9, frozen_gb=frozen * 2 / 1e9))
+        fusers = sum(isinstance(m, (tg.Fuser, tg.PositionedFuser)) for m in model.modules())
+        frozen = numel(model) + numel(text) - adapter + vae_numel(vae)
+        gb = [(sum(tg.memory_plan(model, text, params, shards, base).values()) + 2 * vae_numel(vae)) / 1e9
+              for shards, base in ((1, False), (SHARDS, False), (SHARDS, True))]
+        out.append(dict(family=family, model=name, resolution=resolution, adapter=adapter, fusers=fusers,
+                        frozen=frozen, train_gb=adapter * 16 / 1e9, frozen_gb=frozen * 2 / 1e9, ddp_gb=gb[0],
+                        shard_gb=gb[1], shard_base_gb=gb[2]))
     return out
 
 
@@ -143,12 +155,12 @@ def main():
     start = time.time()
     print("| family | model | resolution | fusers | adapter params | frozen params (denoiser + text encoders + VAE) "
           "| adapters fp32 + grads + AdamW (GB) | frozen bf16 (GB) | per GPU, DDP (GB) | "
-          f"per GPU, --shard over {SHARDS} (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"per GPU, --shard over {SHARDS} (GB) | per GPU, --shard --shard_base over {SHARDS} (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows():
         print(f"| {r['family']} | {r['model']} | {r['resolution']} | {r['fusers']} | {human(r['adapter'])} | "
-              f"{human(r['frozen'])} | {r['train_gb']:.1f} | {r['frozen_gb']:.1f} | "
-              f"{r['train_gb'] + r['frozen_gb']:.1f} | {r['train_gb'] / SHARDS + r['frozen_gb']:.1f} |")
+              f"{human(r['frozen'])} | {r['train_gb']:.1f} | {r['frozen_gb']:.1f} | {r['ddp_gb']:.1f} | "
+              f"{r['shard_gb']:.1f} | {r['shard_base_gb']:.1f} |")
     print("\nComputed, not measured: GB = 1e9 bytes; activations (which --micro_batch and --grad_checkpointing set) "
           "come on top.")
     print(f"({time.time() - start:.1f} s)", file=sys.stderr)
