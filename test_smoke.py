@@ -2617,7 +2617,7 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     """extras/gpu_check.py, the command that measures what a GPU must show, runs every stage on tiny models on a CPU
     (--dry_run=True), so the command is checked without a GPU: speeds from train_gligen.py, a resumed run bit-equal
     to a straight one, sample.py equal to its exported pipeline, SDXL with gradient checkpointing under DDP and
-    sharded (under torchrun), compile, and extras/benchmark.py --what=train: the trainer's own step (sd_loss,
+    sharded (under torchrun; the base too), compile, and extras/benchmark.py --what=train: the trainer's own step (sd_loss,
     optimizer_step: not a copy) against the reference recipe (IGLIGEN's: diffusers' gated UNet, fp32 + GradScaler,
     phrases encoded per image) on the same network, FLOPs within 10% (the reference's fusers also let the grounding
     tokens query, and it pads each image's phrases to their own longest), and the profile of ours, its shares adding
@@ -2635,7 +2635,8 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     assert list(stages) == ["build", "sd15", "resume", "sample", "benchmark", "sdxl", "sharded", "compile"]
     assert not [k for k, v in stages.items() if "error" in v or "skipped" in v], stages
     assert all(row["img_per_s"] > 0 for row in stages["sd15"]["rows"] + stages["sdxl"]["rows"] + [stages["compile"]]
-               + stages["sharded"]["rows"]) and stages["sharded"]["ddp_rows"] == stages["sdxl"]["rows"]
+               + stages["sharded"]["rows"] + stages["sharded"]["base_rows"])
+    assert stages["sharded"]["ddp_rows"] == stages["sdxl"]["rows"]
     assert stages["resume"]["bit_equal"] and stages["sample"]["max_pixel_diff"] == 0  # on a CPU in fp32: exact
     assert json.loads((tmp_path / "dry" / "results.json").read_text()) == r
     assert r["versions"]["torch"] == torch.__version__

@@ -17,8 +17,8 @@ stage after stage:
   benchmark extras/benchmark.py --what=train on SD1.5: this trainer's step against the reference recipe (IGLIGEN's)
             in one process, and the profile of ours (shares of the step, top kernels, host syncs per step)
   sdxl      SDXL at 1024 with --grad_checkpointing=True at micro-batch 2 and 4: images/s, peak memory
-  sharded   the same with --shard=True (FSDP2), under torchrun even on one GPU: images/s and peak memory per GPU
-            beside the sdxl stage's (DDP)
+  sharded   the same with --shard=True (FSDP2), under torchrun even on one GPU, and at micro-batch 2 with
+            --shard_base=True too: images/s and peak memory per GPU beside the sdxl stage's (DDP)
   compile   --compile=inductor at micro-batch 16: the run's wall time against the eager one's (the compile), and
             images/s after it
 The GPU, driver, CUDA, torch, diffusers and transformers versions come first. A stage starts only while the time
@@ -277,9 +277,13 @@ def main(cfg):
         return dict(rows=rows)
 
     def sharded():
-        rows = [train(cfg, f"sdxl-shard-mb{m}", *built["sdxl"], m, log, gpus, "--grad_checkpointing=True",
-                      "--shard=True", steps=max(4, steps // 3), torchrun=True)[1] for m in ([1] if tiny else [2, 4])]
-        return dict(rows=rows, ddp_rows=results["stages"].get("sdxl", {}).get("rows"))
+        def run(m, *extra):
+            return train(cfg, f"sdxl-shard-mb{m}", *built["sdxl"], m, log, gpus, "--grad_checkpointing=True",
+                         "--shard=True", *extra, steps=max(4, steps // 3), torchrun=True)[1]
+
+        rows = [run(m) for m in ([1] if tiny else [2, 4])]
+        return dict(rows=rows, base_rows=[run(1 if tiny else 2, "--shard_base=True")],
+                    ddp_rows=results["stages"].get("sdxl", {}).get("rows"))
 
     def compiled():
         m = micro[1] if len(micro) > 1 else micro[0]
