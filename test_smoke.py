@@ -2617,11 +2617,11 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     """extras/gpu_check.py, the command that measures what a GPU must show, runs every stage on tiny models on a CPU
     (--dry_run=True), so the command is checked without a GPU: speeds from train_gligen.py, a resumed run bit-equal
     to a straight one, sample.py equal to its exported pipeline, SDXL with gradient checkpointing under DDP and
-    sharded (under torchrun; the base too), compile, and extras/benchmark.py --what=train: the trainer's own step (sd_loss,
-    optimizer_step: not a copy) against the reference recipe (IGLIGEN's: diffusers' gated UNet, fp32 + GradScaler,
-    phrases encoded per image) on the same network, FLOPs within 10% (the reference's fusers also let the grounding
-    tokens query, and it pads each image's phrases to their own longest), and the profile of ours, its shares adding
-    up. Without a GPU and without --dry_run it stops with one line; out of time, stages are skipped."""
+    sharded (under torchrun; the base too), compile, and extras/benchmark.py --what=train: the trainer's own step
+    (sd_loss, optimizer_step: not a copy) against the reference recipe (IGLIGEN's: diffusers' gated UNet, fp32 +
+    GradScaler, phrases encoded per image) on the same network, FLOPs within 10% (the reference's fusers also let the
+    grounding tokens query, and it pads each image's phrases to their own longest), and the profile of ours, its
+    shares adding up. Without a GPU and without --dry_run it stops with one line; out of time, stages are skipped."""
     import gpu_check
 
     with pytest.raises(SystemExit, match="^error: no GPU here"):
