@@ -25,6 +25,10 @@ detector's own resolution, in batches; boxes are stored relative to the original
 their "scores". Under torchrun the input shards are split over the ranks; each shard's boxes go to
 <out>.parts/<shard>.jsonl (atomically, skipped when the job runs again) and rank 0 joins them into --out.
 
+From COCO's person_keypoints_*.json each record also has "keypoints": for each box (a person) 17 [x, y, v] in
+COCO's order, x and y relative to the image, v COCO's (0 unlabelled, 1 labelled but hidden, 2 visible), which
+train_gligen.py --keypoints=True trains on; a labelled point outside its image is made unlabelled, counted.
+
 COCO's quirks, each counted in the summary: crowd annotations (a box around a group) are left out unless
 --crowd=True; boxes reaching outside the image are clipped to it; boxes of zero area, before or after clipping,
 are dropped; images with no annotations are kept with no boxes (they train with null grounding).
@@ -41,7 +45,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import prep_latents as pl
-from train_gligen import check_out_dir, configure, fail, in_range, read_jsonl
+from train_gligen import check_out_dir, configure, fail, in_range, read_jsonl, KEYPOINTS
 
 config = dict(
     instances="coco/annotations/instances_train2017.json",  # COCO-format instances JSON (without --detector)
@@ -69,6 +73,23 @@ def load_json(path):
             return json.load(f)
     except json.JSONDecodeError as e:
         fail(f"{path}: not valid JSON ({e})")
+
+
+def keypoints_of(ann, W, H, where, counts):
+    """An annotation's 17 keypoints as [x, y, v] relative to the image; a labelled point outside it is unlabelled."""
+    kp = ann.get("keypoints", [0] * 3 * len(KEYPOINTS))
+    if not isinstance(kp, list) or len(kp) != 3 * len(KEYPOINTS) or not all(isinstance(v, (int, float)) for v in kp):
+        fail(f"{where}: annotation id {ann['id']} has no 51 numbers of keypoints (x, y, v for each of 17): {kp!r}")
+    out = []
+    for x, y, v in zip(kp[0::3], kp[1::3], kp[2::3]):
+        if v not in (0, 1, 2):
+            fail(f"{where}: annotation id {ann['id']} has a keypoint visibility {v!r}, not 0, 1 or 2")
+        if v and not (0 <= x <= W and 0 <= y <= H):
+            counts["keypoints outside their image unlabelled"] += 1
+            x, y, v = 0, 0, 0
+        out.append([round(x / W, 6), round(y / H, 6), int(v)])
+    counts["persons without visible keypoints"] += not any(v == 2 for _, _, v in out)
+    return out
 
 
 def check_settings(cfg):
@@ -105,6 +126,11 @@ def main(cfg):
         if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str):
             fail(f"{where}: category {c!r} has no id and name")
     names = {c["id"]: c["name"] for c in coco["categories"]}
+    posed = [c for c in coco["categories"] if "keypoints" in c]  # a person_keypoints file: keypoints are written
+    for c in posed:
+        if c["keypoints"] != list(KEYPOINTS):
+            fail(f"{where}: category {c['name']!r} has keypoints {c['keypoints'][:3]}...: the keypoint mode takes "
+                 f"COCO's 17 ({', '.join(KEYPOINTS)})")
     for ann in coco["annotations"]:
         if not isinstance(ann, dict) or not isinstance(ann.get("id"), (int, str)):
             fail(f"{where}: annotation {str(ann)[:200]} has no id")
@@ -131,7 +157,7 @@ def main(cfg):
             counts["boxes of zero area dropped"] += 1
             continue
         box = [round(x0 / W, 6), round(y0 / H, 6), round(x1 / W, 6), round(y1 / H, 6)]
-        objects[im["id"]].append((names[ann["category_id"]], box))
+        objects[im["id"]].append((names[ann["category_id"]], box, posed and keypoints_of(ann, W, H, where, counts)))
     captions = {}
     if cfg["captions"]:
         anns = load_json(cfg["captions"])
@@ -156,8 +182,10 @@ def main(cfg):
                 rec["caption"] = captions[im["id"]]
             elif cfg["captions"]:
                 counts["images without a caption"] += 1
-            rec["phrases"] = [p for p, _ in objects[im["id"]]]
-            rec["boxes"] = [b for _, b in objects[im["id"]]]
+            rec["phrases"] = [p for p, _, _ in objects[im["id"]]]
+            rec["boxes"] = [b for _, b, _ in objects[im["id"]]]
+            if posed:
+                rec["keypoints"] = [k for _, _, k in objects[im["id"]]]
             counts["images without boxes"] += not rec["boxes"]
             counts["boxes"] += len(rec["boxes"])
             f.write(json.dumps(rec) + "\n")

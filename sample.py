@@ -30,9 +30,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from train_gligen import (adapter_params, adapters_file, check_image, check_layouts, check_out_dir, choose_stages,
-                          configure, draw_layout, fail, family_of, in_range, is_moving, load_adapters, load_clip_tower,
-                          load_image_project, load_model, mode_of, native_size, project_image_embeds, read_jsonl,
-                          set_adapters, upright, vae_scale, SCHEDULERS)
+                          configure, draw_keypoints, draw_layout, fail, family_of, in_range, is_moving, load_adapters,
+                          load_clip_tower, load_image_project, load_model, mode_of, native_size, project_image_embeds,
+                          read_jsonl, set_adapters, upright, vae_scale, SCHEDULERS)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -58,6 +58,7 @@ config = dict(
     export="",  # also write a full diffusers StableDiffusionGLIGENPipeline directory here
     inpaint_image="",  # inpainting adapters (trained with --inpaint=True): the photo to keep outside the boxes
     images=[],  # text-image adapters: one reference image path (or None) per box; a box's phrase may then be None
+    keypoints=[],  # keypoint adapters: per box (a person) 17 COCO keypoints, each [x, y] or None (not there)
     image_encoder="",  # text-image adapters: their CLIP image encoder; "" = the one they were trained with
 )
 DTYPES = dict(auto=None, fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # auto: fp16 on CUDA, else fp32
@@ -169,8 +170,9 @@ def read_layouts(cfg):
         if not layouts:
             fail(f"{cfg['layouts']}: no layouts in it (one JSON object a line: prompt, phrases, boxes)")
     else:
-        layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"])
-        layouts = [("--prompt/--phrases/--boxes", {**layout, **({"images": cfg["images"]} if cfg["images"] else {})})]
+        layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"],
+                      **{k: cfg[k] for k in ("images", "keypoints") if cfg[k]})
+        layouts = [("--prompt/--phrases/--boxes", layout)]
     check_layouts(layouts, cfg["frames"], images=True)  # boxes per frame: whether the model makes video, checked later
     return [l for _, l in layouts]
 
@@ -185,17 +187,26 @@ class Sampler:
         self.cfg = cfg
         self.family = family_of(cfg["model"])  # from its config: a wrong --model fails at once
         self.adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else {}  # a bad path fails here too
-        self.inpaint, self.text_image = mode_of(self.adapters)  # the mode: what the adapters were trained for
-        self.stages = choose_stages(self.family, self.inpaint, self.text_image)
+        self.inpaint, self.text_image, self.keypoints = mode_of(self.adapters)  # what the adapters were trained for
+        self.stages = choose_stages(self.family, self.inpaint, self.text_image, self.keypoints)
         self.video = self.family == "video"
         if cfg["export"] and self.family != "sd":
             fail("--export needs an SD1.x/2.x model (diffusers has no SDXL, video, SD3 or Flux GLIGEN pipeline)")
+        if cfg["export"] and self.keypoints:
+            fail("--export: diffusers has no GLIGEN pipeline for keypoints (its GLIGEN UNet takes boxes and phrases "
+                 "or images): sample keypoint adapters with this script")
         self.schedulers, self.photos = {}, {}  # loaded by name; inpainting photos' latents by path
 
     def check(self, layouts, inpaint_image):
         """Stop unless these layouts and photo suit the adapters' mode and the model's family."""
         if any(l.get("images") for l in layouts) and not self.text_image:
             fail("reference images (--images, or \"images\" in --layouts) need text-image adapters")
+        if any("keypoints" in l for l in layouts) != self.keypoints or self.keypoints and not all(
+                "keypoints" in l for l in layouts):
+            fail(f"--adapters={self.cfg['adapters']} are keypoint adapters: each layout needs keypoints (--keypoints, "
+                 f"or \"keypoints\" in --layouts)" if self.keypoints else
+                 "keypoints (--keypoints, or \"keypoints\" in --layouts) need keypoint adapters (trained with "
+                 "--keypoints=True)")
         if self.inpaint != bool(inpaint_image):
             fail(f"--adapters={self.cfg['adapters']} are inpainting adapters: give --inpaint_image" if self.inpaint
                  else "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")
@@ -325,7 +336,8 @@ def write_images(out, prefix, images, layout, video, fps):
             continue
         im = Image.fromarray(im)
         im.save(out / f"{name}.png")
-        draw_layout(im, labels, layout["boxes"]).save(out / f"{name}_boxes.png")
+        drawn = draw_layout(im, labels, layout["boxes"])
+        (draw_keypoints(drawn, layout["keypoints"]) if "keypoints" in layout else drawn).save(out / f"{name}_boxes.png")
         paths.append((out / f"{name}.png", out / f"{name}_boxes.png"))
     return paths
 

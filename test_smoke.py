@@ -12,6 +12,7 @@ import copy
 import errno
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -572,6 +573,38 @@ def tiny_flow_data(tiny_sd3, tiny_data):
     return encode_tiny_data(tiny_sd3, tiny_data, "latents-flow")
 
 
+def make_pose(root, seed=0):
+    """COCO's person_keypoints file for make_coco's images: every box a person with 17 keypoints (v 0, 1 or 2)
+    inside it, and the real file's quirks: the crowd box with no keypoints, a person with none labelled, a labelled
+    point outside its image."""
+    rng = np.random.default_rng(seed)
+    coco = json.loads((root / "instances.json").read_text())
+    size = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    for ann in coco["annotations"]:
+        (x, y, w, h), (W, H) = ann["bbox"], size[ann["image_id"]]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)  # inside the image
+        kp = [[rng.uniform(x0, max(x0, x1)), rng.uniform(y0, max(y0, y1)), int(rng.choice([2, 2, 2, 1, 0]))]
+              for _ in tg.KEYPOINTS]
+        kp = [[0, 0, 0] if ann["iscrowd"] or ann["id"] == 1 or v == 0 else [round(a, 2), round(b, 2), v]
+              for a, b, v in kp]
+        if ann["id"] == 901:  # its box reaches left of the image: so does a labelled point
+            kp[0] = [-2, 25, 2]
+        ann.update(category_id=1, keypoints=[v for p in kp for v in p], num_keypoints=sum(p[2] > 0 for p in kp))
+    coco["categories"] = [dict(id=1, name="person", keypoints=list(tg.KEYPOINTS), skeleton=tg.SKELETON)]
+    (root / "person_keypoints.json").write_text(json.dumps(coco))
+    r = run("prep_boxes.py", f"--instances={root / 'person_keypoints.json'}", f"--captions={root / 'captions.json'}",
+            f"--out={root / 'pose.jsonl'}")
+    assert r.returncode == 0, r.stderr
+    (root / "pose.log").write_text(r.stdout)
+    return root / "pose.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_pose(tiny_data):
+    """make_pose's boxes file of tiny_data's images (whose latents it joins); prep_boxes.py's summary beside it."""
+    return make_pose(tiny_data["root"])
+
+
 @pytest.fixture(scope="session")
 def tiny_features(tiny_clip, tiny_data):
     """Each box's image feature, for the text-image mode."""
@@ -790,6 +823,31 @@ def test_prep_boxes_handles_coco_quirks(tiny_data):
     for quirk in ("1 crowd annotations left out", "1 boxes clipped", "1 boxes of zero area dropped",
                   "3 images without boxes"):
         assert quirk in log, log
+
+
+def test_prep_boxes_reads_coco_keypoints(tiny_data, tiny_pose, tmp_path):
+    """COCO's person_keypoints file: each kept box gets its 17 keypoints as [x, y, v] relative to the image, in
+    COCO's order; the crowd box is left out with its keypoints, a labelled point outside the image is made
+    unlabelled, a person with none visible is kept and counted. Keypoints other than COCO's 17 stop, named."""
+    path, log = tiny_pose, tiny_pose.with_suffix(".log").read_text()
+    recs = {r["image"]: r for _, r in tg.read_jsonl(path)}
+    coco = json.loads((tiny_data["root"] / "person_keypoints.json").read_text())
+    ann = next(a for a in coco["annotations"] if a["id"] == 2)
+    rec = recs[next(im["file_name"] for im in coco["images"] if im["id"] == ann["image_id"])]
+    W, H, (x, y, v) = rec["width"], rec["height"], ann["keypoints"][:3]
+    assert rec["keypoints"][0][0] == [round(x / W, 6), round(y / H, 6), v] and len(rec["keypoints"][0]) == 17
+    assert all(len(r["keypoints"]) == len(r["boxes"]) for r in recs.values())
+    assert recs["img_001.jpg"]["keypoints"][-1][0] == [0.0, 0.0, 0]  # outside its image: unlabelled
+    assert not any(all(p == [0, 0, 0] for p in k) and b == [0.0, 0.0, 20 / 48, 20 / 32]
+                   for r in recs.values() for k, b in zip(r["keypoints"], r["boxes"]))  # the crowd box is out
+    for quirk in ("1 crowd annotations left out", "1 keypoints outside their image unlabelled",
+                  "persons without visible keypoints"):
+        assert quirk in log, log
+    coco["categories"][0]["keypoints"] = ["head", "tail"]
+    (tmp_path / "kp.json").write_text(json.dumps(coco))
+    import prep_boxes
+    with pytest.raises(SystemExit, match=r"kp.json: category 'person' has keypoints \['head', 'tail'\]"):
+        prep_boxes.main({**prep_boxes.config, "instances": str(tmp_path / "kp.json"), "out": str(tmp_path / "o")})
 
 
 def test_prep_latents_encodes_crops_and_names_skipped(tiny_sd, tiny_data):
@@ -1128,6 +1186,61 @@ def test_text_image_drops_a_phrase_or_an_image_never_both(tiny_sd):
     assert (got["phrases_masks"][filled] == 0).any() and (got["image_masks"][filled] == 0).any()
 
 
+def test_keypoint_tokens_and_flip_equal_a_hand_computation(tiny_data, tiny_pose):
+    """The keypoint mode's samples: each person's visible (v = 2) points inside the crop, in crop coordinates, the
+    largest boxes first, as slots person * 17 + keypoint; mirrored, x -> 1 - x and each keypoint in its mirror
+    image's slot (left <-> right, which the official code forgets). The tokens: MLP([person + keypoint identity;
+    the Fourier code of (x, y)]), the nulls in empty slots, by hand."""
+    assert [tg.KEYPOINTS[i] for i in tg.MIRRORED] == [
+        k.replace("left", "@").replace("right", "left").replace("@", "right") for k in tg.KEYPOINTS]
+    path = tiny_pose
+    data = tg.KeypointLatents(tiny_data["latents"], path, 30, 0.01)
+    recs = {r["image"]: r for _, r in tg.read_jsonl(path)}
+    index = {r["key"]: r for _, r in tg.read_jsonl(tiny_data["latents"] / "index.jsonl")}
+    i = next(i for i, r in enumerate(index) if len(recs[r]["boxes"]) >= 3)
+    key = list(index)[i]
+    rec, (cx0, cy0, cx1, cy1) = recs[key], index[key]["crop"]
+    W, H, side = rec["width"], rec["height"], cx1 - cx0
+    want_boxes, want_masks = np.zeros((136, 4), np.float32), np.zeros(136, np.float32)
+    clipped = [np.clip((np.array(b) * [W, H, W, H] - [cx0, cy0, cx0, cy0]) / side, 0, 1) for b in rec["boxes"]]
+    slot, area = 0, [-(c[2] - c[0]) * (c[3] - c[1]) for c in clipped]
+    for n in sorted(range(len(clipped)), key=lambda n: area[n]):
+        pts = [((x * W - cx0) / side, (y * H - cy0) / side, v == 2) for x, y, v in rec["keypoints"][n]]
+        pts = [(x, y, seen and 0 <= x <= 1 and 0 <= y <= 1) for x, y, seen in pts]
+        if not any(seen for _, _, seen in pts):
+            continue
+        for k, (x, y, seen) in enumerate(pts):
+            want_boxes[slot * 17 + k], want_masks[slot * 17 + k] = [x, y, x, y], seen
+        slot += 1
+    x, mirrored = data[(i, False)], data[(i, True)]
+    assert slot >= 2 and want_masks.sum() > 0
+    np.testing.assert_allclose(x["boxes"][want_masks > 0], want_boxes[want_masks > 0], atol=1e-6)
+    assert np.array_equal(x["masks"], want_masks)
+    for p in range(slot):
+        for k in range(17):
+            a, b = p * 17 + k, p * 17 + tg.MIRRORED[k]  # the mirror image of keypoint k sits in k's mirror's slot
+            assert mirrored["masks"][b] == x["masks"][a]
+            if x["masks"][a]:
+                np.testing.assert_allclose(mirrored["boxes"][b], [1 - x["boxes"][a][0], x["boxes"][a][1]] * 2,
+                                           atol=1e-6)
+    torch.manual_seed(0)
+    net = tg.PositionNetKeypoints(16)
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    boxes = torch.from_numpy(np.stack([x["boxes"], mirrored["boxes"]]))
+    masks = torch.from_numpy(np.stack([x["masks"], mirrored["masks"]]))
+    got = net(boxes, masks)
+    freqs = [100 ** (f / 8) for f in range(8)]
+    for b in range(2):
+        for s_ in range(136):
+            px, py = boxes[b, s_, :2].tolist()
+            code = torch.tensor([v for f in freqs for v in (math.sin(f * px), math.sin(f * py), math.cos(f * px),
+                                                             math.cos(f * py))])
+            who = net.person_embeddings[s_ // 17] + net.keypoint_embeddings[s_ % 17]
+            inp = torch.cat([who, code]) if masks[b, s_] else torch.cat([net.null_person_feature, net.null_xy_feature])
+            torch.testing.assert_close(got[b, s_], net.linears(inp), rtol=1e-4, atol=1e-4)
+
+
 def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_data, tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -1364,7 +1477,9 @@ def test_init_from_a_diffusers_gligen_model(tiny_sd, tiny_data, random_adapters,
 VARIANTS = dict(sd1=("tiny_sd", {}), sd2=("tiny_sd2", {}), sdxl=("tiny_sdxl", {}), video=("tiny_video", {}),
                 inpaint=("tiny_sd", dict(inpaint=True)), text_image=("tiny_sd", dict(image_features="tiny_features")),
                 levers=("tiny_sd", dict(timestep_power=3.0, box_loss_weight=3.0, box_attn_loss=1.0)),
-                sd3=("tiny_sd3", {}), flux=("tiny_flux", dict(box_attn_loss=1.0, timestep_power=2.0)))
+                sd3=("tiny_sd3", {}), flux=("tiny_flux", dict(box_attn_loss=1.0, timestep_power=2.0)),
+                keypoints=("tiny_sd", dict(keypoints=True, boxes="tiny_pose")))
+PATHS = ("image_features", "boxes")  # a variant's settings that name a fixture: its path
 DATA = dict(sdxl="tiny_sdxl_data", sd3="tiny_flow_data", flux="tiny_flow_data")  # latents of the model's own VAE
 
 
@@ -1377,7 +1492,7 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
     image_project) and the base's prediction type."""
     fixture, mode = VARIANTS[variant]
     model = request.getfixturevalue(fixture)
-    mode = {k: str(request.getfixturevalue(v)) if k == "image_features" else v for k, v in mode.items()}
+    mode = {k: str(request.getfixturevalue(v)) if k in PATHS else v for k, v in mode.items()}
     data = request.getfixturevalue(DATA.get(variant, "tiny_data"))  # its own VAE's latents
     cfg = lambda out, **over: train_cfg(model, data, tmp_path / out, **mode, **over)
     tg.main(cfg("straight", max_steps=4, save_every=4, val_every=2, val_steps=1, val_images=4))
@@ -1391,7 +1506,8 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
     val = [r["step"] for _, r in tg.read_jsonl(tmp_path / "straight" / "log.jsonl") if "val_loss_boxes" in r]
     assert val == [0, 2, 4] and max(p.name for p in (tmp_path / "straight").glob("val_*.png")) == "val_0000004.png"
 
-    stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode)
+    stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode,
+                              mode.get("keypoints", False))
     base, _, _, scheduler = stages.load(str(model), "cpu", torch.float32)
     torch.manual_seed(0)
     fresh = tg.adapter_state(stages.add_adapters(copy.deepcopy(base)))
@@ -1417,14 +1533,15 @@ def test_bf16_trains_every_family_and_mode(variant, request, tmp_path):
     closer: 3e-4 measured here); validation (grid and box-use losses) runs."""
     fixture, mode = VARIANTS[variant]
     model = request.getfixturevalue(fixture)
-    mode = {k: str(request.getfixturevalue(v)) if k == "image_features" else v for k, v in mode.items()}
+    mode = {k: str(request.getfixturevalue(v)) if k in PATHS else v for k, v in mode.items()}
     data = request.getfixturevalue(DATA.get(variant, "tiny_data"))
     cfg = lambda dtype, **over: train_cfg(model, data, tmp_path / dtype, max_steps=2, dtype=dtype, **mode, **over)
     unet, _ = tg.main(cfg("bf16", val_every=2, val_steps=1, val_images=2))
     tg.main(cfg("fp32"))
     np.testing.assert_allclose(losses(tmp_path / "bf16"), losses(tmp_path / "fp32"), rtol=5e-3)
     assert (tmp_path / "bf16" / "val_0000002.png").is_file()
-    stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode)
+    stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode,
+                              mode.get("keypoints", False))
     base = stages.load(str(model), "cpu", torch.bfloat16)[0]
     assert_base_untouched(unet, base)
     trained, state = tg.adapter_state(unet), optimizer_state(tmp_path / "bf16")

@@ -83,6 +83,7 @@ config = dict(
     dtype="auto",  # bf16: bf16 base, fp32 adapters, bf16 autocast; fp32; auto: bf16 on CUDA
     inpaint=False,  # GLIGEN's inpainting mode: the UNet also sees the image outside the boxes
     image_features="",  # GLIGEN's text-image mode: prep_latents.py --image_encoder's output
+    keypoints=False,  # GLIGEN's keypoint mode: the boxes file's persons' keypoints ground, not phrases
     grad_checkpointing=False,  # recompute activations in backward: less memory, slower
     compile="",  # torch.compile backend for the step: "" off, or e.g. inductor
     shard=False,  # FSDP2 under torchrun: adapters, gradients and AdamW state sharded across the GPUs (not DDP)
@@ -117,6 +118,10 @@ def check_settings(cfg):
         fail(f"--compile={cfg['compile']}: not a torch.compile backend (e.g. inductor, aot_eager)")
     if cfg["shard_base"] and not cfg["shard"]:
         fail("--shard_base=True shards the base beside the adapters: it needs --shard=True")
+    if cfg["keypoints"] and (cfg["inpaint"] or cfg["image_features"] or cfg["box_loss_weight"] != 1
+                             or cfg["box_attn_loss"]):
+        fail("--keypoints=True is a mode of its own: not with --inpaint, --image_features, --box_loss_weight or "
+             "--box_attn_loss")
     check_out_dir(cfg["out_dir"], "out_dir")
 
 
@@ -336,8 +341,9 @@ def has_transformer(model):
 
 
 def mode_of(adapters):
-    """(inpaint, text_image): the adapters' mode, from their names."""
-    return "conv_in.weight" in adapters, "position_net.linears_text.0.weight" in adapters
+    """(inpaint, text_image, keypoints): the adapters' mode, from their names."""
+    return ("conv_in.weight" in adapters, "position_net.linears_text.0.weight" in adapters,
+            "position_net.keypoint_embeddings" in adapters)
 
 
 @contextmanager
@@ -371,6 +377,7 @@ def load_sd(model, device, dtype, unet_class="UNet2DConditionModel"):
 
 
 # The adapters: one rule for what they are, one loader.
+MODE_NAMES = ("inpainting", "text-image", "keypoint")  # mode_of's
 MAY_BE_MISSING = ("conv_in.weight",)  # absent from a file, they keep their start: inpainting from text-box
 
 
@@ -393,7 +400,7 @@ def set_adapters(unet, sd, source):
     missing = sorted(k for k in own.keys() - sd.keys() if k not in MAY_BE_MISSING)
     unexpected = sorted(sd.keys() - own.keys())
     if missing or unexpected:
-        kind = lambda m: " and ".join(k for k, on in zip(("inpainting", "text-image"), mode_of(m)) if on) or "text-box"
+        kind = lambda m: " and ".join(k for k, on in zip(MODE_NAMES, mode_of(m)) if on) or "text-box"
         fusers = lambda m: sum(k.endswith(".fuser.alpha_attn") for k in m)
         why = f"{kind(sd)} adapters, and this run is {kind(own)}" if kind(sd) != kind(own) else \
             f"{fusers(sd)} fusers, and this UNet has {fusers(own)} transformer blocks: another model's?"
@@ -497,7 +504,7 @@ def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
             fail(f"{where}: box {b!r} for {p!r} has x1 < x0 or y1 < y0 (boxes are x0, y0, x1, y1)")
 
 
-LAYOUT_KEYS = ("prompt", "phrases", "boxes", "images")  # a layout line of sample.py and --val_layouts
+LAYOUT_KEYS = ("prompt", "phrases", "boxes", "images", "keypoints")  # a layout line of sample.py and --val_layouts
 
 
 def check_layouts(layouts, frames=None, images=False):
@@ -508,7 +515,7 @@ def check_layouts(layouts, frames=None, images=False):
         for key in l.keys() - set(LAYOUT_KEYS):
             near = difflib.get_close_matches(key, LAYOUT_KEYS, 1)
             fail(f"{where}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                 + f"; a layout has {', '.join(LAYOUT_KEYS)} (images: text-image adapters only)")
+                 + f"; a layout has {', '.join(LAYOUT_KEYS)} (images, keypoints: those modes' adapters only)")
         phrases, boxes, images = l.get("phrases"), l.get("boxes"), l.get("images") if images else None
         if images:
             if not isinstance(images, list) or not isinstance(phrases, list) or len(images) != len(phrases):
@@ -526,6 +533,8 @@ def check_layouts(layouts, frames=None, images=False):
             fail(f"{where}: {len(boxes)} lists of boxes for --frames={frames} (one list per frame, for video models)")
         for f, frame_boxes in enumerate(boxes if per_frame else [boxes]):
             check_layout(phrases, frame_boxes, where + (f" frame {f}" if per_frame else ""))
+        if "keypoints" in l:
+            check_keypoints(l, where)
 
 
 def upright(im):
@@ -1133,17 +1142,20 @@ STAGES = dict(
     generate=generate,  # layouts -> images
     samplers=UNET_SAMPLERS,  # sample.py's schedulers; the first validates
     val_inputs=trained_size,  # the validation grid's extra inputs to generate
+    val_layouts=VAL_LAYOUTS,  # the validation grid's layouts without --val_layouts
 )
 FAMILIES = {"sd": {}}
-MODES = {(False, False): {}}
+MODES = {(False, False, False): {}}  # by mode_of
 
 
-def choose_stages(family, inpaint=False, text_image=False):
+def choose_stages(family, inpaint=False, text_image=False, keypoints=False):
     """This run's stages: SD's, with those its family and mode replace."""
-    if (inpaint or text_image) and family != "sd":
-        fail(f"{'inpainting' if inpaint else 'text-image grounding'} is for SD1.x/2.x models; this is {family}")
-    return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image,
-                           **{**STAGES, **FAMILIES[family], **MODES[inpaint, text_image]})
+    mode = (inpaint, text_image, keypoints)
+    if any(mode) and family != "sd":
+        fail(f"{' and '.join(k for k, on in zip(MODE_NAMES, mode) if on)} grounding is for SD1.x/2.x models; this "
+             f"is {family}")
+    return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image, keypoints=keypoints,
+                           **{**STAGES, **FAMILIES[family], **MODES[mode]})
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1160,10 +1172,10 @@ def setup_distributed(cuda):
     return rank, world, device, dist.new_group(backend="gloo") if cuda else dist.group.WORLD
 
 
-def validation_layouts(cfg):
-    """The validation grid's layouts: --val_layouts' (checked), or VAL_LAYOUTS."""
+def validation_layouts(cfg, default):
+    """The validation grid's layouts: --val_layouts' (checked), or the mode's default."""
     if not cfg["val_layouts"]:
-        return VAL_LAYOUTS
+        return default
     layouts = [(f"{cfg['val_layouts']}:{line}", l) for line, l in read_jsonl(cfg["val_layouts"])]
     if not layouts:
         fail(f"--val_layouts={cfg['val_layouts']}: no layouts in it (one JSON object a line: prompt, phrases, boxes)")
@@ -1175,7 +1187,7 @@ def restore(cfg, unet, resume):
     """Adapters to resume or init from; the step and optimizer state."""
     if resume:
         state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
-        for key in ("model", "resolution", "global_batch", "images", "inpaint"):
+        for key in ("model", "resolution", "global_batch", "images", "inpaint", "keypoints"):
             if state["config"].get(key, False) != cfg[key]:  # a setting newer than the checkpoint: False
                 fail(f"{resume} was trained with {key}={state['config'].get(key, False)!r}, this run has "
                      f"{key}={cfg[key]!r}. Run with the same {key}, or start a new out_dir with --init_from={resume}")
@@ -1374,7 +1386,7 @@ def main(cfg):
     rank, world, device, cpu_group = setup_distributed(cuda) if ddp else (0, 1, "cuda" if cuda else "cpu", None)
     master, G, out = rank == 0, cfg["global_batch"], Path(cfg["out_dir"])
     B, accum = batch_plan(G, cfg["micro_batch"], world)  # images a pass, passes a step, on each GPU
-    stages = choose_stages(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]))
+    stages = choose_stages(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]), cfg["keypoints"])
     bf16 = cfg["dtype"] == "bf16" or cfg["dtype"] == "auto" and cuda
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base's; adapters stay fp32
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -1385,7 +1397,7 @@ def main(cfg):
     data = stages.training_data(cfg)
     if len(data) < G:
         fail(f"{cfg['latents']} has {len(data)} usable images, fewer than one global batch ({G})")
-    layouts = validation_layouts(cfg)
+    layouts = validation_layouts(cfg, stages.val_layouts)
     if cfg["init_from"] and missing_local_path(cfg["init_from"]):
         fail(f"--init_from={cfg['init_from']}: adapters not found")
 
@@ -1954,8 +1966,8 @@ def inpaint_val_inputs(data, pick):
     return dict(trained_size(data, pick), inpaint_latent=data[(pick[0] if pick else 0, False)]["latent"][:1].float())
 
 
-MODES[True, False] = dict(load=load_inpaint, loss=inpaint_loss, generate=generate_inpaint,
-                          val_inputs=inpaint_val_inputs)
+MODES[True, False, False] = dict(load=load_inpaint, loss=inpaint_loss, generate=generate_inpaint,
+                                 val_inputs=inpaint_val_inputs)
 
 
 # =================================================================================================================
@@ -2139,8 +2151,8 @@ def generate_text_image(*args, **kwargs):
     return generate(*args, layout_grounding=text_image_layout_grounding, **kwargs)
 
 
-MODES[False, True] = dict(add_adapters=inject_text_image, training_data=text_image_training_data,
-                          loss=text_image_loss, generate=generate_text_image)
+MODES[False, True, False] = dict(add_adapters=inject_text_image, training_data=text_image_training_data,
+                                 loss=text_image_loss, generate=generate_text_image)
 
 
 # Both modes at once.
@@ -2160,8 +2172,185 @@ def generate_inpaint_text_image(*args, **kwargs):
     return generate_inpaint(*args, layout_grounding=text_image_layout_grounding, **kwargs)
 
 
-MODES[True, True] = {**MODES[True, False], **MODES[False, True], "loss": inpaint_text_image_loss,
-                     "generate": generate_inpaint_text_image}
+MODES[True, True, False] = {**MODES[True, False, False], **MODES[False, True, False],
+                            "loss": inpaint_text_image_loss, "generate": generate_inpaint_text_image}
+
+
+# =================================================================================================================
+# Keypoints, GLIGEN's mode: 8 persons x 17 COCO keypoints, 136 tokens. A point rides as the box [x, y, x, y]: the
+# drops and box-use gap are SD's. Replaces add_adapters, training_data, loss, generate and val_layouts.
+KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+             "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+             "right_knee", "left_ankle", "right_ankle")  # COCO's order
+MIRRORED = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]  # each keypoint's mirror image: left <-> right
+SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
+            (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]  # COCO's limbs, drawn by draw_keypoints
+N_PERSONS = 8
+
+
+class PositionNetKeypoints(nn.Module):
+    """A token per person and keypoint: their identities summed, beside the point's code; the official names."""
+
+    def __init__(self, dim, n_freqs=8):
+        super().__init__()
+        self.person_embeddings = nn.Parameter(torch.zeros(N_PERSONS, dim))
+        self.keypoint_embeddings = nn.Parameter(torch.zeros(len(KEYPOINTS), dim))
+        self.linears = nn.Sequential(nn.Linear(dim + 4 * n_freqs, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
+                                     nn.Linear(512, dim))
+        self.null_person_feature = nn.Parameter(torch.zeros(dim))
+        self.null_xy_feature = nn.Parameter(torch.zeros(4 * n_freqs))
+
+    def forward(self, boxes, masks):  # (B, 136, 4) points as [x, y, x, y], person-major; (B, 136)
+        who = (self.person_embeddings[:, None] + self.keypoint_embeddings).flatten(0, 1)  # (136, D)
+        who = or_null(masks, who.expand(len(boxes), -1, -1), self.null_person_feature)
+        xy = or_null(masks, fourier_boxes(boxes[..., :2]), self.null_xy_feature)  # (B, 136, 32)
+        return self.linears(torch.cat([who, xy], dim=-1))  # (B, 136, D)
+
+
+def inject_keypoints(unet):
+    return inject_gligen(unet, PositionNetKeypoints)
+
+
+def check_keypoints(lay, where):
+    """Stop, naming `where`, unless each box has 17 keypoints, [x, y, v] (COCO's v), [x, y] or None, in [0, 1]."""
+    persons = lay.get("keypoints")
+    if not isinstance(persons, list) or len(persons) != len(lay["boxes"]):
+        fail(f"{where}: keypoints must be a list with one person (17 keypoints) per box, got {persons!r}")
+    for n, person in enumerate(persons):
+        if not isinstance(person, list) or len(person) != len(KEYPOINTS):
+            fail(f"{where}: person {n} has {len(person) if isinstance(person, list) else person!r} keypoints, not "
+                 f"COCO's 17 ({', '.join(KEYPOINTS)})")
+        for name, p in zip(KEYPOINTS, person):
+            ok = p is None or isinstance(p, list) and len(p) in (2, 3) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)
+            if not ok or p is not None and len(p) == 3 and p[2] not in (0, 1, 2):
+                fail(f"{where}: person {n}'s {name} is {p!r}, not [x, y, v] (v 0, 1 or 2), [x, y] or null")
+            if p is not None and (len(p) == 2 or p[2] > 0) and not (0 <= p[0] <= 1 and 0 <= p[1] <= 1):
+                fail(f"{where}: person {n}'s {name} {p!r} is outside the image (x and y are relative to it, 0 to 1)")
+
+
+def triples(person):
+    """A person's 17 keypoints as [x, y, v]: [x, y] is visible (2), None unlabelled (0)."""
+    return [[0, 0, 0] if p is None else [*p, 2] if len(p) == 2 else p for p in person]
+
+
+def keypoint_slots(points, seen):
+    """Points (P, 17, 2) and which are seen (P, 17) as the position net's boxes (136, 4) and masks (136,)."""
+    n = N_PERSONS * len(KEYPOINTS)
+    boxes, masks = np.zeros((n, 4), np.float32), np.zeros(n, np.float32)
+    p = points.reshape(-1, 2)[:n]
+    boxes[:len(p)], masks[:len(p)] = np.concatenate([p, p], -1), seen.reshape(-1)[:len(boxes)]
+    return boxes, masks
+
+
+@dataclass(slots=True)
+class KeypointItem(Item):
+    points: np.ndarray  # (k, 17, 2) in the crop, largest persons first
+    seen: np.ndarray  # (k, 17): v = 2, in the crop
+
+
+class KeypointLatents(GroundedLatents):
+    """Visible keypoints in the crop, of the 8 largest persons with one; mirrored: left and right swapped."""
+    Item = KeypointItem
+
+    def __init__(self, latents_dir, boxes_path, max_boxes, min_box_area):
+        for line, rec in read_jsonl(boxes_path):  # checked, with the line
+            if "keypoints" not in rec:
+                fail(f"{boxes_path}:{line} (image {rec.get('image')!r}): no keypoints (prep_boxes.py writes them from "
+                     f"COCO's person_keypoints_*.json)")
+            if isinstance(rec.get("boxes"), list):
+                check_keypoints(rec, f"{boxes_path}:{line} (image {rec.get('image')!r})")
+        super().__init__(latents_dir, boxes_path, max_boxes, min_box_area)
+
+    def item(self, rec, lay):
+        cx0, cy0, cx1, cy1 = rec["crop"]
+        _, _, order = self.crop_layout(lay, rec["crop"], len(lay["boxes"]), 0.0)  # largest first, all of them
+        kp = np.asarray([triples(lay["keypoints"][i]) for i in order], np.float64).reshape(-1, len(KEYPOINTS), 3)
+        xy = (kp[..., :2] * [lay["width"], lay["height"]] - [cx0, cy0]) / (cx1 - cx0)
+        seen = (kp[..., 2] == 2) & (xy >= 0).all(-1) & (xy <= 1).all(-1)
+        keep = [i for i in range(len(kp)) if seen[i].any()][:N_PERSONS]
+        shard, row = self.need(self.dir / rec["shard"], rec["row"], self.row_shape)
+        return self.Item(shard=shard, row=row, caption=rec["caption"], phrases=[], boxes=np.zeros((0, 4), np.float32),
+                         points=xy[keep].astype(np.float32), seen=seen[keep])
+
+    def __getitem__(self, sample):
+        x, it = super().__getitem__(sample), self.items[sample[0]]
+        points, seen = it.points, it.seen
+        if sample[1]:  # mirrored, and each keypoint takes its mirror image's place
+            points, seen = np.stack([1 - points[..., 0], points[..., 1]], -1)[:, MIRRORED], seen[:, MIRRORED]
+        x["boxes"], x["masks"] = keypoint_slots(points, seen)
+        return x
+
+    def collate(self, tokenizer, samples):
+        return dict(latents=torch.stack([x["latent"] for x in samples]),
+                    caption_ids=tokenizer.captions([x["caption"] for x in samples]),
+                    boxes=torch.from_numpy(np.stack([x["boxes"] for x in samples])),
+                    masks=torch.from_numpy(np.stack([x["masks"] for x in samples])))
+
+
+def keypoint_training_data(cfg):
+    return training_data(cfg, KeypointLatents)
+
+
+def keypoint_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
+                  per_image=False):
+    """sd_loss with keypoint grounding."""
+    x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
+    with torch.no_grad(), autocast:
+        text = text_encoder(ids).last_hidden_state
+    with autocast:
+        pred = model(xt, t, encoder_hidden_states=text,
+                     cross_attention_kwargs={"gligen": {"boxes": batch["boxes"], "masks": masks}}).sample
+    return denoising_loss(pred, target, batch, levers, per_image, t.float() / len(schedule.alphas_cumprod))
+
+
+def keypoint_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
+    """A keypoint layout's "gligen" inputs, the first half null; the largest persons first."""
+    device = next(text_encoder.parameters()).device
+    area = [-(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in layout["boxes"]]
+    kp = np.asarray([triples(layout["keypoints"][i]) for i in np.argsort(area, kind="stable")], np.float32)
+    points, seen = kp.reshape(-1, len(KEYPOINTS), 3)[..., :2], kp.reshape(-1, len(KEYPOINTS), 3)[..., 2] == 2
+    boxes, masks = (torch.from_numpy(a).repeat(len(rows), *[1] * a.ndim) for a in keypoint_slots(points, seen))
+    masks[:len(rows) // 2] = 0
+    return {"boxes": boxes.to(device), "masks": masks.to(device, dtype)}
+
+
+def generate_keypoints(*args, **kwargs):
+    return generate(*args, layout_grounding=keypoint_layout_grounding, **kwargs)
+
+
+def standing(prompt, label, *persons):
+    """A layout of persons facing us, each (centre x, top, height)."""
+    template = [(0, .06), (.03, .04), (-.03, .04), (.06, .05), (-.06, .05), (.14, .2), (-.14, .2), (.2, .36),
+                (-.2, .36), (.22, .5), (-.22, .5), (.09, .52), (-.09, .52), (.1, .74), (-.1, .74), (.11, .96),
+                (-.11, .96)]
+    return dict(prompt=prompt, phrases=[label] * len(persons),
+                boxes=[[round(x - .25 * h, 4), top, round(x + .25 * h, 4), round(top + h, 4)] for x, top, h in persons],
+                keypoints=[[[round(x + dx * h, 4), round(top + dy * h, 4)] for dx, dy in template]
+                           for x, top, h in persons])
+
+
+KEYPOINT_VAL_LAYOUTS = [standing("a man standing on a beach", "a man", (0.5, 0.1, 0.85)),
+                        standing("two women talking in a park", "a woman", (0.3, 0.2, 0.7), (0.72, 0.15, 0.75))]
+MODES[False, False, True] = dict(add_adapters=inject_keypoints, training_data=keypoint_training_data,
+                                 loss=keypoint_loss, generate=generate_keypoints, val_layouts=KEYPOINT_VAL_LAYOUTS)
+
+
+def draw_keypoints(image, persons):
+    """A copy of an image with the persons' visible keypoints and limbs drawn on."""
+    image = image.convert("RGB")
+    scale = max(1, 256 // max(image.size))
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    d, (W, H) = ImageDraw.Draw(image), image.size
+    for n, person in enumerate(persons):
+        c, at = COLORS[n % len(COLORS)], [v == 2 and (x * W, y * H) for x, y, v in triples(person)]
+        for a, b in SKELETON:
+            if at[a] and at[b]:
+                d.line([at[a], at[b]], fill=c, width=max(1, W // 100))
+        for p in filter(None, at):
+            r = max(1, W // 80)
+            d.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], fill=c)
+    return image
 
 
 # =================================================================================================================
