@@ -1633,11 +1633,11 @@ def test_batch_plan_takes_global_batch_images_a_step_on_any_world_size():
         tg.batch_plan(30, 8, 8)
 
 
-def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
+def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tiny_pose, tmp_path):
     """In the inpainting and text-image modes at once, so that every trainable tensor of every mode is in the
     all-reduce (fusers, both position nets' parts, conv_in); text-box training is the same code less those. With the
     grounding-sooner levers on: their timesteps, weights and attention loss follow each sample as the rest does. And
-    sharded (--shard=True, FSDP2) the 2 processes give DDP's bits."""
+    sharded (--shard=True, FSDP2) the 2 processes give DDP's bits. The keypoint mode, a mode of its own, too."""
     args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
             "--global_batch=4", "--micro_batch=2", "--max_steps=4", "--lr=1e-3", "--warmup_steps=2",
             "--num_workers=1", "--val_every=0", "--log_every=2", "--inpaint=True", f"--image_features={tiny_features}",
@@ -1660,6 +1660,12 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tmp_path):
     assert_same_tensors(b, adapters_of(tmp_path / "shard"))  # a reduce-scatter's average is the all-reduce's
     # the logged loss is averaged over ranks (summed in another order than one process accumulates it)
     np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=1e-5)
+    kp = [*args[:2], f"--boxes={tiny_pose}", "--keypoints=True", "--global_batch=4", "--micro_batch=2",
+          "--max_steps=2", "--lr=1e-3", "--num_workers=0", "--val_every=0"]
+    one = run("train_gligen.py", *kp, f"--out_dir={tmp_path / 'kp-one'}", OMP_NUM_THREADS="1")
+    two = run("train_gligen.py", *kp, f"--out_dir={tmp_path / 'kp-two'}", torchrun=2, OMP_NUM_THREADS="1")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    assert_same_tensors(adapters_of(tmp_path / "kp-one"), adapters_of(tmp_path / "kp-two"))
 
 def test_sharded_checkpoint_resumes_on_another_world_size(tiny_sd, tiny_data, tmp_path):
     """A --shard=True run on 2 ranks (2 accumulation passes each, validation on), killed in its step-4 save after the
@@ -1990,6 +1996,70 @@ def test_inpainting_keeps_the_photo_and_equals_the_exported_pipeline(tiny_sd, ra
                         steps=8, beta=0.5)
     outside, inside = (final[0] - z)[..., 4:].abs(), (final[0] - z)[..., :4].abs()  # the box: latent columns 0-3
     assert outside.mean() < 0.05 and inside.mean() > 1.0, (outside.mean(), inside.mean())  # measured 0.031 and 5.94
+
+
+def test_keypoint_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data, tiny_pose, tmp_path):
+    """Keypoint adapters: a layout's keypoints become the slots the trainer's samples hold (largest box's person
+    first, [x, y] visible, None empty, the unconditional half null), sample.py draws them (skeleton on the _boxes
+    copy) and they steer the image; refused, each with one line: a keypoint outside the image (boxes file: file and
+    line; layout: which), a boxes file without keypoints, text-box adapters in a keypoint run and a keypoint
+    checkpoint resumed without --keypoints, keypoint layouts to other adapters and the reverse, and --export."""
+    import sample
+    from safetensors.torch import save_file
+
+    small, big = tg.standing("", "a", (0.2, 0.5, 0.3))["keypoints"][0], tg.standing("", "a", (0.6, 0.1, 0.8))
+    layout = dict(prompt="two people", phrases=["a child", "a man"],
+                  boxes=[tg.standing("", "a", (0.2, 0.5, 0.3))["boxes"][0], big["boxes"][0]],
+                  keypoints=[[None] + small[1:], big["keypoints"][0]])
+    g = tg.keypoint_layout_grounding(tg.load_sd(str(tiny_sd), "cpu", torch.float32)[1], None, layout, [None] * 4,
+                                     torch.float32)
+    assert g["boxes"].shape == (4, 136, 4) and not g["masks"][:2].any()  # the unconditional half
+    assert torch.equal(g["boxes"][2, 3], torch.tensor(big["keypoints"][0][3] * 2))  # the big man first
+    assert torch.equal(g["boxes"][3, 17 + 5], torch.tensor(small[5] * 2))
+    assert g["masks"][2].tolist() == [1.0] * 17 + [0.0] + [1.0] * 16 + [0.0] * 102  # the child's nose: None
+
+    out = tmp_path / "kp"
+    tg.main(train_cfg(tiny_sd, tiny_data, out, boxes=str(tiny_pose), keypoints=True, max_steps=2))
+    cfg = {**sample.config, "model": str(tiny_sd), "adapters": str(out), "prompt": layout["prompt"], "n": 1,
+           "steps": 3, "beta": 1.0, "phrases": layout["phrases"], "boxes": layout["boxes"],
+           "keypoints": layout["keypoints"]}
+    sample.main({**cfg, "out_dir": str(tmp_path / "s")})
+    assert (tmp_path / "s" / "000_00.png").is_file() and (tmp_path / "s" / "000_00_boxes.png").is_file()
+    adapters = adapters_of(out)
+    for k in adapters:  # gates open, so that the keypoints steer the image
+        if k.endswith(("alpha_attn", "alpha_dense")):
+            adapters[k] = torch.tensor(1.0)
+    save_file(adapters, tmp_path / "open.safetensors")
+    moved = [[[1 - p[0], p[1]] if p else p for p in person] for person in layout["keypoints"]]
+    for name, kp in (("a", layout["keypoints"]), ("b", moved)):
+        sample.main({**cfg, "adapters": str(tmp_path / "open.safetensors"), "keypoints": kp,
+                     "out_dir": str(tmp_path / name)})
+    assert not np.array_equal(pngs(tmp_path / "a", 1), pngs(tmp_path / "b", 1))
+
+    bad = tmp_path / "bad.jsonl"
+    recs = [r for _, r in tg.read_jsonl(tiny_pose)]
+    n = next(i for i, r in enumerate(recs) if r["keypoints"])
+    recs[n]["keypoints"][0][0] = [1.5, 0.5, 2]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(SystemExit, match=rf"bad.jsonl:{n + 1} \(image .*\): person 0's nose \[1.5, 0.5, 2\] is "
+                                         r"outside the image"):
+        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "x", boxes=str(bad), keypoints=True))
+    with pytest.raises(SystemExit, match=r"boxes.jsonl:1 \(image .*\): no keypoints \(prep_boxes.py writes them"):
+        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "x", keypoints=True))
+    tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "text-box", max_steps=1))
+    with pytest.raises(SystemExit, match="text-box adapters, and this run is keypoint"):
+        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "x", boxes=str(tiny_pose), keypoints=True,
+                          init_from=str(tmp_path / "text-box")))
+    with pytest.raises(SystemExit, match="was trained with keypoints=True, this run has keypoints=False"):
+        tg.main(train_cfg(tiny_sd, tiny_data, out, boxes=str(tiny_pose), max_steps=3))
+    with pytest.raises(SystemExit, match="person 1's left_eye \\[1.2, 0.3\\] is outside the image"):
+        sample.main({**cfg, "keypoints": [small, [small[0], [1.2, 0.3]] + small[2:]], "out_dir": str(tmp_path / "x")})
+    with pytest.raises(SystemExit, match="are keypoint adapters: each layout needs keypoints"):
+        sample.main({**cfg, "keypoints": [], "out_dir": str(tmp_path / "x")})
+    with pytest.raises(SystemExit, match="need keypoint adapters"):
+        sample.main({**cfg, "adapters": str(tmp_path / "text-box"), "out_dir": str(tmp_path / "x")})
+    with pytest.raises(SystemExit, match="diffusers has no GLIGEN pipeline for keypoints"):
+        sample.main({**cfg, "export": str(tmp_path / "pipe"), "out_dir": str(tmp_path / "x")})
 
 
 def test_text_image_sample_equals_exported_pipeline(tiny_sd, tiny_clip, tiny_data, tiny_features, tmp_path):
