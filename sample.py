@@ -201,8 +201,8 @@ class Sampler:
         """Stop unless these layouts and photo suit the adapters' mode and the model's family."""
         if any(l.get("images") for l in layouts) and not self.text_image:
             fail("reference images (--images, or \"images\" in --layouts) need text-image adapters")
-        if any("keypoints" in l for l in layouts) != self.keypoints or self.keypoints and not all(
-                "keypoints" in l for l in layouts):
+        if self.adapters and (any("keypoints" in l for l in layouts) != self.keypoints or self.keypoints and not all(
+                "keypoints" in l for l in layouts)):  # the base alone ignores them
             fail(f"--adapters={self.cfg['adapters']} are keypoint adapters: each layout needs keypoints (--keypoints, "
                  f"or \"keypoints\" in --layouts)" if self.keypoints else
                  "keypoints (--keypoints, or \"keypoints\" in --layouts) need keypoint adapters (trained with "

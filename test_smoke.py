@@ -3183,14 +3183,27 @@ def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_
     saved = app.save_layout(layout["prompt"], rows, None, tmp_path)
     assert sample.read_layouts({**sample.config, "layouts": saved}) == [layout]
     assert app.load_layout(saved) == (layout["prompt"], [["a dog", 0.1, 0.2, 0.4, 0.5], ["a dog", 0.5, 0.2, 0.9, 0.6]],
-                                      "loaded line 1 of 1 from layout.jsonl")
+                                      "loaded line 1 of 1 from layout.jsonl", "")
     (tmp_path / "moving.jsonl").write_text(json.dumps(dict(prompt="x", phrases=["a"], boxes=[[[0, 0, 1, 1]]] * 2)))
     with pytest.raises(SystemExit, match="moving boxes"):
         app.load_layout(tmp_path / "moving.jsonl")
     (tmp_path / "refs.jsonl").write_text(json.dumps(with_refs) + "\n")  # as the app saves a text-image layout
-    assert app.load_layout(tmp_path / "refs.jsonl", 6)[1:] == ([["a dog", 0.1, 0.2, 0.4, 0.5, ""],
+    assert app.load_layout(tmp_path / "refs.jsonl", 6)[1:3] == ([["a dog", 0.1, 0.2, 0.4, 0.5, ""],
                                                                  ["", 0.5, 0.2, 0.9, 0.6, "dog.png"]],
         "loaded line 1 of 1 from refs.jsonl; upload its reference images again (the table's image column names them)")
+    posed = tg.KEYPOINT_VAL_LAYOUTS[1]  # keypoints: typed as JSON, saved, loaded, in the command, drawn on the canvas
+    kp = json.dumps(posed["keypoints"])
+    assert app.table_to_layout(posed["prompt"], app.layout_to_rows(posed), None, kp) == posed
+    assert app.load_layout(app.save_layout(posed["prompt"], app.layout_to_rows(posed), None, tmp_path, kp))[3] == kp
+    command = app.sample_command(app.config, posed, opts).replace("\\\n", "")
+    assert tg.configure(sample.config, __import__("shlex").split(command)[2:])["keypoints"] == posed["keypoints"]
+    with pytest.raises(SystemExit, match=r"the keypoints: not JSON"):
+        app.table_to_layout("x", app.layout_to_rows(posed), None, kp[:-3])
+    with pytest.raises(SystemExit, match=r"the table: person 1's nose \[1.5, 0.3\] is outside the image"):
+        app.table_to_layout("x", app.layout_to_rows(posed), None, kp.replace("[0.72, 0.195]", "[1.5, 0.3]", 1))
+    blank = app.blank_canvas(32, 32)
+    assert not np.array_equal(app.skeleton_canvas(kp, 32, 32), blank)
+    assert np.array_equal(app.skeleton_canvas(kp[:-3], 32, 32), blank)  # half typed: the canvas stays blank
     (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)))
     with pytest.raises(SystemExit, match="binary.jsonl: not a text file"):
         app.load_layout(tmp_path / "binary.jsonl")
@@ -3237,7 +3250,7 @@ def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_pat
     client = Client(launch_app(), verbose=False)
     rows = {"headers": ["phrase", "x0", "y0", "x1", "y1"],
             "data": [["a red circle", 0.1, 0.1, 0.45, 0.45], ["a blue square", 0.55, 0.5, 0.95, 0.9]]}
-    args = ("a red circle and a blue square", rows, 2, 3, 6, 7.5, 1.0, "ddim", None, [])
+    args = ("a red circle and a blue square", rows, 2, 3, 6, 7.5, 1.0, "ddim", None, [], "")
     boxed, plain, command = client.predict(*args, api_name="/generate")
     argv = __import__("shlex").split(command.replace("\\\n", ""))[2:]
     assert f"--adapters={HERE / 'extras' / 'shapes_adapters'}" in argv and "--steps=6" in argv
@@ -3255,7 +3268,7 @@ def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_pat
         client.predict("x", {**rows, "data": rows["data"] * 16}, *args[2:], api_name="/generate")
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
     with pytest.raises(AppError, match="--inpaint_image needs inpainting adapters"):
-        client.predict(*args[:8], __import__("gradio_client").handle_file(tmp_path / "photo.png"), [],
+        client.predict(*args[:8], __import__("gradio_client").handle_file(tmp_path / "photo.png"), [], "",
                        api_name="/generate")
     again = client.predict(*args, api_name="/generate")[1]  # still serving, and the same seed gives the same pixels
     assert np.array_equal(read(again), pngs(tmp_path / "cli", 2))
@@ -3273,7 +3286,8 @@ def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_pat
 
 def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny_clip, tmp_path):
     """The app on adapters that inpaint and take reference images (a photo uploaded, a reference image named in the
-    table's image column, a box with an image and no phrase) and on a video model (GIFs): sample.py's pixels."""
+    table's image column, a box with an image and no phrase), on a video model (GIFs) and on keypoint adapters (the
+    keypoints as JSON): sample.py's pixels."""
     app_extras()
     import sample
     from gradio_client import Client, handle_file
@@ -3291,7 +3305,7 @@ def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny
     rows = {"headers": ["phrase", "x0", "y0", "x1", "y1", "image"],
             "data": [["a red square", 0.1, 0.1, 0.4, 0.4, ""], ["", 0.5, 0.5, 0.9, 0.9, "ref.png"]]}
     _, plain, command = client.predict("a room", rows, 1, 0, 2, 7.5, 0.3, "ddim", handle_file(tmp_path / "photo.png"),
-                                       [handle_file(tmp_path / "ref.png")], api_name="/generate")
+                                       [handle_file(tmp_path / "ref.png")], "", api_name="/generate")
     sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "run"), "prompt": "a room",
                  "phrases": ["a red square", None], "images": [None, str(tmp_path / "ref.png")], "n": 1, "steps": 2,
                  "boxes": [r[1:5] for r in rows["data"]], "inpaint_image": str(tmp_path / "photo.png"),
@@ -3300,20 +3314,34 @@ def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny
     (tmp_path / "cut.png").write_bytes((tmp_path / "photo.png").read_bytes()[:40])  # a photo cut short
     with pytest.raises(__import__("gradio_client").exceptions.AppError, match="is not a readable image"):
         client.predict("a room", rows, 1, 0, 2, 7.5, 0.3, "ddim", handle_file(tmp_path / "cut.png"),
-                       [handle_file(tmp_path / "ref.png")], api_name="/generate")
+                       [handle_file(tmp_path / "ref.png")], "", api_name="/generate")
     assert np.array_equal(np.asarray(Image.open(plain[0]["image"])), pngs(tmp_path / "cli", 1)[0])
 
     stages = tg.choose_stages("video")
     random_adapters_of(stages, stages.load(str(tiny_video), "cpu", torch.float32)[0], 5, tmp_path / "vrun")
     client = Client(launch_app(f"--model={tiny_video}", f"--adapters={tmp_path / 'vrun'}", "--frames=3"), verbose=False)
     rows = {"headers": ["phrase", "x0", "y0", "x1", "y1"], "data": [["a red square", 0.1, 0.1, 0.5, 0.5]]}
-    boxed, plain, _ = client.predict("a red square", rows, 1, 0, 2, 7.5, 0.3, "ddim", None, [], api_name="/generate")
+    boxed, plain, _ = client.predict("a red square", rows, 1, 0, 2, 7.5, 0.3, "ddim", None, [], "",
+                                     api_name="/generate")
     sample.main({**sample.config, "model": str(tiny_video), "adapters": str(tmp_path / "vrun"), "frames": 3,
                  "prompt": "a red square", "phrases": ["a red square"], "boxes": [[0.1, 0.1, 0.5, 0.5]], "n": 1,
                  "steps": 2, "out_dir": str(tmp_path / "vcli")})
     assert Path(plain[0]["image"]).read_bytes() == (tmp_path / "vcli" / "000_00.gif").read_bytes()
     with Image.open(boxed[0]["image"]) as gif:
         assert gif.n_frames == 3
+
+    stages = tg.choose_stages("sd", keypoints=True)  # keypoints typed as JSON beside the table
+    random_adapters_of(stages, stages.load(str(tiny_sd), "cpu", torch.float32)[0], 5, tmp_path / "krun", gate=0.3)
+    client = Client(launch_app(f"--model={tiny_sd}", f"--adapters={tmp_path / 'krun'}"), verbose=False)
+    posed = tg.KEYPOINT_VAL_LAYOUTS[1]
+    rows = {"headers": ["phrase", "x0", "y0", "x1", "y1"], "data": [[p, *b] for p, b in zip(posed["phrases"],
+                                                                                          posed["boxes"])]}
+    _, plain, command = client.predict(posed["prompt"], rows, 1, 0, 2, 7.5, 0.3, "ddim", None, [],
+                                       json.dumps(posed["keypoints"]), api_name="/generate")
+    sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "krun"), "n": 1, "steps": 2,
+                 **{k: posed[k] for k in ("prompt", "phrases", "boxes", "keypoints")}, "out_dir": str(tmp_path / "kcli")})
+    assert "--keypoints=" in command
+    assert np.array_equal(np.asarray(Image.open(plain[0]["image"])), pngs(tmp_path / "kcli", 1)[0])
 
 def test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine(launch_app, tmp_path):
     """The app in headless Chromium (the system's, through Playwright; nothing downloaded): drag a box on the canvas,

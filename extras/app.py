@@ -13,7 +13,9 @@ code (the Sampler class): for the same layout, seed, steps and scheduler they eq
 Each result is shown with its boxes drawn on; the layout saves and loads as the JSONL line sample.py --layouts reads,
 and the equivalent sample.py command is shown for copying. Inpainting adapters add a photo (the boxes are drawn on
 it; outside them it is kept); text-image adapters add reference images, one per box, named in the table's image
-column (a box may have a phrase, an image or both); video models give a GIF (still boxes; moving ones: sample.py).
+column (a box may have a phrase, an image or both); keypoint adapters add a keypoints box (JSON: one person per
+table row, 17 COCO keypoints [x, y] or null each), whose skeletons the canvas shows and the results have drawn on;
+video models give a GIF (still boxes; moving ones: sample.py).
 
 Training tab: point it at a run's out_dir; every few seconds it reads log.jsonl and the newest val_*.png (nothing
 else, and it writes nothing) and shows the loss, images/s, the box-use losses and their gap, and says whether the
@@ -47,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "extras"))
 import sample  # noqa: E402  (the project's sampling code, after the path is set)
 from demo_shapes import config as demo, vocabulary  # noqa: E402
-from train_gligen import check_image, check_layouts, configure, fail, in_range, is_moving  # noqa: E402
+from train_gligen import check_image, check_layouts, configure, draw_keypoints, fail, in_range, is_moving  # noqa: E402
 
 # the shipped demo: its base, its trained adapters, and the settings it was scored with
 SHAPES = dict(model=str(ROOT / "extras" / "shapes_base"), adapters=str(ROOT / "extras" / "shapes_adapters"),
@@ -86,9 +88,9 @@ def cell(v):
     return "" if v is None else str(v).strip()
 
 
-def table_to_layout(caption, rows, refs=None):
-    """(prompt, table rows [phrase, x0, y0, x1, y1(, image name)], uploaded reference images) -> a sample.py layout;
-    numbers typed as text are read, blank rows dropped; checked as sample.py checks --layouts."""
+def table_to_layout(caption, rows, refs=None, keypoints=""):
+    """(prompt, table rows [phrase, x0, y0, x1, y1(, image name)], uploaded reference images, keypoints as JSON) ->
+    a sample.py layout; numbers typed as text are read, blank rows dropped; checked as sample.py checks --layouts."""
     phrases, boxes, images = [], [], []
     names = [Path(p).name for p in refs or []]
     if len(set(names)) < len(names):
@@ -112,8 +114,30 @@ def table_to_layout(caption, rows, refs=None):
     layout = dict(prompt=caption or "", phrases=phrases, boxes=boxes)
     if any(images):
         layout["images"] = images
+    if keypoints and keypoints.strip():
+        layout["keypoints"] = parse_keypoints(keypoints)
     check_layouts([("the table", layout)], images=True)
     return layout
+
+
+def parse_keypoints(text):
+    """The keypoints box's JSON: one person per table row, 17 points [x, y] or null each."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"the keypoints: not JSON ({e}); give one list per box of 17 [x, y] or null")
+
+
+def skeleton_canvas(text, height, width):
+    """A blank canvas with the keypoints' skeletons drawn on, or blank where the text does not read yet."""
+    blank = blank_canvas(height, width)
+    try:
+        persons = json.loads(text or "[]")
+        check_layouts([("", dict(prompt="", phrases=["p"] * len(persons), boxes=[[0, 0, 1, 1]] * len(persons),
+                                 keypoints=persons))])
+    except (json.JSONDecodeError, TypeError, SystemExit):
+        return blank
+    return np.asarray(draw_keypoints(Image.fromarray(blank), persons))
 
 
 def layout_to_rows(layout, columns=len(HEADERS)):
@@ -207,6 +231,7 @@ def sample_command(cfg, layout, opts, photo=None):
     args += [f"--prompt={q(layout['prompt'])}", f"--phrases={q(literal(layout['phrases']))}",
              f"--boxes={q(literal(layout['boxes']))}"]
     args += [f"--images={q(literal(layout['images']))}"] if layout.get("images") else []
+    args += [f"--keypoints={q(literal(layout['keypoints']))}"] if layout.get("keypoints") else []
     args += [f"--inpaint_image={q(photo)}"] if photo else []
     args += [f"--{k}={opts[k]}" for k in ("n", "seed", "steps", "guidance", "beta", "scheduler")]
     args += [f"--{k}={cfg[k]}" for k in ("dtype", "frames", "image_encoder") if cfg[k] != sample.config[k]]
@@ -215,16 +240,16 @@ def sample_command(cfg, layout, opts, photo=None):
     return uploads + "python sample.py " + " \\\n    ".join(args)
 
 
-def save_layout(caption, rows, refs, folder):
-    layout = table_to_layout(caption, rows, refs)
+def save_layout(caption, rows, refs, folder, keypoints=""):
+    layout = table_to_layout(caption, rows, refs, keypoints)
     path = Path(folder) / "layout.jsonl"
     path.write_text(json.dumps(layout) + "\n")
     return str(path)
 
 
 def load_layout(path, columns=len(HEADERS)):
-    """The first layout of a JSONL file (sample.py --layouts), checked: (caption, rows, a note). Reference images are
-    named in the rows (columns=6), for the user to upload again."""
+    """The first layout of a JSONL file (sample.py --layouts), checked: (caption, rows, a note, its keypoints as JSON
+    or ""). Reference images are named in the rows (columns=6), for the user to upload again."""
     name = Path(path).name
     try:
         lines = [l for l in Path(path).read_bytes().decode("utf-8").splitlines() if l.strip()]
@@ -250,7 +275,8 @@ def load_layout(path, columns=len(HEADERS)):
         note += "; upload its reference images again (the table's image column names them)"
     elif images:
         note += "; its reference images are left out: these adapters take none"
-    return layout["prompt"], layout_to_rows(layout, columns), note
+    kp = json.dumps(layout["keypoints"]) if "keypoints" in layout else ""
+    return layout["prompt"], layout_to_rows(layout, columns), note, kp
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -367,7 +393,8 @@ def build(cfg, sampler):
     atexit.register(shutil.rmtree, work, True)
     h, w = sampler.height, sampler.width
     kind = dict(sd="Stable Diffusion", sdxl="SDXL", video="video", sd3="SD3", flux="Flux")[sampler.family]
-    mode = "inpainting" if sampler.inpaint else "text-image" if sampler.text_image else "text-box"
+    mode = "inpainting" if sampler.inpaint else "text-image" if sampler.text_image else \
+        "keypoint" if sampler.keypoints else "text-box"
     columns = HEADERS + (["image"] if sampler.text_image else [])
     known = vocabulary(cfg["model"])  # the shapes base's 12 phrases; None for a real model
 
@@ -382,9 +409,9 @@ def build(cfg, sampler):
         return run
 
     @shown
-    def generate(caption, rows, n, seed, steps, guidance, beta, scheduler, photo=None, refs=None,
+    def generate(caption, rows, n, seed, steps, guidance, beta, scheduler, photo=None, refs=None, keypoints="",
                  progress=gr.Progress(track_tqdm=True)):
-        layout = table_to_layout(caption, rows, refs)
+        layout = table_to_layout(caption, rows, refs, keypoints)
         sampler.check([layout], photo)  # sample.py's checks and messages: the photo, reference images, video
         if warning := off_vocabulary(layout, known):
             gr.Warning(warning)
@@ -420,6 +447,9 @@ def build(cfg, sampler):
                                                "is generated", elem_id="table")
                     refs = gr.File(label="Reference images (name each in the table's image column)",
                                    file_count="multiple", file_types=["image"], visible=sampler.text_image)
+                    keypoints = gr.Textbox(label="Keypoints (JSON): one person per box, 17 COCO keypoints [x, y] "
+                                                 "or null each; the canvas shows their skeletons", value="",
+                                           lines=3, visible=sampler.keypoints, elem_id="keypoints")
                     caption = gr.Textbox(label="Caption", value="", elem_id="caption")
                     if known:
                         gr.Markdown(f"This shapes model knows {len(known)} phrases, and only these ground: "
@@ -462,7 +492,7 @@ def build(cfg, sampler):
                             elem_id="grid")
             timer = gr.Timer(REFRESH_S, active=False)  # ticks while the tab is open
 
-        inputs = [caption, table, n, seed, steps, guidance, beta, scheduler, photo, refs]
+        inputs = [caption, table, n, seed, steps, guidance, beta, scheduler, photo, refs, keypoints]
         go.click(generate, inputs, [boxed, plain, command], api_name="generate", concurrency_limit=1)
         canvas.change(lambda v, rows: canvas_to_rows(v, rows, len(columns)), [canvas, table], table,
                       api_visibility="private", queue=False)
@@ -472,15 +502,17 @@ def build(cfg, sampler):
                      canvas, api_visibility="private")
         photo.clear(lambda rows: rows_to_canvas(rows, dict(image=blank_canvas(h, w))), table, canvas,
                     api_visibility="private")
+        keypoints.change(lambda text, rows: rows_to_canvas(rows, dict(image=skeleton_canvas(text, h, w))),
+                         [keypoints, table], canvas, api_visibility="private", queue=False)
 
         @shown
         def on_load(path, value):
-            c, rows, msg = load_layout(path, len(columns))
-            return c, rows, rows_to_canvas(rows, value), msg
+            c, rows, msg, kp = load_layout(path, len(columns))
+            return c, rows, rows_to_canvas(rows, value), msg, kp
 
-        save.click(shown(lambda c, rows, r: save_layout(c, rows, r, tempfile.mkdtemp(dir=work))),
-                   [caption, table, refs], saved, api_visibility="private")
-        load.upload(on_load, [load, canvas], [caption, table, canvas, note], api_visibility="private")
+        save.click(shown(lambda c, rows, r, kp: save_layout(c, rows, r, tempfile.mkdtemp(dir=work), kp)),
+                   [caption, table, refs, keypoints], saved, api_visibility="private")
+        load.upload(on_load, [load, canvas], [caption, table, canvas, note, keypoints], api_visibility="private")
         watched = [status, verdict, loss_plot, speed_plot, use_plot, gap_plot, grid]
         watch.submit(watch_run, watch, watched, api_name="watch", queue=False)
         for event in (app.load, timer.tick, training_tab.select):

@@ -6,6 +6,7 @@ boxes. Under 10 minutes on a 2-core CPU; docs/shapes-demo.md has the measured ta
     python extras/demo_shapes.py --train_base=True  # the same after retraining the base from scratch (+12 minutes)
     python extras/demo_shapes.py --family=sd3       # the same on a tiny SD3-shaped base (MMDiT); writes demo_sd3/
     python extras/demo_shapes.py --family=flux      # the same on a tiny Flux-shaped base; writes demo_flux/
+    python extras/demo_shapes.py --keypoints=True   # GLIGEN's keypoint mode: shapes placed by 5 keypoints each
 
 1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
    32 x 32 image, each with a caption ("a red circle and a blue square") and, per shape, its phrase and exact box,
@@ -29,6 +30,13 @@ boxes. Under 10 minutes on a 2-core CPU; docs/shapes-demo.md has the measured ta
    requested one (IoU). Reported for the base model (no grounding) and the adapters at beta = 1. Also checked: with
    the fusers off (beta = 0) the images equal the base model's (on the first 50 layouts); and whether the adapters
    use the boxes at all (the trainer's last validation: loss with the true boxes against the boxes mirrored).
+
+--keypoints=True: the same world with each shape a "person" whose keypoints are its box's corners and centre (nose
+the centre, left_eye top right, right_eye top left, left_ankle bottom right, right_ankle bottom left: the mirror
+image of a shape swaps them, as the trainer's flip does), written as COCO's person_keypoints JSON; the trainer's
+--keypoints=True mode (no phrases: the caption names the shape, the keypoints place it; the attention-loss lever is
+for boxes); held-out layouts of one shape each, scored as above with the box its keypoints span. Writes
+demo_keypoints/.
 
 Each stage keeps its output in --out and is skipped when run again. Results: demo/results.json, demo/result.png.
 """
@@ -55,6 +63,7 @@ from train_gligen import configure, draw_layout, fail
 
 config = dict(
     family="sd",  # the base: "sd" (a UNet, SD-shaped), "sd3" (an SD3-shaped MMDiT) or "flux" (a Flux-shaped one)
+    keypoints=False,  # GLIGEN's keypoint mode instead of boxes (SD base): each shape placed by 5 keypoints
     out="",  # everything the demo makes goes here; "": demo/ (sd), demo_sd3/, demo_flux/
     train_images=4000,  # synthetic training images
     test_layouts=100,  # held-out layouts for the metric
@@ -136,8 +145,18 @@ def place(box):
     return f"at the {' '.join(w for w in (row, col) if w)}" if row or col else "in the center"
 
 
+CORNERS = dict(nose=lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2), left_eye=lambda b: (b[2], b[1]),
+               right_eye=lambda b: (b[0], b[1]), left_ankle=lambda b: (b[2], b[3]), right_ankle=lambda b: (b[0], b[3]))
+
+
+def shape_keypoints(box, scale=1.0):
+    """A shape's 17 keypoints, COCO's [x, y, v] (v 2 for its CORNERS, 0 for the rest), in box units times scale."""
+    return [[*(v * scale for v in CORNERS[k](box)), 2] if k in CORNERS else [0, 0, 0] for k in tg.KEYPOINTS]
+
+
 def write_world(root, n, rng, positions=0.0):
-    """n images, COCO instances and captions JSON: the input of prep_boxes.py and prep_latents.py."""
+    """n images, COCO instances and captions JSON: the input of prep_boxes.py and prep_latents.py; beside them
+    person_keypoints.json, each shape a person with shape_keypoints."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     names = [f"{c} {s}" for c in COLORS for s in SHAPES]
     images, anns, caps = [], [], []
@@ -153,15 +172,26 @@ def write_world(root, n, rng, positions=0.0):
                              area=(x1 - x0) * (y1 - y0), iscrowd=0))
     categories = [dict(id=k, name=name) for k, name in enumerate(names)]
     (root / "instances.json").write_text(json.dumps(dict(images=images, annotations=anns, categories=categories)))
+    persons = [dict(a, category_id=0, keypoints=[v for p in shape_keypoints(
+        [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]) for v in p])
+        for a in anns]
+    person = [dict(id=0, name="person", keypoints=list(tg.KEYPOINTS), skeleton=tg.SKELETON)]
+    (root / "person_keypoints.json").write_text(json.dumps(dict(images=images, annotations=persons,
+                                                                categories=person)))
     (root / "captions.json").write_text(json.dumps(dict(images=images, annotations=caps)))
 
 
-def test_layouts(n, rng):
-    """Held-out layouts {prompt, phrases, boxes (relative)}, drawn from the same world with another seed."""
+def test_layouts(n, rng, keypoints=False):
+    """Held-out layouts {prompt, phrases, boxes (relative)}, drawn from the same world with another seed; with
+    keypoints, one shape each and its keypoints ([x, y], None)."""
     out = []
     for _ in range(n):
         phrases, boxes = scene(rng)
-        out.append(dict(prompt=caption(phrases), phrases=phrases, boxes=[[v / SIZE for v in b] for b in boxes]))
+        phrases, boxes = (phrases[:1], boxes[:1]) if keypoints else (phrases, boxes)
+        lay = dict(prompt=caption(phrases), phrases=phrases, boxes=[[v / SIZE for v in b] for b in boxes])
+        if keypoints:
+            lay["keypoints"] = [[p[:2] if p[2] else None for p in shape_keypoints(b, 1 / SIZE)] for b in boxes]
+        out.append(lay)
     return out
 
 
@@ -485,8 +515,12 @@ def run(script, *args):
 
 def picture(layouts, rows, path):
     """One row per condition (label, sample dir), one column per layout; requested boxes drawn on."""
-    tiles = [[draw_layout(Image.open(Path(sample_dir) / f"{k:03d}_00.png"), lay["phrases"], lay["boxes"])
-              for k, lay in enumerate(layouts)] for _, sample_dir in rows]
+    def tile(im, lay):
+        im = draw_layout(im, lay["phrases"], lay["boxes"])
+        return tg.draw_keypoints(im, lay["keypoints"]) if "keypoints" in lay else im
+
+    tiles = [[tile(Image.open(Path(sample_dir) / f"{k:03d}_00.png"), lay) for k, lay in enumerate(layouts)]
+             for _, sample_dir in rows]
     side, pad, label_w = tiles[0][0].width, 6, 130
     grid = Image.new("RGB", (label_w + len(layouts) * (side + pad), len(rows) * (side + pad)), "white")
     d = ImageDraw.Draw(grid)
@@ -509,13 +543,16 @@ def check_settings(cfg):
         fail(f"--train_base={cfg['train_base']}: True or False")
     if cfg["family"] not in SHIPPED_BASES:
         fail(f"--family={cfg['family']}: one of {', '.join(SHIPPED_BASES)}")
+    if cfg["keypoints"] and cfg["family"] != "sd":
+        fail("--keypoints=True: the keypoint mode is for SD-shaped bases (--family=sd)")
     if cfg["family"] != "sd" and cfg["positions"]:
         fail("--positions: the MMDiT bases are trained on captions that never say where (--positions=0)")
 
 
 def main(cfg):
     check_settings(cfg)
-    out, t0 = Path(cfg["out"] or ("demo" if cfg["family"] == "sd" else f"demo_{cfg['family']}")), time.time()
+    name = "demo_keypoints" if cfg["keypoints"] else "demo" if cfg["family"] == "sd" else f"demo_{cfg['family']}"
+    out, t0 = Path(cfg["out"] or name), time.time()
     world, data, adapters = out / "world", out / "data", out / "gligen"
     model = out / "base-model" if cfg["train_base"] else SHIPPED_BASES[cfg["family"]]
     out.mkdir(parents=True, exist_ok=True)
@@ -529,7 +566,7 @@ def main(cfg):
     if made.get("family", "sd") != cfg["family"]:
         fail(f"{model} is a {made.get('family', 'sd')!r} base, and --family={cfg['family']}: another --out?")
     print(f"base model: {model}; made with " + json.dumps(made))
-    layouts = test_layouts(cfg["test_layouts"], np.random.default_rng(cfg["seed"] + 1))  # never trained on
+    layouts = test_layouts(cfg["test_layouts"], np.random.default_rng(cfg["seed"] + 1), cfg["keypoints"])
     checked = min(cfg["check_layouts"], len(layouts))
     (out / "test_layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts))
     (out / "check_layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts[:checked]))
@@ -538,14 +575,16 @@ def main(cfg):
 
     # The project's scripts, as a user runs them.
     if not (data / "boxes.jsonl").exists():
-        run("prep_boxes.py", f"--instances={world / 'instances.json'}", f"--captions={world / 'captions.json'}",
+        instances = world / ("person_keypoints.json" if cfg["keypoints"] else "instances.json")
+        run("prep_boxes.py", f"--instances={instances}", f"--captions={world / 'captions.json'}",
             f"--out={data / 'boxes.jsonl'}")
     if not (data / "latents" / "index.jsonl").exists():
         run("prep_latents.py", m, f"--images={world / 'images'}", f"--captions={data / 'boxes.jsonl'}",
             f"--out={data / 'latents'}", f"--resolution={SIZE}", "--batch_size=256", "--num_workers=0")
     run("train_gligen.py", m, f"--latents={data / 'latents'}", f"--boxes={data / 'boxes.jsonl'}",
         f"--out_dir={adapters}", f"--max_steps={cfg['gligen_steps']}", f"--lr={cfg['gligen_lr']}",
-        f"--caption_keep={cfg['gligen_caption_keep']}", f"--box_attn_loss={cfg['gligen_box_attn_loss']}",
+        f"--caption_keep={cfg['gligen_caption_keep']}",
+        "--keypoints=True" if cfg["keypoints"] else f"--box_attn_loss={cfg['gligen_box_attn_loss']}",
         "--warmup_steps=100", "--global_batch=32", "--micro_batch=32",
         "--num_workers=0", "--log_every=100", "--save_every=500", "--val_every=500", "--val_images=512",
         "--val_steps=10",  # the validation grid is a picture; 10 DDIM steps instead of 25 save half a minute
