@@ -3339,7 +3339,8 @@ def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny
     _, plain, command = client.predict(posed["prompt"], rows, 1, 0, 2, 7.5, 0.3, "ddim", None, [],
                                        json.dumps(posed["keypoints"]), api_name="/generate")
     sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "krun"), "n": 1, "steps": 2,
-                 **{k: posed[k] for k in ("prompt", "phrases", "boxes", "keypoints")}, "out_dir": str(tmp_path / "kcli")})
+                 **{k: posed[k] for k in ("prompt", "phrases", "boxes", "keypoints")},
+                 "out_dir": str(tmp_path / "kcli")})
     assert "--keypoints=" in command
     assert np.array_equal(np.asarray(Image.open(plain[0]["image"])), pngs(tmp_path / "kcli", 1)[0])
 
