@@ -2002,8 +2002,9 @@ def test_keypoint_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data,
     """Keypoint adapters: a layout's keypoints become the slots the trainer's samples hold (largest box's person
     first, [x, y] visible, None empty, the unconditional half null), sample.py draws them (skeleton on the _boxes
     copy) and they steer the image; refused, each with one line: a keypoint outside the image (boxes file: file and
-    line; layout: which), a boxes file without keypoints, text-box adapters in a keypoint run and a keypoint
-    checkpoint resumed without --keypoints, keypoint layouts to other adapters and the reverse, and --export."""
+    line; layout: which), a boxes file without keypoints, box layouts as --val_layouts, text-box adapters in a
+    keypoint run and a keypoint checkpoint resumed without --keypoints, keypoint layouts to other adapters and the
+    reverse, and --export."""
     import sample
     from safetensors.torch import save_file
 
@@ -2050,6 +2051,9 @@ def test_keypoint_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data,
     with pytest.raises(SystemExit, match="text-box adapters, and this run is keypoint"):
         tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "x", boxes=str(tiny_pose), keypoints=True,
                           init_from=str(tmp_path / "text-box")))
+    with pytest.raises(SystemExit, match="layout 'a dog and a cat sitting on a sofa' has no keypoints"):
+        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "y", boxes=str(tiny_pose), keypoints=True, val_every=2,
+                          val_steps=1, val_images=2, val_layouts=str(HERE / "layouts" / "val.jsonl")))
     with pytest.raises(SystemExit, match="was trained with keypoints=True, this run has keypoints=False"):
         tg.main(train_cfg(tiny_sd, tiny_data, out, boxes=str(tiny_pose), max_steps=3))
     with pytest.raises(SystemExit, match="person 1's left_eye \\[1.2, 0.3\\] is outside the image"):
@@ -2669,7 +2673,7 @@ def test_shapes_world_metric_and_tokenizer(tmp_path):
 
 def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
     """The demo's whole path with --train_base=True (world, base model with its where-am-I heads, prep, train_gligen,
-    sample, metric, picture) at a few steps each, with captions that say where. The scripts run in this process with
+    sample, metric, picture) at a few steps each, with captions that say where; then --keypoints=True. The scripts run in this process with
     the arguments the demo gives them (the demo starts each as a process: 6 imports of torch, about 20 s here)."""
     import importlib
 
@@ -2704,6 +2708,15 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
     trained = torch.load(ckpt / "state.pt", weights_only=True)["config"]
     assert (trained["caption_keep"], trained["lr"], trained["max_steps"], trained["box_attn_loss"]) == \
            (cfg["gligen_caption_keep"], cfg["gligen_lr"], cfg["gligen_steps"], cfg["gligen_box_attn_loss"])
+
+    # --keypoints=True on the shipped base: each shape a person placed by its box's corners and centre
+    kp = ds.main({**cfg, "out": str(tmp_path / "kp"), "train_base": False, "positions": 0.0, "keypoints": True})
+    assert kp["fusers off equals base model (2 layouts)"] is True and kp["base model"]["objects"] == 3
+    recs = [r for _, r in tg.read_jsonl(tmp_path / "kp" / "data" / "boxes.jsonl") if r["boxes"]]
+    (x0, y0, x1, y1), nose, eye = recs[0]["boxes"][0], *recs[0]["keypoints"][0][:2]
+    assert nose == [(x0 + x1) / 2, (y0 + y1) / 2, 2] and eye == [x1, y0, 2]  # its left eye: the top right corner
+    assert torch.load(tg.checkpoints(tmp_path / "kp" / "gligen")[-1] / "state.pt",
+                      weights_only=True)["config"]["keypoints"]
 
 
 def test_shapes_demo_runs_on_an_mmdit_at_tiny_scale(tmp_path, monkeypatch):

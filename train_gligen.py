@@ -2307,6 +2307,8 @@ def keypoint_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autoc
 def keypoint_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
     """A keypoint layout's "gligen" inputs, the first half null; the largest persons first."""
     device = next(text_encoder.parameters()).device
+    if "keypoints" not in layout:
+        fail(f"layout {layout['prompt']!r} has no keypoints: keypoint adapters need them (docs/data.md)")
     area = [-(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in layout["boxes"]]
     kp = np.asarray([triples(layout["keypoints"][i]) for i in np.argsort(area, kind="stable")], np.float32)
     points, seen = kp.reshape(-1, len(KEYPOINTS), 3)[..., :2], kp.reshape(-1, len(KEYPOINTS), 3)[..., 2] == 2
