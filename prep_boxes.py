@@ -78,7 +78,8 @@ def load_json(path):
 def keypoints_of(ann, W, H, where, counts):
     """An annotation's 17 keypoints as [x, y, v] relative to the image; a labelled point outside it is unlabelled."""
     kp = ann.get("keypoints", [0] * 3 * len(KEYPOINTS))
-    if not isinstance(kp, list) or len(kp) != 3 * len(KEYPOINTS) or not all(isinstance(v, (int, float)) for v in kp):
+    if not isinstance(kp, list) or len(kp) != 3 * len(KEYPOINTS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in kp):
         fail(f"{where}: annotation id {ann['id']} has no 51 numbers of keypoints (x, y, v for each of 17): {kp!r}")
     out = []
     for x, y, v in zip(kp[0::3], kp[1::3], kp[2::3]):
@@ -129,7 +130,7 @@ def main(cfg):
     posed = [c for c in coco["categories"] if "keypoints" in c]  # a person_keypoints file: keypoints are written
     for c in posed:
         if c["keypoints"] != list(KEYPOINTS):
-            fail(f"{where}: category {c['name']!r} has keypoints {c['keypoints'][:3]}...: the keypoint mode takes "
+            fail(f"{where}: category {c['name']!r} has keypoints {str(c['keypoints'])[:60]}: the keypoint mode takes "
                  f"COCO's 17 ({', '.join(KEYPOINTS)})")
     for ann in coco["annotations"]:
         if not isinstance(ann, dict) or not isinstance(ann.get("id"), (int, str)):

@@ -201,12 +201,12 @@ class Sampler:
         """Stop unless these layouts and photo suit the adapters' mode and the model's family."""
         if any(l.get("images") for l in layouts) and not self.text_image:
             fail("reference images (--images, or \"images\" in --layouts) need text-image adapters")
-        if self.adapters and (any("keypoints" in l for l in layouts) != self.keypoints or self.keypoints and not all(
-                "keypoints" in l for l in layouts)):  # the base alone ignores them
-            fail(f"--adapters={self.cfg['adapters']} are keypoint adapters: each layout needs keypoints (--keypoints, "
-                 f"or \"keypoints\" in --layouts)" if self.keypoints else
-                 "keypoints (--keypoints, or \"keypoints\" in --layouts) need keypoint adapters (trained with "
+        if self.adapters and not self.keypoints and any("keypoints" in l for l in layouts):  # the base ignores them
+            fail("keypoints (--keypoints, or \"keypoints\" in --layouts) need keypoint adapters (trained with "
                  "--keypoints=True)")
+        if self.keypoints and any(l["boxes"] and "keypoints" not in l for l in layouts):
+            fail(f"--adapters={self.cfg['adapters']} are keypoint adapters: each layout with boxes needs keypoints "
+                 f"(--keypoints, or \"keypoints\" in --layouts)")
         if self.inpaint != bool(inpaint_image):
             fail(f"--adapters={self.cfg['adapters']} are inpainting adapters: give --inpaint_image" if self.inpaint
                  else "--inpaint_image needs inpainting adapters (trained with --inpaint=True)")

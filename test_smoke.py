@@ -590,7 +590,8 @@ def make_pose(root, seed=0):
         if ann["id"] == 901:  # its box reaches left of the image: so does a labelled point
             kp[0] = [-2, 25, 2]
         ann.update(category_id=1, keypoints=[v for p in kp for v in p], num_keypoints=sum(p[2] > 0 for p in kp))
-    coco["categories"] = [dict(id=1, name="person", keypoints=list(tg.KEYPOINTS), skeleton=tg.SKELETON)]
+    coco["categories"] = [dict(id=1, name="person", keypoints=list(tg.KEYPOINTS),
+                               skeleton=[[a + 1, b + 1] for a, b in tg.SKELETON])]  # COCO's: 1-based
     (root / "person_keypoints.json").write_text(json.dumps(coco))
     r = run("prep_boxes.py", f"--instances={root / 'person_keypoints.json'}", f"--captions={root / 'captions.json'}",
             f"--out={root / 'pose.jsonl'}")
@@ -2012,12 +2013,18 @@ def test_keypoint_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data,
     layout = dict(prompt="two people", phrases=["a child", "a man"],
                   boxes=[tg.standing("", "a", (0.2, 0.5, 0.3))["boxes"][0], big["boxes"][0]],
                   keypoints=[[None] + small[1:], big["keypoints"][0]])
-    g = tg.keypoint_layout_grounding(tg.load_sd(str(tiny_sd), "cpu", torch.float32)[1], None, layout, [None] * 4,
-                                     torch.float32)
+    text_encoder = tg.load_sd(str(tiny_sd), "cpu", torch.float32)[1]
+    g = tg.keypoint_layout_grounding(text_encoder, None, layout, [None] * 4, torch.float32)
     assert g["boxes"].shape == (4, 136, 4) and not g["masks"][:2].any()  # the unconditional half
     assert torch.equal(g["boxes"][2, 3], torch.tensor(big["keypoints"][0][3] * 2))  # the big man first
     assert torch.equal(g["boxes"][3, 17 + 5], torch.tensor(small[5] * 2))
     assert g["masks"][2].tolist() == [1.0] * 17 + [0.0] + [1.0] * 16 + [0.0] * 102  # the child's nose: None
+    hidden = dict(layout, phrases=layout["phrases"] + ["a ghost"], boxes=layout["boxes"] + [[0.1, 0.1, 0.5, 0.5]],
+                  keypoints=layout["keypoints"] + [[None] * 17])
+    assert all(torch.equal(a, b) for a, b in zip(  # a person with no visible point takes no slot, as in training
+        g.values(), tg.keypoint_layout_grounding(text_encoder, None, hidden, [None] * 4, torch.float32).values()))
+    with pytest.raises(SystemExit, match="inpainting and keypoint at once: no such mode"):
+        tg.choose_stages("sd", True, False, True)
 
     out = tmp_path / "kp"
     tg.main(train_cfg(tiny_sd, tiny_data, out, boxes=str(tiny_pose), keypoints=True, max_steps=2))
@@ -2051,14 +2058,14 @@ def test_keypoint_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data,
     with pytest.raises(SystemExit, match="text-box adapters, and this run is keypoint"):
         tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "x", boxes=str(tiny_pose), keypoints=True,
                           init_from=str(tmp_path / "text-box")))
-    with pytest.raises(SystemExit, match="layout 'a dog and a cat sitting on a sofa' has no keypoints"):
+    with pytest.raises(SystemExit, match=r"val.jsonl:1: no keypoints, and --keypoints=True validates keypoint"):
         tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "y", boxes=str(tiny_pose), keypoints=True, val_every=2,
                           val_steps=1, val_images=2, val_layouts=str(HERE / "layouts" / "val.jsonl")))
     with pytest.raises(SystemExit, match="was trained with keypoints=True, this run has keypoints=False"):
         tg.main(train_cfg(tiny_sd, tiny_data, out, boxes=str(tiny_pose), max_steps=3))
     with pytest.raises(SystemExit, match="person 1's left_eye \\[1.2, 0.3\\] is outside the image"):
         sample.main({**cfg, "keypoints": [small, [small[0], [1.2, 0.3]] + small[2:]], "out_dir": str(tmp_path / "x")})
-    with pytest.raises(SystemExit, match="are keypoint adapters: each layout needs keypoints"):
+    with pytest.raises(SystemExit, match="are keypoint adapters: each layout with boxes needs keypoints"):
         sample.main({**cfg, "keypoints": [], "out_dir": str(tmp_path / "x")})
     with pytest.raises(SystemExit, match="need keypoint adapters"):
         sample.main({**cfg, "adapters": str(tmp_path / "text-box"), "out_dir": str(tmp_path / "x")})
@@ -2673,8 +2680,9 @@ def test_shapes_world_metric_and_tokenizer(tmp_path):
 
 def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
     """The demo's whole path with --train_base=True (world, base model with its where-am-I heads, prep, train_gligen,
-    sample, metric, picture) at a few steps each, with captions that say where; then --keypoints=True. The scripts run in this process with
-    the arguments the demo gives them (the demo starts each as a process: 6 imports of torch, about 20 s here)."""
+    sample, metric, picture) at a few steps each, with captions that say where; then --keypoints=True. The scripts
+    run in this process with the arguments the demo gives them (the demo starts each as a process: 6 imports of
+    torch, about 20 s here)."""
     import importlib
 
     import demo_shapes as ds
@@ -3207,7 +3215,10 @@ def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_
     posed = tg.KEYPOINT_VAL_LAYOUTS[1]  # keypoints: typed as JSON, saved, loaded, in the command, drawn on the canvas
     kp = json.dumps(posed["keypoints"])
     assert app.table_to_layout(posed["prompt"], app.layout_to_rows(posed), None, kp) == posed
-    assert app.load_layout(app.save_layout(posed["prompt"], app.layout_to_rows(posed), None, tmp_path, kp))[3] == kp
+    saved_kp = app.save_layout(posed["prompt"], app.layout_to_rows(posed), None, tmp_path, kp)
+    assert app.load_layout(saved_kp)[3] == kp
+    assert app.load_layout(saved_kp, keypoints=False)[2:] == (
+        "loaded line 1 of 1 from layout.jsonl; its keypoints are left out: these adapters take none", "")
     command = app.sample_command(app.config, posed, opts).replace("\\\n", "")
     assert tg.configure(sample.config, __import__("shlex").split(command)[2:])["keypoints"] == posed["keypoints"]
     with pytest.raises(SystemExit, match=r"the keypoints: not JSON"):

@@ -1151,6 +1151,8 @@ MODES = {(False, False, False): {}}  # by mode_of
 def choose_stages(family, inpaint=False, text_image=False, keypoints=False):
     """This run's stages: SD's, with those its family and mode replace."""
     mode = (inpaint, text_image, keypoints)
+    if mode not in MODES:
+        fail(f"{' and '.join(k for k, on in zip(MODE_NAMES, mode) if on)} at once: no such mode")
     if any(mode) and family != "sd":
         fail(f"{' and '.join(k for k, on in zip(MODE_NAMES, mode) if on)} grounding is for SD1.x/2.x models; this "
              f"is {family}")
@@ -1180,6 +1182,9 @@ def validation_layouts(cfg, default):
     if not layouts:
         fail(f"--val_layouts={cfg['val_layouts']}: no layouts in it (one JSON object a line: prompt, phrases, boxes)")
     check_layouts(layouts)
+    for where, l in layouts if cfg["keypoints"] else []:
+        if l["boxes"] and "keypoints" not in l:
+            fail(f"{where}: no keypoints, and --keypoints=True validates keypoint layouts (docs/data.md)")
     return [l for _, l in layouts]
 
 
@@ -2312,6 +2317,7 @@ def keypoint_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
     area = [-(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in layout["boxes"]]
     kp = np.asarray([triples(layout["keypoints"][i]) for i in np.argsort(area, kind="stable")], np.float32)
     points, seen = kp.reshape(-1, len(KEYPOINTS), 3)[..., :2], kp.reshape(-1, len(KEYPOINTS), 3)[..., 2] == 2
+    points, seen = points[seen.any(-1)], seen[seen.any(-1)]  # as in training: persons with a visible point
     boxes, masks = (torch.from_numpy(a).repeat(len(rows), *[1] * a.ndim) for a in keypoint_slots(points, seen))
     masks[:len(rows) // 2] = 0
     return {"boxes": boxes.to(device), "masks": masks.to(device, dtype)}

@@ -247,9 +247,10 @@ def save_layout(caption, rows, refs, folder, keypoints=""):
     return str(path)
 
 
-def load_layout(path, columns=len(HEADERS)):
+def load_layout(path, columns=len(HEADERS), keypoints=True):
     """The first layout of a JSONL file (sample.py --layouts), checked: (caption, rows, a note, its keypoints as JSON
-    or ""). Reference images are named in the rows (columns=6), for the user to upload again."""
+    or "": without keypoints, left out). Reference images are named in the rows (columns=6), for the user to upload
+    again."""
     name = Path(path).name
     try:
         lines = [l for l in Path(path).read_bytes().decode("utf-8").splitlines() if l.strip()]
@@ -275,7 +276,9 @@ def load_layout(path, columns=len(HEADERS)):
         note += "; upload its reference images again (the table's image column names them)"
     elif images:
         note += "; its reference images are left out: these adapters take none"
-    kp = json.dumps(layout["keypoints"]) if "keypoints" in layout else ""
+    kp = json.dumps(layout["keypoints"]) if "keypoints" in layout and keypoints else ""
+    if "keypoints" in layout and not keypoints:
+        note += "; its keypoints are left out: these adapters take none"
     return layout["prompt"], layout_to_rows(layout, columns), note, kp
 
 
@@ -411,7 +414,7 @@ def build(cfg, sampler):
     @shown
     def generate(caption, rows, n, seed, steps, guidance, beta, scheduler, photo=None, refs=None, keypoints="",
                  progress=gr.Progress(track_tqdm=True)):
-        layout = table_to_layout(caption, rows, refs, keypoints)
+        layout = table_to_layout(caption, rows, refs, keypoints if sampler.keypoints else "")
         sampler.check([layout], photo)  # sample.py's checks and messages: the photo, reference images, video
         if warning := off_vocabulary(layout, known):
             gr.Warning(warning)
@@ -502,15 +505,17 @@ def build(cfg, sampler):
                      canvas, api_visibility="private")
         photo.clear(lambda rows: rows_to_canvas(rows, dict(image=blank_canvas(h, w))), table, canvas,
                     api_visibility="private")
-        keypoints.change(lambda text, rows: rows_to_canvas(rows, dict(image=skeleton_canvas(text, h, w))),
-                         [keypoints, table], canvas, api_visibility="private", queue=False)
+        if sampler.keypoints:
+            keypoints.change(lambda text, rows: rows_to_canvas(rows, dict(image=skeleton_canvas(text, h, w))),
+                             [keypoints, table], canvas, api_visibility="private", queue=False)
 
         @shown
         def on_load(path, value):
-            c, rows, msg, kp = load_layout(path, len(columns))
+            c, rows, msg, kp = load_layout(path, len(columns), sampler.keypoints)
             return c, rows, rows_to_canvas(rows, value), msg, kp
 
-        save.click(shown(lambda c, rows, r, kp: save_layout(c, rows, r, tempfile.mkdtemp(dir=work), kp)),
+        save.click(shown(lambda c, rows, r, kp: save_layout(c, rows, r, tempfile.mkdtemp(dir=work),
+                                                            kp if sampler.keypoints else "")),
                    [caption, table, refs, keypoints], saved, api_visibility="private")
         load.upload(on_load, [load, canvas], [caption, table, canvas, note, keypoints], api_visibility="private")
         watched = [status, verdict, loss_plot, speed_plot, use_plot, gap_plot, grid]

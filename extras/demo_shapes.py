@@ -175,7 +175,8 @@ def write_world(root, n, rng, positions=0.0):
     persons = [dict(a, category_id=0, keypoints=[v for p in shape_keypoints(
         [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]) for v in p])
         for a in anns]
-    person = [dict(id=0, name="person", keypoints=list(tg.KEYPOINTS), skeleton=tg.SKELETON)]
+    limbs = [[a + 1, b + 1] for a, b in tg.SKELETON]  # COCO's numbering starts at 1
+    person = [dict(id=0, name="person", keypoints=list(tg.KEYPOINTS), skeleton=limbs)]
     (root / "person_keypoints.json").write_text(json.dumps(dict(images=images, annotations=persons,
                                                                 categories=person)))
     (root / "captions.json").write_text(json.dumps(dict(images=images, annotations=caps)))
