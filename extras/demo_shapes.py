@@ -6,7 +6,7 @@ boxes. Under 10 minutes on a 2-core CPU; docs/shapes-demo.md has the measured ta
     python extras/demo_shapes.py --train_base=True  # the same after retraining the base from scratch (+12 minutes)
     python extras/demo_shapes.py --family=sd3       # the same on a tiny SD3-shaped base (MMDiT); writes demo_sd3/
     python extras/demo_shapes.py --family=flux      # the same on a tiny Flux-shaped base; writes demo_flux/
-    python extras/demo_shapes.py --keypoints=True   # GLIGEN's keypoint mode: shapes placed by 5 keypoints each
+    python extras/demo_shapes.py --keypoints=True --gligen_steps=6000  # the keypoint mode: 5 keypoints a shape
 
 1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
    32 x 32 image, each with a caption ("a red circle and a blue square") and, per shape, its phrase and exact box,
