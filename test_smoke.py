@@ -2033,6 +2033,9 @@ def test_keypoint_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data,
            "keypoints": layout["keypoints"]}
     sample.main({**cfg, "out_dir": str(tmp_path / "s")})
     assert (tmp_path / "s" / "000_00.png").is_file() and (tmp_path / "s" / "000_00_boxes.png").is_file()
+    im = Image.open(tmp_path / "s" / "000_00.png")  # the validation grid's tiles: the skeletons drawn on too
+    assert not np.array_equal(np.asarray(tg.draw_grounding(im, layout)),
+                              np.asarray(tg.draw_layout(im, layout["phrases"], layout["boxes"])))
     adapters = adapters_of(out)
     for k in adapters:  # gates open, so that the keypoints steer the image
         if k.endswith(("alpha_attn", "alpha_dense")):

@@ -1033,6 +1033,12 @@ def draw_layout(image, phrases, boxes):
     return image
 
 
+def draw_grounding(image, layout):
+    """draw_layout's copy of a layout's image, a keypoint layout's skeletons drawn on too."""
+    image = draw_layout(image, layout["phrases"], layout["boxes"])
+    return draw_keypoints(image, layout["keypoints"]) if "keypoints" in layout else image
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Checkpoints: out_dir/step_0002000/ holds adapters.safetensors, state.pt (optimizer, step, config; a sharded
 # run's optimizer is in optimizer/, a DCP checkpoint) and manifest.json (sizes, sha256), written as
@@ -1238,7 +1244,7 @@ def setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, 
 def validate(val, step, unet, out, bar, write=True):
     """The grid (out/val_<step>.png), and the box-use losses (log.jsonl); write False: a sharded run's other ranks,
     computing along for the gathers."""
-    images = [draw_layout(Image.fromarray(val.draw(l)), l["phrases"], l["boxes"]) for l in val.layouts]
+    images = [draw_grounding(Image.fromarray(val.draw(l)), l) for l in val.layouts]
     if not write:
         return val.batches and box_use_losses(val.image_losses, unet, val.batches, val.seed)
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))

@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]  # train_gligen.py and the scripts th
 sys.path.insert(0, str(ROOT))
 import train_gligen as tg
 from prep_boxes import iou as box_iou
-from train_gligen import configure, draw_layout, fail
+from train_gligen import configure, fail
 
 config = dict(
     family="sd",  # the base: "sd" (a UNet, SD-shaped), "sd3" (an SD3-shaped MMDiT) or "flux" (a Flux-shaped one)
@@ -516,11 +516,7 @@ def run(script, *args):
 
 def picture(layouts, rows, path):
     """One row per condition (label, sample dir), one column per layout; requested boxes drawn on."""
-    def tile(im, lay):
-        im = draw_layout(im, lay["phrases"], lay["boxes"])
-        return tg.draw_keypoints(im, lay["keypoints"]) if "keypoints" in lay else im
-
-    tiles = [[tile(Image.open(Path(sample_dir) / f"{k:03d}_00.png"), lay) for k, lay in enumerate(layouts)]
+    tiles = [[tg.draw_grounding(Image.open(Path(sample_dir) / f"{k:03d}_00.png"), lay) for k, lay in enumerate(layouts)]
              for _, sample_dir in rows]
     side, pad, label_w = tiles[0][0].width, 6, 130
     grid = Image.new("RGB", (label_w + len(layouts) * (side + pad), len(rows) * (side + pad)), "white")
