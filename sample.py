@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from train_gligen import (adapter_params, adapters_file, check_image, check_layouts, check_out_dir, choose_stages,
-                          configure, draw_keypoints, draw_layout, fail, family_of, in_range, is_moving, load_adapters,
+                          configure, draw_grounding, draw_layout, fail, family_of, in_range, is_moving, load_adapters,
                           load_clip_tower, load_image_project, load_model, mode_of, native_size, project_image_embeds,
                           read_jsonl, set_adapters, upright, vae_scale, SCHEDULERS)
 
@@ -336,8 +336,7 @@ def write_images(out, prefix, images, layout, video, fps):
             continue
         im = Image.fromarray(im)
         im.save(out / f"{name}.png")
-        drawn = draw_layout(im, labels, layout["boxes"])
-        (draw_keypoints(drawn, layout["keypoints"]) if "keypoints" in layout else drawn).save(out / f"{name}_boxes.png")
+        draw_grounding(im, {**layout, "phrases": labels}).save(out / f"{name}_boxes.png")
         paths.append((out / f"{name}.png", out / f"{name}_boxes.png"))
     return paths
 

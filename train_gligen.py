@@ -378,6 +378,11 @@ def load_sd(model, device, dtype, unet_class="UNet2DConditionModel"):
 
 # The adapters: one rule for what they are, one loader.
 MODE_NAMES = ("inpainting", "text-image", "keypoint")  # mode_of's
+
+
+def mode_name(mode):
+    """A mode_of answer in words: "inpainting and text-image", "text-box"."""
+    return " and ".join(k for k, on in zip(MODE_NAMES, mode) if on) or "text-box"
 MAY_BE_MISSING = ("conv_in.weight",)  # absent from a file, they keep their start: inpainting from text-box
 
 
@@ -400,7 +405,7 @@ def set_adapters(unet, sd, source):
     missing = sorted(k for k in own.keys() - sd.keys() if k not in MAY_BE_MISSING)
     unexpected = sorted(sd.keys() - own.keys())
     if missing or unexpected:
-        kind = lambda m: " and ".join(k for k, on in zip(MODE_NAMES, mode_of(m)) if on) or "text-box"
+        kind = lambda m: mode_name(mode_of(m))
         fusers = lambda m: sum(k.endswith(".fuser.alpha_attn") for k in m)
         why = f"{kind(sd)} adapters, and this run is {kind(own)}" if kind(sd) != kind(own) else \
             f"{fusers(sd)} fusers, and this UNet has {fusers(own)} transformer blocks: another model's?"
@@ -1158,10 +1163,9 @@ def choose_stages(family, inpaint=False, text_image=False, keypoints=False):
     """This run's stages: SD's, with those its family and mode replace."""
     mode = (inpaint, text_image, keypoints)
     if mode not in MODES:
-        fail(f"{' and '.join(k for k, on in zip(MODE_NAMES, mode) if on)} at once: no such mode")
+        fail(f"{mode_name(mode)} at once: no such mode")
     if any(mode) and family != "sd":
-        fail(f"{' and '.join(k for k, on in zip(MODE_NAMES, mode) if on)} grounding is for SD1.x/2.x models; this "
-             f"is {family}")
+        fail(f"{mode_name(mode)} grounding is for SD1.x/2.x models; this is {family}")
     return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image, keypoints=keypoints,
                            **{**STAGES, **FAMILIES[family], **MODES[mode]})
 
@@ -2246,17 +2250,18 @@ def triples(person):
 
 
 def keypoint_slots(points, seen):
-    """Points (P, 17, 2) and which are seen (P, 17) as the position net's boxes (136, 4) and masks (136,)."""
-    n = N_PERSONS * len(KEYPOINTS)
+    """Points (P, 17, 2), largest persons first, and seen (P, 17) as boxes (136, 4) and masks: the first 8 persons
+    with one seen."""
+    n, keep = N_PERSONS * len(KEYPOINTS), seen.any(-1)
     boxes, masks = np.zeros((n, 4), np.float32), np.zeros(n, np.float32)
-    p = points.reshape(-1, 2)[:n]
-    boxes[:len(p)], masks[:len(p)] = np.concatenate([p, p], -1), seen.reshape(-1)[:len(boxes)]
+    p, m = points[keep][:N_PERSONS].reshape(-1, 2), seen[keep][:N_PERSONS].reshape(-1)
+    boxes[:len(p)], masks[:len(p)] = np.concatenate([p, p], -1), m
     return boxes, masks
 
 
 @dataclass(slots=True)
 class KeypointItem(Item):
-    points: np.ndarray  # (k, 17, 2) in the crop, largest persons first
+    points: np.ndarray  # (k, 17, 2) in the crop, largest persons first (keypoint_slots picks)
     seen: np.ndarray  # (k, 17): v = 2, in the crop
 
 
@@ -2279,10 +2284,9 @@ class KeypointLatents(GroundedLatents):
         kp = np.asarray([triples(lay["keypoints"][i]) for i in order], np.float64).reshape(-1, len(KEYPOINTS), 3)
         xy = (kp[..., :2] * [lay["width"], lay["height"]] - [cx0, cy0]) / (cx1 - cx0)
         seen = (kp[..., 2] == 2) & (xy >= 0).all(-1) & (xy <= 1).all(-1)
-        keep = [i for i in range(len(kp)) if seen[i].any()][:N_PERSONS]
         shard, row = self.need(self.dir / rec["shard"], rec["row"], self.row_shape)
         return self.Item(shard=shard, row=row, caption=rec["caption"], phrases=[], boxes=np.zeros((0, 4), np.float32),
-                         points=xy[keep].astype(np.float32), seen=seen[keep])
+                         points=xy.astype(np.float32), seen=seen)
 
     def __getitem__(self, sample):
         x, it = super().__getitem__(sample), self.items[sample[0]]
@@ -2318,12 +2322,9 @@ def keypoint_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autoc
 def keypoint_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
     """A keypoint layout's "gligen" inputs, the first half null; the largest persons first."""
     device = next(text_encoder.parameters()).device
-    if "keypoints" not in layout:
-        fail(f"layout {layout['prompt']!r} has no keypoints: keypoint adapters need them (docs/data.md)")
     area = [-(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in layout["boxes"]]
     kp = np.asarray([triples(layout["keypoints"][i]) for i in np.argsort(area, kind="stable")], np.float32)
     points, seen = kp.reshape(-1, len(KEYPOINTS), 3)[..., :2], kp.reshape(-1, len(KEYPOINTS), 3)[..., 2] == 2
-    points, seen = points[seen.any(-1)], seen[seen.any(-1)]  # as in training: persons with a visible point
     boxes, masks = (torch.from_numpy(a).repeat(len(rows), *[1] * a.ndim) for a in keypoint_slots(points, seen))
     masks[:len(rows) // 2] = 0
     return {"boxes": boxes.to(device), "masks": masks.to(device, dtype)}
@@ -2351,10 +2352,8 @@ MODES[False, False, True] = dict(add_adapters=inject_keypoints, training_data=ke
 
 
 def draw_keypoints(image, persons):
-    """A copy of an image with the persons' visible keypoints and limbs drawn on."""
+    """A copy of draw_layout's image with the persons' visible keypoints and limbs drawn on."""
     image = image.convert("RGB")
-    scale = max(1, 256 // max(image.size))
-    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     d, (W, H) = ImageDraw.Draw(image), image.size
     for n, person in enumerate(persons):
         c, at = COLORS[n % len(COLORS)], [v == 2 and (x * W, y * H) for x, y, v in triples(person)]

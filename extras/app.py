@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "extras"))
 import sample  # noqa: E402  (the project's sampling code, after the path is set)
 from demo_shapes import config as demo, vocabulary  # noqa: E402
-from train_gligen import check_image, check_layouts, configure, draw_keypoints, fail, in_range, is_moving  # noqa: E402
+from train_gligen import (check_image, check_keypoints, check_layouts, configure, draw_keypoints, fail,  # noqa: E402
+                          in_range, is_moving)
 
 # the shipped demo: its base, its trained adapters, and the settings it was scored with
 SHAPES = dict(model=str(ROOT / "extras" / "shapes_base"), adapters=str(ROOT / "extras" / "shapes_adapters"),
@@ -133,8 +134,7 @@ def skeleton_canvas(text, height, width):
     blank = blank_canvas(height, width)
     try:
         persons = json.loads(text or "[]")
-        check_layouts([("", dict(prompt="", phrases=["p"] * len(persons), boxes=[[0, 0, 1, 1]] * len(persons),
-                                 keypoints=persons))])
+        check_keypoints(dict(boxes=persons, keypoints=persons), "the keypoints")
     except (json.JSONDecodeError, TypeError, SystemExit):
         return blank
     return np.asarray(draw_keypoints(Image.fromarray(blank), persons))
