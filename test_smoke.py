@@ -2061,7 +2061,7 @@ def test_keypoint_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data,
     with pytest.raises(SystemExit, match="text-box adapters, and this run is keypoint"):
         tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "x", boxes=str(tiny_pose), keypoints=True,
                           init_from=str(tmp_path / "text-box")))
-    with pytest.raises(SystemExit, match=r"val.jsonl:1: no keypoints, and --keypoints=True validates keypoint"):
+    with pytest.raises(SystemExit, match=r"val.jsonl:1: no keypoints, which this mode's layouts need"):
         tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "y", boxes=str(tiny_pose), keypoints=True, val_every=2,
                           val_steps=1, val_images=2, val_layouts=str(HERE / "layouts" / "val.jsonl")))
     with pytest.raises(SystemExit, match="was trained with keypoints=True, this run has keypoints=False"):

@@ -1154,6 +1154,7 @@ STAGES = dict(
     samplers=UNET_SAMPLERS,  # sample.py's schedulers; the first validates
     val_inputs=trained_size,  # the validation grid's extra inputs to generate
     val_layouts=VAL_LAYOUTS,  # the validation grid's layouts without --val_layouts
+    layout_needs=(),  # what else a layout with boxes needs (a mode's keys)
 )
 FAMILIES = {"sd": {}}
 MODES = {(False, False, False): {}}  # by mode_of
@@ -1184,17 +1185,17 @@ def setup_distributed(cuda):
     return rank, world, device, dist.new_group(backend="gloo") if cuda else dist.group.WORLD
 
 
-def validation_layouts(cfg, default):
-    """The validation grid's layouts: --val_layouts' (checked), or the mode's default."""
+def validation_layouts(cfg, default, needs=()):
+    """The validation grid's layouts: --val_layouts' (checked, with the keys `needs`), or the mode's default."""
     if not cfg["val_layouts"]:
         return default
     layouts = [(f"{cfg['val_layouts']}:{line}", l) for line, l in read_jsonl(cfg["val_layouts"])]
     if not layouts:
         fail(f"--val_layouts={cfg['val_layouts']}: no layouts in it (one JSON object a line: prompt, phrases, boxes)")
     check_layouts(layouts)
-    for where, l in layouts if cfg["keypoints"] else []:
-        if l["boxes"] and "keypoints" not in l:
-            fail(f"{where}: no keypoints, and --keypoints=True validates keypoint layouts (docs/data.md)")
+    for where, l in layouts:
+        if missing := [k for k in needs if l["boxes"] and k not in l]:
+            fail(f"{where}: no {missing[0]}, which this mode's layouts need (docs/data.md)")
     return [l for _, l in layouts]
 
 
@@ -1412,7 +1413,7 @@ def main(cfg):
     data = stages.training_data(cfg)
     if len(data) < G:
         fail(f"{cfg['latents']} has {len(data)} usable images, fewer than one global batch ({G})")
-    layouts = validation_layouts(cfg, stages.val_layouts)
+    layouts = validation_layouts(cfg, stages.val_layouts, stages.layout_needs)
     if cfg["init_from"] and missing_local_path(cfg["init_from"]):
         fail(f"--init_from={cfg['init_from']}: adapters not found")
 
@@ -2193,7 +2194,7 @@ MODES[True, True, False] = {**MODES[True, False, False], **MODES[False, True, Fa
 
 # =================================================================================================================
 # Keypoints, GLIGEN's mode: 8 persons x 17 COCO keypoints, 136 tokens. A point rides as the box [x, y, x, y]: the
-# drops and box-use gap are SD's. Replaces add_adapters, training_data, loss, generate and val_layouts.
+# drops and box-use gap are SD's. Replaces add_adapters, training_data, loss, generate, val_layouts, layout_needs.
 KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
              "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
              "right_knee", "left_ankle", "right_ankle")  # COCO's order
@@ -2348,7 +2349,8 @@ def standing(prompt, label, *persons):
 KEYPOINT_VAL_LAYOUTS = [standing("a man standing on a beach", "a man", (0.5, 0.1, 0.85)),
                         standing("two women talking in a park", "a woman", (0.3, 0.2, 0.7), (0.72, 0.15, 0.75))]
 MODES[False, False, True] = dict(add_adapters=inject_keypoints, training_data=keypoint_training_data,
-                                 loss=keypoint_loss, generate=generate_keypoints, val_layouts=KEYPOINT_VAL_LAYOUTS)
+                                 loss=keypoint_loss, generate=generate_keypoints, val_layouts=KEYPOINT_VAL_LAYOUTS,
+                                 layout_needs=("keypoints",))
 
 
 def draw_keypoints(image, persons):
