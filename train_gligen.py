@@ -1534,7 +1534,7 @@ def main(cfg):
         if stop:
             why = ", ".join(preemption.signals) or "another rank got a signal"
             bar.write(f"rank {rank}: {why}: stopped at step {step}, saved {checkpoint_dir(out, step)}; run the same "
-                      f"command to resume")
+                      f"command to resume\n", end="")  # one write: ranks' lines never interleave
             break
 
     # The exit.
