@@ -61,11 +61,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from train_gligen import (check_layout, check_out_dir, configure, fail, in_range, load_clip_tower,
-                          project_image_embeds, read_jsonl, sha256, upright)
+from train_gligen import (check_layout, check_out_dir, configure, fail, fit_map, in_range, load_clip_tower,
+                          project_image_embeds, read_jsonl, read_map, sha256, upright)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # whose VAE encodes the images
@@ -87,6 +88,8 @@ config = dict(
     image_encoder="",  # instead: each box crop's CLIP image feature, for text-image training (a CLIP, Hub id or dir)
     boxes="",  # with --image_encoder: prep_boxes.py's file, whose boxes are cropped from the same images
     image_project="",  # with --image_encoder: a diffusers text-image GLIGEN model whose image_project to use
+    map="",  # instead: a spatial map per image (train_gligen.py --maps): edges, depth, or a folder of your maps
+    depth_model="depth-anything/Depth-Anything-V2-Small-hf",  # with --map=depth: a transformers depth-estimation model
 )
 Image.init()
 IMAGE_SUFFIXES = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}  # all PIL opens
@@ -531,6 +534,150 @@ def embed_main(cfg):
         dist.destroy_process_group()
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# Spatial maps for the spatial-map mode: each image's map, through the latents' crop, at half their side.
+MAP_SUFFIXES = (".png", ".npy", ".tif", ".tiff")  # a map of your own: <folder>/<image's key, this suffix>
+
+
+def find_map(folder, key):
+    """Your map for an image: <folder>/<its key>.<suffix>, or <folder>/<its file name>.<suffix>; None if none."""
+    for stem in (Path(key).with_suffix(""), Path(Path(key).name).with_suffix("")):
+        for suffix in MAP_SUFFIXES:
+            if (folder / stem.with_suffix(suffix)).is_file():
+                return folder / stem.with_suffix(suffix)
+    return None
+
+
+def edge_map(pixels):
+    """(1, S, S) edges of (3, S, S) pixels: 1 where the grey image's Sobel gradient passes a quarter of its most."""
+    grey = F.pad(pixels.mean(0)[None, None], (1, 1, 1, 1), mode="replicate")
+    sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    g = F.conv2d(grey, torch.stack([sobel, sobel.T])[:, None])[0]
+    mag = g.pow(2).sum(0, keepdim=True).sqrt()
+    return (mag > 0.25 * mag.max()).float() if mag.max() > 0 else mag
+
+
+class MapSources(Images):
+    """In the loader workers, an image's map source: (key, what, size, crop, error). what: edges (C, S, S), the
+    cropped RGB image for a depth model, or your map fitted (C, S, S); error: None, (reason, detail) for an image
+    skipped, or ("fail", message) for bad input that stops the job."""
+
+    def __init__(self, items, cfg, folder):
+        super().__init__(items, cfg["resolution"], False, cfg["max_upscale"])
+        self.kind, self.folder, self.side = cfg["map"], folder, cfg["resolution"] // 2
+
+    def __getitem__(self, i):
+        key, file, offset, size, _ = self.items[i]
+        try:
+            with read_image(file, offset, size, self.handles) as im:
+                if min(im.size) * self.max_upscale < self.resolution:
+                    return key, None, None, None, ("too small", f"{im.width}x{im.height} px")
+                crop = center_crop_box(*im.size)
+                if self.kind == "edges":
+                    return key, edge_map(square_pixels(im, crop, self.side)), im.size, crop, None
+                if self.kind == "depth":
+                    return key, to_rgb(im).crop(crop), im.size, crop, None
+                size = im.size
+        except Exception as e:  # a corrupt or truncated file: skipped, counted, named
+            return key, None, None, None, ("unreadable", f"{type(e).__name__}: {e}")
+        path = find_map(self.folder, key)
+        if path is None:
+            return key, None, None, None, ("no map", f"no {Path(key).with_suffix('')}.png/.npy in {self.folder}")
+        try:
+            m = read_map(path)
+        except SystemExit as e:
+            return key, None, None, None, ("fail", f"{e}".removeprefix("error: ") + f" (the map of image {key!r})")
+        if m.shape[1:] != (size[1], size[0]):
+            why = f"{path}: the map is {m.shape[2]}x{m.shape[1]} px, its image {key!r} {size[0]}x{size[1]} (upright)"
+            return key, None, None, None, ("fail", why + ": a map is aligned with its image, pixel for pixel")
+        return key, fit_map(m, crop, (self.side, self.side)), size, crop, None
+
+
+@torch.no_grad()
+def depth_maps(model, processor, images, side):
+    """Relative depth (1, S, S) in [0, 1] of each image, near bright, as the model predicts it, min-max per image."""
+    inputs = processor(images=images, return_tensors="pt").to(model.device, model.dtype)
+    d = F.interpolate(model(**inputs).predicted_depth[:, None].float(), (side, side), mode="bicubic").cpu()
+    lo, hi = d.amin((1, 2, 3), keepdim=True), d.amax((1, 2, 3), keepdim=True)
+    return list((d - lo) / (hi - lo).clamp_min(1e-12))
+
+
+def map_shard(depth, cfg, out, name, source, root, folder):
+    items, skipped, temp = shard_items(source, None, root, out, need_caption=False)
+    skipped = [dict(image=k, shard=name, reason=r) for k, r in skipped]
+    loader = torch.utils.data.DataLoader(MapSources(items, cfg, folder), batch_size=cfg["batch_size"],
+                                         num_workers=cfg["num_workers"], collate_fn=list)
+    index, maps = [], []
+    for batch in loader:
+        for *_, err in batch:
+            if err and err[0] == "fail":
+                fail(err[1])
+        skipped += [dict(image=key, shard=name, reason=err[0], error=err[1]) for key, *_, err in batch if err]
+        batch = [b for b in batch if b[4] is None]
+        got = depth_maps(*depth, [b[1] for b in batch], cfg["resolution"] // 2) if depth and batch else \
+            [b[1] for b in batch]
+        for (key, _, (w, h), crop, _), m in zip(batch, got):
+            if maps and len(m) != len(maps[0]):
+                fail(f"the map of image {key!r} has {len(m)} channels, the maps before it {len(maps[0])}: one count "
+                     f"for all")
+            index.append(dict(key=key, shard=f"{name}.npy", row=len(maps), width=w, height=h, crop=crop,
+                              channels=len(m)))
+            maps.append((m.numpy() * 65535).round().astype(np.uint16))
+    save_shard(out, name, np.stack(maps) if maps else None, index, skipped)
+    if temp:
+        temp.unlink()
+    return len(index)
+
+
+def map_main(cfg):
+    out, root = Path(cfg["out"]), Path(cfg["images"])
+    folder = None if cfg["map"] in ("edges", "depth") else Path(cfg["map"])
+    if folder is not None and not folder.is_dir():
+        fail(f"--map={cfg['map']}: edges, depth, or a folder of your maps (one per image); folder not found")
+    if cfg["resolution"] % 16:
+        fail(f"--resolution={cfg['resolution']}: maps are stored at half of it, 4x the latents' side: a multiple of 16")
+    shards = input_shards(cfg)
+    keys = ("map", "resolution", "max_upscale", "images", "tars", "shard_size")
+    keys += ("depth_model",) * (cfg["map"] == "depth")
+    settings = {k: cfg[k] for k in keys}
+    settings["input_files"] = sum(1 if isinstance(s, Path) else len(s) for _, s in shards)
+    rank, world, device = start(out, settings)
+    todo = pending(shards, rank, world, lambda n: out / f"{n}.json", "map")
+    depth = None
+    if todo and cfg["map"] == "depth":
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        try:
+            depth = (AutoModelForDepthEstimation.from_pretrained(cfg["depth_model"]).to(device).eval(),
+                     AutoImageProcessor.from_pretrained(cfg["depth_model"]))
+        except (OSError, ValueError) as e:
+            fail(f"--depth_model={cfg['depth_model']}: cannot load a transformers depth-estimation model from it: {e}")
+    for name, source in tqdm(todo, desc=f"rank {rank} shards", unit="shard", position=rank):
+        map_shard(depth, cfg, out, name, source, root, folder)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        all_done(shards, lambda n: out / f"{n}.json", "mapped")
+        recs = [json.loads((out / f"{n}.json").read_text()) for n, _ in shards]
+        index, skipped = [r for rec in recs for r in rec["index"]], [r for rec in recs for r in rec["skipped"]]
+        if not index:
+            print_skipped([(r["image"], r["reason"]) for r in skipped])
+            fail(f"no map was made for any of the {len(skipped)} images (the reasons above)")
+        if len({r["channels"] for r in index}) > 1:
+            other = next(r for r in index if r["channels"] != index[0]["channels"])
+            fail(f"the map of image {other['key']!r} has {other['channels']} channels, that of image "
+                 f"{index[0]['key']!r} {index[0]['channels']}: one count for all")
+        write_jsonl(out / "skipped.jsonl", skipped)
+        write_json(out / "meta.json", dict(settings, channels=index[0]["channels"], side=cfg["resolution"] // 2,
+                                           images=len(index), skipped=len(skipped)), indent=1)
+        write_jsonl(out / "index.jsonl", index)  # last: it marks the end
+        print(f"{len(index)} maps ({index[0]['channels']} channels, {cfg['resolution'] // 2} px) in {out}; "
+              f"skipped {len(skipped)}")
+        print_skipped([(r["image"], r["reason"]) for r in skipped])
+    if world > 1:
+        dist.destroy_process_group()
+
+
 def check_settings(cfg):
     """Stop on a setting that cannot work, before anything slow starts."""
     in_range(cfg, "resolution batch_size shard_size", 1)
@@ -550,6 +697,8 @@ def main(cfg):
         return import_igligen(cfg)
     if cfg["image_encoder"]:
         return embed_main(cfg)
+    if cfg["map"]:
+        return map_main(cfg)
     from diffusers import AutoencoderKL
 
     out, root = Path(cfg["out"]), Path(cfg["images"])

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from train_gligen import (adapter_params, adapters_file, check_image, check_layouts, check_out_dir, choose_stages,
                           configure, draw_grounding, draw_layout, fail, family_of, in_range, is_moving, load_adapters,
-                          load_clip_tower, load_image_project, load_model, mode_of, native_size, project_image_embeds,
-                          read_jsonl, set_adapters, upright, vae_scale, SCHEDULERS)
+                          load_clip_tower, load_image_project, load_model, map_net_of, mode_of, native_size,
+                          project_image_embeds, read_jsonl, set_adapters, upright, vae_scale, SCHEDULERS)
 
 config = dict(
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # base model: Hub id or local diffusers directory
@@ -59,6 +59,7 @@ config = dict(
     inpaint_image="",  # inpainting adapters (trained with --inpaint=True): the photo to keep outside the boxes
     images=[],  # text-image adapters: one reference image path (or None) per box; a box's phrase may then be None
     keypoints=[],  # keypoint adapters: per box (a person) 17 COCO keypoints, each [x, y] or None (not there)
+    map="",  # spatial-map adapters: the map (PNG or NPY, as prep_latents.py --map reads) the image follows
     image_encoder="",  # text-image adapters: their CLIP image encoder; "" = the one they were trained with
 )
 DTYPES = dict(auto=None, fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # auto: fp16 on CUDA, else fp32
@@ -171,7 +172,7 @@ def read_layouts(cfg):
             fail(f"{cfg['layouts']}: no layouts in it (one JSON object a line: prompt, phrases, boxes)")
     else:
         layout = dict(prompt=cfg["prompt"], phrases=cfg["phrases"], boxes=cfg["boxes"],
-                      **{k: cfg[k] for k in ("images", "keypoints") if cfg[k]})
+                      **{k: cfg[k] for k in ("images", "keypoints", "map") if cfg[k]})
         layouts = [("--prompt/--phrases/--boxes", layout)]
     check_layouts(layouts, cfg["frames"], images=True)  # boxes per frame: whether the model makes video, checked later
     return [l for _, l in layouts]
@@ -187,11 +188,15 @@ class Sampler:
         self.cfg = cfg
         self.family = family_of(cfg["model"])  # from its config: a wrong --model fails at once
         self.adapters = load_adapters(cfg["adapters"]) if cfg["adapters"] else {}  # a bad path fails here too
-        self.inpaint, self.text_image, self.keypoints = mode_of(self.adapters)  # what the adapters were trained for
-        self.stages = choose_stages(self.family, self.inpaint, self.text_image, self.keypoints)
+        self.inpaint, self.text_image, self.keypoints, self.spatial = mode_of(self.adapters)  # what they trained for
+        self.stages = choose_stages(self.family, self.inpaint, self.text_image, self.keypoints,
+                                    map_net_of(self.adapters) if self.spatial else None)
         self.video = self.family == "video"
         if cfg["export"] and self.family != "sd":
             fail("--export needs an SD1.x/2.x model (diffusers has no SDXL, video, SD3 or Flux GLIGEN pipeline)")
+        if cfg["export"] and self.spatial:
+            fail("--export: diffusers has no GLIGEN pipeline for spatial maps (its GLIGEN UNet takes boxes and phrases "
+                 "or images, and a 4-channel input): sample map adapters with this script")
         if cfg["export"] and self.keypoints:
             fail("--export: diffusers has no GLIGEN pipeline for keypoints (its GLIGEN UNet takes boxes and phrases "
                  "or images): sample keypoint adapters with this script")
@@ -204,6 +209,11 @@ class Sampler:
         if self.adapters and not self.keypoints and any("keypoints" in l for l in layouts):  # the base ignores them
             fail("keypoints (--keypoints, or \"keypoints\" in --layouts) need keypoint adapters (trained with "
                  "--keypoints=True)")
+        if self.spatial and not all("map" in l for l in layouts):
+            fail(f"--adapters={self.cfg['adapters']} are spatial-map adapters: each layout needs a map (--map, or "
+                 f"\"map\" in --layouts)")
+        if self.adapters and not self.spatial and any("map" in l for l in layouts):  # the base ignores them
+            fail("a map (--map, or \"map\" in --layouts) needs spatial-map adapters (trained with --maps)")
         if self.keypoints and any(l["boxes"] and "keypoints" not in l for l in layouts):
             fail(f"--adapters={self.cfg['adapters']} are keypoint adapters: each layout with boxes needs keypoints "
                  f"(--keypoints, or \"keypoints\" in --layouts)")
@@ -280,12 +290,15 @@ class Sampler:
                                    progress=progress, **extra)
 
     def as_drawn(self, layout):
-        """The layout as generate takes it: no phrases without adapters; text-image adapters' reference images as
-        features."""
+        """The layout as generate takes it: no phrases or map without adapters, no boxes with map adapters;
+        text-image adapters' reference images as features."""
         if self.text_image:
             paths = layout.get("images") or [None] * len(layout["phrases"])
             layout = {**layout, "images": image_features(paths, self.image_tower)}
-        return {**layout, "phrases": layout["phrases"] if self.adapters else []}
+        if self.spatial:
+            layout = {**layout, "phrases": [], "boxes": []}
+        return {k: v for k, v in layout.items() if k != "map" or self.adapters} | \
+            {"phrases": layout["phrases"] if self.adapters else []}
 
 
 def main(cfg):
@@ -306,7 +319,8 @@ def main(cfg):
     for batch in batches(layouts, cfg["batch"]):
         images = sampler.draw([layouts[k] for k in batch], [cfg["seed"] + k for k in batch])
         for k, each in zip(batch, np.split(images, len(batch))):
-            write_images(out, f"{k:03d}", each, layouts[k], sampler.video, cfg["fps"])
+            shown = {**layouts[k], "phrases": [], "boxes": []} if sampler.spatial else layouts[k]  # a map: no boxes
+            write_images(out, f"{k:03d}", each, shown, sampler.video, cfg["fps"])
         bar.update(len(batch))
     bar.close()
     what = "clips (frames, a GIF, a GIF with boxes)" if sampler.video else "images (and copies with boxes)"

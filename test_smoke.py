@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import train_gligen as tg
@@ -604,6 +605,53 @@ def make_pose(root, seed=0):
 def tiny_pose(tiny_data):
     """make_pose's boxes file of tiny_data's images (whose latents it joins); prep_boxes.py's summary beside it."""
     return make_pose(tiny_data["root"])
+
+
+def make_maps(root):
+    """A map of your own for each of make_coco's images, aligned with it, of the kinds people have: 8-bit PNG,
+    16-bit PNG, uint16 NPY and float NPY, one grey channel of random values."""
+    (root / "maps").mkdir()
+    for i, p in enumerate(sorted((root / "images").iterdir())):
+        try:
+            with Image.open(p) as im:
+                W, H = im.size
+        except OSError:  # the broken JPEG
+            continue
+        a = np.random.default_rng(i).random((H, W))
+        [lambda: Image.fromarray((a * 255).round().astype(np.uint8)).save(root / "maps" / f"{p.stem}.png"),
+         lambda: Image.fromarray((a * 65535).round().astype(np.uint16)).save(root / "maps" / f"{p.stem}.png"),
+         lambda: np.save(root / "maps" / f"{p.stem}.npy", (a * 65535).round().astype(np.uint16)),
+         lambda: np.save(root / "maps" / f"{p.stem}.npy", a.astype(np.float32))][i % 4]()
+    return root / "maps"
+
+
+@pytest.fixture(scope="session")
+def tiny_maps(tiny_data):
+    """prep_latents.py --map's maps of make_maps' files for tiny_data's images; its summary beside them."""
+    folder = make_maps(tiny_data["root"])
+    out = tiny_data["root"] / "map-data"
+    r = run("prep_latents.py", f"--map={folder}", f"--images={tiny_data['root'] / 'images'}", f"--out={out}",
+            "--resolution=16", "--num_workers=2", "--shard_size=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (out / "prep.log").write_text(r.stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_convnext(tmp_path_factory):
+    """A 2-stage ConvNeXt (stride 4: a 32 px map gives 8 x 8 features), as a transformers directory."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("convnext")
+    config = ConvNextConfig(patch_size=2, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], layer_scale_init_value=0.5)
+    ConvNextModel(config).save_pretrained(path)  # layer scales as a trained one has them, not 1e-6
+    return path
+
+
+def map_stages(tiny_maps, tiny_convnext):
+    """The spatial-map mode's stages, its map net from these maps and ConvNeXt."""
+    return tg.choose_stages("sd", map_net=partial(tg.load_map_net, str(tiny_maps), str(tiny_convnext)))
 
 
 @pytest.fixture(scope="session")
@@ -1242,6 +1290,191 @@ def test_keypoint_tokens_and_flip_equal_a_hand_computation(tiny_data, tiny_pose)
             torch.testing.assert_close(got[b, s_], net.linears(inp), rtol=1e-4, atol=1e-4)
 
 
+def test_prep_latents_reads_every_kind_of_map_and_refuses_bad_ones(tiny_data, tiny_maps, tmp_path):
+    """prep_latents.py --map: your maps (8- and 16-bit PNG, uint16 and float NPY, RGB) read to [0, 1] exactly, each
+    through its image's center crop (the latents' crop) and resized to half the resolution as PIL resizes it, kept
+    in 16 bits; edges by hand: where the Sobel gradient passes a quarter of its most; depth from a transformers
+    depth-estimation model, min-max per image. Refused, each naming the file and the image: a map of another size
+    than its image, one of another channel count, floats outside [0, 1]; a folder that is not there."""
+    import prep_latents as pl
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    a = np.random.default_rng(0).random((5, 7, 3))
+    Image.fromarray((a[..., 0] * 255).round().astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray((a[..., 0] * 65535).round().astype(np.uint16)).save(tmp_path / "16.png")
+    Image.fromarray((a * 255).round().astype(np.uint8)).save(tmp_path / "rgb.png")
+    np.save(tmp_path / "f.npy", a.astype(np.float32))
+    np.save(tmp_path / "u16.npy", (a * 65535).round().astype(np.uint16))
+    for name, want in {"8.png": (a[None, ..., 0] * 255).round() / 255, "16.png": (a[None, ..., 0] * 65535).round()
+                       / 65535, "rgb.png": (a.transpose(2, 0, 1) * 255).round() / 255, "f.npy": a.transpose(2, 0, 1),
+                       "u16.npy": (a.transpose(2, 0, 1) * 65535).round() / 65535}.items():
+        np.testing.assert_allclose(tg.read_map(tmp_path / name).numpy(), want, atol=1e-7, err_msg=name)
+    np.save(tmp_path / "over.npy", a.astype(np.float32) + 1)
+    with pytest.raises(SystemExit, match=r"over.npy: a map holds uint8, uint16, or floats in \[0, 1\]; .* from 1.0"):
+        tg.read_map(tmp_path / "over.npy")
+
+    meta, folder = json.loads((tiny_maps / "meta.json").read_text()), tiny_data["root"] / "maps"
+    assert (meta["channels"], meta["side"], meta["images"]) == (1, 8, 13)  # all but the broken and the too small
+    crops = {r["key"]: r["crop"] for _, r in tg.read_jsonl(tiny_data["latents"] / "index.jsonl")}
+    for _, r in tg.read_jsonl(tiny_maps / "index.jsonl"):
+        src = pl.find_map(folder, r["key"])
+        m = np.load(src) if src.suffix == ".npy" else np.asarray(Image.open(src))
+        m = m / 65535 if m.dtype == np.uint16 else m / 255 if m.dtype == np.uint8 else m
+        want = Image.fromarray(m.astype(np.float32)).resize((8, 8), Image.Resampling.BILINEAR, box=r["crop"])
+        got = np.load(tiny_maps / r["shard"])[r["row"]]
+        assert got.dtype == np.uint16 and got.shape == (1, 8, 8)
+        np.testing.assert_allclose(got[0] / 65535, np.asarray(want), atol=1e-4, err_msg=r["key"])
+        assert r["crop"] == crops.get(r["key"], r["crop"])
+
+    images = tmp_path / "images"
+    images.mkdir()
+    square = np.zeros((48, 64, 3), np.uint8)
+    square[14:34, 22:42] = 255  # the crop is x 8..56: the square sits at 14..34 in it
+    Image.fromarray(square).save(images / "square.png")
+    edges = lambda **over: pl.main({**pl.config, "images": str(images), "out": str(tmp_path / "edges"),
+                                    "resolution": 96, "num_workers": 0, "map": "edges", **over})
+    edges()
+    got = np.load(tmp_path / "edges" / "images_00000.npy")[0, 0] / 65535
+    win = np.lib.stride_tricks.sliding_window_view(np.pad(square[:, 8:56, 0], 1, mode="edge"), (3, 3))
+    assert np.array_equal(got, (win.max((2, 3)) != win.min((2, 3))).astype(float))  # where the 3 x 3 window changes
+
+    torch.manual_seed(0)
+    dpt = DPTForDepthEstimation(DPTConfig(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8] * 4, fusion_hidden_size=8,
+        reassemble_factors=[4, 2, 1, 0.5]))
+    dpt.save_pretrained(tmp_path / "dpt")
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dpt")
+    pl.main({**pl.config, "images": str(tiny_data["root"] / "images"), "out": str(tmp_path / "depth"),
+             "resolution": 16, "num_workers": 0, "map": "depth", "depth_model": str(tmp_path / "dpt")})
+    depth = np.concatenate([np.load(f) for f in sorted((tmp_path / "depth").glob("*.npy"))])
+    assert depth.shape == (13, 1, 8, 8) and (depth.min((1, 2, 3)) == 0).all() and (depth.max((1, 2, 3)) == 65535).all()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    for f in bad.glob("img_005.*"):
+        f.unlink()
+    run_bad = lambda: pl.main({**pl.config, "images": str(tiny_data["root"] / "images"), "map": str(bad),
+                               "out": str(tmp_path / f"bad-{len(list(tmp_path.glob('bad-*')))}"), "resolution": 16,
+                               "num_workers": 0})
+    Image.fromarray(np.zeros((32, 40), np.uint8)).save(bad / "img_005.png")  # its image is 40 x 40
+    with pytest.raises(SystemExit, match=r"bad/img_005.png: the map is 40x32 px, its image 'img_005.jpg' 40x40 "):
+        run_bad()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(bad / "img_005.png")
+    with pytest.raises(SystemExit, match=r"the map of image 'img_005.jpg' has 3 channels, the maps before it 1"):
+        run_bad()
+    np.save(bad / "img_005.npy", np.full((40, 40), 2.0))
+    (bad / "img_005.png").unlink()
+    with pytest.raises(SystemExit, match=r"img_005.npy: a map holds .* \(the map of image 'img_005.jpg'\)"):
+        run_bad()
+    with pytest.raises(SystemExit, match=r"--map=.*nowhere: edges, depth, or a folder of your maps .* not found"):
+        edges(map=str(tmp_path / "nowhere"))
+
+
+def test_map_tokens_conv_in_and_flip_equal_a_hand_computation(tiny_sd, tiny_data, tiny_maps, tiny_convnext):
+    """The spatial-map mode's samples: the stored map in [0, 1], mirrored with the flipped latent. The UNet's input
+    packs the map (resized to 4x the latent's side) into channels, and conv_in convolves [latent; the downsampler's 8
+    channels of it], by hand; fresh, the UNet gives its base's output whatever the map. The tokens: the ConvNeXt's
+    8 x 8 last features of the map (nearest-resized, grey as RGB), the null feature where grounding is dropped, plus
+    the positions, through the MLP, by hand."""
+    data = tg.MapLatents(tiny_data["latents"], tiny_maps)
+    it = data.items[1]
+    x, flipped = data[(1, False)], data[(1, True)]
+    stored = torch.from_numpy(np.load(it.map_shard)[it.map_row].astype(np.float32) / 65535)
+    assert torch.equal(x["map"], stored) and torch.equal(flipped["map"], stored.flip(-1))
+    assert torch.equal(flipped["latent"], torch.from_numpy(np.load(it.shard)[it.row, 1].copy()))
+    tokenizer = tg.load_sd(str(tiny_sd), "cpu", torch.float32)[2]
+    batch = data.collate(tokenizer, [x, flipped])
+    assert torch.equal(batch["maps"], torch.stack([stored, stored.flip(-1)]) * 2 - 1)
+    assert torch.equal(batch["masks"], torch.ones(2, 1))
+    assert torch.equal(tg.mirrored_maps(batch)["maps"], batch["maps"].flip(-1))
+
+    stages = map_stages(tiny_maps, tiny_convnext)
+    base = stages.load(str(tiny_sd), "cpu", torch.float32)[0]
+    torch.manual_seed(0)
+    unet = stages.add_adapters(copy.deepcopy(base))
+    z, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    gligen = {"gligen": {"maps": batch["maps"], "masks": torch.tensor([[1.0], [0.0]])}}
+    fresh = unet(tg.with_map(z, batch["maps"]), t, text, cross_attention_kwargs=gligen).sample
+    torch.testing.assert_close(fresh, base(z, t, text).sample, rtol=1e-5, atol=1e-6)
+    for p in tg.adapter_params(unet):
+        torch.nn.init.normal_(p, std=0.3)
+    inp = tg.with_map(z, batch["maps"])
+    resized = F.interpolate(batch["maps"], size=(32, 32), mode="bilinear", antialias=True)
+    assert inp.shape == (2, 20, 8, 8) and torch.equal(inp[:, :4], z)
+    assert torch.equal(F.pixel_shuffle(inp[:, 4:], 4), resized)
+    conv = unet.conv_in
+    want = F.conv2d(torch.cat([z, conv.downsample_net.layers(resized)], 1), conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(conv(inp), want)
+
+    net = unet.position_net
+    got = net(batch["maps"], gligen["gligen"]["masks"])
+    up = batch["maps"].repeat_interleave(4, -1).repeat_interleave(4, -2)  # nearest, 8 -> 32 px
+    feats = net.convnext(up.expand(-1, 3, -1, -1)).last_hidden_state  # (2, 16, 8, 8)
+    assert got.shape == (2, 64, 32)
+    for b in range(2):
+        for k in range(64):
+            f = feats[b, :, k // 8, k % 8] if b == 0 else net.null_feature
+            torch.testing.assert_close(got[b, k], net.linears(f + net.pos_embedding[0, k]), rtol=1e-4, atol=1e-5)
+
+
+def test_map_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data, tiny_maps, tiny_convnext, random_adapters,
+                                                        tmp_path):
+    """Spatial-map adapters: sample.py draws a map (a file: --map or a layout's "map"), the map steers the image and
+    sits beside it in the _boxes copy; a map layout's grounding is its map, the unconditional half's tokens null.
+    Trained in bf16 with the validation grid. Refused, each with one line: --export, a layout without a map, a map
+    to other adapters, a map of the wrong channel count, a map file not there; in training a mode mixed with
+    --maps, text-box adapters as --init_from, maps of another resolution than the latents, latents as --maps, a
+    --map_encoder that is no ConvNeXt."""
+    import prep_latents as pl
+    import sample
+
+    m = torch.rand(1, 8, 8)
+    g = tg.map_layout_grounding(None, None, {"map": m[None] * 2 - 1}, [None] * 4, torch.float32)
+    assert torch.equal(g["masks"], torch.tensor([[0.0], [0.0], [1.0], [1.0]]))
+    assert torch.equal(g["maps"], (m[None] * 2 - 1).expand(4, -1, -1, -1))
+
+    stages = map_stages(tiny_maps, tiny_convnext)
+    random_adapters_of(stages, stages.load(str(tiny_sd), "cpu", torch.float32)[0], 5, tmp_path / "ad")
+    maps = [str(p) for p in sorted((tiny_data["root"] / "maps").glob("*"))[:2]]
+    (tmp_path / "layouts.jsonl").write_text(json.dumps(dict(prompt="shapes", phrases=[], boxes=[], map=maps[1])) + "\n")
+    cfg = lambda out, **over: {**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "ad"),
+                               "prompt": "shapes", "n": 1, "steps": 3, "out_dir": str(tmp_path / out), **over}
+    for out, map_ in (("a", maps[0]), ("b", maps[1]), ("b-again", maps[1])):
+        sample.main(cfg(out, map=map_))
+    sample.main(cfg("from-layouts", layouts=str(tmp_path / "layouts.jsonl")))
+    a, b, again, listed = (pngs(tmp_path / out, 1) for out in ("a", "b", "b-again", "from-layouts"))
+    assert np.abs(a - b).mean() > 1 and np.array_equal(b, again) and np.array_equal(b, listed)
+    boxed = Image.open(tmp_path / "b" / "000_00_boxes.png")
+    assert boxed.size == (2 * 256, 256)  # the image (drawn at 256 px), its map beside it
+    for over, why in ((dict(map=maps[0], export=str(tmp_path / "exp")), "no GLIGEN pipeline for spatial maps"),
+                      (dict(), "are spatial-map adapters: each layout needs a map"),
+                      (dict(map=maps[0], adapters=str(random_adapters)), "a map .* needs spatial-map adapters"),
+                      (dict(map=str(tmp_path / "none.png")), "map must be the path of a map file .* not found")):
+        with pytest.raises(SystemExit, match=why):
+            sample.main(cfg("refused", **over))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(SystemExit, match=r"these adapters need a map of 1 channels, got torch.Size\(\[3, 8, 8\]\)"):
+        sample.main(cfg("refused", map=str(tmp_path / "rgb.png")))
+
+    train = lambda out, **over: tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / out, **{
+        "maps": str(tiny_maps), "map_encoder": str(tiny_convnext), "max_steps": 1, **over}))
+    train("bf16", dtype="bf16", val_every=1, val_steps=1, val_images=2)
+    assert Image.open(tmp_path / "bf16" / "val_0000001.png").size == (2 * 256, 256)  # two validation maps' images
+    with pytest.raises(SystemExit, match="--maps is a mode of its own: not with --inpaint, .*--keypoints"):
+        train("x", keypoints=True)
+    with pytest.raises(SystemExit, match="text-box adapters, and this run is spatial-map"):
+        train("x", init_from=str(random_adapters))
+    pl.main({**pl.config, "images": str(tiny_data["root"] / "images"), "out": str(tmp_path / "edges32"),
+             "resolution": 32, "num_workers": 0, "map": "edges"})
+    with pytest.raises(SystemExit, match="edges32 holds maps for 32 px images, .* latents of 16 px"):
+        train("x", maps=str(tmp_path / "edges32"))
+    with pytest.raises(SystemExit, match="latents holds no maps"):
+        train("x", maps=str(tiny_data["latents"]))
+    with pytest.raises(SystemExit, match="--map_encoder=.*: cannot load a ConvNeXt"):
+        train("x", map_encoder=str(tiny_sd))
+
+
 def test_training_overfits_one_batch_and_changes_only_adapters(tiny_sd, tiny_data, tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -1479,8 +1712,9 @@ VARIANTS = dict(sd1=("tiny_sd", {}), sd2=("tiny_sd2", {}), sdxl=("tiny_sdxl", {}
                 inpaint=("tiny_sd", dict(inpaint=True)), text_image=("tiny_sd", dict(image_features="tiny_features")),
                 levers=("tiny_sd", dict(timestep_power=3.0, box_loss_weight=3.0, box_attn_loss=1.0)),
                 sd3=("tiny_sd3", {}), flux=("tiny_flux", dict(box_attn_loss=1.0, timestep_power=2.0)),
-                keypoints=("tiny_sd", dict(keypoints=True, boxes="tiny_pose")))
-PATHS = ("image_features", "boxes")  # a variant's settings that name a fixture: its path
+                keypoints=("tiny_sd", dict(keypoints=True, boxes="tiny_pose")),
+                maps=("tiny_sd", dict(maps="tiny_maps", map_encoder="tiny_convnext")))
+PATHS = ("image_features", "boxes", "maps", "map_encoder")  # a variant's settings that name a fixture: its path
 DATA = dict(sdxl="tiny_sdxl_data", sd3="tiny_flow_data", flux="tiny_flow_data")  # latents of the model's own VAE
 
 
@@ -1508,7 +1742,8 @@ def test_resumed_equals_straight_and_the_base_stays(variant, request, tmp_path):
     assert val == [0, 2, 4] and max(p.name for p in (tmp_path / "straight").glob("val_*.png")) == "val_0000004.png"
 
     stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode,
-                              mode.get("keypoints", False))
+                              mode.get("keypoints", False), mode.get("maps") and partial(
+                                  tg.load_map_net, mode["maps"], mode["map_encoder"]))
     base, _, _, scheduler = stages.load(str(model), "cpu", torch.float32)
     torch.manual_seed(0)
     fresh = tg.adapter_state(stages.add_adapters(copy.deepcopy(base)))
@@ -1542,7 +1777,8 @@ def test_bf16_trains_every_family_and_mode(variant, request, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "bf16"), losses(tmp_path / "fp32"), rtol=5e-3)
     assert (tmp_path / "bf16" / "val_0000002.png").is_file()
     stages = tg.choose_stages(tg.family_of(str(model)), mode.get("inpaint", False), "image_features" in mode,
-                              mode.get("keypoints", False))
+                              mode.get("keypoints", False), mode.get("maps") and partial(
+                                  tg.load_map_net, mode["maps"], mode["map_encoder"]))
     base = stages.load(str(model), "cpu", torch.bfloat16)[0]
     assert_base_untouched(unet, base)
     trained, state = tg.adapter_state(unet), optimizer_state(tmp_path / "bf16")
@@ -1634,11 +1870,12 @@ def test_batch_plan_takes_global_batch_images_a_step_on_any_world_size():
         tg.batch_plan(30, 8, 8)
 
 
-def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tiny_pose, tmp_path):
+def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tiny_pose, tiny_maps, tiny_convnext, tmp_path):
     """In the inpainting and text-image modes at once, so that every trainable tensor of every mode is in the
     all-reduce (fusers, both position nets' parts, conv_in); text-box training is the same code less those. With the
     grounding-sooner levers on: their timesteps, weights and attention loss follow each sample as the rest does. And
-    sharded (--shard=True, FSDP2) the 2 processes give DDP's bits. The keypoint mode, a mode of its own, too."""
+    sharded (--shard=True, FSDP2) the 2 processes give DDP's bits. The keypoint and spatial-map modes, modes of
+    their own, too."""
     args = [f"--model={tiny_sd}", f"--latents={tiny_data['latents']}", f"--boxes={tiny_data['boxes']}",
             "--global_batch=4", "--micro_batch=2", "--max_steps=4", "--lr=1e-3", "--warmup_steps=2",
             "--num_workers=1", "--val_every=0", "--log_every=2", "--inpaint=True", f"--image_features={tiny_features}",
@@ -1661,12 +1898,15 @@ def test_two_processes_equal_one(tiny_sd, tiny_data, tiny_features, tiny_pose, t
     assert_same_tensors(b, adapters_of(tmp_path / "shard"))  # a reduce-scatter's average is the all-reduce's
     # the logged loss is averaged over ranks (summed in another order than one process accumulates it)
     np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=1e-5)
-    kp = [*args[:2], f"--boxes={tiny_pose}", "--keypoints=True", "--global_batch=4", "--micro_batch=2",
-          "--max_steps=2", "--lr=1e-3", "--num_workers=0", "--val_every=0"]
-    one = run("train_gligen.py", *kp, f"--out_dir={tmp_path / 'kp-one'}", OMP_NUM_THREADS="1")
-    two = run("train_gligen.py", *kp, f"--out_dir={tmp_path / 'kp-two'}", torchrun=2, OMP_NUM_THREADS="1")
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
-    assert_same_tensors(adapters_of(tmp_path / "kp-one"), adapters_of(tmp_path / "kp-two"))
+    common = [*args[:2], "--global_batch=4", "--micro_batch=2", "--max_steps=2", "--lr=1e-3", "--num_workers=0",
+              "--val_every=0"]
+    for mode, extra in (("kp", [f"--boxes={tiny_pose}", "--keypoints=True"]),
+                        ("maps", [f"--maps={tiny_maps}", f"--map_encoder={tiny_convnext}"])):
+        one = run("train_gligen.py", *common, *extra, f"--out_dir={tmp_path / mode}-one", OMP_NUM_THREADS="1")
+        two = run("train_gligen.py", *common, *extra, f"--out_dir={tmp_path / mode}-two", torchrun=2,
+                  OMP_NUM_THREADS="1")
+        assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+        assert_same_tensors(adapters_of(f"{tmp_path / mode}-one"), adapters_of(f"{tmp_path / mode}-two"))
 
 def test_sharded_checkpoint_resumes_on_another_world_size(tiny_sd, tiny_data, tmp_path):
     """A --shard=True run on 2 ranks (2 accumulation passes each, validation on), killed in its step-4 save after the
@@ -2217,17 +2457,17 @@ def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_cl
     (dict(boxes=[[0.1, float("nan"), 0.2, 0.5]]), "NaN"),
     (dict(phrases=["a", "b"], boxes=[[0.1, 0.1, 0.2, 0.5]]), "same length"),
     (dict(width=999), "latents and boxes are of different images"),
-    (dict(width=48, height=32), "or a photo turned by its EXIF orientation"),  # img_004.png is 32 x 48
+    (dict(width=48, height=32), "or a photo turned by its EXIF orientation"),  # img_005.png is 32 x 48
     (dict(width="40"), "width and height must be positive whole numbers, got '40'"),
 ])
 def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
     recs = [r for _, r in tg.read_jsonl(tiny_data["boxes"])]
-    bad = next(i for i, r in enumerate(recs) if r["image"] == "img_004.png")
+    bad = next(i for i, r in enumerate(recs) if r["image"] == "img_005.png")
     recs[bad] = {**recs[bad], "phrases": ["a"], "boxes": [[0.1, 0.1, 0.2, 0.5]], **change}
     path = write_boxes(tmp_path / "boxes.jsonl", recs)
     with pytest.raises(SystemExit) as e:
         tg.GroundedLatents(tiny_data["latents"], path)
-    assert message in str(e.value) and f"{path}:{bad + 1}" in str(e.value) and "img_004.png" in str(e.value)
+    assert message in str(e.value) and f"{path}:{bad + 1}" in str(e.value) and "img_005.png" in str(e.value)
 
 
 def test_missing_records_and_models_are_named(tiny_sd, tiny_sdxl, tiny_data, tiny_features, tmp_path, monkeypatch,
@@ -2477,10 +2717,10 @@ def test_nan_batch_is_skipped_and_counted(tiny_sd, tiny_data, tmp_path):
     from diffusers import UNet2DConditionModel
 
     keys = [r["key"] for _, r in tg.read_jsonl(tiny_data["latents"] / "index.jsonl")]
-    latents = nan_latents(tiny_data, tmp_path, {"img_004.png"})
+    latents = nan_latents(tiny_data, tmp_path, {"img_005.png"})
     # the steps whose batch holds the bad image, from the same data order the trainer uses
     batches = tg.rank_batches(12, 4, 2, 1, 0, 0, 0)
-    bad = {step + 1 for step in range(8) for _ in range(2) if keys.index("img_004.png") in dict(next(batches))}
+    bad = {step + 1 for step in range(8) for _ in range(2) if keys.index("img_005.png") in dict(next(batches))}
     for dtype in ("bf16", "fp32"):  # bf16 (CUDA's precision) skips the same steps
         tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / dtype, max_steps=8, dtype=dtype), "latents": str(latents)})
         log = [r for _, r in tg.read_jsonl(tmp_path / dtype / "log.jsonl")]

@@ -84,6 +84,8 @@ config = dict(
     inpaint=False,  # GLIGEN's inpainting mode: the UNet also sees the image outside the boxes
     image_features="",  # GLIGEN's text-image mode: prep_latents.py --image_encoder's output
     keypoints=False,  # GLIGEN's keypoint mode: the boxes file's persons' keypoints ground, not phrases
+    maps="",  # GLIGEN's spatial-map mode: prep_latents.py --map's output (depth, edges, your own maps)
+    map_encoder="facebook/convnext-tiny-224",  # the spatial-map mode's token net to start from (a ConvNeXt)
     grad_checkpointing=False,  # recompute activations in backward: less memory, slower
     compile="",  # torch.compile backend for the step: "" off, or e.g. inductor
     shard=False,  # FSDP2 under torchrun: adapters, gradients and AdamW state sharded across the GPUs (not DDP)
@@ -122,6 +124,10 @@ def check_settings(cfg):
                              or cfg["box_attn_loss"]):
         fail("--keypoints=True is a mode of its own: not with --inpaint, --image_features, --box_loss_weight or "
              "--box_attn_loss")
+    if cfg["maps"] and (cfg["inpaint"] or cfg["image_features"] or cfg["keypoints"] or cfg["box_loss_weight"] != 1
+                        or cfg["box_attn_loss"] or cfg["shard"]):
+        fail("--maps is a mode of its own: not with --inpaint, --image_features, --keypoints, --box_loss_weight, "
+             "--box_attn_loss or --shard")
     check_out_dir(cfg["out_dir"], "out_dir")
 
 
@@ -341,9 +347,10 @@ def has_transformer(model):
 
 
 def mode_of(adapters):
-    """(inpaint, text_image, keypoints): the adapters' mode, from their names."""
-    return ("conv_in.weight" in adapters, "position_net.linears_text.0.weight" in adapters,
-            "position_net.keypoint_embeddings" in adapters)
+    """(inpaint, text_image, keypoints, spatial): the adapters' mode, from their names."""
+    spatial = "conv_in.downsample_net.layers.0.weight" in adapters
+    return ("conv_in.weight" in adapters and not spatial, "position_net.linears_text.0.weight" in adapters,
+            "position_net.keypoint_embeddings" in adapters, spatial)
 
 
 @contextmanager
@@ -377,7 +384,7 @@ def load_sd(model, device, dtype, unet_class="UNet2DConditionModel"):
 
 
 # The adapters: one rule for what they are, one loader.
-MODE_NAMES = ("inpainting", "text-image", "keypoint")  # mode_of's
+MODE_NAMES = ("inpainting", "text-image", "keypoint", "spatial-map")  # mode_of's
 
 
 def mode_name(mode):
@@ -387,10 +394,10 @@ MAY_BE_MISSING = ("conv_in.weight",)  # absent from a file, they keep their star
 
 
 def adapter_state(unet):
-    """What trains and is saved: fusers, position net, a widened conv_in's weight."""
+    """What trains and is saved: fusers, position net, a widened conv_in's weight and downsampler."""
     widened = hasattr(unet, "conv_in") and unet.config.in_channels != unet.config.out_channels
-    return {k: v for k, v in unet.state_dict().items()
-            if ".fuser." in k or k.startswith("position_net.") or (widened and k == "conv_in.weight")}
+    return {k: v for k, v in unet.state_dict().items() if ".fuser." in k or k.startswith("position_net.")
+            or widened and (k == "conv_in.weight" or k.startswith("conv_in.downsample_net."))}
 
 
 def adapter_params(unet):
@@ -509,7 +516,7 @@ def check_layout(phrases, boxes, where, max_boxes=N_SLOTS):
             fail(f"{where}: box {b!r} for {p!r} has x1 < x0 or y1 < y0 (boxes are x0, y0, x1, y1)")
 
 
-LAYOUT_KEYS = ("prompt", "phrases", "boxes", "images", "keypoints")  # a layout line of sample.py and --val_layouts
+LAYOUT_KEYS = ("prompt", "phrases", "boxes", "images", "keypoints", "map")  # a layout line of sample.py, --val_layouts
 
 
 def check_layouts(layouts, frames=None, images=False):
@@ -520,7 +527,7 @@ def check_layouts(layouts, frames=None, images=False):
         for key in l.keys() - set(LAYOUT_KEYS):
             near = difflib.get_close_matches(key, LAYOUT_KEYS, 1)
             fail(f"{where}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                 + f"; a layout has {', '.join(LAYOUT_KEYS)} (images, keypoints: those modes' adapters only)")
+                 + f"; a layout has {', '.join(LAYOUT_KEYS)} (images, keypoints, map: those modes' adapters only)")
         phrases, boxes, images = l.get("phrases"), l.get("boxes"), l.get("images") if images else None
         if images:
             if not isinstance(images, list) or not isinstance(phrases, list) or len(images) != len(phrases):
@@ -540,6 +547,8 @@ def check_layouts(layouts, frames=None, images=False):
             check_layout(phrases, frame_boxes, where + (f" frame {f}" if per_frame else ""))
         if "keypoints" in l:
             check_keypoints(l, where)
+        if "map" in l and not (isinstance(l["map"], str) and Path(l["map"]).is_file()):
+            fail(f"{where}: map must be the path of a map file (PNG or NPY), got {l['map']!r}: not found")
 
 
 def upright(im):
@@ -845,13 +854,19 @@ def denoising_loss(pred, target, batch, levers=None, per_image=False, level=None
 
 
 @torch.no_grad()
-def box_use_losses(image_losses, unet, batches, seed, resamples=1000):
+def mirrored_boxes(batch):
+    """A batch with its boxes mirrored: box-use validation's wrong layout."""
+    return {**batch, "boxes": mirror(batch["boxes"])}
+
+
+@torch.no_grad()
+def box_use_losses(image_losses, unet, batches, seed, resamples=1000, mirrored=mirrored_boxes):
     """Do the adapters use the boxes? The loss on fixed batches with true, mirrored and no boxes, the gap's
     bootstrap standard error, and the gap at high noise; image_losses -> (loss, each image's, each one's level)."""
     losses, n = dict(boxes=0.0, mirrored=0.0, no_grounding=0.0), sum(len(b["latents"]) for b in batches)
     each, level = dict(boxes=[], mirrored=[]), []
     for k, b in enumerate(batches):
-        variants = dict(boxes=b, mirrored={**b, "boxes": mirror(b["boxes"])},
+        variants = dict(boxes=b, mirrored=mirrored(b),
                         no_grounding={**b, "masks": torch.zeros_like(b["masks"])})
         for name, batch in variants.items():  # the same noise and timesteps
             g = torch.Generator(b["latents"].device).manual_seed(seed + k)
@@ -934,12 +949,12 @@ def stack_halves(parts):
 
 
 def grounded(layouts, seeds):
-    """Whether a batch of layouts gets grounding (all or none have phrases)."""
+    """Whether a batch of layouts gets grounding (all or none have phrases or a map)."""
     if len(seeds) != len(layouts):
         fail(f"{len(layouts)} layouts and {len(seeds)} seeds: give one seed per layout")
-    if len({bool(l["phrases"]) for l in layouts}) > 1:
+    if len({bool(l["phrases"]) or "map" in l for l in layouts}) > 1:
         fail("a batch of layouts mixes layouts with phrases and without; sample those apart")
-    return bool(layouts[0]["phrases"])
+    return bool(layouts[0]["phrases"]) or "map" in layouts[0]
 
 
 def batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding):
@@ -1041,6 +1056,8 @@ def draw_layout(image, phrases, boxes):
 def draw_grounding(image, layout):
     """draw_layout's copy of a layout's image, a keypoint layout's skeletons drawn on too."""
     image = draw_layout(image, layout["phrases"], layout["boxes"])
+    if isinstance(layout.get("map"), str):  # a map layout: its map beside the image
+        return beside(image, map_image(read_map(layout["map"]), image.size))
     return draw_keypoints(image, layout["keypoints"]) if "keypoints" in layout else image
 
 
@@ -1155,20 +1172,25 @@ STAGES = dict(
     val_inputs=trained_size,  # the validation grid's extra inputs to generate
     val_layouts=VAL_LAYOUTS,  # the validation grid's layouts without --val_layouts
     layout_needs=(),  # what else a layout with boxes needs (a mode's keys)
+    mirrored=mirrored_boxes,  # a validation batch -> its wrong layout, for the box-use gap
 )
 FAMILIES = {"sd": {}}
-MODES = {(False, False, False): {}}  # by mode_of
+MODES = {(False, False, False, False): {}}  # by mode_of
 
 
-def choose_stages(family, inpaint=False, text_image=False, keypoints=False):
-    """This run's stages: SD's, with those its family and mode replace."""
-    mode = (inpaint, text_image, keypoints)
+def choose_stages(family, inpaint=False, text_image=False, keypoints=False, map_net=None):
+    """This run's stages: SD's, with those its family and mode replace; map_net: the spatial-map mode's
+    () -> (map channels, ConvNeXt), or None."""
+    mode = (inpaint, text_image, keypoints, map_net is not None)
     if mode not in MODES:
         fail(f"{mode_name(mode)} at once: no such mode")
     if any(mode) and family != "sd":
         fail(f"{mode_name(mode)} grounding is for SD1.x/2.x models; this is {family}")
+    chosen = {**STAGES, **FAMILIES[family], **MODES[mode]}
+    if map_net:
+        chosen["add_adapters"] = partial(chosen["add_adapters"], map_net=map_net)
     return SimpleNamespace(family=family, inpaint=inpaint, text_image=text_image, keypoints=keypoints,
-                           **{**STAGES, **FAMILIES[family], **MODES[mode]})
+                           spatial=map_net is not None, **chosen)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1243,7 +1265,7 @@ def setup_validation(cfg, stages, data, layouts, unet, text_encoder, tokenizer, 
     batches = [{k: v.to(device) for k, v in data.collate(tokenizer, [data[(i, False)] for i in c]).items()}
                for c in chunks]
     return SimpleNamespace(layouts=layouts, draw=draw, image_losses=image_losses, batches=batches,
-                           seed=cfg["seed"])
+                           mirrored=stages.mirrored, seed=cfg["seed"])
 
 
 def validate(val, step, unet, out, bar, write=True):
@@ -1251,13 +1273,13 @@ def validate(val, step, unet, out, bar, write=True):
     computing along for the gathers."""
     images = [draw_grounding(Image.fromarray(val.draw(l)), l) for l in val.layouts]
     if not write:
-        return val.batches and box_use_losses(val.image_losses, unet, val.batches, val.seed)
+        return val.batches and box_use_losses(val.image_losses, unet, val.batches, val.seed, mirrored=val.mirrored)
     grid = Image.new("RGB", (sum(im.width for im in images), images[0].height))
     for k, im in enumerate(images):
         grid.paste(im, (k * im.width, 0))
     grid.save(out / f"val_{step:07d}.png")
     if val.batches:
-        rec = dict(step=step, **box_use_losses(val.image_losses, unet, val.batches, val.seed))
+        rec = dict(step=step, **box_use_losses(val.image_losses, unet, val.batches, val.seed, mirrored=val.mirrored))
         pm = {k: f" +- {v:.5f}" if v is not None else "" for k, v in rec.items() if k.endswith("_se")}
         high = f"; high noise {rec['val_gap_high_noise']:+.5f}{pm['val_gap_high_noise_se']}" \
             if rec["val_gap_high_noise"] is not None else ""
@@ -1402,7 +1424,8 @@ def main(cfg):
     rank, world, device, cpu_group = setup_distributed(cuda) if ddp else (0, 1, "cuda" if cuda else "cpu", None)
     master, G, out = rank == 0, cfg["global_batch"], Path(cfg["out_dir"])
     B, accum = batch_plan(G, cfg["micro_batch"], world)  # images a pass, passes a step, on each GPU
-    stages = choose_stages(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]), cfg["keypoints"])
+    stages = choose_stages(family_of(cfg["model"]), cfg["inpaint"], bool(cfg["image_features"]), cfg["keypoints"],
+                           partial(load_map_net, cfg["maps"], cfg["map_encoder"]) if cfg["maps"] else None)
     bf16 = cfg["dtype"] == "bf16" or cfg["dtype"] == "auto" and cuda
     base_dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base's; adapters stay fp32
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -1982,7 +2005,7 @@ def inpaint_val_inputs(data, pick):
     return dict(trained_size(data, pick), inpaint_latent=data[(pick[0] if pick else 0, False)]["latent"][:1].float())
 
 
-MODES[True, False, False] = dict(load=load_inpaint, loss=inpaint_loss, generate=generate_inpaint,
+MODES[True, False, False, False] = dict(load=load_inpaint, loss=inpaint_loss, generate=generate_inpaint,
                                  val_inputs=inpaint_val_inputs)
 
 
@@ -2167,7 +2190,7 @@ def generate_text_image(*args, **kwargs):
     return generate(*args, layout_grounding=text_image_layout_grounding, **kwargs)
 
 
-MODES[False, True, False] = dict(add_adapters=inject_text_image, training_data=text_image_training_data,
+MODES[False, True, False, False] = dict(add_adapters=inject_text_image, training_data=text_image_training_data,
                                  loss=text_image_loss, generate=generate_text_image)
 
 
@@ -2188,8 +2211,8 @@ def generate_inpaint_text_image(*args, **kwargs):
     return generate_inpaint(*args, layout_grounding=text_image_layout_grounding, **kwargs)
 
 
-MODES[True, True, False] = {**MODES[True, False, False], **MODES[False, True, False],
-                            "loss": inpaint_text_image_loss, "generate": generate_inpaint_text_image}
+MODES[True, True, False, False] = {**MODES[True, False, False, False], **MODES[False, True, False, False],
+                                   "loss": inpaint_text_image_loss, "generate": generate_inpaint_text_image}
 
 
 # =================================================================================================================
@@ -2348,7 +2371,7 @@ def standing(prompt, label, *persons):
 
 KEYPOINT_VAL_LAYOUTS = [standing("a man standing on a beach", "a man", (0.5, 0.1, 0.85)),
                         standing("two women talking in a park", "a woman", (0.3, 0.2, 0.7), (0.72, 0.15, 0.75))]
-MODES[False, False, True] = dict(add_adapters=inject_keypoints, training_data=keypoint_training_data,
+MODES[False, False, True, False] = dict(add_adapters=inject_keypoints, training_data=keypoint_training_data,
                                  loss=keypoint_loss, generate=generate_keypoints, val_layouts=KEYPOINT_VAL_LAYOUTS,
                                  layout_needs=("keypoints",))
 
@@ -2366,6 +2389,283 @@ def draw_keypoints(image, persons):
             r = max(1, W // 80)
             d.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], fill=c)
     return image
+
+
+# =================================================================================================================
+# Spatial maps, GLIGEN's mode: a map aligned with the image (depth, edges, yours) enters conv_in by a downsampler,
+# and grounds as 64 ConvNeXt tokens. Replaces add_adapters, training_data, loss, generate, val_inputs, val_layouts,
+# mirrored.
+class Downsampler(nn.Module):
+    """A map at 4x the latent's side -> 8 channels at its side: GLIGEN's depth downsampler."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(channels, 4, 4, 2, 1), nn.SiLU(), nn.Conv2d(4, 8, 4, 2, 1))
+
+    def forward(self, maps):
+        return self.layers(maps)
+
+
+class MapConvIn(nn.Conv2d):
+    """conv_in for [latent; map packed 4 x 4 into channels]: the map unpacked, downsampled and convolved beside the
+    latent; the new inputs start at zero."""
+
+    def __init__(self, conv, channels):
+        super().__init__(conv.in_channels + 8, conv.out_channels, conv.kernel_size, padding=conv.padding)
+        self.latent_channels, self.downsample_net = conv.in_channels, Downsampler(channels)
+        with torch.no_grad():
+            self.weight.zero_()[:, :conv.in_channels] = conv.weight
+            self.bias.copy_(conv.bias)
+
+    def forward(self, x):
+        z, maps = x[:, :self.latent_channels], F.pixel_shuffle(x[:, self.latent_channels:], 4)
+        return super().forward(torch.cat([z, self.downsample_net(maps).to(z.dtype)], dim=1))
+
+
+def with_map(x, maps):
+    """The map UNet's input: [x; maps at 4x x's side, packed 4 x 4 into channels]."""
+    side = (4 * x.shape[-2], 4 * x.shape[-1])
+    if maps.shape[-2:] != side:
+        maps = F.interpolate(maps.float(), size=side, mode="bilinear", antialias=True)
+    return torch.cat([x, F.pixel_unshuffle(maps.to(x.dtype), 4)], dim=1)
+
+
+class PositionNetSpatial(nn.Module):
+    """64 tokens: a ConvNeXt's last 8 x 8 features of the map (or the null feature), plus positions, through an MLP;
+    the official names."""
+
+    def __init__(self, dim, encoder):
+        super().__init__()
+        c = encoder.config
+        self.size = 8 * c.patch_size * 2 ** (c.num_stages - 1)  # 8 x 8 features: 256 px for a ConvNeXt-T
+        self.convnext, width = encoder, c.hidden_sizes[-1]
+        self.convnext.layernorm = nn.Identity()  # the pooled output's, unused: DDP needs each parameter used
+        self.null_feature = nn.Parameter(torch.zeros(width))
+        self.pos_embedding = nn.Parameter(torch.empty(1, 64, width).normal_(std=0.02))
+        self.linears = nn.Sequential(nn.Linear(width, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
+                                     nn.Linear(512, dim))
+
+    def forward(self, maps, masks):  # (B, C, H, W) in [-1, 1]; (B, 1)
+        x = F.interpolate(maps.float(), size=(self.size, self.size), mode="nearest")
+        x = x.expand(-1, self.convnext.config.num_channels, -1, -1) if x.shape[1] == 1 else x  # grey as RGB
+        feats = self.convnext(x.to(self.null_feature.dtype)).last_hidden_state.flatten(2).transpose(1, 2)
+        return self.linears(or_null(masks, feats, self.null_feature) + self.pos_embedding)  # (B, 64, D)
+
+
+def load_map_net(maps_dir, encoder):
+    """(map channels, the pretrained ConvNeXt); not 1 or 3 channels: a fresh first layer."""
+    from transformers import ConvNextModel
+
+    channels = map_meta(maps_dir)["channels"]
+    fresh = {} if channels in (1, 3) else dict(num_channels=channels, ignore_mismatched_sizes=True)
+    try:
+        return channels, load_clip_tower(ConvNextModel, encoder, **fresh)
+    except (OSError, ValueError) as e:
+        fail(f"--map_encoder={encoder}: cannot load a ConvNeXt (transformers' ConvNextModel) from it: {e}")
+
+
+def map_net_of(adapters):
+    """() -> (map channels, a ConvNeXt of the adapters' shapes), for sampling."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    p = "position_net.convnext."
+    patch, stages = adapters[p + "embeddings.patch_embeddings.weight"], []
+    while f"{p}encoder.stages.{len(stages)}.layers.0.dwconv.weight" in adapters:
+        stage = f"{p}encoder.stages.{len(stages)}.layers."
+        stages.append((adapters[stage + "0.dwconv.weight"].shape[0],
+                       len({k[len(stage):].split(".")[0] for k in adapters if k.startswith(stage)})))
+    config = ConvNextConfig(num_channels=patch.shape[1], patch_size=patch.shape[-1], num_stages=len(stages),
+                            hidden_sizes=[h for h, _ in stages], depths=[d for _, d in stages])
+    return lambda: (adapters["conv_in.downsample_net.layers.0.weight"].shape[1], ConvNextModel(config))
+
+
+def inject_spatial(unet, map_net):
+    """conv_in widened for the map, fresh fusers and the map's position net."""
+    channels, encoder = map_net()
+    conv = unet.conv_in
+    unet.conv_in = MapConvIn(conv, channels).to(conv.weight.device, conv.weight.dtype).requires_grad_(False)
+    unet.register_to_config(in_channels=conv.in_channels + 16 * channels)
+    return inject_gligen(unet, partial(PositionNetSpatial, encoder=encoder))
+
+
+def read_map(path):
+    """A map file as float32 (C, H, W) in [0, 1]: an 8- or 16-bit image, or an NPY (H, W[, C]) of uint8, uint16 or
+    floats."""
+    try:
+        if Path(path).suffix.lower() == ".npy":
+            a = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as im:
+                a = np.asarray(im if im.mode in ("L", "LA", "RGB", "RGBA", "I;16", "I", "F") else im.convert("RGB"))
+                a = a.astype(np.uint16) if im.mode == "I" else a  # 16-bit, in older Pillows
+    except (OSError, ValueError) as e:
+        fail(f"{path}: not a readable map ({type(e).__name__}: {e})")
+    a = a[..., None] if a.ndim == 2 else a
+    if a.ndim != 3 or 0 in a.shape:
+        fail(f"{path}: a map is (height, width) or (height, width, channels), this one is {a.shape}")
+    if a.dtype in (np.uint8, np.uint16):
+        a = a / np.iinfo(a.dtype).max
+    elif a.dtype.kind != "f" or not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        fail(f"{path}: a map holds uint8, uint16, or floats in [0, 1]; this one holds {a.dtype}"
+             + (f" from {a.min()} to {a.max()}" if a.dtype.kind in "fiu" else ""))
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
+
+
+def fit_map(m, crop, size):
+    """A map's crop (pixels) resized to size (h, w), bilinear, as PIL resizes the image's."""
+    fit = [Image.fromarray(c).resize(size[::-1], Image.Resampling.BILINEAR, box=crop) for c in m.float().numpy()]
+    return torch.from_numpy(np.stack([np.asarray(c) for c in fit])).clamp(0, 1)
+
+
+def map_image(m, size):
+    """A map (C, H, W) as an RGB picture of size (w, h)."""
+    m = m[:3] if len(m) >= 3 else m[:1].expand(3, -1, -1)
+    pixels = (F.interpolate(m[None].float(), size[::-1], mode="bilinear")[0].clamp(0, 1) * 255).round().byte()
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def beside(a, b):
+    """Two pictures side by side."""
+    both = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), "white")
+    both.paste(a, (0, 0))
+    both.paste(b, (a.width, 0))
+    return both
+
+
+def map_meta(maps_dir):
+    """prep_latents.py --map's meta.json, checked."""
+    path = Path(maps_dir) / "meta.json"
+    if not path.is_file() or not (Path(maps_dir) / "index.jsonl").is_file():
+        fail(f"data file not found: {path} or index.jsonl beside it (write them with prep_latents.py --map)")
+    meta = json.loads(path.read_text())
+    if "channels" not in meta:
+        fail(f"{maps_dir} holds no maps (its meta.json is not prep_latents.py --map's: latents? Those go in --latents)")
+    return meta
+
+
+@dataclass(slots=True)
+class MapItem(Item):
+    map_shard: Path
+    map_row: int
+
+
+class MapLatents(GroundedLatents):
+    """Sample (i, flip): image i's latent, caption and map (C, R/2, R/2), mirrored if flip."""
+    Item = MapItem
+
+    def __init__(self, latents_dir, maps_dir):
+        self.dir, self.maps, self.arrays, self.rows, self.items = Path(latents_dir), Path(maps_dir), {}, {}, []
+        if not (self.dir / "meta.json").is_file() or not (self.dir / "index.jsonl").is_file():
+            fail(f"data file not found: {self.dir / 'meta.json'} or index.jsonl (write them with prep_latents.py)")
+        self.meta, self.map_meta = json.loads((self.dir / "meta.json").read_text()), map_meta(maps_dir)
+        if "latent_shape" not in self.meta:
+            fail(f"{self.dir} holds no latents (its meta.json is not prep_latents.py's for latents: maps? Those go in "
+                 f"--maps)")
+        self.resolution, self.has_flipped = self.meta["resolution"], "flipped" in self.meta["views"]
+        if self.map_meta["resolution"] != self.resolution:
+            fail(f"{self.maps} holds maps for {self.map_meta['resolution']} px images, {self.dir} latents of "
+                 f"{self.resolution} px: make both with the same --resolution")
+        self.row_shape = (len(self.meta["views"]), len(self.meta["stats"]), *self.meta["latent_shape"])
+        map_shape = (self.map_meta["channels"], self.resolution // 2, self.resolution // 2)
+        maps = {r["key"]: (line, r) for line, r in read_jsonl(self.maps / "index.jsonl")}
+        for line, rec in read_jsonl(self.dir / "index.jsonl"):
+            if rec["key"] not in maps:
+                fail(f"{self.maps / 'index.jsonl'} has no map for image {rec['key']!r} of {self.dir / 'index.jsonl'}:"
+                     f"{line}: were the maps made from the same images?")
+            map_line, m = maps[rec["key"]]
+            if m["crop"] != rec["crop"]:
+                fail(f"{self.maps / 'index.jsonl'}:{map_line}: image {rec['key']!r}'s map was cropped at {m['crop']}, "
+                     f"its latent at {rec['crop']} ({self.dir / 'index.jsonl'}:{line}): of different images?")
+            shard, row = self.need(self.dir / rec["shard"], rec["row"], self.row_shape)
+            map_shard, map_row = self.need(self.maps / m["shard"], m["row"], map_shape)
+            self.items.append(MapItem(shard=shard, row=row, caption=rec["caption"], phrases=[],
+                                      boxes=np.zeros((0, 4), np.float32), map_shard=map_shard, map_row=map_row))
+        self.check_shards()
+        self.config = dict(resolution=self.resolution, images=len(self.items), map=self.map_meta["map"])
+
+    def __getitem__(self, sample):
+        x, it = super().__getitem__(sample), self.items[sample[0]]
+        m = self.array(it.map_shard)[it.map_row]  # uint16
+        x["map"] = torch.from_numpy(np.array(m[..., ::-1] if sample[1] else m, np.float32) / 65535)
+        return x
+
+    def collate(self, tokenizer, samples):
+        return dict(latents=torch.stack([x["latent"] for x in samples]),
+                    caption_ids=tokenizer.captions([x["caption"] for x in samples]),
+                    maps=torch.stack([x["map"] for x in samples]) * 2 - 1, masks=torch.ones(len(samples), 1))
+
+
+def map_training_data(cfg):
+    return training_data(cfg, lambda *_: MapLatents(cfg["latents"], cfg["maps"]))
+
+
+def map_loss(model, batch, g, text_encoder, schedule, empty_ids, cfg, autocast=nullcontext(), levers=None,
+             per_image=False):
+    """sd_loss, the map in conv_in (grounding dropped or not) and as tokens."""
+    x0, xt, t, target, ids, masks = noised(batch, g, schedule, empty_ids, cfg)
+    with torch.no_grad(), autocast:
+        text = text_encoder(ids).last_hidden_state
+    with autocast:
+        pred = model(with_map(xt, batch["maps"]), t, encoder_hidden_states=text,
+                     cross_attention_kwargs={"gligen": {"maps": batch["maps"], "masks": masks}}).sample
+    return denoising_loss(pred, target, batch, levers, per_image, t.float() / len(schedule.alphas_cumprod))
+
+
+def mirrored_maps(batch):
+    """mirrored_boxes, for maps."""
+    return {**batch, "maps": batch["maps"].flip(-1)}
+
+
+def map_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
+    """A map layout's "gligen" inputs, the first half null."""
+    masks = torch.ones(len(rows), 1)
+    masks[:len(rows) // 2] = 0
+    return {"maps": layout["map"].expand(len(rows), -1, -1, -1), "masks": masks.to(layout["map"].device, dtype)}
+
+
+@torch.no_grad()
+def generate_maps(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, height=None, width=None,
+                  val_maps=(), **kwargs):
+    """As generate, a layout's map in conv_in every step, as tokens while grounding lasts; "map": a file, a (C, H, W)
+    tensor in [0, 1], or k: val_maps[k]'s (caption, map)."""
+    height, width = height or native_size(unet, vae), width or native_size(unet, vae)
+
+    def draw(layout, seed):
+        m = layout.get("map")
+        if isinstance(m, int):
+            caption, m = val_maps[m]
+            layout = {**layout, "prompt": caption}
+        m = read_map(m) if isinstance(m, (str, Path)) else m
+        if m is None or m.shape[0] != unet.conv_in.downsample_net.layers[0].in_channels:
+            fail(f"layout {layout['prompt']!r}: these adapters need a map of "
+                 f"{unet.conv_in.downsample_net.layers[0].in_channels} channels, got {None if m is None else m.shape}")
+        h, w = m.shape[-2:]
+        s = min(h / height, w / width)  # the largest centered crop of the image's shape
+        ch, cw = round(height * s), round(width * s)
+        crop = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+        m = fit_map(m, crop, (height // 2, width // 2))
+        m = (m * 2 - 1)[None].to(unet.device, unet.dtype)
+
+        def model_input(scheduler, latents, t, g):
+            latents, x = both_halves(scheduler, latents, t, g)
+            return latents, with_map(x.to(unet.dtype), m.expand(len(x), -1, -1, -1))
+
+        return generate(unet, vae, text_encoder, tokenizer, scheduler, [{**layout, "map": m}], [seed], height=height,
+                        width=width, model_input=model_input, layout_grounding=map_layout_grounding, **kwargs)
+
+    return np.concatenate([draw(l, s) for l, s in zip(layouts, seeds)])
+
+
+def map_val_inputs(data, pick):
+    """The grid draws two validation images' maps and captions."""
+    maps = [(data.items[i].caption, data[(i, False)]["map"]) for i in (pick or [0])[:len(MAP_VAL_LAYOUTS)]]
+    return dict(trained_size(data, pick), val_maps=maps)
+
+
+MAP_VAL_LAYOUTS = [dict(prompt="", phrases=[], boxes=[], map=k) for k in range(2)]
+MODES[False, False, False, True] = dict(add_adapters=inject_spatial, training_data=map_training_data, loss=map_loss,
+                                        generate=generate_maps, val_inputs=map_val_inputs, val_layouts=MAP_VAL_LAYOUTS,
+                                        mirrored=mirrored_maps)
 
 
 # =================================================================================================================

@@ -7,6 +7,7 @@ boxes. Under 10 minutes on a 2-core CPU; docs/shapes-demo.md has the measured ta
     python extras/demo_shapes.py --family=sd3       # the same on a tiny SD3-shaped base (MMDiT); writes demo_sd3/
     python extras/demo_shapes.py --family=flux      # the same on a tiny Flux-shaped base; writes demo_flux/
     python extras/demo_shapes.py --keypoints=True --gligen_steps=6000  # the keypoint mode: 5 keypoints a shape
+    python extras/demo_shapes.py --maps=True        # the spatial-map mode: each shape's silhouette as its map
 
 1. A synthetic world: red, green, blue and yellow squares, circles and triangles on a plain background, 1 to 3 per
    32 x 32 image, each with a caption ("a red circle and a blue square") and, per shape, its phrase and exact box,
@@ -38,6 +39,12 @@ image of a shape swaps them, as the trainer's flip does), written as COCO's pers
 for boxes); held-out layouts of one shape each, scored as above with the box its keypoints span. Writes
 demo_keypoints/.
 
+--maps=True: the same world with a map per image, each shape's silhouette (1 on the shape, 0 elsewhere, as a depth map
+of shapes before a far wall), through prep_latents.py --map=<folder> (your own maps); the trainer's spatial-map mode
+with a small ConvNeXt made here at random (no download: the real mode starts from ImageNet's ConvNeXt-T); held-out
+layouts of one shape each with its silhouette, scored as above. With the fusers off the map still enters conv_in, so
+that check is left out. Writes demo_maps/.
+
 Each stage keeps its output in --out and is skipped when run again. Results: demo/results.json, demo/result.png.
 """
 import json
@@ -64,6 +71,7 @@ from train_gligen import configure, fail
 config = dict(
     family="sd",  # the base: "sd" (a UNet, SD-shaped), "sd3" (an SD3-shaped MMDiT) or "flux" (a Flux-shaped one)
     keypoints=False,  # GLIGEN's keypoint mode instead of boxes (SD base): each shape placed by 5 keypoints
+    maps=False,  # GLIGEN's spatial-map mode instead of boxes (SD base): each shape placed by its silhouette
     out="",  # everything the demo makes goes here; "": demo/ (sd), demo_sd3/, demo_flux/
     train_images=4000,  # synthetic training images
     test_layouts=100,  # held-out layouts for the metric
@@ -114,12 +122,13 @@ def scene(rng):
     return phrases, boxes
 
 
-def render(phrases, boxes):
-    im = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+def render(phrases, boxes, silhouette=False):
+    """The image; silhouette: its map instead, 8-bit grey, 255 on the shapes and 0 elsewhere."""
+    im = Image.new("L", (SIZE, SIZE), 0) if silhouette else Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     d = ImageDraw.Draw(im)
     for phrase, (x0, y0, x1, y1) in zip(phrases, boxes):
         color, shape = phrase.split()
-        fill = COLORS[color]
+        fill = 255 if silhouette else COLORS[color]
         if shape == "square":
             d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
         elif shape == "circle":
@@ -154,16 +163,20 @@ def shape_keypoints(box, scale=1.0):
     return [[*(v * scale for v in CORNERS[k](box)), 2] if k in CORNERS else [0, 0, 0] for k in tg.KEYPOINTS]
 
 
-def write_world(root, n, rng, positions=0.0):
+def write_world(root, n, rng, positions=0.0, maps=False):
     """n images, COCO instances and captions JSON: the input of prep_boxes.py and prep_latents.py; beside them
-    person_keypoints.json, each shape a person with shape_keypoints."""
+    person_keypoints.json, each shape a person with shape_keypoints, and with maps each image's silhouette in maps/."""
     (root / "images").mkdir(parents=True, exist_ok=True)
+    if maps:
+        (root / "maps").mkdir(exist_ok=True)
     names = [f"{c} {s}" for c in COLORS for s in SHAPES]
     images, anns, caps = [], [], []
     for i in tqdm(range(n), desc="drawing"):
         phrases, boxes = scene(rng)
         name = f"{i:06d}.png"
         render(phrases, boxes).save(root / "images" / name)
+        if maps:
+            render(phrases, boxes, silhouette=True).save(root / "maps" / name)
         images.append(dict(id=i, file_name=name, width=SIZE, height=SIZE))
         say_where = positions > 0 and rng.random() < positions
         caps.append(dict(id=i, image_id=i, caption=caption(phrases, boxes if say_where else None)))
@@ -182,16 +195,22 @@ def write_world(root, n, rng, positions=0.0):
     (root / "captions.json").write_text(json.dumps(dict(images=images, annotations=caps)))
 
 
-def test_layouts(n, rng, keypoints=False):
+def test_layouts(n, rng, keypoints=False, maps=None):
     """Held-out layouts {prompt, phrases, boxes (relative)}, drawn from the same world with another seed; with
-    keypoints, one shape each and its keypoints ([x, y], None)."""
+    keypoints, one shape each and its keypoints ([x, y], None); with maps (a folder), one shape each and its
+    silhouette written there, as the layout's map."""
     out = []
-    for _ in range(n):
+    for k in range(n):
         phrases, boxes = scene(rng)
-        phrases, boxes = (phrases[:1], boxes[:1]) if keypoints else (phrases, boxes)
+        phrases, boxes = (phrases[:1], boxes[:1]) if keypoints or maps else (phrases, boxes)
+        if maps:
+            Path(maps).mkdir(parents=True, exist_ok=True)
+            render(phrases, boxes, silhouette=True).save(Path(maps) / f"{k:03d}.png")
         lay = dict(prompt=caption(phrases), phrases=phrases, boxes=[[v / SIZE for v in b] for b in boxes])
         if keypoints:
             lay["keypoints"] = [[p[:2] if p[2] else None for p in shape_keypoints(b, 1 / SIZE)] for b in boxes]
+        if maps:
+            lay["map"] = str(Path(maps) / f"{k:03d}.png")
         out.append(lay)
     return out
 
@@ -518,14 +537,26 @@ def picture(layouts, rows, path):
     """One row per condition (label, sample dir), one column per layout; requested boxes drawn on."""
     tiles = [[tg.draw_grounding(Image.open(Path(sample_dir) / f"{k:03d}_00.png"), lay) for k, lay in enumerate(layouts)]
              for _, sample_dir in rows]
-    side, pad, label_w = tiles[0][0].width, 6, 130
-    grid = Image.new("RGB", (label_w + len(layouts) * (side + pad), len(rows) * (side + pad)), "white")
+    (w, h), pad, label_w = tiles[0][0].size, 6, 130  # a map layout's tile: the image and its map
+    grid = Image.new("RGB", (label_w + len(layouts) * (w + pad), len(rows) * (h + pad)), "white")
     d = ImageDraw.Draw(grid)
     for r, ((label, _), row) in enumerate(zip(rows, tiles)):
-        d.text((4, r * (side + pad) + side // 2 - 6), label, fill="black")
+        d.text((4, r * (h + pad) + h // 2 - 6), label, fill="black")
         for c, tile in enumerate(row):
-            grid.paste(tile, (label_w + c * (side + pad), r * (side + pad)))
+            grid.paste(tile, (label_w + c * (w + pad), r * (h + pad)))
     grid.save(path)
+
+
+def map_encoder(path, seed):
+    """A small ConvNeXt at random (2 stages 32 and 64 wide, stride 4: 8 x 8 tokens of a 32 px map) for the
+    spatial-map mode, made once: the real mode starts from ImageNet's ConvNeXt-T, which is a download."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    if not (path / "config.json").is_file():
+        torch.manual_seed(seed)
+        ConvNextModel(ConvNextConfig(patch_size=2, num_stages=2, hidden_sizes=[32, 64], depths=[2, 2])).save_pretrained(
+            path)
+    return path
 
 
 def check_settings(cfg):
@@ -540,21 +571,24 @@ def check_settings(cfg):
         fail(f"--train_base={cfg['train_base']}: True or False")
     if cfg["family"] not in SHIPPED_BASES:
         fail(f"--family={cfg['family']}: one of {', '.join(SHIPPED_BASES)}")
-    if cfg["keypoints"] and cfg["family"] != "sd":
-        fail("--keypoints=True: the keypoint mode is for SD-shaped bases (--family=sd)")
+    if (cfg["keypoints"] or cfg["maps"]) and cfg["family"] != "sd":
+        fail("--keypoints=True, --maps=True: those modes are for SD-shaped bases (--family=sd)")
+    if cfg["keypoints"] and cfg["maps"]:
+        fail("--keypoints=True and --maps=True: one mode at a time")
     if cfg["family"] != "sd" and cfg["positions"]:
         fail("--positions: the MMDiT bases are trained on captions that never say where (--positions=0)")
 
 
 def main(cfg):
     check_settings(cfg)
-    name = "demo_keypoints" if cfg["keypoints"] else "demo" if cfg["family"] == "sd" else f"demo_{cfg['family']}"
+    name = "demo_keypoints" if cfg["keypoints"] else "demo_maps" if cfg["maps"] else \
+        "demo" if cfg["family"] == "sd" else f"demo_{cfg['family']}"
     out, t0 = Path(cfg["out"] or name), time.time()
     world, data, adapters = out / "world", out / "data", out / "gligen"
     model = out / "base-model" if cfg["train_base"] else SHIPPED_BASES[cfg["family"]]
     out.mkdir(parents=True, exist_ok=True)
     if not (world / "instances.json").exists():
-        write_world(world, cfg["train_images"], np.random.default_rng(cfg["seed"]), cfg["positions"])
+        write_world(world, cfg["train_images"], np.random.default_rng(cfg["seed"]), cfg["positions"], cfg["maps"])
     if not (model / "model_index.json").exists():
         if not cfg["train_base"]:
             fail(f"{model}: the shipped base model is missing; --train_base=True trains one (about 12 minutes)")
@@ -563,8 +597,9 @@ def main(cfg):
     if made.get("family", "sd") != cfg["family"]:
         fail(f"{model} is a {made.get('family', 'sd')!r} base, and --family={cfg['family']}: another --out?")
     print(f"base model: {model}; made with " + json.dumps(made))
-    layouts = test_layouts(cfg["test_layouts"], np.random.default_rng(cfg["seed"] + 1), cfg["keypoints"])
-    checked = min(cfg["check_layouts"], len(layouts))
+    layouts = test_layouts(cfg["test_layouts"], np.random.default_rng(cfg["seed"] + 1), cfg["keypoints"],
+                           cfg["maps"] and out / "test_maps")
+    checked = 0 if cfg["maps"] else min(cfg["check_layouts"], len(layouts))  # maps: conv_in sees the map anyway
     (out / "test_layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts))
     (out / "check_layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts[:checked]))
     (out / "val_layouts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in layouts[:6]))
@@ -578,10 +613,16 @@ def main(cfg):
     if not (data / "latents" / "index.jsonl").exists():
         run("prep_latents.py", m, f"--images={world / 'images'}", f"--captions={data / 'boxes.jsonl'}",
             f"--out={data / 'latents'}", f"--resolution={SIZE}", "--batch_size=256", "--num_workers=0")
+    mode = ["--keypoints=True"] if cfg["keypoints"] else [f"--box_attn_loss={cfg['gligen_box_attn_loss']}"]
+    if cfg["maps"]:
+        if not (data / "maps" / "index.jsonl").exists():
+            run("prep_latents.py", f"--map={world / 'maps'}", f"--images={world / 'images'}", f"--out={data / 'maps'}",
+                f"--resolution={SIZE}", "--batch_size=256", "--num_workers=0")
+        mode = [f"--maps={data / 'maps'}", f"--map_encoder={map_encoder(out / 'convnext', cfg['seed'])}"]
     run("train_gligen.py", m, f"--latents={data / 'latents'}", f"--boxes={data / 'boxes.jsonl'}",
         f"--out_dir={adapters}", f"--max_steps={cfg['gligen_steps']}", f"--lr={cfg['gligen_lr']}",
         f"--caption_keep={cfg['gligen_caption_keep']}",
-        "--keypoints=True" if cfg["keypoints"] else f"--box_attn_loss={cfg['gligen_box_attn_loss']}",
+        *mode,
         "--warmup_steps=100", "--global_batch=32", "--micro_batch=32",
         "--num_workers=0", "--log_every=100", "--save_every=500", "--val_every=500", "--val_images=512",
         "--val_steps=10",  # the validation grid is a picture; 10 DDIM steps instead of 25 save half a minute
@@ -591,10 +632,12 @@ def main(cfg):
         "adapters, beta=1": ("beta1", "test_layouts", [f"--adapters={adapters}", "--beta=1.0"]),
         "fusers off (beta=0)": ("fusers-off", "check_layouts", [f"--adapters={adapters}", "--beta=0.0"]),
     }
+    if not checked:
+        del conditions["fusers off (beta=0)"]
     dirs = {name: out / "samples" / d for name, (d, _, _) in conditions.items()}
     # the checked layouts must meet the UNet in the same batches in the base's run and the fusers-off run (another
     # batch size may round the last bits differently): a batch size that divides their number
-    batch = math.gcd(cfg["sample_batch"], checked)
+    batch = math.gcd(cfg["sample_batch"], checked or cfg["sample_batch"])
     for name, (_, which, extra) in conditions.items():
         run("sample.py", m, *extra, f"--layouts={out / (which + '.jsonl')}", "--n=1",
             f"--steps={cfg['sample_steps']}", "--scheduler=auto", f"--height={SIZE}", f"--width={SIZE}",
@@ -610,7 +653,8 @@ def main(cfg):
     same = all(np.array_equal(np.asarray(Image.open(dirs["base model"] / f"{k:03d}_00.png")),
                               np.asarray(Image.open(dirs["fusers off (beta=0)"] / f"{k:03d}_00.png")))
                for k in range(checked))
-    results[f"fusers off equals base model ({checked} layouts)"] = same
+    if checked:
+        results[f"fusers off equals base model ({checked} layouts)"] = same
     # the trainer's box-use check at its last validation: the loss on 512 training images (caption kept, fixed noise)
     # with the true boxes, the boxes mirrored left to right, and no grounding
     last = [r for _, r in tg.read_jsonl(adapters / "log.jsonl") if "val_loss_boxes" in r][-1]
@@ -623,7 +667,8 @@ def main(cfg):
           f"{len(layouts)} held-out layouts)")
     for name in list(conditions)[:2]:
         print(f"{name:<22} {results[name]['mean_iou']:8.3f}   {results[name]['iou_ge_05']:10.3f}")
-    print(f"fusers off (beta=0) gives the base model's images exactly, on {checked} layouts: {same}")
+    if checked:
+        print(f"fusers off (beta=0) gives the base model's images exactly, on {checked} layouts: {same}")
     print("training loss (caption kept, 512 images, fixed noise) with " +
           ", ".join(f"{k[9:]} {v:.5f}" for k, v in results["training loss with"].items() if k != "step"))
     print(f"{results['minutes']} minutes; picture: {out / 'result.png'}; numbers: {out / 'results.json'}")
