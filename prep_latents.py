@@ -43,6 +43,15 @@ image_project and scaled to norm 28.7, as GLIGEN does. image_project is derived 
 transpose of its text projection (GLIGEN's fixed matrix), or with --image_project=<diffusers text-image model> that
 model's own. Output in --out: <shard>.npy float16 (boxes, D), <shard>.json, index.jsonl (key, shard, row, boxes),
 meta.json, image_project.safetensors; resumable and under torchrun like the latents.
+
+Spatial maps for GLIGEN's spatial-map mode (train_gligen.py --maps), one per image, through the latents' crop:
+    python prep_latents.py --map=depth --depth_model=depth-anything/Depth-Anything-V2-Small-hf \
+        --images=coco/train2017 --out=data/coco/depth --resolution=512
+--map=depth: a transformers depth-estimation model's prediction on each crop, min-max per image; --map=edges: where
+the grey image's Sobel gradient passes a quarter of its largest; --map=<folder>: your maps, <image key without its
+extension>.png/.npy/.tif (8- or 16-bit, any channels; NPY uint8, uint16 or floats in [0, 1]), each the size of its
+image. Output in --out: <shard>.npy uint16 (N, C, resolution/2, resolution/2), <shard>.json, index.jsonl (key, shard,
+row, size, crop, channels), meta.json; resumable and under torchrun like the latents.
 """
 import gzip
 import io
@@ -542,9 +551,9 @@ MAP_SUFFIXES = (".png", ".npy", ".tif", ".tiff")  # a map of your own: <folder>/
 def find_map(folder, key):
     """Your map for an image: <folder>/<its key>.<suffix>, or <folder>/<its file name>.<suffix>; None if none."""
     for stem in (Path(key).with_suffix(""), Path(Path(key).name).with_suffix("")):
-        for suffix in MAP_SUFFIXES:
-            if (folder / stem.with_suffix(suffix)).is_file():
-                return folder / stem.with_suffix(suffix)
+        for suffix in MAP_SUFFIXES:  # a stem may hold dots: photo.2020.jpg -> photo.2020.png
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
     return None
 
 
@@ -688,6 +697,8 @@ def check_settings(cfg):
         fail(f"--resolution={cfg['resolution']}: must be a multiple of 8 (the VAE's downsampling factor)")
     if cfg["dtype"] not in ("auto", "fp32"):
         fail(f"--dtype={cfg['dtype']}: must be auto (bf16 on CUDA, fp32 on CPU) or fp32")
+    if sum(bool(cfg[k]) for k in ("igligen", "image_encoder", "map")) > 1:
+        fail("--igligen, --image_encoder and --map are three jobs: give one of them")
     check_out_dir(cfg["out"], "out")
 
 

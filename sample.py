@@ -17,6 +17,7 @@ is written as <layout>_<i>.gif and <layout>_<i>_boxes.gif, with its frames in <l
 GLIGEN model (directory or Hub id). Each image is written as <layout>_<i>.png, with a copy <layout>_<i>_boxes.png
 that has the boxes and phrases drawn on.
 Inpainting adapters (train_gligen.py --inpaint=True) keep --inpaint_image outside the boxes and generate inside.
+Spatial-map adapters (train_gligen.py --maps) follow --map (a PNG or NPY map; a layout's "map"); boxes are not used.
 --export writes a directory that diffusers' StableDiffusionGLIGENPipeline.from_pretrained loads; with the same seed,
 scheduler and steps it gives the same images as this script (in fp32; half precision differs in the last bits).
 """
@@ -290,13 +291,11 @@ class Sampler:
                                    progress=progress, **extra)
 
     def as_drawn(self, layout):
-        """The layout as generate takes it: no phrases or map without adapters, no boxes with map adapters;
-        text-image adapters' reference images as features."""
+        """The layout as generate takes it: no phrases or map without adapters; text-image adapters' reference
+        images as features."""
         if self.text_image:
             paths = layout.get("images") or [None] * len(layout["phrases"])
             layout = {**layout, "images": image_features(paths, self.image_tower)}
-        if self.spatial:
-            layout = {**layout, "phrases": [], "boxes": []}
         return {k: v for k, v in layout.items() if k != "map" or self.adapters} | \
             {"phrases": layout["phrases"] if self.adapters else []}
 
@@ -319,8 +318,7 @@ def main(cfg):
     for batch in batches(layouts, cfg["batch"]):
         images = sampler.draw([layouts[k] for k in batch], [cfg["seed"] + k for k in batch])
         for k, each in zip(batch, np.split(images, len(batch))):
-            shown = {**layouts[k], "phrases": [], "boxes": []} if sampler.spatial else layouts[k]  # a map: no boxes
-            write_images(out, f"{k:03d}", each, shown, sampler.video, cfg["fps"])
+            write_images(out, f"{k:03d}", each, layouts[k], sampler.video, cfg["fps"])
         bar.update(len(batch))
     bar.close()
     what = "clips (frames, a GIF, a GIF with boxes)" if sampler.video else "images (and copies with boxes)"

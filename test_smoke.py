@@ -1305,7 +1305,11 @@ def test_prep_latents_reads_every_kind_of_map_and_refuses_bad_ones(tiny_data, ti
     Image.fromarray((a * 255).round().astype(np.uint8)).save(tmp_path / "rgb.png")
     np.save(tmp_path / "f.npy", a.astype(np.float32))
     np.save(tmp_path / "u16.npy", (a * 65535).round().astype(np.uint16))
-    for name, want in {"8.png": (a[None, ..., 0] * 255).round() / 255, "16.png": (a[None, ..., 0] * 65535).round()
+    big_endian = (a[..., 0] * 65535).round().astype(">u2")
+    Image.frombytes("I;16B", (7, 5), big_endian.tobytes()).save(tmp_path / "be.tif")  # a 16-bit TIFF, big-endian
+    Image.fromarray(a[..., 0] > 0.5).save(tmp_path / "1bit.png")  # a 1-bit edge map
+    for name, want in {"be.tif": big_endian[None] / 65535, "1bit.png": (a[None, ..., 0] > 0.5) * 1.0,
+                       "8.png": (a[None, ..., 0] * 255).round() / 255, "16.png": (a[None, ..., 0] * 65535).round()
                        / 65535, "rgb.png": (a.transpose(2, 0, 1) * 255).round() / 255, "f.npy": a.transpose(2, 0, 1),
                        "u16.npy": (a.transpose(2, 0, 1) * 65535).round() / 65535}.items():
         np.testing.assert_allclose(tg.read_map(tmp_path / name).numpy(), want, atol=1e-7, err_msg=name)
@@ -1369,6 +1373,10 @@ def test_prep_latents_reads_every_kind_of_map_and_refuses_bad_ones(tiny_data, ti
         run_bad()
     with pytest.raises(SystemExit, match=r"--map=.*nowhere: edges, depth, or a folder of your maps .* not found"):
         edges(map=str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match=r"--igligen, --image_encoder and --map are three jobs: give one of them"):
+        edges(image_encoder="openai/clip-vit-large-patch14")
+    (bad / "photo.2020.npy").write_bytes(b"")  # a stem with dots keeps them
+    assert pl.find_map(bad, "sub/photo.2020.jpg") == bad / "photo.2020.npy" and pl.find_map(bad, "photo.jpg") is None
 
 
 def test_map_tokens_conv_in_and_flip_equal_a_hand_computation(tiny_sd, tiny_data, tiny_maps, tiny_convnext):
@@ -1445,8 +1453,11 @@ def test_map_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data, tiny
     sample.main(cfg("from-layouts", layouts=str(tmp_path / "layouts.jsonl")))
     a, b, again, listed = (pngs(tmp_path / out, 1) for out in ("a", "b", "b-again", "from-layouts"))
     assert np.abs(a - b).mean() > 1 and np.array_equal(b, again) and np.array_equal(b, listed)
-    boxed = Image.open(tmp_path / "b" / "000_00_boxes.png")
-    assert boxed.size == (2 * 256, 256)  # the image (drawn at 256 px), its map beside it
+    boxed = np.asarray(Image.open(tmp_path / "b" / "000_00_boxes.png"))
+    drawn = Image.open(tmp_path / "b" / "000_00.png").resize((256, 256), Image.Resampling.NEAREST)
+    assert boxed.shape == (256, 2 * 256, 3) and np.array_equal(boxed[:, :256], np.asarray(drawn))  # no boxes drawn
+    assert np.array_equal(boxed[:, 256:], np.asarray(tg.map_image(tg.map_for(tg.read_map(maps[1]), 256, 256),
+                                                                  (256, 256))))  # the map beside, cropped as taken
     for over, why in ((dict(map=maps[0], export=str(tmp_path / "exp")), "no GLIGEN pipeline for spatial maps"),
                       (dict(), "are spatial-map adapters: each layout needs a map"),
                       (dict(map=maps[0], adapters=str(random_adapters)), "a map .* needs spatial-map adapters"),
@@ -1459,8 +1470,18 @@ def test_map_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data, tiny
 
     train = lambda out, **over: tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / out, **{
         "maps": str(tiny_maps), "map_encoder": str(tiny_convnext), "max_steps": 1, **over}))
-    train("bf16", dtype="bf16", val_every=1, val_steps=1, val_images=2)
+    train("bf16", dtype="bf16", val_every=1, val_steps=1, val_images=1)
     assert Image.open(tmp_path / "bf16" / "val_0000001.png").size == (2 * 256, 256)  # two validation maps' images
+    pl.main({**pl.config, "images": str(tiny_data["root"] / "images"), "out": str(tmp_path / "edges16"),
+             "resolution": 16, "num_workers": 0, "map": "edges"})
+    with pytest.raises(SystemExit, match=r"bf16/step_0000001 was trained with map='.*/maps', this run has map='edges'"):
+        train("bf16", maps=str(tmp_path / "edges16"), max_steps=2)  # other maps of the same channel count
+    (tmp_path / "val.jsonl").write_text(json.dumps(dict(prompt="x", phrases=[], boxes=[])) + "\n")
+    with pytest.raises(SystemExit, match=r"val.jsonl:1: no map, which this mode's layouts need"):
+        train("x", val_layouts=str(tmp_path / "val.jsonl"))
+    (tmp_path / "val.jsonl").write_text(json.dumps(dict(prompt="x", phrases=[], boxes=[], map=maps[0])) + "\n")
+    with pytest.raises(SystemExit, match=r"val.jsonl:1: a map is for the spatial-map mode \(--maps\)"):
+        tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / "x", val_layouts=str(tmp_path / "val.jsonl")))
     with pytest.raises(SystemExit, match="--maps is a mode of its own: not with --inpaint, .*--keypoints"):
         train("x", keypoints=True)
     with pytest.raises(SystemExit, match="text-box adapters, and this run is spatial-map"):
@@ -2457,17 +2478,17 @@ def test_sample_py_draws_every_family_and_mode(family, request, tiny_sd, tiny_cl
     (dict(boxes=[[0.1, float("nan"), 0.2, 0.5]]), "NaN"),
     (dict(phrases=["a", "b"], boxes=[[0.1, 0.1, 0.2, 0.5]]), "same length"),
     (dict(width=999), "latents and boxes are of different images"),
-    (dict(width=48, height=32), "or a photo turned by its EXIF orientation"),  # img_005.png is 32 x 48
+    (dict(width=48, height=32), "or a photo turned by its EXIF orientation"),  # img_004.png is 32 x 48
     (dict(width="40"), "width and height must be positive whole numbers, got '40'"),
 ])
 def test_bad_boxes_name_file_and_record(change, message, tiny_data, tmp_path):
     recs = [r for _, r in tg.read_jsonl(tiny_data["boxes"])]
-    bad = next(i for i, r in enumerate(recs) if r["image"] == "img_005.png")
+    bad = next(i for i, r in enumerate(recs) if r["image"] == "img_004.png")
     recs[bad] = {**recs[bad], "phrases": ["a"], "boxes": [[0.1, 0.1, 0.2, 0.5]], **change}
     path = write_boxes(tmp_path / "boxes.jsonl", recs)
     with pytest.raises(SystemExit) as e:
         tg.GroundedLatents(tiny_data["latents"], path)
-    assert message in str(e.value) and f"{path}:{bad + 1}" in str(e.value) and "img_005.png" in str(e.value)
+    assert message in str(e.value) and f"{path}:{bad + 1}" in str(e.value) and "img_004.png" in str(e.value)
 
 
 def test_missing_records_and_models_are_named(tiny_sd, tiny_sdxl, tiny_data, tiny_features, tmp_path, monkeypatch,
@@ -2717,10 +2738,10 @@ def test_nan_batch_is_skipped_and_counted(tiny_sd, tiny_data, tmp_path):
     from diffusers import UNet2DConditionModel
 
     keys = [r["key"] for _, r in tg.read_jsonl(tiny_data["latents"] / "index.jsonl")]
-    latents = nan_latents(tiny_data, tmp_path, {"img_005.png"})
+    latents = nan_latents(tiny_data, tmp_path, {"img_004.png"})
     # the steps whose batch holds the bad image, from the same data order the trainer uses
     batches = tg.rank_batches(12, 4, 2, 1, 0, 0, 0)
-    bad = {step + 1 for step in range(8) for _ in range(2) if keys.index("img_005.png") in dict(next(batches))}
+    bad = {step + 1 for step in range(8) for _ in range(2) if keys.index("img_004.png") in dict(next(batches))}
     for dtype in ("bf16", "fp32"):  # bf16 (CUDA's precision) skips the same steps
         tg.main({**train_cfg(tiny_sd, tiny_data, tmp_path / dtype, max_steps=8, dtype=dtype), "latents": str(latents)})
         log = [r for _, r in tg.read_jsonl(tmp_path / dtype / "log.jsonl")]
@@ -2923,7 +2944,8 @@ def test_shapes_world_metric_and_tokenizer(tmp_path):
 
 def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
     """The demo's whole path with --train_base=True (world, base model with its where-am-I heads, prep, train_gligen,
-    sample, metric, picture) at a few steps each, with captions that say where; then --keypoints=True. The scripts
+    sample, metric, picture) at a few steps each, with captions that say where; then --keypoints=True and
+    --maps=True. The scripts
     run in this process with the arguments the demo gives them (the demo starts each as a process: 6 imports of
     torch, about 20 s here)."""
     import importlib
@@ -2968,6 +2990,15 @@ def test_shapes_demo_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch):
     assert nose == [(x0 + x1) / 2, (y0 + y1) / 2, 2] and eye == [x1, y0, 2]  # its left eye: the top right corner
     assert torch.load(tg.checkpoints(tmp_path / "kp" / "gligen")[-1] / "state.pt",
                       weights_only=True)["config"]["keypoints"]
+
+    # --maps=True: each shape placed by its silhouette, a map of your own through prep_latents.py --map
+    maps = ds.main({**cfg, "out": str(tmp_path / "maps"), "train_base": False, "positions": 0.0, "maps": True})
+    assert maps["base model"]["objects"] == 3 and not any(k.startswith("fusers off") for k in maps)
+    world = tmp_path / "maps" / "world"
+    image, silhouette = (np.asarray(Image.open(world / d / "000000.png")) for d in ("images", "maps"))
+    assert np.array_equal((image != ds.BACKGROUND).any(-1) * 255, silhouette)  # its shapes, pixel for pixel
+    assert torch.load(tg.checkpoints(tmp_path / "maps" / "gligen")[-1] / "state.pt",
+                      weights_only=True)["config"]["maps"] == str(tmp_path / "maps" / "data" / "maps")
 
 
 def test_shapes_demo_runs_on_an_mmdit_at_tiny_scale(tmp_path, monkeypatch):
@@ -3068,7 +3099,7 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     """extras/gpu_check.py, the command that measures what a GPU must show, runs every stage on tiny models on a CPU
     (--dry_run=True), so the command is checked without a GPU: speeds from train_gligen.py, a resumed run bit-equal
     to a straight one, sample.py equal to its exported pipeline, SDXL with gradient checkpointing under DDP and
-    sharded (under torchrun; the base too), compile, and extras/benchmark.py --what=train: the trainer's own step
+    sharded with its base (one torchrun), compile, and extras/benchmark.py --what=train: the trainer's own step
     (sd_loss, optimizer_step: not a copy) against the reference recipe (IGLIGEN's: diffusers' gated UNet, fp32 +
     GradScaler, phrases encoded per image) on the same network, FLOPs within 10% (the reference's fusers also let the
     grounding tokens query, and it pads each image's phrases to their own longest), and the profile of ours, its
@@ -3086,7 +3117,7 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path, monkeypatch):
     assert list(stages) == ["build", "sd15", "resume", "sample", "benchmark", "sdxl", "sharded", "compile"]
     assert not [k for k, v in stages.items() if "error" in v or "skipped" in v], stages
     assert all(row["img_per_s"] > 0 for row in stages["sd15"]["rows"] + stages["sdxl"]["rows"] + [stages["compile"]]
-               + stages["sharded"]["rows"] + stages["sharded"]["base_rows"])
+               + stages["sharded"]["base_rows"]) and len(stages["sharded"]["base_rows"]) == 1
     assert stages["sharded"]["ddp_rows"] == stages["sdxl"]["rows"]
     assert stages["resume"]["bit_equal"] and stages["sample"]["max_pixel_diff"] == 0  # on a CPU in fp32: exact
     assert json.loads((tmp_path / "dry" / "results.json").read_text()) == r
@@ -3468,6 +3499,16 @@ def test_app_reads_layouts_commands_and_logs_as_sample_py_and_the_trainer_write_
         app.table_to_layout("x", app.layout_to_rows(posed), None, kp[:-3])
     with pytest.raises(SystemExit, match=r"the table: person 1's nose \[1.5, 0.3\] is outside the image"):
         app.table_to_layout("x", app.layout_to_rows(posed), None, kp.replace("[0.72, 0.195]", "[1.5, 0.3]", 1))
+    Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))).save(tmp_path / "ramp.png")
+    mapped = dict(prompt="a ramp", phrases=[], boxes=[], map=str(tmp_path / "ramp.png"))  # a map: saved, in the command
+    saved_map = app.save_layout("a ramp", [], None, tmp_path, "", mapped["map"])
+    assert json.loads(Path(saved_map).read_text()) == mapped
+    (tmp_path / "ramp.png").rename(tmp_path / "gone.png")  # a saved map's upload is the app's copy: upload it again
+    assert app.load_layout(saved_map)[2] == "loaded line 1 of 1 from layout.jsonl; upload its map again (ramp.png)"
+    command = app.sample_command(app.config, mapped, opts).replace("\\\n", "")
+    assert tg.configure(sample.config, __import__("shlex").split(command.splitlines()[-1])[2:])["map"] == mapped["map"]
+    shown = app.map_canvas(tmp_path / "gone.png", 32, 32)  # the canvas shows the map, dark to light, at its size
+    assert shown.shape == app.blank_canvas(32, 32).shape and shown[0, 0, 0] < 10 and shown[0, -1, 0] > 235
     blank = app.blank_canvas(32, 32)
     assert not np.array_equal(app.skeleton_canvas(kp, 32, 32), blank)
     assert np.array_equal(app.skeleton_canvas(kp[:-3], 32, 32), blank)  # half typed: the canvas stays blank
@@ -3551,10 +3592,11 @@ def test_app_gives_sample_py_pixels_and_survives_bad_layouts(launch_app, tmp_pat
     assert grid is not None and Image.open(grid).size == (8, 8)
 
 
-def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny_clip, tmp_path):
+def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny_clip, tiny_data, tiny_maps,
+                                           tiny_convnext, tmp_path):
     """The app on adapters that inpaint and take reference images (a photo uploaded, a reference image named in the
-    table's image column, a box with an image and no phrase), on a video model (GIFs) and on keypoint adapters (the
-    keypoints as JSON): sample.py's pixels."""
+    table's image column, a box with an image and no phrase), on a video model (GIFs), on keypoint adapters (the
+    keypoints as JSON) and on spatial-map adapters (a map uploaded): sample.py's pixels."""
     app_extras()
     import sample
     from gradio_client import Client, handle_file
@@ -3610,6 +3652,17 @@ def test_app_draws_every_mode_as_sample_py(launch_app, tiny_sd, tiny_video, tiny
                  "out_dir": str(tmp_path / "kcli")})
     assert "--keypoints=" in command
     assert np.array_equal(np.asarray(Image.open(plain[0]["image"])), pngs(tmp_path / "kcli", 1)[0])
+
+    stages = map_stages(tiny_maps, tiny_convnext)
+    random_adapters_of(stages, stages.load(str(tiny_sd), "cpu", torch.float32)[0], 5, tmp_path / "mrun")
+    client = Client(launch_app(f"--model={tiny_sd}", f"--adapters={tmp_path / 'mrun'}"), verbose=False)
+    map_ = sorted((tiny_data["root"] / "maps").glob("*.png"))[0]
+    boxed, plain, command = client.predict("shapes", rows, 1, 0, 2, 7.5, 0.3, "ddim", None, [], "",
+                                           handle_file(map_), api_name="/generate")
+    sample.main({**sample.config, "model": str(tiny_sd), "adapters": str(tmp_path / "mrun"), "n": 1, "steps": 2,
+                 "prompt": "shapes", "map": str(map_), "out_dir": str(tmp_path / "mcli")})
+    assert "--map=" in command and Image.open(boxed[0]["image"]).size == (2 * 256, 256)  # the image and its map
+    assert np.array_equal(np.asarray(Image.open(plain[0]["image"])), pngs(tmp_path / "mcli", 1)[0])
 
 def test_app_in_a_browser_draws_a_box_generates_and_stays_on_this_machine(launch_app, tmp_path):
     """The app in headless Chromium (the system's, through Playwright; nothing downloaded): drag a box on the canvas,

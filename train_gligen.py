@@ -958,7 +958,7 @@ def grounded(layouts, seeds):
 
 
 def batch_grounding(text_encoder, tokenizer, layouts, seeds, rows, dtype, layout_grounding):
-    """A batch of layouts' "gligen" inputs; None without phrases."""
+    """A batch of layouts' "gligen" inputs; None without phrases or a map."""
     if not grounded(layouts, seeds):
         return None
     return {"gligen": stack_halves([layout_grounding(text_encoder, tokenizer, l, r, dtype)
@@ -1054,10 +1054,11 @@ def draw_layout(image, phrases, boxes):
 
 
 def draw_grounding(image, layout):
-    """draw_layout's copy of a layout's image, a keypoint layout's skeletons drawn on too."""
+    """draw_layout's copy of a layout's image: keypoints' skeletons drawn on, a map file beside."""
+    if isinstance(layout.get("map"), str):  # no boxes: the map as the image took it
+        image = draw_layout(image, [], [])
+        return beside(image, map_image(map_for(read_map(layout["map"]), image.height, image.width), image.size))
     image = draw_layout(image, layout["phrases"], layout["boxes"])
-    if isinstance(layout.get("map"), str):  # a map layout: its map beside the image
-        return beside(image, map_image(read_map(layout["map"]), image.size))
     return draw_keypoints(image, layout["keypoints"]) if "keypoints" in layout else image
 
 
@@ -1171,7 +1172,7 @@ STAGES = dict(
     samplers=UNET_SAMPLERS,  # sample.py's schedulers; the first validates
     val_inputs=trained_size,  # the validation grid's extra inputs to generate
     val_layouts=VAL_LAYOUTS,  # the validation grid's layouts without --val_layouts
-    layout_needs=(),  # what else a layout with boxes needs (a mode's keys)
+    layout_needs=(),  # what else a layout with boxes needs (a mode's keys; a map: every layout)
     mirrored=mirrored_boxes,  # a validation batch -> its wrong layout, for the box-use gap
 )
 FAMILIES = {"sd": {}}
@@ -1216,8 +1217,10 @@ def validation_layouts(cfg, default, needs=()):
         fail(f"--val_layouts={cfg['val_layouts']}: no layouts in it (one JSON object a line: prompt, phrases, boxes)")
     check_layouts(layouts)
     for where, l in layouts:
-        if missing := [k for k in needs if l["boxes"] and k not in l]:
+        if missing := [k for k in needs if k not in l and (l["boxes"] or k == "map")]:  # a map layout has no boxes
             fail(f"{where}: no {missing[0]}, which this mode's layouts need (docs/data.md)")
+        if "map" in l and "map" not in needs:
+            fail(f"{where}: a map is for the spatial-map mode (--maps)")
     return [l for _, l in layouts]
 
 
@@ -1225,8 +1228,8 @@ def restore(cfg, unet, resume):
     """Adapters to resume or init from; the step and optimizer state."""
     if resume:
         state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
-        for key in ("model", "resolution", "global_batch", "images", "inpaint", "keypoints"):
-            if state["config"].get(key, False) != cfg[key]:  # a setting newer than the checkpoint: False
+        for key in ("model", "resolution", "global_batch", "images", "inpaint", "keypoints", "map"):
+            if state["config"].get(key, False) != cfg.get(key, False):  # a setting newer than the checkpoint: False
                 fail(f"{resume} was trained with {key}={state['config'].get(key, False)!r}, this run has "
                      f"{key}={cfg[key]!r}. Run with the same {key}, or start a new out_dir with --init_from={resume}")
         if state["optimizer"] is None and not cfg["shard"]:
@@ -2431,15 +2434,14 @@ def with_map(x, maps):
 
 
 class PositionNetSpatial(nn.Module):
-    """64 tokens: a ConvNeXt's last 8 x 8 features of the map (or the null feature), plus positions, through an MLP;
-    the official names."""
+    """64 tokens: a ConvNeXt's last 8 x 8 map features (or the null feature), plus positions, through an MLP."""
 
     def __init__(self, dim, encoder):
         super().__init__()
         c = encoder.config
         self.size = 8 * c.patch_size * 2 ** (c.num_stages - 1)  # 8 x 8 features: 256 px for a ConvNeXt-T
         self.convnext, width = encoder, c.hidden_sizes[-1]
-        self.convnext.layernorm = nn.Identity()  # the pooled output's, unused: DDP needs each parameter used
+        self.convnext.layernorm = nn.Identity()  # unused; DDP needs each parameter used
         self.null_feature = nn.Parameter(torch.zeros(width))
         self.pos_embedding = nn.Parameter(torch.empty(1, 64, width).normal_(std=0.02))
         self.linears = nn.Sequential(nn.Linear(width, 512), nn.SiLU(), nn.Linear(512, 512), nn.SiLU(),
@@ -2453,13 +2455,15 @@ class PositionNetSpatial(nn.Module):
 
 
 def load_map_net(maps_dir, encoder):
-    """(map channels, the pretrained ConvNeXt); not 1 or 3 channels: a fresh first layer."""
+    """(map channels, the pretrained ConvNeXt), a fresh first layer for another channel count."""
     from transformers import ConvNextModel
 
     channels = map_meta(maps_dir)["channels"]
-    fresh = {} if channels in (1, 3) else dict(num_channels=channels, ignore_mismatched_sizes=True)
     try:
-        return channels, load_clip_tower(ConvNextModel, encoder, **fresh)
+        net = load_clip_tower(ConvNextModel, encoder)
+        if channels not in (1, net.config.num_channels):
+            net = load_clip_tower(ConvNextModel, encoder, num_channels=channels, ignore_mismatched_sizes=True)
+        return channels, net
     except (OSError, ValueError) as e:
         fail(f"--map_encoder={encoder}: cannot load a ConvNeXt (transformers' ConvNextModel) from it: {e}")
 
@@ -2496,14 +2500,16 @@ def read_map(path):
             a = np.load(path, allow_pickle=False)
         else:
             with Image.open(path) as im:
-                a = np.asarray(im if im.mode in ("L", "LA", "RGB", "RGBA", "I;16", "I", "F") else im.convert("RGB"))
-                a = a.astype(np.uint16) if im.mode == "I" else a  # 16-bit, in older Pillows
+                deep = im.mode.startswith("I")  # 16-bit, any byte order
+                a = np.asarray(im.convert("L") if im.mode == "1" else im if deep or im.mode in (
+                    "L", "LA", "RGB", "RGBA", "F") else im.convert("RGB"))
+                a = a.astype(np.uint16) if deep else a
     except (OSError, ValueError) as e:
         fail(f"{path}: not a readable map ({type(e).__name__}: {e})")
     a = a[..., None] if a.ndim == 2 else a
     if a.ndim != 3 or 0 in a.shape:
         fail(f"{path}: a map is (height, width) or (height, width, channels), this one is {a.shape}")
-    if a.dtype in (np.uint8, np.uint16):
+    if a.dtype.kind == "u" and a.dtype.itemsize <= 2:
         a = a / np.iinfo(a.dtype).max
     elif a.dtype.kind != "f" or not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
         fail(f"{path}: a map holds uint8, uint16, or floats in [0, 1]; this one holds {a.dtype}"
@@ -2515,6 +2521,14 @@ def fit_map(m, crop, size):
     """A map's crop (pixels) resized to size (h, w), bilinear, as PIL resizes the image's."""
     fit = [Image.fromarray(c).resize(size[::-1], Image.Resampling.BILINEAR, box=crop) for c in m.float().numpy()]
     return torch.from_numpy(np.stack([np.asarray(c) for c in fit])).clamp(0, 1)
+
+
+def map_for(m, height, width):
+    """A map as an image of that size takes it: center-cropped to its shape, at half its side."""
+    h, w = m.shape[-2:]
+    s = min(h / height, w / width)
+    ch, cw = round(height * s), round(width * s)
+    return fit_map(m, ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch), (height // 2, width // 2))
 
 
 def map_image(m, size):
@@ -2626,8 +2640,8 @@ def map_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
 @torch.no_grad()
 def generate_maps(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, height=None, width=None,
                   val_maps=(), **kwargs):
-    """As generate, a layout's map in conv_in every step, as tokens while grounding lasts; "map": a file, a (C, H, W)
-    tensor in [0, 1], or k: val_maps[k]'s (caption, map)."""
+    """As generate; a layout's map in conv_in every step, as tokens while grounding lasts; "map": a file, a (C, H, W)
+    tensor in [0, 1], or k: val_maps[k]."""
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
 
     def draw(layout, seed):
@@ -2639,12 +2653,7 @@ def generate_maps(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds,
         if m is None or m.shape[0] != unet.conv_in.downsample_net.layers[0].in_channels:
             fail(f"layout {layout['prompt']!r}: these adapters need a map of "
                  f"{unet.conv_in.downsample_net.layers[0].in_channels} channels, got {None if m is None else m.shape}")
-        h, w = m.shape[-2:]
-        s = min(h / height, w / width)  # the largest centered crop of the image's shape
-        ch, cw = round(height * s), round(width * s)
-        crop = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
-        m = fit_map(m, crop, (height // 2, width // 2))
-        m = (m * 2 - 1)[None].to(unet.device, unet.dtype)
+        m = (map_for(m, height, width) * 2 - 1)[None].to(unet.device, unet.dtype)
 
         def model_input(scheduler, latents, t, g):
             latents, x = both_halves(scheduler, latents, t, g)
@@ -2658,14 +2667,15 @@ def generate_maps(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds,
 
 def map_val_inputs(data, pick):
     """The grid draws two validation images' maps and captions."""
-    maps = [(data.items[i].caption, data[(i, False)]["map"]) for i in (pick or [0])[:len(MAP_VAL_LAYOUTS)]]
+    picks = [*pick, *range(len(data))][:len(MAP_VAL_LAYOUTS)]  # two, however few val_images
+    maps = [(data.items[i].caption, data[(i, False)]["map"]) for i in picks]
     return dict(trained_size(data, pick), val_maps=maps)
 
 
 MAP_VAL_LAYOUTS = [dict(prompt="", phrases=[], boxes=[], map=k) for k in range(2)]
 MODES[False, False, False, True] = dict(add_adapters=inject_spatial, training_data=map_training_data, loss=map_loss,
                                         generate=generate_maps, val_inputs=map_val_inputs, val_layouts=MAP_VAL_LAYOUTS,
-                                        mirrored=mirrored_maps)
+                                        layout_needs=("map",), mirrored=mirrored_maps)
 
 
 # =================================================================================================================

@@ -15,7 +15,8 @@ and the equivalent sample.py command is shown for copying. Inpainting adapters a
 it; outside them it is kept); text-image adapters add reference images, one per box, named in the table's image
 column (a box may have a phrase, an image or both); keypoint adapters add a keypoints box (JSON: one person per
 table row, 17 COCO keypoints [x, y] or null each), whose skeletons the canvas shows and the results have drawn on;
-video models give a GIF (still boxes; moving ones: sample.py).
+spatial-map adapters take a map file (PNG or NPY, as sample.py --map), which the canvas shows and the results have
+beside them (the table's boxes are not used); video models give a GIF (still boxes; moving ones: sample.py).
 
 Training tab: point it at a run's out_dir; every few seconds it reads log.jsonl and the newest val_*.png (nothing
 else, and it writes nothing) and shows the loss, images/s, the box-use losses and their gap, and says whether the
@@ -50,7 +51,7 @@ sys.path.insert(0, str(ROOT / "extras"))
 import sample  # noqa: E402  (the project's sampling code, after the path is set)
 from demo_shapes import config as demo, vocabulary  # noqa: E402
 from train_gligen import (check_image, check_keypoints, check_layouts, configure, draw_keypoints, fail,  # noqa: E402
-                          in_range, is_moving)
+                          in_range, is_moving, map_for, map_image, read_map)
 
 # the shipped demo: its base, its trained adapters, and the settings it was scored with
 SHAPES = dict(model=str(ROOT / "extras" / "shapes_base"), adapters=str(ROOT / "extras" / "shapes_adapters"),
@@ -205,6 +206,11 @@ def blank_canvas(height=CANVAS, width=CANVAS):
     return np.full((round(height * s), round(width * s), 3), 255, np.uint8)
 
 
+def map_canvas(path, height, width):
+    """A map file as the canvas's picture, as an image of that size takes it, at canvas size."""
+    return np.asarray(map_image(map_for(read_map(path), height, width), blank_canvas(height, width).shape[:2][::-1]))
+
+
 def photo_canvas(path, height, width):
     """The inpainting photo as the sampler sees it (center-cropped to the output's shape) at canvas size, so the
     boxes drawn on it are relative to the output image."""
@@ -232,16 +238,17 @@ def sample_command(cfg, layout, opts, photo=None):
              f"--boxes={q(literal(layout['boxes']))}"]
     args += [f"--images={q(literal(layout['images']))}"] if layout.get("images") else []
     args += [f"--keypoints={q(literal(layout['keypoints']))}"] if layout.get("keypoints") else []
+    args += [f"--map={q(layout['map'])}"] if layout.get("map") else []
     args += [f"--inpaint_image={q(photo)}"] if photo else []
     args += [f"--{k}={opts[k]}" for k in ("n", "seed", "steps", "guidance", "beta", "scheduler")]
     args += [f"--{k}={cfg[k]}" for k in ("dtype", "frames", "image_encoder") if cfg[k] != sample.config[k]]
-    uploads = "# the photo and reference images above are the app's copies of your uploads: give your files\n" \
-        if photo or layout.get("images") else ""
+    uploads = "# the photo, map and reference images above are the app's copies of your uploads: give your files\n" \
+        if photo or layout.get("images") or layout.get("map") else ""
     return uploads + "python sample.py " + " \\\n    ".join(args)
 
 
-def save_layout(caption, rows, refs, folder, keypoints=""):
-    layout = table_to_layout(caption, rows, refs, keypoints)
+def save_layout(caption, rows, refs, folder, keypoints="", map_path=None):
+    layout = table_to_layout(caption, rows, refs, keypoints) | ({"map": map_path} if map_path else {})
     path = Path(folder) / "layout.jsonl"
     path.write_text(json.dumps(layout) + "\n")
     return str(path)
@@ -270,7 +277,7 @@ def load_layout(path, columns=len(HEADERS), keypoints=True):
         # an image-only box passes as text here: its image is named in the table, not opened
         checked = {**layout, "phrases": [p if p is not None or im is None else "(image)"
                                          for p, im in zip(layout["phrases"], images)]}
-    check_layouts([(f"{name}:1", checked)])
+    check_layouts([(f"{name}:1", {k: v for k, v in checked.items() if k != "map"})])  # the map: uploaded again
     note = f"loaded line 1 of {len(lines)} from {name}"
     if images and columns > len(HEADERS):
         note += "; upload its reference images again (the table's image column names them)"
@@ -279,6 +286,8 @@ def load_layout(path, columns=len(HEADERS), keypoints=True):
     kp = json.dumps(layout["keypoints"]) if "keypoints" in layout and keypoints else ""
     if "keypoints" in layout and not keypoints:
         note += "; its keypoints are left out: these adapters take none"
+    if "map" in layout:
+        note += f"; upload its map again ({Path(str(layout['map'])).name})"
     return layout["prompt"], layout_to_rows(layout, columns), note, kp
 
 
@@ -397,7 +406,7 @@ def build(cfg, sampler):
     h, w = sampler.height, sampler.width
     kind = dict(sd="Stable Diffusion", sdxl="SDXL", video="video", sd3="SD3", flux="Flux")[sampler.family]
     mode = "inpainting" if sampler.inpaint else "text-image" if sampler.text_image else \
-        "keypoint" if sampler.keypoints else "text-box"
+        "keypoint" if sampler.keypoints else "spatial-map" if sampler.spatial else "text-box"
     columns = HEADERS + (["image"] if sampler.text_image else [])
     known = vocabulary(cfg["model"])  # the shapes base's 12 phrases; None for a real model
 
@@ -413,8 +422,9 @@ def build(cfg, sampler):
 
     @shown
     def generate(caption, rows, n, seed, steps, guidance, beta, scheduler, photo=None, refs=None, keypoints="",
-                 progress=gr.Progress(track_tqdm=True)):
+                 map_path=None, progress=gr.Progress(track_tqdm=True)):
         layout = table_to_layout(caption, rows, refs, keypoints if sampler.keypoints else "")
+        layout |= {"map": map_path} if map_path and sampler.spatial else {}
         sampler.check([layout], photo)  # sample.py's checks and messages: the photo, reference images, video
         if warning := off_vocabulary(layout, known):
             gr.Warning(warning)
@@ -453,6 +463,9 @@ def build(cfg, sampler):
                     keypoints = gr.Textbox(label="Keypoints (JSON): one person per box, 17 COCO keypoints [x, y] "
                                                  "or null each; the canvas shows their skeletons", value="",
                                            lines=3, visible=sampler.keypoints, elem_id="keypoints")
+                    map_file = gr.File(label="Map (PNG or NPY, aligned with the image): the image follows it; the "
+                                             "boxes are not used", file_types=[".png", ".npy", ".tif", ".tiff"],
+                                       type="filepath", visible=sampler.spatial, elem_id="map")
                     caption = gr.Textbox(label="Caption", value="", elem_id="caption")
                     if known:
                         gr.Markdown(f"This shapes model knows {len(known)} phrases, and only these ground: "
@@ -495,7 +508,7 @@ def build(cfg, sampler):
                             elem_id="grid")
             timer = gr.Timer(REFRESH_S, active=False)  # ticks while the tab is open
 
-        inputs = [caption, table, n, seed, steps, guidance, beta, scheduler, photo, refs, keypoints]
+        inputs = [caption, table, n, seed, steps, guidance, beta, scheduler, photo, refs, keypoints, map_file]
         go.click(generate, inputs, [boxed, plain, command], api_name="generate", concurrency_limit=1)
         canvas.change(lambda v, rows: canvas_to_rows(v, rows, len(columns)), [canvas, table], table,
                       api_visibility="private", queue=False)
@@ -505,6 +518,8 @@ def build(cfg, sampler):
                      canvas, api_visibility="private")
         photo.clear(lambda rows: rows_to_canvas(rows, dict(image=blank_canvas(h, w))), table, canvas,
                     api_visibility="private")
+        map_file.upload(shown(lambda p, rows: rows_to_canvas(rows, dict(image=map_canvas(p, h, w)))),
+                        [map_file, table], canvas, api_visibility="private")
         if sampler.keypoints:
             keypoints.change(lambda text, rows: rows_to_canvas(rows, dict(image=skeleton_canvas(text, h, w))),
                              [keypoints, table], canvas, api_visibility="private", queue=False)
@@ -514,9 +529,9 @@ def build(cfg, sampler):
             c, rows, msg, kp = load_layout(path, len(columns), sampler.keypoints)
             return c, rows, rows_to_canvas(rows, value), msg, kp
 
-        save.click(shown(lambda c, rows, r, kp: save_layout(c, rows, r, tempfile.mkdtemp(dir=work),
-                                                            kp if sampler.keypoints else "")),
-                   [caption, table, refs, keypoints], saved, api_visibility="private")
+        save.click(shown(lambda c, rows, r, kp, m: save_layout(c, rows, r, tempfile.mkdtemp(dir=work),
+                                                               kp if sampler.keypoints else "", m)),
+                   [caption, table, refs, keypoints, map_file], saved, api_visibility="private")
         load.upload(on_load, [load, canvas], [caption, table, canvas, note, keypoints], api_visibility="private")
         watched = [status, verdict, loss_plot, speed_plot, use_plot, gap_plot, grid]
         watch.submit(watch_run, watch, watched, api_name="watch", queue=False)
