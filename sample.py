@@ -182,8 +182,8 @@ def read_layouts(cfg):
 class Sampler:
     """A base model and its adapters, loaded once, ready to draw layouts: what main below runs, and what
     extras/app.py serves. Sampler(cfg) reads the model's config and the adapters (fast, so bad settings fail before
-    anything slow); load() loads the model; draw(layouts, seeds, ...) makes their images, in one batch (inpainting:
-    one layout at a time)."""
+    anything slow); load() loads the model; draw(layouts, seeds, ...) makes their images, in one batch (inpainting,
+    maps: one layout at a time)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -274,7 +274,7 @@ class Sampler:
     def draw(self, layouts, seeds, n=None, steps=None, guidance=None, beta=None, scheduler=None, inpaint_image=None,
              progress=True):
         """n images (H, W, 3) uint8 of each layout, or for a video model n clips (F, H, W, 3), layout by layout, in
-        one batch (inpainting: one layout at a time); layout k from seeds[k]. Each setting left None is cfg's."""
+        one batch (inpainting, maps: one layout at a time); layout k from seeds[k]. Each setting left None is cfg's."""
         cfg = self.cfg
         n, steps, guidance, beta = (cfg[k] if v is None else v for k, v in
                                     (("n", n), ("steps", steps), ("guidance", guidance), ("beta", beta)))
