@@ -627,11 +627,12 @@ def make_maps(root):
 
 @pytest.fixture(scope="session")
 def tiny_maps(tiny_data):
-    """prep_latents.py --map's maps of make_maps' files for tiny_data's images; its summary beside them."""
+    """prep_latents.py --map's maps of make_maps' files for tiny_data's images, under torchrun (3 shards on 2 ranks);
+    its summary beside them."""
     folder = make_maps(tiny_data["root"])
     out = tiny_data["root"] / "map-data"
     r = run("prep_latents.py", f"--map={folder}", f"--images={tiny_data['root'] / 'images'}", f"--out={out}",
-            "--resolution=16", "--num_workers=2", "--shard_size=5")
+            "--resolution=16", "--num_workers=1", "--shard_size=6", torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     (out / "prep.log").write_text(r.stdout)
     return out
@@ -1319,6 +1320,7 @@ def test_prep_latents_reads_every_kind_of_map_and_refuses_bad_ones(tiny_data, ti
 
     meta, folder = json.loads((tiny_maps / "meta.json").read_text()), tiny_data["root"] / "maps"
     assert (meta["channels"], meta["side"], meta["images"]) == (1, 8, 13)  # all but the broken and the too small
+    assert "rank 1: 1 of its 1 shards to map (3 in all, 2 processes)" in (tiny_maps / "prep.log").read_text()
     crops = {r["key"]: r["crop"] for _, r in tg.read_jsonl(tiny_data["latents"] / "index.jsonl")}
     for _, r in tg.read_jsonl(tiny_maps / "index.jsonl"):
         src = pl.find_map(folder, r["key"])
