@@ -1473,7 +1473,7 @@ def test_map_mode_samples_and_refuses_what_does_not_fit(tiny_sd, tiny_data, tiny
     train = lambda out, **over: tg.main(train_cfg(tiny_sd, tiny_data, tmp_path / out, **{
         "maps": str(tiny_maps), "map_encoder": str(tiny_convnext), "max_steps": 1, **over}))
     train("bf16", dtype="bf16", val_every=1, val_steps=1, val_images=1)
-    assert Image.open(tmp_path / "bf16" / "val_0000001.png").size == (2 * 256, 256)  # two validation maps' images
+    assert Image.open(tmp_path / "bf16" / "val_0000001.png").size == (2 * 2 * 256, 256)  # two images, maps beside
     pl.main({**pl.config, "images": str(tiny_data["root"] / "images"), "out": str(tmp_path / "edges16"),
              "resolution": 16, "num_workers": 0, "map": "edges"})
     with pytest.raises(SystemExit, match=r"bf16/step_0000001 was trained with map='.*/maps', this run has map='edges'"):

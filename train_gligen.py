@@ -1054,10 +1054,11 @@ def draw_layout(image, phrases, boxes):
 
 
 def draw_grounding(image, layout):
-    """draw_layout's copy of a layout's image: keypoints' skeletons drawn on, a map file beside."""
-    if isinstance(layout.get("map"), str):  # no boxes: the map as the image took it
-        image = draw_layout(image, [], [])
-        return beside(image, map_image(map_for(read_map(layout["map"]), image.height, image.width), image.size))
+    """draw_layout's copy of a layout's image: keypoints' skeletons drawn on, a map beside."""
+    if "map" in layout:  # no boxes: the map as the image took it
+        image, m = draw_layout(image, [], []), layout["map"]
+        m = read_map(m) if isinstance(m, (str, Path)) else m
+        return beside(image, map_image(map_for(m, image.height, image.width), image.size))
     image = draw_layout(image, layout["phrases"], layout["boxes"])
     return draw_keypoints(image, layout["keypoints"]) if "keypoints" in layout else image
 
@@ -1171,7 +1172,7 @@ STAGES = dict(
     generate=generate,  # layouts -> images
     samplers=UNET_SAMPLERS,  # sample.py's schedulers; the first validates
     val_inputs=trained_size,  # the validation grid's extra inputs to generate
-    val_layouts=VAL_LAYOUTS,  # the validation grid's layouts without --val_layouts
+    val_layouts=VAL_LAYOUTS,  # the validation grid's layouts without --val_layouts (or data -> them)
     layout_needs=(),  # what else a layout with boxes needs (a mode's keys; a map: every layout)
     mirrored=mirrored_boxes,  # a validation batch -> its wrong layout, for the box-use gap
 )
@@ -1439,7 +1440,8 @@ def main(cfg):
     data = stages.training_data(cfg)
     if len(data) < G:
         fail(f"{cfg['latents']} has {len(data)} usable images, fewer than one global batch ({G})")
-    layouts = validation_layouts(cfg, stages.val_layouts, stages.layout_needs)
+    default = stages.val_layouts(data) if callable(stages.val_layouts) else stages.val_layouts  # a mode's: of the data
+    layouts = validation_layouts(cfg, default, stages.layout_needs)
     if cfg["init_from"] and missing_local_path(cfg["init_from"]):
         fail(f"--init_from={cfg['init_from']}: adapters not found")
 
@@ -2396,7 +2398,7 @@ def draw_keypoints(image, persons):
 
 # =================================================================================================================
 # Spatial maps, GLIGEN's mode: a map aligned with the image (depth, edges, yours) enters conv_in by a downsampler,
-# and grounds as 64 ConvNeXt tokens. Replaces add_adapters, training_data, loss, generate, val_inputs, val_layouts,
+# and grounds as 64 ConvNeXt tokens. Replaces add_adapters, training_data, loss, generate, val_layouts, layout_needs,
 # mirrored.
 class Downsampler(nn.Module):
     """A map at 4x the latent's side -> 8 channels at its side: GLIGEN's depth downsampler."""
@@ -2638,17 +2640,13 @@ def map_layout_grounding(text_encoder, tokenizer, layout, rows, dtype):
 
 
 @torch.no_grad()
-def generate_maps(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, height=None, width=None,
-                  val_maps=(), **kwargs):
-    """As generate; a layout's map in conv_in every step, as tokens while grounding lasts; "map": a file, a (C, H, W)
-    tensor in [0, 1], or k: val_maps[k]."""
+def generate_maps(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds, height=None, width=None, **kwargs):
+    """As generate; a layout's map ("map": a file, or a (C, H, W) tensor in [0, 1]) in conv_in every step, as
+    tokens while grounding lasts."""
     height, width = height or native_size(unet, vae), width or native_size(unet, vae)
 
     def draw(layout, seed):
         m = layout.get("map")
-        if isinstance(m, int):
-            caption, m = val_maps[m]
-            layout = {**layout, "prompt": caption}
         m = read_map(m) if isinstance(m, (str, Path)) else m
         if m is None or m.shape[0] != unet.conv_in.downsample_net.layers[0].in_channels:
             fail(f"layout {layout['prompt']!r}: these adapters need a map of "
@@ -2665,17 +2663,15 @@ def generate_maps(unet, vae, text_encoder, tokenizer, scheduler, layouts, seeds,
     return np.concatenate([draw(l, s) for l, s in zip(layouts, seeds)])
 
 
-def map_val_inputs(data, pick):
-    """The grid draws two validation images' maps and captions."""
-    picks = [*pick, *range(len(data))][:len(MAP_VAL_LAYOUTS)]  # two, however few val_images
-    maps = [(data.items[i].caption, data[(i, False)]["map"]) for i in picks]
-    return dict(trained_size(data, pick), val_maps=maps)
+def map_val_layouts(data):
+    """The grid's layouts: two training images' captions and maps."""
+    return [dict(prompt=data.items[i].caption, phrases=[], boxes=[], map=data[(i, False)]["map"])
+            for i in range(min(2, len(data)))]
 
 
-MAP_VAL_LAYOUTS = [dict(prompt="", phrases=[], boxes=[], map=k) for k in range(2)]
 MODES[False, False, False, True] = dict(add_adapters=inject_spatial, training_data=map_training_data, loss=map_loss,
-                                        generate=generate_maps, val_inputs=map_val_inputs, val_layouts=MAP_VAL_LAYOUTS,
-                                        layout_needs=("map",), mirrored=mirrored_maps)
+                                        generate=generate_maps, val_layouts=map_val_layouts, layout_needs=("map",),
+                                        mirrored=mirrored_maps)
 
 
 # =================================================================================================================
