@@ -48,10 +48,11 @@ Spatial maps for GLIGEN's spatial-map mode (train_gligen.py --maps), one per ima
     python prep_latents.py --map=depth --depth_model=depth-anything/Depth-Anything-V2-Small-hf \
         --images=coco/train2017 --out=data/coco/depth --resolution=512
 --map=depth: a transformers depth-estimation model's prediction on each crop, min-max per image; --map=edges: where
-the grey image's Sobel gradient passes a quarter of its largest; --map=<folder>: your maps, <image key without its
-extension>.png/.npy/.tif (8- or 16-bit, any channels; NPY uint8, uint16 or floats in [0, 1]), each the size of its
-image. Output in --out: <shard>.npy uint16 (N, C, resolution/2, resolution/2), <shard>.json, index.jsonl (key, shard,
-row, size, crop, channels), meta.json; resumable and under torchrun like the latents.
+the grey image's Sobel gradient passes a quarter of its largest; --map=<folder>: your maps, <image key, or its file
+name, without its extension>.png/.npy/.tif/.tiff (8- or 16-bit, any channels; NPY uint8, uint16 or floats in [0, 1]),
+each the size of its image. Output in --out: <shard>.npy uint16 (N, C, resolution/2, resolution/2), <shard>.json,
+index.jsonl (key, shard, row, width, height, crop, channels), meta.json, skipped.jsonl; resumable and under torchrun
+like the latents.
 """
 import gzip
 import io
