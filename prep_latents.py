@@ -278,6 +278,10 @@ def center_crop_box(width, height):
     return [left, top, left + m, top + m]
 
 
+class Skipped(Exception):
+    """An image left out, (reason, detail); reason "fail": bad input that stops the job."""
+
+
 class Images(torch.utils.data.Dataset):
     """Decodes, crops and resizes in the loader workers: (key, pixels (views, 3, R, R) in [-1, 1], size, crop, error);
     error: None, or (reason, detail) for an image skipped."""
@@ -296,11 +300,16 @@ class Images(torch.utils.data.Dataset):
                 if min(im.size) * self.max_upscale < self.resolution:
                     return key, None, None, None, ("too small", f"{im.width}x{im.height} px")
                 crop = center_crop_box(*im.size)
-                x = square_pixels(im, crop, self.resolution)
-            x = torch.stack([x, x.flip(-1)] if self.flip else [x])
-            return key, x, im.size, crop, None
+                return key, self.view(key, im, crop), im.size, crop, None
+        except Skipped as e:
+            return key, None, None, None, e.args
         except Exception as e:  # a corrupt or truncated file: skipped, counted, named
             return key, None, None, None, ("unreadable", f"{type(e).__name__}: {e}")
+
+    def view(self, key, im, crop):
+        """What the loader gives of an image: its crop's pixels, and their mirror image with --flip."""
+        x = square_pixels(im, crop, self.resolution)
+        return torch.stack([x, x.flip(-1)] if self.flip else [x])
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -569,38 +578,29 @@ def edge_map(pixels):
 
 class MapSources(Images):
     """In the loader workers, an image's map source: (key, what, size, crop, error). what: edges (C, S, S), the
-    cropped RGB image for a depth model, or your map fitted (C, S, S); error: None, (reason, detail) for an image
-    skipped, or ("fail", message) for bad input that stops the job."""
+    cropped RGB image for a depth model, or your map fitted (C, S, S); error as Images', or ("fail", message) for bad
+    input that stops the job."""
 
     def __init__(self, items, cfg, folder):
         super().__init__(items, cfg["resolution"], False, cfg["max_upscale"])
         self.kind, self.folder, self.side = cfg["map"], folder, cfg["resolution"] // 2
 
-    def __getitem__(self, i):
-        key, file, offset, size, _ = self.items[i]
-        try:
-            with read_image(file, offset, size, self.handles) as im:
-                if min(im.size) * self.max_upscale < self.resolution:
-                    return key, None, None, None, ("too small", f"{im.width}x{im.height} px")
-                crop = center_crop_box(*im.size)
-                if self.kind == "edges":
-                    return key, edge_map(square_pixels(im, crop, self.side)), im.size, crop, None
-                if self.kind == "depth":
-                    return key, to_rgb(im).crop(crop), im.size, crop, None
-                size = im.size
-        except Exception as e:  # a corrupt or truncated file: skipped, counted, named
-            return key, None, None, None, ("unreadable", f"{type(e).__name__}: {e}")
+    def view(self, key, im, crop):
+        if self.kind == "edges":
+            return edge_map(square_pixels(im, crop, self.side))
+        if self.kind == "depth":
+            return to_rgb(im).crop(crop)
         path = find_map(self.folder, key)
         if path is None:
-            return key, None, None, None, ("no map", f"no {Path(key).with_suffix('')}.png/.npy in {self.folder}")
+            raise Skipped("no map", f"no {Path(key).with_suffix('')}.png/.npy in {self.folder}")
         try:
             m = read_map(path)
         except SystemExit as e:
-            return key, None, None, None, ("fail", f"{e}".removeprefix("error: ") + f" (the map of image {key!r})")
-        if m.shape[1:] != (size[1], size[0]):
-            why = f"{path}: the map is {m.shape[2]}x{m.shape[1]} px, its image {key!r} {size[0]}x{size[1]} (upright)"
-            return key, None, None, None, ("fail", why + ": a map is aligned with its image, pixel for pixel")
-        return key, fit_map(m, crop, (self.side, self.side)), size, crop, None
+            raise Skipped("fail", f"{e}".removeprefix("error: ") + f" (the map of image {key!r})") from None
+        if m.shape[1:] != (im.height, im.width):
+            why = f"{path}: the map is {m.shape[2]}x{m.shape[1]} px, its image {key!r} {im.width}x{im.height} (upright)"
+            raise Skipped("fail", why + ": a map is aligned with its image, pixel for pixel")
+        return fit_map(m, crop, (self.side, self.side))
 
 
 @torch.no_grad()
