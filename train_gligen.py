@@ -1172,7 +1172,7 @@ STAGES = dict(
     generate=generate,  # layouts -> images
     samplers=UNET_SAMPLERS,  # sample.py's schedulers; the first validates
     val_inputs=trained_size,  # the validation grid's extra inputs to generate
-    val_layouts=VAL_LAYOUTS,  # the validation grid's layouts without --val_layouts (or data -> them)
+    val_layouts=lambda data: VAL_LAYOUTS,  # data -> the validation grid's layouts without --val_layouts
     layout_needs=(),  # what else a layout with boxes needs (a mode's keys; a map: every layout)
     mirrored=mirrored_boxes,  # a validation batch -> its wrong layout, for the box-use gap
 )
@@ -1440,8 +1440,7 @@ def main(cfg):
     data = stages.training_data(cfg)
     if len(data) < G:
         fail(f"{cfg['latents']} has {len(data)} usable images, fewer than one global batch ({G})")
-    default = stages.val_layouts(data) if callable(stages.val_layouts) else stages.val_layouts  # a mode's: of the data
-    layouts = validation_layouts(cfg, default, stages.layout_needs)
+    layouts = validation_layouts(cfg, stages.val_layouts(data), stages.layout_needs)
     if cfg["init_from"] and missing_local_path(cfg["init_from"]):
         fail(f"--init_from={cfg['init_from']}: adapters not found")
 
@@ -2011,7 +2010,7 @@ def inpaint_val_inputs(data, pick):
 
 
 MODES[True, False, False, False] = dict(load=load_inpaint, loss=inpaint_loss, generate=generate_inpaint,
-                                 val_inputs=inpaint_val_inputs)
+                                        val_inputs=inpaint_val_inputs)
 
 
 # =================================================================================================================
@@ -2196,7 +2195,7 @@ def generate_text_image(*args, **kwargs):
 
 
 MODES[False, True, False, False] = dict(add_adapters=inject_text_image, training_data=text_image_training_data,
-                                 loss=text_image_loss, generate=generate_text_image)
+                                        loss=text_image_loss, generate=generate_text_image)
 
 
 # Both modes at once.
@@ -2377,8 +2376,8 @@ def standing(prompt, label, *persons):
 KEYPOINT_VAL_LAYOUTS = [standing("a man standing on a beach", "a man", (0.5, 0.1, 0.85)),
                         standing("two women talking in a park", "a woman", (0.3, 0.2, 0.7), (0.72, 0.15, 0.75))]
 MODES[False, False, True, False] = dict(add_adapters=inject_keypoints, training_data=keypoint_training_data,
-                                 loss=keypoint_loss, generate=generate_keypoints, val_layouts=KEYPOINT_VAL_LAYOUTS,
-                                 layout_needs=("keypoints",))
+                                        loss=keypoint_loss, generate=generate_keypoints,
+                                        val_layouts=lambda data: KEYPOINT_VAL_LAYOUTS, layout_needs=("keypoints",))
 
 
 def draw_keypoints(image, persons):
